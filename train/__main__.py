@@ -1,0 +1,189 @@
+"""Train the LIVECell U-Net: `python -m train --help`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from cellseg.data import default_data_root, load_split  # noqa: E402
+from cellseg.evaluate import evaluate_segmentations  # noqa: E402
+from cellseg.inference import segment_images  # noqa: E402
+from cellseg.postprocess import PostprocessParams  # noqa: E402
+from cellseg.preprocess import NORMALIZATION  # noqa: E402
+from cellseg.targets import BOUNDARY_WIDTH, OUTPUT_CHANNELS  # noqa: E402
+from train.dataset import CropDataset  # noqa: E402
+from train.model import DEFAULT_DECODER_CHANNELS, DEFAULT_ENCODER, build_model  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m train", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", type=Path, default=default_data_root(), help="data root (LIVECell, Kaggle, or both)")
+    p.add_argument("--train-split", default="train", help="split to train on (see cellseg.data.load_split)")
+    p.add_argument("--val-split", default="val", help="split to validate on every epoch")
+    p.add_argument("--out", type=Path, default=Path("runs/unet"), help="run folder: log, history, checkpoints")
+    p.add_argument("--encoder", default=DEFAULT_ENCODER)
+    p.add_argument("--encoder-weights", default=None,
+                   help="pretrained encoder weights (e.g. imagenet) where the hub is reachable; none by default")
+    p.add_argument("--decoder-channels", default=",".join(map(str, DEFAULT_DECODER_CHANNELS)))
+    p.add_argument("--crop", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=26)
+    p.add_argument("--steps-per-epoch", type=int, default=150)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--warmup-steps", type=int, default=200)
+    p.add_argument("--boundary-pos-weight", type=float, default=3.0)
+    p.add_argument("--select-metric", default="ap", help="validation metric that picks best.pt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2)))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--resume", type=Path, help="checkpoint to continue from (its config wins)")
+    return p.parse_args(argv)
+
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    prob = torch.sigmoid(logits)
+    inter = (prob * target).sum(dim=(1, 2))
+    return 1 - ((2 * inter + 1) / (prob.sum(dim=(1, 2)) + target.sum(dim=(1, 2)) + 1)).mean()
+
+
+def segmentation_loss(logits: torch.Tensor, targets: torch.Tensor, boundary_pos_weight: float) -> dict:
+    fg, bd, dist = logits[:, 0], logits[:, 1], logits[:, 2]
+    pos_weight = torch.tensor(boundary_pos_weight, device=logits.device)
+    parts = {
+        "fg": F.binary_cross_entropy_with_logits(fg, targets[:, 0]) + soft_dice_loss(fg, targets[:, 0]),
+        # Boundaries are a thin minority class: up-weighted so they come out sharp, not blurry.
+        "boundary": F.binary_cross_entropy_with_logits(bd, targets[:, 1], pos_weight=pos_weight)
+        + soft_dice_loss(bd, targets[:, 1]),
+        # BCE against soft targets is minimised at the target value: a bounded regression.
+        "distance": F.binary_cross_entropy_with_logits(dist, targets[:, 2]),
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def torch_predictor(model: torch.nn.Module, device: str):
+    @torch.no_grad()
+    def predict(batch: np.ndarray) -> np.ndarray:
+        return torch.sigmoid(model(torch.from_numpy(batch).to(device))).cpu().numpy()
+    return predict
+
+
+def validate(model, samples, images, device) -> dict:
+    model.eval()
+    segs = segment_images(torch_predictor(model, device), images, PostprocessParams(), batch_size=2)
+    model.train()
+    return evaluate_segmentations(samples, segs)
+
+
+def make_config(args: argparse.Namespace, train_ids: list[str], val_ids: list[str]) -> dict:
+    return {
+        "encoder": args.encoder, "encoder_weights": args.encoder_weights,
+        "decoder_channels": [int(c) for c in str(args.decoder_channels).split(",")],
+        "crop": args.crop, "batch_size": args.batch_size, "epochs": args.epochs,
+        "steps_per_epoch": args.steps_per_epoch, "lr": args.lr, "weight_decay": args.weight_decay,
+        "warmup_steps": args.warmup_steps, "boundary_pos_weight": args.boundary_pos_weight,
+        "select_metric": args.select_metric, "seed": args.seed,
+        "train_split": args.train_split, "val_split": args.val_split,
+        "train_images": train_ids, "val_images": val_ids,
+        "normalization": NORMALIZATION, "output_channels": list(OUTPUT_CHANNELS),
+        "boundary_width": BOUNDARY_WIDTH, "postprocess": PostprocessParams().to_dict(),
+        "command": "python -m train " + " ".join(sys.argv[1:]),
+    }
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False) if args.resume else None
+    train_samples = load_split(args.data, args.train_split)
+    val_samples = load_split(args.data, args.val_split)
+    config = checkpoint["config"] if checkpoint else make_config(
+        args, [s.id for s in train_samples], [s.id for s in val_samples])
+    torch.manual_seed(config["seed"])
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    model = build_model(config["encoder"], config["encoder_weights"], tuple(config["decoder_channels"])).to(args.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    total_steps = config["epochs"] * config["steps_per_epoch"]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, config["warmup_steps"]))
+    start_epoch, best, history, elapsed = 0, -1.0, [], 0.0
+    if checkpoint:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        start_epoch, best = checkpoint["epoch"] + 1, checkpoint["best"]
+        history, elapsed = checkpoint["history"], checkpoint["train_seconds"]
+        print(f"resumed from {args.resume} at epoch {start_epoch}", flush=True)
+
+    train_images = [s.image() for s in train_samples]
+    train_labels = [s.labels() for s in train_samples]
+    val_images = [s.image() for s in val_samples]
+    print(f"train: {len(train_samples)} images, val: {len(val_samples)} images, "
+          f"{total_steps} steps of {config['batch_size']}x{config['crop']}^2 crops", flush=True)
+
+    for epoch in range(start_epoch, config["epochs"]):
+        t0 = time.time()
+        dataset = CropDataset(train_images, train_labels, config["crop"],
+                              config["steps_per_epoch"] * config["batch_size"], seed=config["seed"] * 10_000 + epoch)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=config["batch_size"], num_workers=args.workers,
+                                             shuffle=False, drop_last=True)
+        model.train()
+        running: dict[str, float] = {}
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config['epochs']}", mininterval=1 if sys.stderr.isatty() else 30)
+        for images, targets in bar:
+            images, targets = images.to(args.device), targets.to(args.device)
+            losses = segmentation_loss(model(images), targets, config["boundary_pos_weight"])
+            optimizer.zero_grad(set_to_none=True)
+            losses["total"].backward()
+            optimizer.step()
+            scheduler.step()
+            for k, v in losses.items():
+                running[k] = 0.95 * running.get(k, v.item()) + 0.05 * v.item()
+            bar.set_postfix(loss=f"{running['total']:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        elapsed += time.time() - t0
+        metrics = validate(model, val_samples, val_images, args.device)
+        record = {"epoch": epoch + 1, "step": (epoch + 1) * config["steps_per_epoch"], "train_seconds": round(elapsed, 1),
+                  "loss": {k: round(v, 4) for k, v in running.items()},
+                  "val": {k: round(metrics[k], 4) for k in ("foreground_iou", "ap", "ap50", "ap75", "msa", "count_error")}}
+        history.append(record)
+        print(json.dumps(record), flush=True)
+        with open(args.out / "history.jsonl", "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "epoch": epoch, "best": best, "history": history, "train_seconds": elapsed, "config": config,
+                 "val_metrics": metrics}
+        if metrics[config["select_metric"]] > best:
+            best = state["best"] = metrics[config["select_metric"]]
+            torch.save(state, args.out / "best.pt.tmp")
+            os.replace(args.out / "best.pt.tmp", args.out / "best.pt")
+        torch.save(state, args.out / "last.pt.tmp")
+        os.replace(args.out / "last.pt.tmp", args.out / "last.pt")  # atomic: a kill never leaves half a file
+    print(f"done: best {config['select_metric']} = {best:.4f}, {elapsed / 60:.1f} min of training", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

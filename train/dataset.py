@@ -1,0 +1,56 @@
+"""Random native-resolution crops with augmentation; targets are built after augmenting the
+label image, so boundaries stay BOUNDARY_WIDTH px wide at every scale."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations calls PyPI on import otherwise
+
+import albumentations as A  # noqa: E402
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from cellseg.preprocess import normalize  # noqa: E402
+from cellseg.targets import make_targets  # noqa: E402
+
+
+def build_augmentation(crop: int, scale: tuple[float, float] = (0.75, 1.33)) -> A.Compose:
+    # Cut a larger window first so rotation/zoom-out rarely reach beyond real pixels.
+    window = int(crop * 1.5)
+    return A.Compose([
+        A.PadIfNeeded(window, window, border_mode=cv2.BORDER_REFLECT_101),
+        A.RandomCrop(window, window),
+        A.Affine(scale=scale, rotate=(-30, 30), border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=0.8),
+        A.CenterCrop(crop, crop),
+        A.HorizontalFlip(),
+        A.VerticalFlip(),
+        A.RandomRotate90(),
+        A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.3, p=0.8),
+        A.GaussNoise(std_range=(0.01, 0.05), p=0.3),
+        A.GaussianBlur(blur_limit=(3, 5), p=0.15),
+    ])
+
+
+class CropDataset(torch.utils.data.Dataset):
+    """`length` random crops drawn uniformly over the given (raw image, label image) pairs."""
+
+    def __init__(self, images: list[np.ndarray], labels: list[np.ndarray], crop: int, length: int, seed: int):
+        self.images = [normalize(im) for im in images]  # whole-image normalisation, as at inference
+        self.labels = [lab.astype(np.int32) for lab in labels]
+        self.augment = build_augmentation(crop)
+        self.length = length
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int):
+        rng = np.random.default_rng((self.seed, index))
+        k = int(rng.integers(len(self.images)))
+        # albumentations draws from its own generator; seeding it per item keeps runs reproducible.
+        self.augment.set_random_seed(int(rng.integers(2**31)))
+        out = self.augment(image=self.images[k], mask=self.labels[k])
+        targets = make_targets(out["mask"])
+        return torch.from_numpy(out["image"][None].astype(np.float32)), torch.from_numpy(targets)
