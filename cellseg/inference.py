@@ -24,29 +24,48 @@ DEFAULT_TILE_CONTEXT = 64
 
 
 @dataclass(frozen=True)
-class Piece:
-    """One network input cut from an image: the whole image or one tile of it."""
+class ImagePlan:
+    """How an image was cut into network inputs: whole (tiles is None) or into tiles."""
 
-    image_index: int
-    array: np.ndarray  # normalised (h, w)
+    height: int
+    width: int
+    tiles: list | None
 
 
-def image_pieces(image: np.ndarray, tile_size: int, context: int) -> tuple[list[np.ndarray], list | None]:
-    h, w = image.shape
+def split_image(image: np.ndarray, tile_size: int = DEFAULT_TILE_SIZE,
+                context: int = DEFAULT_TILE_CONTEXT) -> tuple[list[np.ndarray], ImagePlan]:
+    """Normalise a raw (H, W) image (whole image, before any tiling) and cut it into network inputs."""
+    normalized = normalize(image)
+    h, w = normalized.shape
     if h <= tile_size and w <= tile_size:
-        return [image], None
+        return [normalized], ImagePlan(h, w, None)
     tiles = plan_tiles(h, w, tile_size, context)
-    return [image[t.y0 : t.y1, t.x0 : t.x1] for t in tiles], tiles
+    return [normalized[t.y0 : t.y1, t.x0 : t.x1] for t in tiles], ImagePlan(h, w, tiles)
+
+
+def merge_outputs(outputs: Sequence[np.ndarray], plan: ImagePlan) -> np.ndarray:
+    """Network outputs of `split_image`'s pieces back into one (3, H, W) map."""
+    if plan.tiles is None:
+        return outputs[0]
+    return stitch(list(outputs), plan.tiles, plan.height, plan.width)
 
 
 def predict_padded(predict: PredictFn, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """Run arrays of possibly different shapes as one batch: reflect-pad all to a shared shape
-    (multiple of 32), predict, crop each output back to its own shape."""
-    height = padded_size(max(a.shape[0] for a in arrays))
-    width = padded_size(max(a.shape[1] for a in arrays))
-    batch = np.stack([pad_to(a, height, width) for a in arrays])[:, None].astype(np.float32)
-    probs = predict(batch)
-    return [p[:, : a.shape[0], : a.shape[1]] for p, a in zip(probs, arrays)]
+    """Predict arrays of possibly different shapes: each is reflect-padded to a multiple of 32,
+    arrays with the same padded shape run as one batch, outputs are cropped back.
+
+    Padding each array only to its own size (not to the largest in the batch) keeps every result
+    independent of which other requests it was batched with.
+    """
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, a in enumerate(arrays):
+        groups.setdefault((padded_size(a.shape[0]), padded_size(a.shape[1])), []).append(i)
+    outputs: list[np.ndarray | None] = [None] * len(arrays)
+    for (height, width), members in groups.items():
+        batch = np.stack([pad_to(arrays[i], height, width) for i in members])[:, None].astype(np.float32)
+        for i, probs in zip(members, predict(batch)):
+            outputs[i] = probs[:, : arrays[i].shape[0], : arrays[i].shape[1]]
+    return outputs  # type: ignore[return-value]
 
 
 def predict_maps(
@@ -57,20 +76,15 @@ def predict_maps(
     context: int = DEFAULT_TILE_CONTEXT,
 ) -> list[np.ndarray]:
     """Probability maps (3, H, W) for raw (H, W) images: normalise, tile, batch, stitch."""
-    pieces: list[Piece] = []
-    plans = []
-    for index, image in enumerate(images):
-        arrays, tiles = image_pieces(normalize(image), tile_size, context)
-        plans.append(tiles)
-        pieces += [Piece(index, a) for a in arrays]
+    split = [split_image(image, tile_size, context) for image in images]
+    pieces = [array for arrays, _ in split for array in arrays]
     outputs: list[np.ndarray] = []
     for start in range(0, len(pieces), batch_size):
-        chunk = pieces[start : start + batch_size]
-        outputs += predict_padded(predict, [p.array for p in chunk])
-    results = []
-    for index, (image, tiles) in enumerate(zip(images, plans)):
-        mine = [o for o, p in zip(outputs, pieces) if p.image_index == index]
-        results.append(mine[0] if tiles is None else stitch(mine, tiles, *image.shape))
+        outputs += predict_padded(predict, pieces[start : start + batch_size])
+    results, offset = [], 0
+    for arrays, plan in split:
+        results.append(merge_outputs(outputs[offset : offset + len(arrays)], plan))
+        offset += len(arrays)
     return results
 
 

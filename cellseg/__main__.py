@@ -1,0 +1,5 @@
+import sys
+
+from cellseg.cli import main
+
+sys.exit(main())

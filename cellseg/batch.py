@@ -1,0 +1,207 @@
+"""Batch segmentation of files, folders and globs, locally (ONNX Runtime) or against a server.
+
+Outputs in --out DIR:
+    labels/<name>.png      16-bit label image per input (0 = background, 1..N cells)
+    records/<name>.json    per-image record (source, size, count, confluence, cells, instances)
+    cells.csv              one row per cell of every image (regionprops measurements)
+    instances.coco.json    COCO detections/annotations of all cells (RLE masks, scores)
+    errors.json            inputs that could not be processed in the last run, with the reason
+
+Every file is written atomically (temp file + rename) and an image counts as done only once its
+record exists, so a killed job resumes where it stopped: finished images are skipped, the rest
+are redone, and the aggregate CSV/COCO files are rebuilt from the records at the end.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import io
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from cellseg.imageio import ImageError, read_image
+from cellseg.instances import confluence, instances_from_labels, label_png_bytes, measure_cells
+from cellseg.postprocess import PostprocessParams
+
+IMAGE_SUFFIXES = {".tif", ".tiff", ".png", ".jpg", ".jpeg"}
+CSV_FIELDS = ["image", "cell_id", "area", "centroid_x", "centroid_y", "bbox_x", "bbox_y", "bbox_width", "bbox_height",
+              "perimeter", "eccentricity", "major_axis_length", "minor_axis_length", "solidity", "orientation",
+              "mean_intensity"]
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def collect_inputs(inputs: Iterable[str]) -> tuple[list[Path], list[dict]]:
+    """Expand files, folders (recursively, image suffixes only) and globs; report what matched nothing."""
+    found: list[Path] = []
+    missing: list[dict] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            found.append(path)
+        else:
+            matches = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
+            if matches:
+                found += matches
+            else:
+                missing.append({"path": item, "error": "no such file, folder or glob match"})
+    unique = list(dict.fromkeys(p.resolve() for p in found))
+    return unique, missing
+
+
+def output_names(paths: list[Path]) -> dict[Path, str]:
+    """A file-system-safe output name per input: its stem, plus a path hash where stems collide."""
+    stems: dict[str, int] = {}
+    for p in paths:
+        stems[p.stem] = stems.get(p.stem, 0) + 1
+    return {p: p.stem if stems[p.stem] == 1 else f"{p.stem}-{hashlib.sha1(str(p).encode()).hexdigest()[:8]}"
+            for p in paths}
+
+
+@dataclass
+class Result:
+    labels: np.ndarray
+    scores: np.ndarray | None
+
+
+@dataclass
+class JobReport:
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[dict] = field(default_factory=list)
+
+
+# A backend segments a list of already-decoded images.
+Backend = Callable[[list[tuple[Path, np.ndarray]]], Iterator[tuple[Path, Result | Exception]]]
+
+
+def local_backend(model_path: Path | None, params: PostprocessParams, batch_size: int) -> Backend:
+    from cellseg.onnx_model import OnnxModel
+
+    model = OnnxModel(model_path)
+
+    def run(items):
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            try:
+                segs = model.segment([img for _, img in chunk], params, batch_size=batch_size)
+                for (path, _), seg in zip(chunk, segs):
+                    yield path, Result(seg.labels, seg.scores())
+            except Exception as exc:  # noqa: BLE001  (one bad batch must not end the job)
+                for path, _ in chunk:
+                    yield path, exc
+    return run
+
+
+def server_backend(url: str, params: PostprocessParams, concurrency: int) -> Backend:
+    from cellseg.client import Client
+
+    client = Client(url)
+
+    def one(path: Path):
+        try:
+            result = client.segment(path, **params.to_dict())
+            return path, Result(result.labels, np.array([c.score for c in result.cells], dtype=np.float32))
+        except Exception as exc:  # noqa: BLE001
+            return path, exc
+
+    def run(items):
+        with ThreadPoolExecutor(max_workers=concurrency) as pool:
+            yield from pool.map(lambda item: one(item[0]), items)
+    return run
+
+
+def write_image_outputs(out: Path, name: str, source: Path, image: np.ndarray, result: Result) -> None:
+    cells = measure_cells(result.labels, image)
+    record = {
+        "source": str(source), "name": name, "height": int(image.shape[0]), "width": int(image.shape[1]),
+        "count": int(result.labels.max()), "confluence": round(confluence(result.labels), 3),
+        "cells": cells, "instances": instances_from_labels(result.labels, result.scores),
+    }
+    atomic_write(out / "labels" / f"{name}.png", label_png_bytes(result.labels))
+    atomic_write(out / "records" / f"{name}.json", json.dumps(record).encode())  # last: marks the image done
+
+
+def is_done(out: Path, name: str) -> bool:
+    return (out / "labels" / f"{name}.png").is_file() and (out / "records" / f"{name}.json").is_file()
+
+
+def write_aggregates(out: Path, names: list[str]) -> int:
+    """cells.csv and instances.coco.json from the records of `names` (in order)."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=CSV_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    images, annotations = [], []
+    for image_id, name in enumerate(names, start=1):
+        record = json.loads((out / "records" / f"{name}.json").read_text())
+        for cell in record["cells"]:
+            writer.writerow({"image": name, **cell})
+        images.append({"id": image_id, "file_name": Path(record["source"]).name, "source": record["source"],
+                       "label_file": f"labels/{name}.png", "height": record["height"], "width": record["width"]})
+        for inst in record["instances"]:
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": 1, "iscrowd": 0,
+                                "segmentation": inst["rle"], "area": inst["area"], "bbox": inst["bbox"],
+                                "score": inst["score"]})
+    atomic_write(out / "cells.csv", text.getvalue().encode())
+    coco = {"info": {"description": "cellseg segment"}, "images": images, "annotations": annotations,
+            "categories": [{"id": 1, "name": "cell"}]}
+    atomic_write(out / "instances.coco.json", json.dumps(coco).encode())
+    return len(annotations)
+
+
+def run_job(inputs: list[str], out: Path, backend_factory: Callable[[], Backend], overwrite: bool = False,
+            chunk_size: int = 8, progress: bool = True) -> JobReport:
+    out = Path(out)
+    paths, missing = collect_inputs(inputs)
+    names = output_names(paths)
+    report = JobReport(failed=list(missing))
+    todo = []
+    for path in paths:
+        (report.skipped if is_done(out, names[path]) and not overwrite else todo).append(path)
+    report.skipped = [names[p] for p in report.skipped]
+    backend = backend_factory() if todo else None
+    bar = tqdm(total=len(todo), desc="segmenting", unit="img", disable=not progress)
+    for start in range(0, len(todo), chunk_size):
+        items = []
+        for path in todo[start : start + chunk_size]:
+            try:
+                items.append((path, read_image(path)))
+            except (ImageError, OSError) as exc:
+                report.failed.append({"path": str(path), "error": str(exc)})
+                bar.update()
+        images = dict(items)
+        for path, result in backend(items):
+            if isinstance(result, Exception):
+                report.failed.append({"path": str(path), "error": str(result)})
+            else:
+                try:
+                    write_image_outputs(out, names[path], path, images[path], result)
+                    report.done.append(names[path])
+                except (ValueError, OSError) as exc:
+                    report.failed.append({"path": str(path), "error": str(exc)})
+            bar.update()
+    bar.close()
+    finished = [names[p] for p in paths if is_done(out, names[p])]
+    out.mkdir(parents=True, exist_ok=True)
+    write_aggregates(out, finished)
+    atomic_write(out / "errors.json", json.dumps(report.failed, indent=2).encode())
+    return report

@@ -1,0 +1,119 @@
+"""The `cellseg` command: `cellseg evaluate ...` and `cellseg segment ...` (also `python -m cellseg`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from cellseg.data import default_data_root
+from cellseg.onnx_model import default_model_path
+from cellseg.postprocess import PostprocessParams
+
+EXIT_SOME_FAILED = 3
+
+
+def add_postprocess_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fg-threshold", type=float, help="foreground probability threshold (default: model's)")
+    p.add_argument("--seed-threshold", type=float, help="cell-core threshold for watershed seeds (default: model's)")
+    p.add_argument("--min-size", type=int, help="drop cells smaller than this many pixels (default: model's)")
+
+
+def postprocess_params(args: argparse.Namespace, defaults: PostprocessParams) -> PostprocessParams:
+    values = defaults.to_dict()
+    for key in ("fg_threshold", "seed_threshold", "min_size"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    return PostprocessParams(**values).validate()
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from cellseg.data import load_split
+    from cellseg.evaluate import evaluate_segmentations, format_table
+    from cellseg.onnx_model import OnnxModel
+
+    model = OnnxModel(args.model)
+    params = postprocess_params(args, model.default_params)
+    samples = load_split(args.data, args.split)
+    t0 = time.time()
+    segs = []
+    from tqdm import tqdm
+
+    for sample in tqdm(samples, desc="evaluating", unit="img", disable=args.quiet):
+        segs += model.segment([sample.image()], params, batch_size=args.batch_size)
+    result = evaluate_segmentations(samples, segs)
+    result.update({"model": str(args.model), "model_sha256": model.sha256, "data": str(args.data), "split": args.split,
+                   "postprocess": params.to_dict(), "seconds": round(time.time() - t0, 1)})
+    print(format_table(result))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from cellseg.batch import local_backend, run_job, server_backend
+
+    if args.server:
+        params = postprocess_params(args, PostprocessParams())
+        explicit = {k: v for k, v in params.to_dict().items() if getattr(args, k, None) is not None}
+        params_for_server = PostprocessParams(**{**PostprocessParams().to_dict(), **explicit})
+        factory = lambda: server_backend(args.server, params_for_server, args.concurrency)  # noqa: E731
+    else:
+        from cellseg.onnx_model import read_metadata
+
+        defaults = PostprocessParams(**read_metadata(args.model).get("postprocess", {}))
+        params = postprocess_params(args, defaults)
+        factory = lambda: local_backend(args.model, params, args.batch_size)  # noqa: E731
+    report = run_job(args.inputs, args.out, factory, overwrite=args.overwrite, progress=not args.quiet)
+    print(f"{len(report.done)} segmented, {len(report.skipped)} already done (skipped), {len(report.failed)} failed; "
+          f"outputs in {args.out}")
+    for failure in report.failed:
+        print(f"  FAILED {failure['path']}: {failure['error']}", file=sys.stderr)
+    return EXIT_SOME_FAILED if report.failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cellseg", description="LIVECell cell segmentation (ONNX Runtime).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ev = sub.add_parser("evaluate", help="evaluate an ONNX model on annotated data",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ev.add_argument("--model", type=Path, default=default_model_path(), help="ONNX model file")
+    ev.add_argument("--data", type=Path, default=default_data_root(),
+                    help="data root: LIVECell layout, Kaggle layout, or a folder holding livecell/ and sartorius/")
+    ev.add_argument("--split", default="val",
+                    help="train | val (the project's split) | all | livecell-train | livecell-val | livecell-test")
+    ev.add_argument("--json", type=Path, help="write all metrics (overall, per cell type, per image) here")
+    ev.add_argument("--batch-size", type=int, default=4)
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_postprocess_args(ev)
+    ev.set_defaults(func=cmd_evaluate)
+
+    sg = sub.add_parser("segment", help="segment image files, folders or globs into label images + tables",
+                        description=__import__("cellseg.batch").batch.__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sg.add_argument("inputs", nargs="+", help="image files (TIFF/PNG/JPEG), folders (searched recursively) or globs")
+    sg.add_argument("--out", type=Path, required=True, help="output folder")
+    where = sg.add_mutually_exclusive_group()
+    where.add_argument("--model", type=Path, default=default_model_path(), help="ONNX model for local inference")
+    where.add_argument("--server", help="URL of a running cellseg service (e.g. http://localhost:3000)")
+    sg.add_argument("--concurrency", type=int, default=4, help="requests in flight with --server")
+    sg.add_argument("--batch-size", type=int, default=4, help="images per ONNX Runtime call (local)")
+    sg.add_argument("--overwrite", action="store_true", help="redo images that already have outputs")
+    sg.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_postprocess_args(sg)
+    sg.set_defaults(func=cmd_segment)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"cellseg {args.command}: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,167 @@
+"""Python client for the cellseg service, built on `bentoml.SyncHTTPClient`.
+
+    from cellseg import Client
+    with Client("http://localhost:3000") as client:
+        result = client.segment("cells.tif")          # path, NumPy array or PIL image
+        print(result.count, result.confluence)
+        labels = result.labels                          # (H, W) int32, 0 = background
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from cellseg.instances import labels_from_instances
+
+
+class CellsegError(Exception):
+    """The server refused the request or failed; `status` is the HTTP status, `message` its reason."""
+
+    def __init__(self, message: str, status: int | None = None, detail: Any = None):
+        super().__init__(f"{message} (HTTP {status})" if status else message)
+        self.message, self.status, self.detail = message, status, detail
+
+
+@dataclass
+class Cell:
+    id: int
+    area: int
+    bbox: list[int]  # [x, y, width, height]
+    centroid: list[float]  # [x, y]
+    score: float
+    rle: dict  # COCO RLE of the cell's mask
+
+
+@dataclass
+class SegmentResult:
+    width: int
+    height: int
+    count: int
+    confluence: float  # % of the image covered by cells
+    cells: list[Cell]
+    model: dict  # name, version, sha256
+    params: dict
+    _labels: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def labels(self) -> np.ndarray:
+        """(H, W) int32 label image rebuilt from the cells' RLE masks (0 = background)."""
+        if self._labels is None:
+            self._labels = labels_from_instances([c.__dict__ for c in self.cells], self.height, self.width)
+        return self._labels
+
+    @classmethod
+    def from_json(cls, data: dict) -> SegmentResult:
+        cells = [Cell(**{k: c[k] for k in ("id", "area", "bbox", "centroid", "score", "rle")}) for c in data["cells"]]
+        return cls(data["width"], data["height"], data["count"], data["confluence"], cells, data["model"],
+                   data.get("params", {}))
+
+
+def _error_from(exc: Exception) -> CellsegError:
+    status = getattr(getattr(exc, "error_code", None), "value", None) or getattr(exc, "error_code", None)
+    text = getattr(exc, "message", None) or str(exc)
+    try:
+        body = json.loads(text)
+        if isinstance(body, list) and body:  # BentoML wraps some errors in a one-element list
+            body = body[0]
+        message, detail = body.get("error", text), body.get("detail")
+        if isinstance(detail, list):  # pydantic validation errors: name the parameter and the rule
+            reasons = "; ".join(f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" for d in detail)
+            message = f"{message}: {reasons}"
+        return CellsegError(message, body.get("status", status), detail)
+    except (ValueError, AttributeError):
+        return CellsegError(text, status if isinstance(status, int) else None)
+
+
+class Client:
+    """Segment images with a running cellseg service. Accepts paths, NumPy arrays and PIL images."""
+
+    def __init__(self, url: str = "http://localhost:3000", timeout: float = 300):
+        import bentoml
+
+        self.url = url
+        self._client = bentoml.SyncHTTPClient(url, timeout=timeout)
+        self._tmp = tempfile.TemporaryDirectory(prefix="cellseg-client-")
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._client.close()
+        self._tmp.cleanup()
+
+    def is_ready(self) -> bool:
+        return bool(self._client.is_ready())
+
+    def _as_path(self, image) -> Path:
+        """A file BentoML can upload. Arrays and in-memory PIL images are written losslessly first:
+        BentoML's own PIL encoding needs `image.format`, which images built in memory lack."""
+        if isinstance(image, (str, Path)):
+            path = Path(image)
+            if not path.is_file():
+                raise FileNotFoundError(f"no such image file: {path}")
+            return path
+        fd, name = tempfile.mkstemp(dir=self._tmp.name)
+        with open(fd, "wb") as fh:
+            if isinstance(image, Image.Image):
+                image.save(fh, format="PNG" if image.mode in ("1", "L", "LA", "I;16", "P", "RGB", "RGBA") else "TIFF")
+            elif isinstance(image, np.ndarray):
+                import tifffile
+
+                buffer = io.BytesIO()
+                tifffile.imwrite(buffer, image)
+                fh.write(buffer.getvalue())
+            else:
+                raise TypeError(f"expected a path, NumPy array or PIL image, got {type(image).__name__}")
+        return Path(name)
+
+    def _call(self, endpoint: str, image, **kwargs):
+        path = self._as_path(image)
+        params = {k: v for k, v in kwargs.items() if v is not None}
+        try:
+            return getattr(self._client, endpoint)(image=path, **params)
+        except Exception as exc:  # bentoml raises its own exception types per status
+            if type(exc).__module__.startswith(("bentoml", "_bentoml")):
+                raise _error_from(exc) from exc
+            raise
+        finally:
+            if path.parent == Path(self._tmp.name):
+                path.unlink(missing_ok=True)
+
+    def segment(self, image, fg_threshold: float | None = None, seed_threshold: float | None = None,
+                min_size: int | None = None, **_ignored) -> SegmentResult:
+        data = self._call("segment", image, fg_threshold=fg_threshold, seed_threshold=seed_threshold,
+                          min_size=min_size)
+        return SegmentResult.from_json(data)
+
+    def _png(self, endpoint: str, image, **kwargs) -> np.ndarray:
+        result = self._call(endpoint, image, **kwargs)
+        data = Path(result).read_bytes() if isinstance(result, (str, Path)) else bytes(result)
+        if isinstance(result, (str, Path)):
+            Path(result).unlink(missing_ok=True)
+        with Image.open(io.BytesIO(data)) as img:
+            arr = np.asarray(img)
+        return arr
+
+    def mask(self, image, binary: bool = False, fg_threshold: float | None = None,
+             seed_threshold: float | None = None, min_size: int | None = None) -> np.ndarray:
+        """(H, W) label image as int32 (0 = background), or uint8 0/255 with binary=True."""
+        arr = self._png("mask", image, binary=binary, fg_threshold=fg_threshold, seed_threshold=seed_threshold,
+                        min_size=min_size)
+        return arr if binary else arr.astype(np.int32)
+
+    def overlay(self, image, fg_threshold: float | None = None, seed_threshold: float | None = None,
+                min_size: int | None = None) -> np.ndarray:
+        """(H, W, 3) uint8 RGB image with cell outlines."""
+        return self._png("overlay", image, fg_threshold=fg_threshold, seed_threshold=seed_threshold, min_size=min_size)

@@ -1,0 +1,100 @@
+"""Label image -> per-cell records (JSON for the API, COCO annotations, CSV measurements)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage as ndi
+from skimage.measure import regionprops
+
+from cellseg.rle import encode_coco
+
+MAX_LABEL_PNG = 65535  # labels are written as 16-bit PNG
+
+
+def confluence(labels: np.ndarray) -> float:
+    """Percentage of the image covered by cells."""
+    return float(100.0 * np.count_nonzero(labels) / labels.size)
+
+
+def instances_from_labels(labels: np.ndarray, scores: np.ndarray | None = None) -> list[dict]:
+    """One record per cell 1..N: id, area, COCO bbox [x, y, w, h], centroid [x, y], score, COCO RLE."""
+    records = []
+    for index, window in enumerate(ndi.find_objects(labels), start=1):
+        if window is None:
+            continue
+        local = labels[window] == index
+        ys, xs = np.nonzero(local)
+        y0, x0 = window[0].start, window[1].start
+        mask = np.zeros(labels.shape, dtype=bool)
+        mask[window] = local
+        records.append({
+            "id": index,
+            "area": int(local.sum()),
+            "bbox": [int(x0), int(y0), int(window[1].stop - x0), int(window[0].stop - y0)],
+            "centroid": [round(float(xs.mean() + x0), 2), round(float(ys.mean() + y0), 2)],
+            "score": round(float(scores[index - 1]), 4) if scores is not None else None,
+            "rle": encode_coco(mask),
+        })
+    return records
+
+
+def labels_from_instances(instances: list[dict], height: int, width: int) -> np.ndarray:
+    """Inverse of `instances_from_labels` (cells keep their ids)."""
+    from cellseg.rle import decode_coco
+
+    labels = np.zeros((height, width), dtype=np.int32)
+    for inst in instances:
+        labels[decode_coco(inst["rle"])] = inst["id"]
+    return labels
+
+
+def measure_cells(labels: np.ndarray, image: np.ndarray | None = None) -> list[dict]:
+    """regionprops measurements per cell (pixel units), for the batch job's CSV."""
+    rows = []
+    for prop in regionprops(labels, intensity_image=image):
+        y0, x0, y1, x1 = prop.bbox
+        row = {
+            "cell_id": int(prop.label), "area": int(prop.area),
+            "centroid_x": round(float(prop.centroid[1]), 2), "centroid_y": round(float(prop.centroid[0]), 2),
+            "bbox_x": int(x0), "bbox_y": int(y0), "bbox_width": int(x1 - x0), "bbox_height": int(y1 - y0),
+            "perimeter": round(float(prop.perimeter), 2), "eccentricity": round(float(prop.eccentricity), 4),
+            "major_axis_length": round(float(prop.axis_major_length), 2),
+            "minor_axis_length": round(float(prop.axis_minor_length), 2),
+            "solidity": round(float(prop.solidity), 4), "orientation": round(float(prop.orientation), 4),
+        }
+        if image is not None:
+            row["mean_intensity"] = round(float(prop.intensity_mean), 3)
+        rows.append(row)
+    return rows
+
+
+def label_png_bytes(labels: np.ndarray) -> bytes:
+    """16-bit grayscale PNG of a label image (0 = background, 1..N cells)."""
+    if labels.max(initial=0) > MAX_LABEL_PNG:
+        raise ValueError(f"{int(labels.max())} cells do not fit a 16-bit label PNG (max {MAX_LABEL_PNG})")
+    buffer = io.BytesIO()
+    Image.fromarray(labels.astype(np.uint16)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def binary_png_bytes(labels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(((labels > 0) * 255).astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def overlay_png_bytes(image: np.ndarray, labels: np.ndarray, color=(255, 64, 0)) -> bytes:
+    """The image (contrast-stretched to 8-bit) with each cell's outline drawn on it."""
+    from skimage.segmentation import find_boundaries
+
+    from cellseg.preprocess import normalize
+
+    gray = (np.clip(normalize(image), 0, 1) * 255).astype(np.uint8)
+    rgb = np.repeat(gray[..., None], 3, axis=2)
+    rgb[find_boundaries(labels, mode="inner")] = color
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -1,0 +1,78 @@
+"""ONNX Runtime session wrapper: loads the exported U-Net and its metadata (no torch needed)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from cellseg.inference import DEFAULT_TILE_SIZE, Segmentation, segment_images
+from cellseg.postprocess import PostprocessParams
+
+METADATA_KEY = "cellseg"
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "livecell-unet.onnx"
+MODEL_ENV = "CELLSEG_MODEL"
+
+
+def default_model_path() -> Path:
+    return Path(os.environ.get(MODEL_ENV, DEFAULT_MODEL))
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_metadata(path: Path) -> dict:
+    """The project's metadata block stored in the ONNX file (without loading the weights twice)."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return json.loads(session.get_modelmeta().custom_metadata_map.get(METADATA_KEY, "{}"))
+
+
+def available_providers() -> list[str]:
+    """GPU first where this onnxruntime build has it; CPU always."""
+    preferred = ("CUDAExecutionProvider", "CPUExecutionProvider")
+    available = ort.get_available_providers()
+    return [p for p in preferred if p in available]
+
+
+class OnnxModel:
+    """The exported network: `predict` maps (N, 1, H, W) float32 to (N, 3, H, W) probabilities."""
+
+    def __init__(self, path: str | Path | None = None, threads: int | None = None,
+                 providers: Sequence[str] | None = None):
+        self.path = Path(path) if path else default_model_path()
+        if not self.path.is_file():
+            raise FileNotFoundError(f"ONNX model not found: {self.path}")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(self.path), options, providers=list(providers or available_providers()))
+        self.input_name = self.session.get_inputs()[0].name
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.metadata: dict = json.loads(meta.get(METADATA_KEY, "{}"))
+
+    @cached_property
+    def sha256(self) -> str:
+        return sha256_file(self.path)
+
+    @property
+    def default_params(self) -> PostprocessParams:
+        return PostprocessParams(**self.metadata.get("postprocess", {}))
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+
+    def segment(self, images: Sequence[np.ndarray], params: PostprocessParams | None = None,
+                batch_size: int = 4, tile_size: int = DEFAULT_TILE_SIZE) -> list[Segmentation]:
+        """Raw (H, W) images to segmentations, with the model's default thresholds unless given."""
+        return segment_images(self.predict, images, params or self.default_params, batch_size, tile_size)

@@ -1,0 +1,25 @@
+"""Export a training checkpoint to ONNX, check it, evaluate it, document it; register it in BentoML.
+
+    python -m export --checkpoint runs/unet/best.pt --out models/livecell-unet.onnx [--int8]
+    python -m export register --model models/livecell-unet.onnx
+"""
+
+from __future__ import annotations
+
+import sys
+
+from export.onnx_export import main as export_main
+from export.register import main as register_main
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "register":
+        return register_main(argv[1:])
+    if argv and argv[0] == "onnx":
+        argv = argv[1:]
+    return export_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Checkpoint -> ONNX (dynamic batch, height, width) + checker + parity + metadata + model card."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from cellseg.data import default_data_root, load_split
+from cellseg.evaluate import evaluate_segmentations, format_table
+from cellseg.inference import predict_padded
+from cellseg.onnx_model import METADATA_KEY, OnnxModel, sha256_file
+from cellseg.preprocess import SIZE_DIVISOR, normalize
+from export.model_card import write_model_card
+from train.model import WithSigmoid, load_checkpoint
+
+INPUT_NAME, OUTPUT_NAME = "image", "probabilities"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m export", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, default=Path("runs/unet/best.pt"))
+    p.add_argument("--out", type=Path, default=Path("models/livecell-unet.onnx"))
+    p.add_argument("--data", type=Path, default=default_data_root(), help="real images for parity and evaluation")
+    p.add_argument("--split", default="val", help="split evaluated into the metadata and model card")
+    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--int8", action="store_true", help="also write a statically quantised <out>.int8.onnx")
+    p.add_argument("--no-eval", action="store_true", help="skip evaluation (metadata then holds no metrics)")
+    p.add_argument("--card", type=Path, default=None, help="model card path (default: MODEL_CARD.md beside --out)")
+    return p.parse_args(argv)
+
+
+def export_onnx(model: torch.nn.Module, out: Path, opset: int) -> None:
+    """Dynamic batch, height and width (height and width must be multiples of 32)."""
+    wrapped = WithSigmoid(model).eval()
+    example = torch.zeros(1, 1, 256, 256)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(
+        wrapped, (example,), str(out), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+        dynamic_axes={INPUT_NAME: {0: "batch", 2: "height", 3: "width"},
+                      OUTPUT_NAME: {0: "batch", 2: "height", 3: "width"}},
+        opset_version=opset, dynamo=False,
+    )
+
+
+def parity_check(model: torch.nn.Module, onnx_model: OnnxModel, images: list[np.ndarray]) -> float:
+    """Max |ONNX Runtime - PyTorch| over probability maps of real images (batched, as served)."""
+    arrays = [normalize(im) for im in images]
+    wrapped = WithSigmoid(model).eval()
+
+    @torch.no_grad()
+    def torch_predict(batch):
+        return wrapped(torch.from_numpy(batch)).numpy()
+
+    ours = predict_padded(onnx_model.predict, arrays)
+    reference = predict_padded(torch_predict, arrays)
+    return float(max(np.abs(a - b).max() for a, b in zip(ours, reference)))
+
+
+def set_metadata(path: Path, metadata: dict) -> None:
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    entries = {METADATA_KEY: json.dumps(metadata), "output_channels": ",".join(metadata["output_channels"]),
+               "license": metadata["license"], "producer": "cellseg export"}
+    for key, value in entries.items():
+        model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
+    model.doc_string = "LIVECell U-Net: (N,1,H,W) normalised phase contrast -> (N,3,H,W) probabilities"
+    onnx.save(model, str(path))
+
+
+def build_metadata(config: dict, checkpoint: dict, metrics: dict | None, split: str) -> dict:
+    return {
+        "name": "livecell-unet",
+        "input": {"name": INPUT_NAME, "shape": ["batch", 1, "height", "width"], "dtype": "float32",
+                  "size_divisor": SIZE_DIVISOR, "layout": "NCHW, grayscale"},
+        "output": {"name": OUTPUT_NAME, "shape": ["batch", 3, "height", "width"], "activation": "sigmoid"},
+        "normalization": config["normalization"],
+        "output_channels": config["output_channels"],
+        "boundary_width": config["boundary_width"],
+        "postprocess": config["postprocess"],
+        "architecture": {"type": "smp.Unet", "encoder": config["encoder"],
+                         "decoder_channels": config["decoder_channels"]},
+        "training": {k: config[k] for k in ("crop", "batch_size", "epochs", "steps_per_epoch", "lr", "weight_decay",
+                                            "seed", "encoder_weights", "command")}
+        | {"train_minutes": round(checkpoint["train_seconds"] / 60, 1), "best_epoch": checkpoint["epoch"] + 1},
+        "data_split": {"train": config["train_images"], "val": config["val_images"]},
+        "metrics": {"split": split, **{k: v for k, v in (metrics or {}).items() if k != "per_image"}} if metrics else None,
+        "license": "Weights trained on LIVECell (CC BY-NC 4.0, Sartorius): non-commercial use only.",
+    }
+
+
+def quantize_int8(fp32: Path, out: Path, images: list[np.ndarray]) -> None:
+    from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{INPUT_NAME: normalize(im)[None, None, :512, :704].astype(np.float32)} for im in images])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    prepared = out.with_suffix(".pre.onnx")
+    quant_pre_process(str(fp32), str(prepared))
+    quantize_static(str(prepared), str(out), Reader(), activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    prepared.unlink()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    model, checkpoint = load_checkpoint(args.checkpoint)
+    config = checkpoint["config"]
+    t0 = time.time()
+    export_onnx(model, args.out, args.opset)
+    onnx.checker.check_model(onnx.load(str(args.out)), full_check=True)
+    print(f"exported {args.out} ({args.out.stat().st_size / 1e6:.1f} MB) in {time.time() - t0:.1f}s; onnx.checker passed")
+
+    samples = load_split(args.data, args.split)
+    images = [s.image() for s in samples]
+    onnx_model = OnnxModel(args.out)
+    diff = parity_check(model, onnx_model, images[:3])
+    print(f"parity on {min(3, len(images))} real images: max |onnxruntime - pytorch| = {diff:.2e}")
+    if diff > 1e-3:
+        raise SystemExit(f"parity check failed: max abs diff {diff} > 1e-3")
+
+    metrics = None
+    if not args.no_eval:
+        metrics = evaluate_segmentations(samples, onnx_model.segment(images))
+        print(format_table(metrics))
+    metadata = build_metadata(config, checkpoint, metrics, args.split)
+    metadata["parity_max_abs_diff"] = diff
+    set_metadata(args.out, metadata)
+    if metrics:
+        args.out.with_suffix(".metrics.json").write_text(json.dumps(metrics, indent=2))
+    card = args.card or args.out.parent / "MODEL_CARD.md"
+    write_model_card(card, args.out, metadata, sha256_file(args.out), " ".join(["python -m export", *(argv or [])]))
+    print(f"metadata written into {args.out}; model card {card}; sha256 {sha256_file(args.out)}")
+
+    if args.int8:
+        int8 = args.out.with_suffix(".int8.onnx")
+        quantize_int8(args.out, int8, images[:4])
+        q = OnnxModel(int8)
+        qmetrics = evaluate_segmentations(samples, q.segment(images))
+        print(f"int8 model {int8} ({int8.stat().st_size / 1e6:.1f} MB):")
+        print(format_table(qmetrics))
+    return 0

@@ -1,0 +1,164 @@
+"""LIVECell cell segmentation as a BentoML service.
+
+Two services in one process tree:
+- `CellSegmentation` (HTTP front): decodes and validates uploads, normalises and tiles them,
+  post-processes the network's maps into cells, and renders JSON / PNG answers. Async, so many
+  requests wait on the network at once and can be batched.
+- `UNet`: ONNX Runtime with a batchable `predict`; BentoML's adaptive batching groups the pieces
+  (whole images or tiles) of concurrent requests into one call.
+
+No torch anywhere: everything shared with batch jobs and evaluation comes from `cellseg`.
+Run: `bentoml serve service:CellSegmentation` (after `python -m export register`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import anyio
+import bentoml
+import numpy as np
+from bentoml.validators import ContentType
+from pydantic import Field
+from starlette.responses import JSONResponse, Response
+
+from cellseg.imageio import ImageError, ImageTooLargeError, read_image
+from cellseg.inference import merge_outputs, predict_padded, split_image
+from cellseg.instances import binary_png_bytes, confluence, instances_from_labels, label_png_bytes, overlay_png_bytes
+from cellseg.onnx_model import OnnxModel, available_providers, sha256_file
+from cellseg.postprocess import PostprocessParams, maps_to_labels
+
+MODEL_TAG = os.environ.get("CELLSEG_MODEL_TAG", "livecell-unet:latest")
+MODEL_FILE = "model.onnx"
+# Largest accepted image (pixels). 16 MP (e.g. 4000x4000) keeps one request under ~1 GB of memory
+# and ~15 s on 2 CPU cores; larger images get a 413. Images over 1024 px a side are tiled.
+MAX_PIXELS = int(os.environ.get("CELLSEG_MAX_PIXELS", 16_000_000))
+MAX_UPLOAD_BYTES = int(os.environ.get("CELLSEG_MAX_UPLOAD_BYTES", 256 * 1024 * 1024))
+ORT_THREADS = int(os.environ.get("CELLSEG_ORT_THREADS", os.cpu_count() or 1))
+
+# Post-processing parameters: None means "the model's default" (from its metadata).
+FgThreshold = Annotated[float | None, Field(default=None, gt=0, lt=1, description="foreground probability threshold")]
+SeedThreshold = Annotated[float | None, Field(default=None, gt=0, lt=1, description="cell-core (seed) threshold")]
+MinSize = Annotated[int | None, Field(default=None, ge=0, le=1_000_000, description="drop cells smaller than this (px)")]
+PngFile = Annotated[Path, ContentType("image/png")]
+
+
+class RequestError(Exception):
+    """A problem with the request itself; becomes a 4xx JSON answer."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def error_response(exc: Exception) -> JSONResponse:
+    status = exc.status if isinstance(exc, RequestError) else 413 if isinstance(exc, ImageTooLargeError) else 400
+    return JSONResponse({"error": str(exc), "status": status}, status_code=status)
+
+
+@bentoml.service(workers=1, traffic={"timeout": 300, "max_concurrency": 256})
+class UNet:
+    """The network on ONNX Runtime (CUDA provider where present, else CPU)."""
+
+    model_ref = bentoml.models.BentoModel(MODEL_TAG)
+
+    def __init__(self) -> None:
+        path = self.model_ref.path_of(MODEL_FILE)
+        expected = self.model_ref.info.metadata.get("sha256")
+        actual = sha256_file(Path(path))
+        if expected != actual:
+            raise RuntimeError(f"model file {path} has sha256 {actual}, but the model store recorded {expected}")
+        self.model = OnnxModel(path, threads=ORT_THREADS, providers=available_providers())
+
+    # Batch size counts network inputs (whole images up to 1024x1024 px, or tiles). 8 LIVECell images
+    # take ~1.5 s on 2 cores; a 60 s latency budget means the dispatcher never sheds load (503) at
+    # 16 concurrent clients, it only waits.
+    @bentoml.api(batchable=True, max_batch_size=8, max_latency_ms=60_000)
+    def predict(self, pieces: list[np.ndarray]) -> list[np.ndarray]:
+        """Normalised (h, w) float32 arrays -> (3, h, w) probabilities (foreground, boundary, distance)."""
+        return predict_padded(self.model.predict, pieces)
+
+
+@bentoml.service(workers=1, traffic={"timeout": 300, "max_concurrency": 64})
+class CellSegmentation:
+    """Instance segmentation of cells in phase-contrast images (LIVECell U-Net)."""
+
+    model_ref = bentoml.models.BentoModel(MODEL_TAG)
+    unet = bentoml.depends(UNet)
+
+    def __init__(self) -> None:
+        info = self.model_ref.info
+        self.defaults = PostprocessParams(**info.metadata.get("postprocess", {}))
+        self.model_info = {"name": info.tag.name, "version": info.tag.version, "sha256": info.metadata.get("sha256")}
+        # CPU-bound decode / watershed run in threads so the event loop keeps accepting requests.
+        self.cpu = anyio.CapacityLimiter(max(2, os.cpu_count() or 2))
+
+    def _params(self, fg_threshold, seed_threshold, min_size) -> PostprocessParams:
+        values = self.defaults.to_dict()
+        overrides = {"fg_threshold": fg_threshold, "seed_threshold": seed_threshold, "min_size": min_size}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return PostprocessParams(**values).validate()
+        except ValueError as exc:
+            raise RequestError(str(exc)) from exc
+
+    def _read(self, image: Path) -> np.ndarray:
+        size = image.stat().st_size
+        if size == 0:
+            raise RequestError("empty upload: the 'image' file has no bytes")
+        if size > MAX_UPLOAD_BYTES:
+            raise RequestError(f"upload is {size:,} bytes, over the limit of {MAX_UPLOAD_BYTES:,}", status=413)
+        return read_image(image, max_pixels=MAX_PIXELS)
+
+    async def _segment(self, image: Path, params: PostprocessParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(raw image, labels, scores) for one upload."""
+        raw = await anyio.to_thread.run_sync(self._read, image, limiter=self.cpu)
+        pieces, plan = await anyio.to_thread.run_sync(split_image, raw, limiter=self.cpu)
+        outputs = await self.unet.to_async.predict(pieces)
+        probs = merge_outputs(outputs, plan)
+        labels = await anyio.to_thread.run_sync(maps_to_labels, probs, params, limiter=self.cpu)
+        sums = np.bincount(labels.ravel(), weights=probs[0].ravel(), minlength=labels.max() + 1)
+        scores = (sums / np.maximum(np.bincount(labels.ravel(), minlength=labels.max() + 1), 1))[1:]
+        return raw, labels, scores
+
+    async def _guarded(self, work) -> Any:
+        try:
+            return await work()
+        except (RequestError, ImageError) as exc:
+            return error_response(exc)
+
+    @bentoml.api
+    async def segment(self, image: Path, fg_threshold: FgThreshold = None, seed_threshold: SeedThreshold = None,
+                      min_size: MinSize = None) -> dict:
+        """Cells as JSON: count, confluence (% of pixels covered) and per cell id, area, bbox [x, y, w, h],
+        centroid [x, y], score and COCO RLE mask; plus the model's name, version and sha256."""
+        async def work():
+            params = self._params(fg_threshold, seed_threshold, min_size)
+            raw, labels, scores = await self._segment(image, params)
+            cells = await anyio.to_thread.run_sync(instances_from_labels, labels, scores, limiter=self.cpu)
+            return {"model": self.model_info, "width": int(raw.shape[1]), "height": int(raw.shape[0]),
+                    "count": len(cells), "confluence": round(confluence(labels), 3), "params": params.to_dict(),
+                    "cells": cells}
+        return await self._guarded(work)
+
+    @bentoml.api
+    async def mask(self, image: Path, fg_threshold: FgThreshold = None, seed_threshold: SeedThreshold = None,
+                   min_size: MinSize = None, binary: bool = False) -> PngFile:
+        """PNG mask: 16-bit label image (0 = background, 1..N cells), or 8-bit 0/255 with binary=true."""
+        async def work():
+            _, labels, _ = await self._segment(image, self._params(fg_threshold, seed_threshold, min_size))
+            png = binary_png_bytes(labels) if binary else label_png_bytes(labels)
+            return Response(png, media_type="image/png", headers={"X-Cell-Count": str(int(labels.max()))})
+        return await self._guarded(work)
+
+    @bentoml.api
+    async def overlay(self, image: Path, fg_threshold: FgThreshold = None, seed_threshold: SeedThreshold = None,
+                      min_size: MinSize = None) -> PngFile:
+        """PNG of the image with every cell's outline drawn, for people to look at."""
+        async def work():
+            raw, labels, _ = await self._segment(image, self._params(fg_threshold, seed_threshold, min_size))
+            png = await anyio.to_thread.run_sync(overlay_png_bytes, raw, labels, limiter=self.cpu)
+            return Response(png, media_type="image/png", headers={"X-Cell-Count": str(int(labels.max()))})
+        return await self._guarded(work)
