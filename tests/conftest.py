@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cellseg.data import default_data_root
+from cellseg.onnx_model import default_model_path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    root = default_data_root()
+    if not (root / "livecell").is_dir() and not (root / "annotations").is_dir():
+        pytest.skip(f"real data not found at {root} (set CELLSEG_DATA to the folder holding livecell/ and sartorius/)")
+    return root
+
+
+@pytest.fixture(scope="session")
+def demo_images(data_root) -> list[Path]:
+    images = sorted((data_root / "demo").glob("*"))
+    if not images:
+        pytest.skip(f"no demo images in {data_root / 'demo'}")
+    return images
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    path = default_model_path()
+    assert path.is_file(), f"the shipped model {path} is missing (python -m export ...)"
+    return path
+
+
+@pytest.fixture(scope="session")
+def onnx_model(model_path):
+    from cellseg.onnx_model import OnnxModel
+
+    return OnnxModel(model_path)
+
+
+def disc(shape: tuple[int, int], center: tuple[float, float], radius: float) -> np.ndarray:
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return (yy - center[0]) ** 2 + (xx - center[1]) ** 2 <= radius**2
+
+
+@pytest.fixture
+def synthetic_gray() -> np.ndarray:
+    """A 8-bit 'phase contrast' image: bright discs with texture on a dark noisy background."""
+    rng = np.random.default_rng(0)
+    image = rng.normal(60, 8, size=(96, 128))
+    for cy, cx, r in [(30, 30, 12), (60, 90, 15), (70, 40, 9)]:
+        image[disc(image.shape, (cy, cx), r)] += 100
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")

@@ -1,0 +1,94 @@
+import io
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from cellseg.imageio import ImageError, ImageTooLargeError, decode_image, read_image
+from cellseg.preprocess import normalize
+
+
+def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array, mode=mode).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def tiff_bytes(array: np.ndarray, compression=None) -> bytes:
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, array, compression=compression)
+    return buffer.getvalue()
+
+
+def test_bit_depths_and_layouts_normalise_to_the_same_array(synthetic_gray):
+    g8 = synthetic_gray
+    g16 = g8.astype(np.uint16) * 257  # the same picture stored as full-range 16-bit
+    rgba = np.dstack([g8, g8, g8, np.full_like(g8, 255)])
+    rgb = np.dstack([g8, g8, g8])
+    reference = normalize(read_image(tiff_bytes(g8)))
+    variants = {
+        "8-bit TIFF (LZW)": tiff_bytes(g8, compression="lzw"),
+        "16-bit TIFF": tiff_bytes(g16),
+        "8-bit PNG": png_bytes(g8),
+        "16-bit PNG": png_bytes(g16),
+        "RGBA PNG": png_bytes(rgba),
+        "RGB TIFF": tiff_bytes(rgb),
+    }
+    for name, data in variants.items():
+        np.testing.assert_allclose(normalize(read_image(data)), reference, atol=1e-5, err_msg=name)
+    # the raw 16-bit values really are 16-bit (not squashed to 8 bits on the way)
+    assert read_image(png_bytes(g16)).max() == pytest.approx(g16.max())
+
+
+def test_arrays_and_pil_images_are_accepted(synthetic_gray):
+    from_array = read_image(synthetic_gray)
+    from_pil = read_image(Image.fromarray(synthetic_gray))
+    np.testing.assert_array_equal(from_array, from_pil)
+    assert from_array.dtype == np.float32 and from_array.shape == synthetic_gray.shape
+
+
+def test_not_an_image_raises_clear_error():
+    with pytest.raises(ImageError, match="not a recognised image"):
+        decode_image(b"this is a text file, not an image at all")
+
+
+def test_empty_input_raises():
+    with pytest.raises(ImageError, match="empty"):
+        decode_image(b"")
+
+
+def test_truncated_png_raises(synthetic_gray):
+    data = png_bytes(synthetic_gray)
+    with pytest.raises(ImageError):
+        decode_image(data[: len(data) // 2])
+
+
+def test_truncated_tiff_raises(synthetic_gray):
+    data = tiff_bytes(synthetic_gray)
+    with pytest.raises(ImageError):
+        decode_image(data[: len(data) // 3])
+
+
+def test_too_many_pixels_raises_before_decoding(synthetic_gray):
+    with pytest.raises(ImageTooLargeError, match="over the limit"):
+        read_image(png_bytes(synthetic_gray), max_pixels=1000)
+
+
+def test_too_small_and_bad_shapes_raise():
+    with pytest.raises(ImageError, match="at least"):
+        read_image(png_bytes(np.zeros((8, 8), np.uint8)))
+    with pytest.raises(ImageError, match="2-D"):
+        read_image(np.zeros((5, 32, 32), np.uint8))
+    with pytest.raises(ImageError, match="NaN"):
+        read_image(np.full((32, 32), np.nan, np.float32))
+
+
+def test_missing_file_raises(tmp_path):
+    with pytest.raises(ImageError, match="no such file"):
+        read_image(tmp_path / "absent.tif")
+
+
+def test_flat_image_normalises_without_dividing_by_zero():
+    out = normalize(np.full((32, 32), 7.0))
+    assert np.isfinite(out).all() and (out == 0).all()

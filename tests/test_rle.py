@@ -1,0 +1,54 @@
+import numpy as np
+import pytest
+
+from cellseg.instances import instances_from_labels, labels_from_instances
+from cellseg.rle import decode_coco, decode_kaggle, encode_coco, encode_kaggle, labels_to_coco_rles
+
+
+@pytest.fixture
+def labels():
+    rng = np.random.default_rng(1)
+    lab = np.zeros((40, 50), np.int32)
+    for i in range(1, 6):
+        y, x = rng.integers(0, 30), rng.integers(0, 40)
+        lab[y : y + 8, x : x + 9] = i
+    return lab
+
+
+def test_coco_rle_round_trip(labels):
+    for index in range(1, labels.max() + 1):
+        mask = labels == index
+        rle = encode_coco(mask)
+        assert isinstance(rle["counts"], str) and rle["size"] == [40, 50]
+        np.testing.assert_array_equal(decode_coco(rle), mask)
+
+
+def test_kaggle_rle_round_trip_and_layout(labels):
+    mask = labels == 1
+    text = encode_kaggle(mask)
+    np.testing.assert_array_equal(decode_kaggle(text, 40, 50), mask)
+    # 1-based starts, pixels numbered row by row: pixel (row 0, col 2) is number 3.
+    single = np.zeros((4, 5), bool)
+    single[0, 2:4] = True
+    single[1, 0] = True
+    assert encode_kaggle(single) == "3 2 6 1"
+    np.testing.assert_array_equal(decode_kaggle("3 2 6 1", 4, 5), single)
+
+
+def test_kaggle_rle_rejects_bad_input():
+    with pytest.raises(ValueError, match="even"):
+        decode_kaggle("1 2 3", 4, 5)
+    with pytest.raises(ValueError, match="outside"):
+        decode_kaggle("19 5", 4, 5)
+
+
+def test_instances_round_trip(labels):
+    present = np.unique(labels[labels > 0])
+    records = instances_from_labels(labels)
+    assert [r["id"] for r in records] == list(present)
+    assert [r["area"] for r in records] == [int((labels == i).sum()) for i in present]
+    first = records[0]
+    ys, xs = np.nonzero(labels == first["id"])
+    assert first["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+    np.testing.assert_array_equal(labels_from_instances(records, *labels.shape), labels)
+    assert len(labels_to_coco_rles(labels)) == labels.max()

@@ -1,0 +1,223 @@
+"""The real service: `bentoml serve` in a subprocess, called with the client and raw multipart HTTP."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+import tifffile
+from conftest import REPO, free_port
+from PIL import Image
+
+from cellseg.imageio import read_image
+from cellseg.onnx_model import sha256_file
+
+pytestmark = [pytest.mark.slow, pytest.mark.data]
+
+MAX_PIXELS = 2_000_000  # small limit so the 413 test needs no giant upload
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, model_path):
+    home = tmp_path_factory.mktemp("bentoml_home")
+    env = {**os.environ, "BENTOML_HOME": str(home), "CELLSEG_MAX_PIXELS": str(MAX_PIXELS),
+           "BENTOML_DO_NOT_TRACK": "true"}
+    subprocess.run([sys.executable, "-m", "export", "register", "--model", str(model_path)], env=env, cwd=REPO,
+                   check=True, capture_output=True)
+    port = free_port()
+    log = open(home / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "service:CellSegmentation", "--port", str(port),
+                             "--host", "127.0.0.1"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            pytest.fail(f"bentoml serve exited: {(home / 'serve.log').read_text()[-3000:]}")
+        time.sleep(1)
+    else:
+        pytest.fail("service did not become ready in 180 s")
+    yield url
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from cellseg import Client
+
+    with Client(server) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def tif(demo_images):
+    return next(p for p in demo_images if p.suffix == ".tif")
+
+
+@pytest.fixture(scope="module")
+def local_labels(onnx_model, tif):
+    return onnx_model.segment([read_image(tif)])[0].labels
+
+
+def post(server, endpoint, files=None, data=None):
+    return httpx.post(f"{server}/{endpoint}", files=files, data=data, timeout=120)
+
+
+def assert_still_serving(server):
+    assert httpx.get(f"{server}/readyz", timeout=10).status_code == 200
+
+
+def test_segment_matches_local_inference(client, tif, local_labels, model_path):
+    result = client.segment(tif)
+    assert result.count == local_labels.max() > 0
+    np.testing.assert_array_equal(result.labels, local_labels)
+    assert result.model["name"] == "livecell-unet" and result.model["sha256"] == sha256_file(model_path)
+    assert result.confluence == pytest.approx(100 * (local_labels > 0).mean(), abs=1e-3)
+    cell = result.cells[0]
+    assert cell.area == int((local_labels == cell.id).sum()) and len(cell.bbox) == 4 and 0 < cell.score <= 1
+
+
+def test_raw_multipart_mask_overlay(server, tif, local_labels):
+    with open(tif, "rb") as fh:
+        data = fh.read()
+    r = post(server, "mask", files={"image": (tif.name, data, "image/tiff")})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    labels = np.asarray(Image.open(io.BytesIO(r.content)))
+    assert labels.dtype == np.uint16
+    np.testing.assert_array_equal(labels, local_labels)
+    r = post(server, "mask", files={"image": (tif.name, data)}, data={"binary": "true"})
+    binary = np.asarray(Image.open(io.BytesIO(r.content)))
+    assert set(np.unique(binary)) <= {0, 255}
+    np.testing.assert_array_equal(binary > 0, local_labels > 0)
+    r = post(server, "overlay", files={"image": (tif.name, data)})
+    overlay = Image.open(io.BytesIO(r.content))
+    assert r.status_code == 200 and overlay.mode == "RGB" and overlay.size == (local_labels.shape[1], local_labels.shape[0])
+    r = post(server, "segment", files={"image": (tif.name, data)}, data={"min_size": "500"})
+    assert r.status_code == 200 and r.json()["count"] < local_labels.max()
+    assert all(c["area"] >= 500 for c in r.json()["cells"])
+
+
+def test_client_mask_overlay_and_input_kinds(client, tif, local_labels):
+    np.testing.assert_array_equal(client.mask(tif), local_labels)
+    assert client.overlay(tif).shape == (*local_labels.shape, 3)
+    raw = read_image(tif).astype(np.uint8)
+    rgba = np.dstack([raw, raw, raw, np.full_like(raw, 255)])
+    for image in (raw, raw.astype(np.uint16) * 257, Image.fromarray(raw), Image.fromarray(rgba)):
+        np.testing.assert_array_equal(client.mask(image), local_labels)
+
+
+def test_16bit_tiff_upload(server, tif, local_labels):
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, read_image(tif).astype(np.uint16) * 257)
+    r = post(server, "mask", files={"image": ("x16.tif", buffer.getvalue(), "image/tiff")})
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(r.content))), local_labels)
+
+
+def batch_histogram(server) -> tuple[float, float]:
+    text = httpx.get(f"{server}/metrics", timeout=10).text
+    def value(kind):
+        found = re.findall(rf'bentoml_service_adaptive_batch_size_{kind}\{{[^}}]*method_name="predict"[^}}]*\}} (\S+)', text)
+        return sum(float(v) for v in found)
+    return value("count"), value("sum")
+
+
+def test_sixteen_concurrent_requests_succeed_and_are_batched(server, tif, local_labels):
+    data = tif.read_bytes()
+    count0, sum0 = batch_histogram(server)
+
+    def one(_):
+        return post(server, "mask", files={"image": (tif.name, data, "image/tiff")})
+
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(one, range(16)))
+    assert [r.status_code for r in responses] == [200] * 16
+    for r in responses:
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(r.content))), local_labels)
+    count1, sum1 = batch_histogram(server)
+    assert sum1 - sum0 == 16, "every request's image went through the batchable predict"
+    assert count1 - count0 < 16, f"16 images ran in {count1 - count0} calls: nothing was batched"
+
+
+def png(array) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+BAD_UPLOADS = {
+    "not an image": (b"hello, I am text", 400, "not a recognised image"),
+    "truncated png": (png(np.zeros((64, 64), np.uint8) + 9)[:60], 400, "could not"),
+    "empty body": (b"", 400, "empty"),
+    "too small": (png(np.zeros((4, 4), np.uint8)), 400, "at least 16"),
+    "over the pixel limit": (png(np.zeros((1500, 1500), np.uint8)), 413, "over the limit"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_UPLOADS))
+def test_bad_uploads_get_4xx_and_server_keeps_serving(server, case):
+    body, status, message = BAD_UPLOADS[case]
+    for endpoint in ("segment", "mask"):
+        r = post(server, endpoint, files={"image": ("upload.png", body, "image/png")})
+        assert r.status_code == status, r.text
+        assert message in r.json()["error"]
+    assert_still_serving(server)
+
+
+@pytest.mark.parametrize("data", [{"fg_threshold": "2"}, {"seed_threshold": "0"}, {"min_size": "-1"},
+                                  {"min_size": "abc"}, {"binary": "maybe"}])
+def test_bad_parameters_get_400(server, tif, data):
+    r = post(server, "mask", files={"image": (tif.name, tif.read_bytes())}, data=data)
+    assert r.status_code == 400 and "error" in r.json()
+    assert_still_serving(server)
+
+
+def test_missing_image_field_gets_400(server):
+    r = httpx.post(f"{server}/segment", data={"min_size": "3"}, timeout=30)
+    assert r.status_code == 400 and "image" in r.text
+    assert_still_serving(server)
+
+
+def test_client_raises_with_server_message(client, tmp_path):
+    from cellseg.client import CellsegError
+
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"nope")
+    with pytest.raises(CellsegError, match="not a recognised image") as info:
+        client.segment(bad)
+    assert info.value.status == 400
+    with pytest.raises(CellsegError, match="fg_threshold"):
+        client.segment(np.zeros((32, 32), np.uint8), fg_threshold=3)
+
+
+def test_builtin_endpoints(server):
+    for path in ("/readyz", "/livez", "/metrics", "/", "/docs.json"):
+        assert httpx.get(f"{server}{path}", timeout=10).status_code == 200, path
+
+
+def test_batch_job_against_server(server, demo_images, tmp_path, onnx_model):
+    from cellseg.cli import main
+
+    out = tmp_path / "remote"
+    assert main(["segment", *map(str, demo_images), "--out", str(out), "--server", server, "--quiet"]) == 0
+    first = demo_images[0]
+    labels = np.asarray(Image.open(out / "labels" / f"{first.stem}.png"))
+    np.testing.assert_array_equal(labels, onnx_model.segment([read_image(first)])[0].labels)
