@@ -15,6 +15,7 @@ from cellseg.data import default_data_root, load_split
 from cellseg.evaluate import evaluate_segmentations, format_table
 from cellseg.inference import predict_padded
 from cellseg.onnx_model import METADATA_KEY, OnnxModel, sha256_file
+from cellseg.postprocess import PostprocessParams
 from cellseg.preprocess import SIZE_DIVISOR, normalize
 from export.model_card import write_model_card
 from train.model import WithSigmoid, load_checkpoint
@@ -32,6 +33,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--int8", action="store_true", help="also write a statically quantised <out>.int8.onnx")
     p.add_argument("--no-eval", action="store_true", help="skip evaluation (metadata then holds no metrics)")
+    p.add_argument("--fg-threshold", type=float, help="post-processing default stored in the metadata")
+    p.add_argument("--seed-threshold", type=float, help="post-processing default stored in the metadata")
+    p.add_argument("--min-size", type=int, help="post-processing default stored in the metadata")
     p.add_argument("--card", type=Path, default=None, help="model card path (default: MODEL_CARD.md beside --out)")
     return p.parse_args(argv)
 
@@ -116,6 +120,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     model, checkpoint = load_checkpoint(args.checkpoint)
     config = checkpoint["config"]
+    overrides = {"fg_threshold": args.fg_threshold, "seed_threshold": args.seed_threshold, "min_size": args.min_size}
+    config["postprocess"] = PostprocessParams(
+        **{**config["postprocess"], **{k: v for k, v in overrides.items() if v is not None}}).validate().to_dict()
     t0 = time.time()
     export_onnx(model, args.out, args.opset)
     onnx.checker.check_model(onnx.load(str(args.out)), full_check=True)

@@ -221,3 +221,24 @@ def test_batch_job_against_server(server, demo_images, tmp_path, onnx_model):
     first = demo_images[0]
     labels = np.asarray(Image.open(out / "labels" / f"{first.stem}.png"))
     np.testing.assert_array_equal(labels, onnx_model.segment([read_image(first)])[0].labels)
+
+
+def test_mixed_sizes_and_tiled_images_match_local_inference(server, tif, onnx_model):
+    """Concurrent requests of different sizes (one large enough to be tiled) are batched together
+    and each still equals local inference at its own resolution."""
+    raw = read_image(tif).astype(np.uint8)
+    crop = raw[:300, :451]
+    large = np.tile(raw, (2, 2))[:1100, :1300]  # > 1024 px a side: tiled, and under the 2 MP test limit
+    images = [raw, crop, large, crop, raw]
+    expected = {i: onnx_model.segment([im.astype(np.float32)])[0].labels for i, im in enumerate(images[:3])}
+
+    def one(i):
+        return i, post(server, "mask", files={"image": (f"{i}.png", png(images[i]), "image/png")})
+
+    with ThreadPoolExecutor(len(images)) as pool:
+        results = list(pool.map(one, range(len(images))))
+    for i, r in results:
+        assert r.status_code == 200, r.text
+        labels = np.asarray(Image.open(io.BytesIO(r.content)))
+        assert labels.shape == images[i].shape
+        np.testing.assert_array_equal(labels, expected[{3: 1, 4: 0}.get(i, i)])

@@ -1,0 +1,118 @@
+"""In-process inference speed on LIVECell-size images (704x520): ONNX Runtime fp32 (and int8 if
+given) vs PyTorch eager, network only and end to end (normalise -> network -> watershed).
+
+    python scripts/bench_inference.py --repeats 20 [--int8 models/livecell-unet.int8.onnx]
+
+PyTorch eager is timed on the same architecture (read from the ONNX metadata) with the training
+checkpoint's weights if --checkpoint is given; timing does not depend on the weight values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import numpy as np  # noqa: E402
+
+from cellseg.data import default_data_root  # noqa: E402
+from cellseg.imageio import read_image  # noqa: E402
+from cellseg.inference import predict_padded, segment_images  # noqa: E402
+from cellseg.onnx_model import OnnxModel, default_model_path  # noqa: E402
+from cellseg.preprocess import normalize  # noqa: E402
+
+
+def livecell_images(root: Path, limit: int) -> list[Path]:
+    images = sorted((root / "livecell" / "images").rglob("*.tif"))
+    if not images:
+        raise SystemExit(f"no LIVECell images under {root}")
+    return images[:limit]
+
+
+def timeit(fn, repeats: int) -> dict:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000)
+    return {"mean_ms": round(statistics.mean(times), 1), "p50_ms": round(statistics.median(times), 1),
+            "min_ms": round(min(times), 1)}
+
+
+def torch_predictor(onnx_model: OnnxModel, checkpoint: Path | None, threads: int):
+    import torch
+
+    from train.model import WithSigmoid, build_model, load_checkpoint
+
+    torch.set_num_threads(threads)
+    if checkpoint:
+        model, _ = load_checkpoint(checkpoint)
+    else:
+        arch = onnx_model.metadata["architecture"]
+        model = build_model(arch["encoder"], None, tuple(arch["decoder_channels"]))
+    wrapped = WithSigmoid(model).eval()
+
+    @torch.no_grad()
+    def predict(batch: np.ndarray) -> np.ndarray:
+        return wrapped(torch.from_numpy(batch)).numpy()
+    return predict
+
+
+def run(args) -> dict:
+    threads = args.threads or os.cpu_count() or 1
+    paths = livecell_images(args.data, args.images)
+    images = [read_image(p) for p in paths]
+    one = [normalize(images[0])]
+    fp32 = OnnxModel(args.model, threads=threads)
+    backends = {"onnxruntime_fp32": fp32.predict}
+    if args.int8:
+        backends["onnxruntime_int8"] = OnnxModel(args.int8, threads=threads).predict
+    backends["pytorch_eager"] = torch_predictor(fp32, args.checkpoint, threads)
+    params = fp32.default_params
+    results = {}
+    for name, predict in backends.items():
+        results[name] = {
+            "network_1_image": timeit(lambda p=predict: predict_padded(p, one), args.repeats),
+            "end_to_end_1_image": timeit(lambda p=predict: segment_images(p, images[:1], params), args.repeats),
+            "end_to_end_per_image_batch4": {
+                k: round(v / 4, 1) for k, v in
+                timeit(lambda p=predict: segment_images(p, images[:4], params, batch_size=4), args.repeats).items()},
+        }
+        print(name, json.dumps(results[name]), flush=True)
+    base = results["pytorch_eager"]["network_1_image"]["p50_ms"]
+    ratios = {name: round(base / r["network_1_image"]["p50_ms"], 2) for name, r in results.items()}
+    return {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+            "threads": threads, "image": "704x520 LIVECell (padded to 704x544)", "repeats": args.repeats,
+            "results": results, "speedup_vs_pytorch_eager_network": ratios}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=default_model_path())
+    p.add_argument("--int8", type=Path)
+    p.add_argument("--checkpoint", type=Path)
+    p.add_argument("--data", type=Path, default=default_data_root())
+    p.add_argument("--images", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+    report = run(args)
+    print(json.dumps(report["speedup_vs_pytorch_eager_network"]))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

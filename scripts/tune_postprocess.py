@@ -1,0 +1,64 @@
+"""Pick post-processing defaults (fg_threshold, seed_threshold, min_size) on the TRAINING split,
+so validation numbers stay honest. The network runs once per image; only the watershed is redone.
+
+    python scripts/tune_postprocess.py --model models/livecell-unet.onnx --split train
+
+Prints a table and the best setting by mean of AP50 and mSA; pass those to
+`python -m export --fg-threshold .. --seed-threshold .. --min-size ..` to store them as defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tqdm import tqdm  # noqa: E402
+
+from cellseg.data import default_data_root, load_split  # noqa: E402
+from cellseg.evaluate import evaluate_segmentations  # noqa: E402
+from cellseg.inference import Segmentation, predict_maps  # noqa: E402
+from cellseg.onnx_model import OnnxModel, default_model_path  # noqa: E402
+from cellseg.postprocess import PostprocessParams, maps_to_labels  # noqa: E402
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=default_model_path())
+    p.add_argument("--data", type=Path, default=default_data_root())
+    p.add_argument("--split", default="train")
+    p.add_argument("--fg", default="0.4,0.5,0.6")
+    p.add_argument("--seed", default="0.3,0.4,0.5,0.6,0.7")
+    p.add_argument("--min-size", default="10,20,40")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+
+    model = OnnxModel(args.model)
+    samples = load_split(args.data, args.split)
+    maps = [predict_maps(model.predict, [s.image()])[0] for s in tqdm(samples, desc="network")]
+    grid = list(itertools.product(*(map(float, a.split(",")) for a in (args.fg, args.seed)),
+                                  map(int, args.min_size.split(","))))
+    rows = []
+    for fg, seed, min_size in tqdm(grid, desc="post-processing grid"):
+        params = PostprocessParams(fg_threshold=fg, seed_threshold=seed, min_size=min_size).validate()
+        segs = [Segmentation(maps_to_labels(m, params), m) for m in maps]
+        r = evaluate_segmentations(samples, segs)
+        rows.append({"fg_threshold": fg, "seed_threshold": seed, "min_size": min_size,
+                     **{k: round(r[k], 4) for k in ("foreground_iou", "ap", "ap50", "msa")}})
+    rows.sort(key=lambda r: -(r["ap50"] + r["msa"]) / 2)
+    print(f"{'fg':>5} {'seed':>5} {'min':>4} {'fgIoU':>7} {'AP':>7} {'AP50':>7} {'mSA':>7}")
+    for r in rows[:15]:
+        print(f"{r['fg_threshold']:>5} {r['seed_threshold']:>5} {r['min_size']:>4} {r['foreground_iou']:>7} "
+              f"{r['ap']:>7} {r['ap50']:>7} {r['msa']:>7}")
+    print("best:", json.dumps(rows[0]))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
