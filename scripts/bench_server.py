@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import httpx  # noqa: E402
-from bench_inference import livecell_images, torch_predictor  # noqa: E402
 
+from bench_inference import livecell_images, torch_predictor  # noqa: E402
 from cellseg.data import default_data_root  # noqa: E402
 from cellseg.imageio import read_image  # noqa: E402
 from cellseg.inference import segment_images  # noqa: E402

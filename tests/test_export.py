@@ -48,3 +48,20 @@ def test_onnxruntime_matches_pytorch_on_real_images(exported, data_root):
     with torch.no_grad():
         expected = WithSigmoid(model)(torch.from_numpy(single))
     torch.testing.assert_close(torch.from_numpy(session.predict(single)), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_int8_quantisation_runs_and_stays_close(exported, data_root, tmp_path):
+    from cellseg.data import load_split
+    from cellseg.onnx_model import OnnxModel
+    from cellseg.preprocess import normalize
+    from export.onnx_export import quantize_int8
+
+    _, path = exported
+    images = [s.image() for s in load_split(data_root, "val")[:2]]
+    int8 = tmp_path / "model.int8.onnx"
+    quantize_int8(path, int8, images)
+    assert int8.stat().st_size < path.stat().st_size / 2
+    batch = normalize(images[0])[None, None, :256, :256].astype(np.float32)
+    fp32_out, int8_out = OnnxModel(path).predict(batch), OnnxModel(int8).predict(batch)
+    assert int8_out.shape == fp32_out.shape
+    assert np.abs(int8_out - fp32_out).mean() < 0.05

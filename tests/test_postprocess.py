@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
-from conftest import disc
 
 from cellseg.postprocess import PostprocessParams, maps_to_labels, remove_small
 from cellseg.targets import make_targets
+from conftest import disc
 
 
 def test_two_touching_discs_come_out_as_two_cells():

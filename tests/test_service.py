@@ -15,11 +15,11 @@ import httpx
 import numpy as np
 import pytest
 import tifffile
-from conftest import REPO, free_port
 from PIL import Image
 
 from cellseg.imageio import read_image
 from cellseg.onnx_model import sha256_file
+from conftest import REPO, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.data]
 
