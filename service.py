@@ -25,7 +25,7 @@ from pydantic import Field
 from starlette.responses import JSONResponse, Response
 
 from cellseg.imageio import ImageError, ImageTooLargeError, read_image
-from cellseg.inference import merge_outputs, predict_padded, split_image
+from cellseg.inference import Segmentation, merge_outputs, predict_padded, split_image
 from cellseg.instances import binary_png_bytes, confluence, instances_from_labels, label_png_bytes, overlay_png_bytes
 from cellseg.onnx_model import OnnxModel, available_providers, sha256_file
 from cellseg.postprocess import PostprocessParams, maps_to_labels
@@ -119,9 +119,7 @@ class CellSegmentation:
         outputs = await self.unet.to_async.predict(pieces)
         probs = merge_outputs(outputs, plan)
         labels = await anyio.to_thread.run_sync(maps_to_labels, probs, params, limiter=self.cpu)
-        sums = np.bincount(labels.ravel(), weights=probs[0].ravel(), minlength=labels.max() + 1)
-        scores = (sums / np.maximum(np.bincount(labels.ravel(), minlength=labels.max() + 1), 1))[1:]
-        return raw, labels, scores
+        return raw, labels, Segmentation(labels, probs).scores()
 
     async def _guarded(self, work) -> Any:
         try:

@@ -112,14 +112,15 @@ def local_backend(model_path: Path | None, params: PostprocessParams, batch_size
     return run
 
 
-def server_backend(url: str, params: PostprocessParams, concurrency: int) -> Backend:
+def server_backend(url: str, overrides: dict, concurrency: int) -> Backend:
+    """Segment through a running service; `overrides` are the post-processing parameters to send."""
     from cellseg.client import Client
 
     client = Client(url)
 
     def one(path: Path):
         try:
-            result = client.segment(path, **params.to_dict())
+            result = client.segment(path, **overrides)
             return path, Result(result.labels, np.array([c.score for c in result.cells], dtype=np.float32))
         except Exception as exc:  # noqa: BLE001
             return path, exc

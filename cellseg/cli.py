@@ -13,6 +13,7 @@ from cellseg.onnx_model import default_model_path
 from cellseg.postprocess import PostprocessParams
 
 EXIT_SOME_FAILED = 3
+POSTPROCESS_KEYS = ("fg_threshold", "seed_threshold", "min_size")
 
 
 def add_postprocess_args(p: argparse.ArgumentParser) -> None:
@@ -23,7 +24,7 @@ def add_postprocess_args(p: argparse.ArgumentParser) -> None:
 
 def postprocess_params(args: argparse.Namespace, defaults: PostprocessParams) -> PostprocessParams:
     values = defaults.to_dict()
-    for key in ("fg_threshold", "seed_threshold", "min_size"):
+    for key in POSTPROCESS_KEYS:
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
     return PostprocessParams(**values).validate()
@@ -58,10 +59,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from cellseg.batch import local_backend, run_job, server_backend
 
     if args.server:
-        params = postprocess_params(args, PostprocessParams())
-        explicit = {k: v for k, v in params.to_dict().items() if getattr(args, k, None) is not None}
-        params_for_server = PostprocessParams(**{**PostprocessParams().to_dict(), **explicit})
-        factory = lambda: server_backend(args.server, params_for_server, args.concurrency)  # noqa: E731
+        # Only what the user set is sent; the server fills in its model's defaults.
+        overrides = {k: getattr(args, k) for k in POSTPROCESS_KEYS if getattr(args, k) is not None}
+        postprocess_params(args, PostprocessParams())  # validate here rather than once per image remotely
+        factory = lambda: server_backend(args.server, overrides, args.concurrency)  # noqa: E731
     else:
         from cellseg.onnx_model import read_metadata
 

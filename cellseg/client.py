@@ -140,7 +140,7 @@ class Client:
                 path.unlink(missing_ok=True)
 
     def segment(self, image, fg_threshold: float | None = None, seed_threshold: float | None = None,
-                min_size: int | None = None, **_ignored) -> SegmentResult:
+                min_size: int | None = None) -> SegmentResult:
         data = self._call("segment", image, fg_threshold=fg_threshold, seed_threshold=seed_threshold,
                           min_size=min_size)
         return SegmentResult.from_json(data)

@@ -67,6 +67,12 @@ def torch_predictor(onnx_model: OnnxModel, checkpoint: Path | None, threads: int
     return predict
 
 
+def write_report(report: dict, path: Path | None) -> None:
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2))
+
+
 def run(args) -> dict:
     threads = args.threads or os.cpu_count() or 1
     paths = livecell_images(args.data, args.images)
@@ -108,9 +114,7 @@ def main() -> int:
     args = p.parse_args()
     report = run(args)
     print(json.dumps(report["speedup_vs_pytorch_eager_network"]))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
+    write_report(report, args.json)
     return 0
 
 

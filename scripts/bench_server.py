@@ -26,7 +26,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import httpx  # noqa: E402
 
-from bench_inference import livecell_images, torch_predictor  # noqa: E402
+from bench_inference import livecell_images, torch_predictor, write_report  # noqa: E402
 from cellseg.data import default_data_root  # noqa: E402
 from cellseg.imageio import read_image  # noqa: E402
 from cellseg.inference import segment_images  # noqa: E402
@@ -105,9 +105,7 @@ def main() -> int:
                          "best_server_vs_in_process_onnxruntime": round(best_server / ort_ips, 2),
                          "best_server_vs_pytorch_eager": round(best_server / torch_ips, 2)}}
     print(json.dumps({k: report[k] for k in ("in_process_images_per_s", "ratios")}))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
+    write_report(report, args.json)
     return 0
 
 
