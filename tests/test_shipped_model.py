@@ -32,4 +32,4 @@ def test_shipped_model_meets_targets_on_validation(onnx_model, data_root, model_
         assert result[key] >= target, f"{key} = {result[key]:.3f} fell below the target {target}"
     # the numbers recorded in the model's metadata are the numbers we measure now
     for key in ("foreground_iou", "ap50", "msa"):
-        assert result[key] == pytest.approx(onnx_model.metadata["metrics"][key], abs=1e-6)
+        assert result[key] == pytest.approx(onnx_model.metadata["metrics"][key], abs=1e-3)

@@ -42,3 +42,22 @@ def test_augmentation_is_reproducible(data_root):
     for i in range(2):
         torch.testing.assert_close(a[i][0], b[i][0])
         torch.testing.assert_close(a[i][1], b[i][1])
+
+
+def test_training_checkpoints_and_resumes(data_root, tmp_path):
+    from train.__main__ import main
+
+    common = ["--data", str(data_root), "--out", str(tmp_path), "--crop", "64", "--batch-size", "2",
+              "--steps-per-epoch", "2", "--warmup-steps", "1", "--decoder-channels", "16,16,8,8,8",
+              "--workers", "0", "--device", "cpu"]
+    assert main([*common, "--epochs", "2"]) == 0
+    first = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert first["epoch"] == 1 and len(first["history"]) == 2
+    assert (tmp_path / "best.pt").is_file()
+    assert first["config"]["val_images"] and "ap50" in first["val_metrics"]
+    # A run killed after its first epoch leaves this checkpoint; resuming must run only epoch 2.
+    first["epoch"], first["history"] = 0, first["history"][:1]
+    torch.save(first, tmp_path / "killed.pt")
+    assert main([*common, "--epochs", "2", "--resume", str(tmp_path / "killed.pt")]) == 0
+    resumed = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert resumed["epoch"] == 1 and [h["epoch"] for h in resumed["history"]] == [1, 2]
