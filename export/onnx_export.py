@@ -145,6 +145,8 @@ def main(argv=None) -> int:
     set_metadata(args.out, metadata)
     if metrics:
         args.out.with_suffix(".metrics.json").write_text(json.dumps(metrics, indent=2))
+    # The learning curve (loss and validation metrics per epoch) ships with the model as evidence.
+    args.out.with_suffix(".history.json").write_text(json.dumps(checkpoint["history"], indent=1))
     card = args.card or args.out.parent / "MODEL_CARD.md"
     write_model_card(card, args.out, metadata, sha256_file(args.out), " ".join(["python -m export", *(argv or [])]))
     print(f"metadata written into {args.out}; model card {card}; sha256 {sha256_file(args.out)}")
