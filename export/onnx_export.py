@@ -36,6 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fg-threshold", type=float, help="post-processing default stored in the metadata")
     p.add_argument("--seed-threshold", type=float, help="post-processing default stored in the metadata")
     p.add_argument("--min-size", type=int, help="post-processing default stored in the metadata")
+    p.add_argument("--min-seed-size", type=int, help="post-processing default stored in the metadata")
+    p.add_argument("--seed-sigma", type=float, help="post-processing default stored in the metadata")
     p.add_argument("--card", type=Path, default=None, help="model card path (default: MODEL_CARD.md beside --out)")
     return p.parse_args(argv)
 
@@ -120,7 +122,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     model, checkpoint = load_checkpoint(args.checkpoint)
     config = checkpoint["config"]
-    overrides = {"fg_threshold": args.fg_threshold, "seed_threshold": args.seed_threshold, "min_size": args.min_size}
+    overrides = {"fg_threshold": args.fg_threshold, "seed_threshold": args.seed_threshold, "min_size": args.min_size,
+                 "min_seed_size": args.min_seed_size, "seed_sigma": args.seed_sigma}
     config["postprocess"] = PostprocessParams(
         **{**config["postprocess"], **{k: v for k, v in overrides.items() if v is not None}}).validate().to_dict()
     t0 = time.time()

@@ -32,28 +32,34 @@ def main() -> int:
     p.add_argument("--data", type=Path, default=default_data_root())
     p.add_argument("--split", default="train")
     p.add_argument("--fg", default="0.4,0.5,0.6")
-    p.add_argument("--seed", default="0.3,0.4,0.5,0.6,0.7")
-    p.add_argument("--min-size", default="10,20,40")
+    p.add_argument("--seed", default="0.3,0.4,0.5,0.6")
+    p.add_argument("--sigma", default="0,1,2", help="seed_sigma values")
+    p.add_argument("--min-seed", default="3,10,25", help="min_seed_size values")
+    p.add_argument("--min-size", default="20")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
 
     model = OnnxModel(args.model)
     samples = load_split(args.data, args.split)
     maps = [predict_maps(model.predict, [s.image()])[0] for s in tqdm(samples, desc="network")]
-    grid = list(itertools.product(*(map(float, a.split(",")) for a in (args.fg, args.seed)),
-                                  map(int, args.min_size.split(","))))
+    floats = lambda text: [float(v) for v in text.split(",")]  # noqa: E731
+    ints = lambda text: [int(v) for v in text.split(",")]  # noqa: E731
+    grid = list(itertools.product(floats(args.fg), floats(args.seed), floats(args.sigma), ints(args.min_seed),
+                                  ints(args.min_size)))
     rows = []
-    for fg, seed, min_size in tqdm(grid, desc="post-processing grid"):
-        params = PostprocessParams(fg_threshold=fg, seed_threshold=seed, min_size=min_size).validate()
+    for fg, seed, sigma, min_seed, min_size in tqdm(grid, desc="post-processing grid"):
+        params = PostprocessParams(fg_threshold=fg, seed_threshold=seed, min_size=min_size, min_seed_size=min_seed,
+                                   seed_sigma=sigma).validate()
         segs = [Segmentation(maps_to_labels(m, params), m) for m in maps]
         r = evaluate_segmentations(samples, segs)
-        rows.append({"fg_threshold": fg, "seed_threshold": seed, "min_size": min_size,
+        rows.append({"fg_threshold": fg, "seed_threshold": seed, "seed_sigma": sigma, "min_seed_size": min_seed,
+                     "min_size": min_size,
                      **{k: round(r[k], 4) for k in ("foreground_iou", "ap", "ap50", "msa")}})
     rows.sort(key=lambda r: -(r["ap50"] + r["msa"]) / 2)
-    print(f"{'fg':>5} {'seed':>5} {'min':>4} {'fgIoU':>7} {'AP':>7} {'AP50':>7} {'mSA':>7}")
+    print(f"{'fg':>5} {'seed':>5} {'sigma':>5} {'mseed':>5} {'min':>4} {'fgIoU':>7} {'AP':>7} {'AP50':>7} {'mSA':>7}")
     for r in rows[:15]:
-        print(f"{r['fg_threshold']:>5} {r['seed_threshold']:>5} {r['min_size']:>4} {r['foreground_iou']:>7} "
-              f"{r['ap']:>7} {r['ap50']:>7} {r['msa']:>7}")
+        print(f"{r['fg_threshold']:>5} {r['seed_threshold']:>5} {r['seed_sigma']:>5} {r['min_seed_size']:>5} "
+              f"{r['min_size']:>4} {r['foreground_iou']:>7} {r['ap']:>7} {r['ap50']:>7} {r['msa']:>7}")
     print("best:", json.dumps(rows[0]))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

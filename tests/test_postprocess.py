@@ -49,7 +49,8 @@ def test_foreground_without_seed_is_kept():
     assert out.max() == 1 and (out > 0).sum() == 225
 
 
-@pytest.mark.parametrize("field,value", [("fg_threshold", 1.5), ("seed_threshold", 0.0), ("min_size", -1)])
+@pytest.mark.parametrize("field,value", [("fg_threshold", 1.5), ("seed_threshold", 0.0), ("min_size", -1),
+                                         ("seed_sigma", -1.0)])
 def test_invalid_params_rejected(field, value):
     with pytest.raises(ValueError, match=field):
         PostprocessParams(**{field: value}).validate()
