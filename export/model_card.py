@@ -53,7 +53,7 @@ Training: {training['epochs']} epochs x {training['steps_per_epoch']} steps, bat
 {training['crop']}² native-resolution crops (flips, 90° rotations, ±30° rotation, 0.75–1.33 scale,
 brightness/contrast, noise, blur), BCE+Dice (foreground, boundary with positive weight) + BCE (distance),
 AdamW lr {training['lr']} with warm-up and cosine decay, seed {training['seed']}.
-Best epoch {training['best_epoch']} (by validation AP), {training['train_minutes']} min of training on a 2-core CPU.
+Checkpoint: epoch {training['best_epoch']} of {training['epochs']}, {training['train_minutes']} min of training on a 2-core CPU.
 
 Command: `{training['command']}`
 
@@ -67,8 +67,8 @@ Export: `{export_command}` (ONNX opset 18; ONNX Runtime vs PyTorch max abs diff
 
 AP / AP50 / AP75: COCO segm AP with LIVECell's protocol (maxDets 100/500/2000, read at 2000).
 mSA: mean over IoU 0.50–0.95 of TP/(TP+FP+FN) (Kaggle Sartorius metric). count_error: mean
-relative error of the cell count. Only 6 validation images (the best epoch was also chosen on them),
-so treat per-type numbers as indicative; see docs/METRICS.md.
+relative error of the cell count. Only 6 validation images: treat per-type numbers as indicative;
+see docs/METRICS.md (also for how the checkpoint and the post-processing defaults were chosen).
 """
     else:
         text += "Not evaluated at export time.\n"

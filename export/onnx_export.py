@@ -141,7 +141,9 @@ def main(argv=None) -> int:
 
     metrics = None
     if not args.no_eval:
-        metrics = evaluate_segmentations(samples, onnx_model.segment(images))
+        # The file has no metadata yet, so pass the post-processing defaults it is about to carry.
+        params = PostprocessParams(**config["postprocess"])
+        metrics = evaluate_segmentations(samples, onnx_model.segment(images, params))
         print(format_table(metrics))
     metadata = build_metadata(config, checkpoint, metrics, args.split)
     metadata["parity_max_abs_diff"] = diff
@@ -158,7 +160,7 @@ def main(argv=None) -> int:
         int8 = args.out.with_suffix(".int8.onnx")
         quantize_int8(args.out, int8, images[:4])
         q = OnnxModel(int8)
-        qmetrics = evaluate_segmentations(samples, q.segment(images))
+        qmetrics = evaluate_segmentations(samples, q.segment(images, PostprocessParams(**config["postprocess"])))
         print(f"int8 model {int8} ({int8.stat().st_size / 1e6:.1f} MB):")
         print(format_table(qmetrics))
     return 0

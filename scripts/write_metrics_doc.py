@@ -58,7 +58,7 @@ def main() -> int:
     met = ", ".join(f"{k} {val[k]:.3f} ({'meets' if val[k] >= t else 'MISSES'} ≥ {t})" for k, t in TARGETS.items())
     text = f"""# Accuracy of the shipped model
 
-Model: `{val['model']}` (sha256 `{val['model_sha256']}`). Post-processing: `{val['postprocess']}`.
+Model: `models/{Path(val['model']).name}` (sha256 `{val['model_sha256']}`). Post-processing: `{val['postprocess']}`.
 All numbers come from `cellseg evaluate`, i.e. the same inference path as the service and batch jobs
 (whole-image percentile normalisation, ONNX Runtime, seeded watershed), at native resolution.
 
@@ -86,8 +86,8 @@ Command: `cellseg evaluate --model models/livecell-unet.onnx --split train --jso
     text += f"""
 ## Learning curve (validation after every epoch, from the checkpoint's history)
 
-From `{args.history}` (written by `python -m export`). The shipped model is the epoch with the best
-validation AP; the validation images therefore also chose the epoch, a mild optimism on 6 images.
+From `{args.history}` (written by `python -m export`). Validation here used the post-processing
+defaults of training time (seed 0.5, no smoothing), so its AP is lower than the final table's.
 
 {curve(history)}
 
