@@ -13,10 +13,12 @@ Run: `bentoml serve service:CellSegmentation` (after `python -m export register`
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Annotated, Any
 
+import aiohttp
 import anyio
 import bentoml
 import numpy as np
@@ -30,12 +32,14 @@ from cellseg.instances import binary_png_bytes, confluence, instances_from_label
 from cellseg.onnx_model import OnnxModel, available_providers, sha256_file
 from cellseg.postprocess import PostprocessParams, maps_to_labels
 
+logger = logging.getLogger("cellseg.service")
 MODEL_TAG = os.environ.get("CELLSEG_MODEL_TAG", "livecell-unet:latest")
 MODEL_FILE = "model.onnx"
 # Largest accepted image (pixels). 16 MP (e.g. 4000x4000) keeps one request under ~1 GB of memory
 # and ~15 s on 2 CPU cores; larger images get a 413. Images over 1024 px a side are tiled.
 MAX_PIXELS = int(os.environ.get("CELLSEG_MAX_PIXELS", 16_000_000))
 MAX_UPLOAD_BYTES = int(os.environ.get("CELLSEG_MAX_UPLOAD_BYTES", 256 * 1024 * 1024))
+PREDICT_ATTEMPTS = 3
 ORT_THREADS = int(os.environ.get("CELLSEG_ORT_THREADS", os.cpu_count() or 1))
 
 # Post-processing parameters: None means "the model's default" (from its metadata).
@@ -116,10 +120,24 @@ class CellSegmentation:
         """(raw image, labels, scores) for one upload."""
         raw = await anyio.to_thread.run_sync(self._read, image, limiter=self.cpu)
         pieces, plan = await anyio.to_thread.run_sync(split_image, raw, limiter=self.cpu)
-        outputs = await self.unet.to_async.predict(pieces)
+        outputs = await self._predict(pieces)
         probs = merge_outputs(outputs, plan)
         labels = await anyio.to_thread.run_sync(maps_to_labels, probs, params, limiter=self.cpu)
         return raw, labels, Segmentation(labels, probs).scores()
+
+    async def _predict(self, pieces: list[np.ndarray]) -> list[np.ndarray]:
+        """Call the UNet service, retrying connection drops. Under bursts, a pooled keep-alive
+        connection to it can be closed by its server just as it is reused (aiohttp raises
+        ServerDisconnectedError). The call is idempotent, so a retry is safe."""
+        for attempt in range(PREDICT_ATTEMPTS):
+            try:
+                return await self.unet.to_async.predict(pieces)
+            except aiohttp.ClientConnectionError as exc:
+                if attempt == PREDICT_ATTEMPTS - 1:
+                    raise
+                logger.warning("connection to UNet dropped (%r); retrying (%d/%d)", exc, attempt + 2, PREDICT_ATTEMPTS)
+                await anyio.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     async def _guarded(self, work) -> Any:
         try:
