@@ -31,6 +31,8 @@ def postprocess_params(args: argparse.Namespace, defaults: PostprocessParams) ->
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from cellseg.data import load_split
     from cellseg.evaluate import evaluate_segmentations, format_table
     from cellseg.onnx_model import OnnxModel
@@ -40,8 +42,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     samples = load_split(args.data, args.split)
     t0 = time.time()
     segs = []
-    from tqdm import tqdm
-
     for sample in tqdm(samples, desc="evaluating", unit="img", disable=args.quiet):
         segs += model.segment([sample.image()], params, batch_size=args.batch_size)
     result = evaluate_segmentations(samples, segs)

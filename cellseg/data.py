@@ -28,6 +28,7 @@ from pycocotools.coco import COCO
 
 from cellseg.imageio import read_image
 from cellseg.rle import decode_kaggle, encode_coco
+from cellseg.targets import relabel_sequential
 
 DATA_ENV = "CELLSEG_DATA"
 LIVECELL_SPLITS = ("train", "val", "test")
@@ -70,8 +71,6 @@ class Sample:
         areas = np.array([mask_utils.area(r) for r in self.rles])
         for rank, index in enumerate(np.argsort(-areas, kind="stable"), start=1):
             labels[mask_utils.decode(self.rles[index]).astype(bool)] = rank
-        from cellseg.targets import relabel_sequential
-
         return relabel_sequential(labels)
 
 

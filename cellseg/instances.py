@@ -8,8 +8,10 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage as ndi
 from skimage.measure import regionprops
+from skimage.segmentation import find_boundaries
 
-from cellseg.rle import encode_coco
+from cellseg.preprocess import normalize
+from cellseg.rle import decode_coco, encode_coco
 
 MAX_LABEL_PNG = 65535  # labels are written as 16-bit PNG
 
@@ -43,8 +45,6 @@ def instances_from_labels(labels: np.ndarray, scores: np.ndarray | None = None) 
 
 def labels_from_instances(instances: list[dict], height: int, width: int) -> np.ndarray:
     """Inverse of `instances_from_labels` (cells keep their ids)."""
-    from cellseg.rle import decode_coco
-
     labels = np.zeros((height, width), dtype=np.int32)
     for inst in instances:
         labels[decode_coco(inst["rle"])] = inst["id"]
@@ -88,10 +88,6 @@ def binary_png_bytes(labels: np.ndarray) -> bytes:
 
 def overlay_png_bytes(image: np.ndarray, labels: np.ndarray, color=(255, 64, 0)) -> bytes:
     """The image (contrast-stretched to 8-bit) with each cell's outline drawn on it."""
-    from skimage.segmentation import find_boundaries
-
-    from cellseg.preprocess import normalize
-
     gray = (np.clip(normalize(image), 0, 1) * 255).astype(np.uint8)
     rgb = np.repeat(gray[..., None], 3, axis=2)
     rgb[find_boundaries(labels, mode="inner")] = color

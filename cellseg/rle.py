@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 from pycocotools import mask as mask_utils
+from scipy import ndimage as ndi
 
 
 def encode_coco(mask: np.ndarray) -> dict:
@@ -23,8 +24,6 @@ def decode_coco(rle: dict) -> np.ndarray:
 
 def labels_to_coco_rles(labels: np.ndarray) -> list[dict]:
     """One COCO RLE per label 1..max(labels) (in label order; absent labels give empty masks)."""
-    from scipy import ndimage as ndi
-
     rles = []
     for index, window in enumerate(ndi.find_objects(labels), start=1):
         mask = np.zeros(labels.shape, dtype=bool)

@@ -153,8 +153,9 @@ def main(argv=None) -> int:
     # The learning curve (loss and validation metrics per epoch) ships with the model as evidence.
     args.out.with_suffix(".history.json").write_text(json.dumps(checkpoint["history"], indent=1))
     card = args.card or args.out.parent / "MODEL_CARD.md"
-    write_model_card(card, args.out, metadata, sha256_file(args.out), " ".join(["python -m export", *(argv or [])]))
-    print(f"metadata written into {args.out}; model card {card}; sha256 {sha256_file(args.out)}")
+    sha256 = sha256_file(args.out)
+    write_model_card(card, args.out, metadata, sha256, " ".join(["python -m export", *(argv or [])]))
+    print(f"metadata written into {args.out}; model card {card}; sha256 {sha256}")
 
     if args.int8:
         int8 = args.out.with_suffix(".int8.onnx")
