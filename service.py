@@ -29,7 +29,7 @@ from starlette.responses import JSONResponse, Response
 from cellseg.imageio import ImageError, ImageTooLargeError, read_image
 from cellseg.inference import Segmentation, merge_outputs, predict_padded, split_image
 from cellseg.instances import binary_png_bytes, confluence, instances_from_labels, label_png_bytes, overlay_png_bytes
-from cellseg.onnx_model import OnnxModel, available_providers, sha256_file
+from cellseg.onnx_model import OnnxModel, available_providers, verify_sha256
 from cellseg.postprocess import PostprocessParams, maps_to_labels
 
 logger = logging.getLogger("cellseg.service")
@@ -70,10 +70,7 @@ class UNet:
 
     def __init__(self) -> None:
         path = self.model_ref.path_of(MODEL_FILE)
-        expected = self.model_ref.info.metadata.get("sha256")
-        actual = sha256_file(Path(path))
-        if expected != actual:
-            raise RuntimeError(f"model file {path} has sha256 {actual}, but the model store recorded {expected}")
+        verify_sha256(Path(path), self.model_ref.info.metadata.get("sha256"))  # refuse a corrupt model
         self.model = OnnxModel(path, threads=ORT_THREADS, providers=available_providers())
 
     # Batch size counts network inputs (whole images up to 1024x1024 px, or tiles). 8 LIVECell images

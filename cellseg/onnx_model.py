@@ -32,6 +32,14 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def verify_sha256(path: Path, expected: str | None) -> str:
+    """The file's sha256, after checking it equals `expected` (what the model store recorded)."""
+    actual = sha256_file(path)
+    if expected != actual:
+        raise ValueError(f"model file {path} has sha256 {actual}, but {expected} was recorded: corrupt or replaced")
+    return actual
+
+
 def read_metadata(path: Path) -> dict:
     """The project's metadata block stored in the ONNX file (without loading the weights twice)."""
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -35,3 +35,32 @@ def test_bentoml_build(tmp_path, model_path):
     manifest = yaml.safe_load((bento / "bento.yaml").read_text())
     assert [m["tag"] for m in manifest["models"]] == [tag]
     assert manifest["entry_service"] == "CellSegmentation"
+
+
+def test_register_is_idempotent_and_records_what_inference_needs(tmp_path, model_path, monkeypatch):
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "home"))
+    out = [subprocess.run([sys.executable, "-m", "export", "register", "--model", str(model_path)], cwd=REPO,
+                          env={**os.environ}, check=True, capture_output=True, text=True).stdout for _ in range(2)]
+    first, second = (json.loads(o.strip().splitlines()[-1]) for o in out)
+    assert first["created"] is True and second["created"] is False and first["tag"] == second["tag"]
+    meta = yaml.safe_load(open(os.path.join(first["path"], "model.yaml")))
+    assert meta["labels"]["format"] == "onnx"
+    assert {"sha256", "normalization", "postprocess", "output_channels", "input", "metrics"} <= set(meta["metadata"])
+
+
+def test_model_file_is_verified_against_its_sha256(tmp_path, model_path):
+    import shutil
+
+    from cellseg.onnx_model import sha256_file, verify_sha256
+
+    copy = tmp_path / "model.onnx"
+    shutil.copyfile(model_path, copy)
+    expected = sha256_file(model_path)
+    assert verify_sha256(copy, expected) == expected
+    with open(copy, "r+b") as fh:  # flip one byte in the middle of the weights
+        fh.seek(copy.stat().st_size // 2)
+        byte = fh.read(1)
+        fh.seek(-1, 1)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(ValueError, match="corrupt or replaced"):
+        verify_sha256(copy, expected)
