@@ -6,12 +6,11 @@ import io
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage as ndi
 from skimage.measure import regionprops
 from skimage.segmentation import find_boundaries
 
 from cellseg.preprocess import normalize
-from cellseg.rle import decode_coco, encode_coco
+from cellseg.rle import cell_windows, encode_coco_window, paint_coco
 
 MAX_LABEL_PNG = 65535  # labels are written as 16-bit PNG
 
@@ -23,32 +22,32 @@ def confluence(labels: np.ndarray) -> float:
 
 def instances_from_labels(labels: np.ndarray, scores: np.ndarray | None = None) -> list[dict]:
     """One record per cell 1..N: id, area, COCO bbox [x, y, w, h], centroid [x, y], score, COCO RLE."""
+    height, width = labels.shape
     records = []
-    for index, window in enumerate(ndi.find_objects(labels), start=1):
+    for index, window, local in cell_windows(labels):
         if window is None:
             continue
-        local = labels[window] == index
         ys, xs = np.nonzero(local)
         y0, x0 = window[0].start, window[1].start
-        mask = np.zeros(labels.shape, dtype=bool)
-        mask[window] = local
         records.append({
             "id": index,
             "area": int(local.sum()),
             "bbox": [int(x0), int(y0), int(window[1].stop - x0), int(window[0].stop - y0)],
             "centroid": [round(float(xs.mean() + x0), 2), round(float(ys.mean() + y0), 2)],
             "score": round(float(scores[index - 1]), 4) if scores is not None else None,
-            "rle": encode_coco(mask),
+            "rle": encode_coco_window(local, y0, x0, height, width),
         })
     return records
 
 
 def labels_from_instances(instances: list[dict], height: int, width: int) -> np.ndarray:
     """Inverse of `instances_from_labels` (cells keep their ids)."""
-    labels = np.zeros((height, width), dtype=np.int32)
+    # COCO RLE runs are column-major: paint a (width, height) array, whose transpose is the image.
+    columns = np.zeros((width, height), dtype=np.int32)
+    flat = columns.reshape(-1)
     for inst in instances:
-        labels[decode_coco(inst["rle"])] = inst["id"]
-    return labels
+        paint_coco(flat, inst["rle"], inst["id"])
+    return np.ascontiguousarray(columns.T)
 
 
 def measure_cells(labels: np.ndarray, image: np.ndarray | None = None) -> list[dict]:

@@ -52,3 +52,29 @@ def test_instances_round_trip(labels):
     assert first["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
     np.testing.assert_array_equal(labels_from_instances(records, *labels.shape), labels)
     assert len(labels_to_coco_rles(labels)) == labels.max()
+
+
+def test_window_encoding_and_run_decoding_equal_pycocotools():
+    from pycocotools import mask as mask_utils
+
+    from cellseg.rle import coco_counts, encode_coco_window
+
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        h, w = int(rng.integers(5, 60)), int(rng.integers(5, 60))
+        mask = np.zeros((h, w), bool)
+        y0, x0 = int(rng.integers(0, h - 2)), int(rng.integers(0, w - 2))
+        y1, x1 = int(rng.integers(y0 + 1, h + 1)), int(rng.integers(x0 + 1, w + 1))
+        mask[y0:y1, x0:x1] = rng.random((y1 - y0, x1 - x0)) > 0.4
+        expected = encode_coco(mask)
+        assert encode_coco_window(mask[y0:y1, x0:x1], y0, x0, h, w) == expected
+        counts = coco_counts(expected)
+        assert counts.sum() == h * w
+        np.testing.assert_array_equal(np.repeat(np.arange(counts.size) % 2, counts).reshape(w, h).T, mask)
+        # very long runs exercise the multi-byte and delta coding of the compressed string
+        big = np.zeros((1000, 1000), bool)
+        big[y0 * 10 :, x0 * 10 :] = True
+        big_rle = mask_utils.encode(np.asfortranarray(big.astype(np.uint8)))
+        np.testing.assert_array_equal(coco_counts(big_rle).sum(), 10**6)
+        assert encode_coco_window(big[y0 * 10 :, x0 * 10 :], y0 * 10, x0 * 10, 1000, 1000) == encode_coco(big)
+    assert encode_coco_window(np.zeros((3, 3), bool), 1, 1, 8, 9) == encode_coco(np.zeros((8, 9), bool))
