@@ -177,8 +177,10 @@ def run_job(inputs: list[str], out: Path, backend_factory: Callable[[], Backend]
     report = JobReport(failed=list(missing))
     todo = []
     for path in paths:
-        (report.skipped if is_done(out, names[path]) and not overwrite else todo).append(path)
-    report.skipped = [names[p] for p in report.skipped]
+        if is_done(out, names[path]) and not overwrite:
+            report.skipped.append(names[path])
+        else:
+            todo.append(path)
     backend = backend_factory() if todo else None
     bar = tqdm(total=len(todo), desc="segmenting", unit="img", disable=not progress)
     for start in range(0, len(todo), chunk_size):

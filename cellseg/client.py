@@ -146,12 +146,10 @@ class Client:
         return SegmentResult.from_json(data)
 
     def _png(self, endpoint: str, image, **kwargs) -> np.ndarray:
-        result = self._call(endpoint, image, **kwargs)
-        data = Path(result).read_bytes() if isinstance(result, (str, Path)) else bytes(result)
-        if isinstance(result, (str, Path)):
-            Path(result).unlink(missing_ok=True)
-        with Image.open(io.BytesIO(data)) as img:
+        path = Path(self._call(endpoint, image, **kwargs))  # BentoML saves file outputs to a temp file
+        with Image.open(path) as img:
             arr = np.asarray(img)
+        path.unlink(missing_ok=True)
         return arr
 
     def mask(self, image, binary: bool = False, fg_threshold: float | None = None,
