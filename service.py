@@ -97,11 +97,9 @@ class CellSegmentation:
         self.cpu = anyio.CapacityLimiter(max(2, os.cpu_count() or 2))
 
     def _params(self, fg_threshold, seed_threshold, min_size) -> PostprocessParams:
-        values = self.defaults.to_dict()
-        overrides = {"fg_threshold": fg_threshold, "seed_threshold": seed_threshold, "min_size": min_size}
-        values.update({k: v for k, v in overrides.items() if v is not None})
         try:
-            return PostprocessParams(**values).validate()
+            return self.defaults.with_overrides(fg_threshold=fg_threshold, seed_threshold=seed_threshold,
+                                                min_size=min_size)
         except ValueError as exc:
             raise RequestError(str(exc)) from exc
 
@@ -162,7 +160,8 @@ class CellSegmentation:
         """PNG mask: 16-bit label image (0 = background, 1..N cells), or 8-bit 0/255 with binary=true."""
         async def work():
             _, labels, _ = await self._segment(image, self._params(fg_threshold, seed_threshold, min_size))
-            png = binary_png_bytes(labels) if binary else label_png_bytes(labels)
+            encode = binary_png_bytes if binary else label_png_bytes
+            png = await anyio.to_thread.run_sync(encode, labels, limiter=self.cpu)
             return Response(png, media_type="image/png", headers={"X-Cell-Count": str(int(labels.max()))})
         return await self._guarded(work)
 

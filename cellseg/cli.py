@@ -23,11 +23,7 @@ def add_postprocess_args(p: argparse.ArgumentParser) -> None:
 
 
 def postprocess_params(args: argparse.Namespace, defaults: PostprocessParams) -> PostprocessParams:
-    values = defaults.to_dict()
-    for key in POSTPROCESS_KEYS:
-        if getattr(args, key) is not None:
-            values[key] = getattr(args, key)
-    return PostprocessParams(**values).validate()
+    return defaults.with_overrides(**{key: getattr(args, key) for key in POSTPROCESS_KEYS})
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

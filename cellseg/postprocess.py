@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -33,6 +33,10 @@ class PostprocessParams:
         if not 0.0 <= self.seed_sigma <= 10.0:
             raise ValueError(f"seed_sigma must be between 0 and 10 pixels, got {self.seed_sigma}")
         return self
+
+    def with_overrides(self, **overrides) -> PostprocessParams:
+        """These parameters with the given ones replacing them (None means "keep"), validated."""
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None}).validate()
 
     def to_dict(self) -> dict:
         return asdict(self)

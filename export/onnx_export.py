@@ -122,10 +122,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     model, checkpoint = load_checkpoint(args.checkpoint)
     config = checkpoint["config"]
-    overrides = {"fg_threshold": args.fg_threshold, "seed_threshold": args.seed_threshold, "min_size": args.min_size,
-                 "min_seed_size": args.min_seed_size, "seed_sigma": args.seed_sigma}
-    config["postprocess"] = PostprocessParams(
-        **{**config["postprocess"], **{k: v for k, v in overrides.items() if v is not None}}).validate().to_dict()
+    config["postprocess"] = PostprocessParams(**config["postprocess"]).with_overrides(
+        fg_threshold=args.fg_threshold, seed_threshold=args.seed_threshold, min_size=args.min_size,
+        min_seed_size=args.min_seed_size, seed_sigma=args.seed_sigma).to_dict()
     t0 = time.time()
     export_onnx(model, args.out, args.opset)
     onnx.checker.check_model(onnx.load(str(args.out)), full_check=True)

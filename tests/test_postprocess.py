@@ -54,3 +54,11 @@ def test_foreground_without_seed_is_kept():
 def test_invalid_params_rejected(field, value):
     with pytest.raises(ValueError, match=field):
         PostprocessParams(**{field: value}).validate()
+
+
+def test_overrides_replace_only_what_is_given_and_are_validated():
+    base = PostprocessParams(seed_threshold=0.3, min_seed_size=10)
+    merged = base.with_overrides(fg_threshold=0.6, seed_threshold=None, min_size=None)
+    assert merged == PostprocessParams(fg_threshold=0.6, seed_threshold=0.3, min_seed_size=10)
+    with pytest.raises(ValueError, match="fg_threshold"):
+        base.with_overrides(fg_threshold=2.0)
