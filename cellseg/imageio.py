@@ -57,7 +57,7 @@ def _decode_tiff(data: bytes, max_pixels: int) -> np.ndarray:
     except ImageError:
         raise
     except Exception as exc:  # tifffile raises many types for corrupt files
-        raise ImageError(f"could not decode TIFF: {exc}") from exc
+        raise ImageError(f"could not decode TIFF (truncated or corrupt?): {exc}") from exc
 
 
 def _decode_pillow(data: bytes, max_pixels: int) -> np.ndarray:
