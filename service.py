@@ -13,6 +13,7 @@ Run: `bentoml serve service:CellSegmentation` (after `python -m export register`
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -28,24 +29,40 @@ from starlette.responses import JSONResponse, Response
 
 from cellseg.imageio import ImageError, ImageTooLargeError, read_image
 from cellseg.inference import Segmentation, merge_outputs, predict_padded, split_image
-from cellseg.instances import binary_png_bytes, confluence, instances_from_labels, label_png_bytes, overlay_png_bytes
+from cellseg.instances import (
+    MAX_LABEL_PNG,
+    binary_png_bytes,
+    confluence,
+    instances_from_labels,
+    label_png_bytes,
+    overlay_png_bytes,
+)
 from cellseg.onnx_model import OnnxModel, available_providers, verify_sha256
 from cellseg.postprocess import PostprocessParams, maps_to_labels
+from cellseg.upload_guard import UploadGuard
 
 logger = logging.getLogger("cellseg.service")
 MODEL_TAG = os.environ.get("CELLSEG_MODEL_TAG", "livecell-unet:latest")
 MODEL_FILE = "model.onnx"
-# Largest accepted image (pixels). 16 MP (e.g. 4000x4000) keeps one request under ~1 GB of memory
-# and ~15 s on 2 CPU cores; larger images get a 413. Images over 1024 px a side are tiled.
+# Largest accepted image (pixels); larger images get a 413. Images over 1024 px a side are tiled.
 MAX_PIXELS = int(os.environ.get("CELLSEG_MAX_PIXELS", 16_000_000))
-MAX_UPLOAD_BYTES = int(os.environ.get("CELLSEG_MAX_UPLOAD_BYTES", 256 * 1024 * 1024))
+# Largest accepted request body, enforced while it streams in (UploadGuard). 96 MiB holds a 16 MP
+# image even as uncompressed 16-bit RGB; the body is held in memory until it has been checked.
+MAX_UPLOAD_BYTES = int(os.environ.get("CELLSEG_MAX_UPLOAD_BYTES", 96 * 1024 * 1024))
 PREDICT_ATTEMPTS = 3
 ORT_THREADS = int(os.environ.get("CELLSEG_ORT_THREADS", os.cpu_count() or 1))
 
-# Post-processing parameters: None means "the model's default" (from its metadata).
-FgThreshold = Annotated[float | None, Field(default=None, gt=0, lt=1, description="foreground probability threshold")]
-SeedThreshold = Annotated[float | None, Field(default=None, gt=0, lt=1, description="cell-core (seed) threshold")]
+# Post-processing parameters: None means "the model's default" (from its metadata). Their values are
+# checked by `check_form_fields` before the request reaches BentoML (a clear 400); the bounds here
+# document them in the OpenAPI page (inclusive bounds: OpenAPI 3.0 has no numeric exclusive bounds).
+FgThreshold = Annotated[float | None, Field(default=None, ge=0, le=1,
+                                            description="foreground probability threshold, strictly between 0 and 1")]
+SeedThreshold = Annotated[float | None, Field(default=None, ge=0, le=1,
+                                              description="cell-core (seed) threshold, strictly between 0 and 1")]
 MinSize = Annotated[int | None, Field(default=None, ge=0, le=1_000_000, description="drop cells smaller than this (px)")]
+POSTPROCESS_FIELDS = ("fg_threshold", "seed_threshold", "min_size")
+ENDPOINT_FIELDS = {"/segment": POSTPROCESS_FIELDS, "/overlay": POSTPROCESS_FIELDS,
+                   "/mask": (*POSTPROCESS_FIELDS, "binary")}
 PngFile = Annotated[Path, ContentType("image/png")]
 
 
@@ -55,6 +72,31 @@ class RequestError(Exception):
     def __init__(self, message: str, status: int = 400):
         super().__init__(message)
         self.status = status
+
+
+def _form_value(name: str, text: str) -> Any:
+    """A multipart text value as BentoML will read it (JSON where it parses, else the raw string)."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def check_form_fields(path: str, fields: dict[str, str]) -> None:
+    """Reject unknown or invalid parameters with one clear message, before any work is done."""
+    allowed = ENDPOINT_FIELDS[path]
+    unknown = sorted(set(fields) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {', '.join(unknown)}; {path} accepts image, {', '.join(allowed)}")
+    values = {name: _form_value(name, text) for name, text in fields.items()}
+    for name in ("fg_threshold", "seed_threshold"):
+        if name in values and (isinstance(values[name], bool) or not isinstance(values[name], (int, float))):
+            raise ValueError(f"{name} must be a number, got {fields[name]!r}")
+    if "min_size" in values and (isinstance(values["min_size"], bool) or not isinstance(values["min_size"], int)):
+        raise ValueError(f"min_size must be a whole number of pixels, got {fields['min_size']!r}")
+    if "binary" in values and not isinstance(values["binary"], bool):
+        raise ValueError(f"binary must be true or false, got {fields['binary']!r}")
+    PostprocessParams().with_overrides(**{k: values.get(k) for k in POSTPROCESS_FIELDS})  # ranges
 
 
 def error_response(exc: Exception) -> JSONResponse:
@@ -138,7 +180,9 @@ class CellSegmentation:
         try:
             return await work()
         except (RequestError, ImageError) as exc:
-            return error_response(exc)
+            response = error_response(exc)
+            logger.warning("request refused (HTTP %d): %s", response.status_code, exc)  # the client's fault: no traceback
+            return response
 
     @bentoml.api
     async def segment(self, image: Path, fg_threshold: FgThreshold = None, seed_threshold: SeedThreshold = None,
@@ -157,9 +201,13 @@ class CellSegmentation:
     @bentoml.api
     async def mask(self, image: Path, fg_threshold: FgThreshold = None, seed_threshold: SeedThreshold = None,
                    min_size: MinSize = None, binary: bool = False) -> PngFile:
-        """PNG mask: 16-bit label image (0 = background, 1..N cells), or 8-bit 0/255 with binary=true."""
+        """PNG mask: 16-bit label image (0 = background, 1..N cells), or 8-bit 0/255 with binary=true.
+        An image with more than 65,535 cells gets a 422: use /segment or binary=true."""
         async def work():
             _, labels, _ = await self._segment(image, self._params(fg_threshold, seed_threshold, min_size))
+            if not binary and labels.max() > MAX_LABEL_PNG:
+                raise RequestError(f"{int(labels.max()):,} cells do not fit a 16-bit label PNG (at most {MAX_LABEL_PNG:,}):"
+                                   " use /segment (one RLE mask per cell) or binary=true", status=422)
             encode = binary_png_bytes if binary else label_png_bytes
             png = await anyio.to_thread.run_sync(encode, labels, limiter=self.cpu)
             return Response(png, media_type="image/png", headers={"X-Cell-Count": str(int(labels.max()))})
@@ -174,3 +222,9 @@ class CellSegmentation:
             png = await anyio.to_thread.run_sync(overlay_png_bytes, raw, labels, limiter=self.cpu)
             return Response(png, media_type="image/png", headers={"X-Cell-Count": str(int(labels.max()))})
         return await self._guarded(work)
+
+
+# Checks every upload while it streams in, before BentoML parses it: size limit, one file field,
+# no text-as-URL (BentoML would download it), known and valid parameters. See cellseg/upload_guard.py.
+CellSegmentation.add_asgi_middleware(UploadGuard, paths=list(ENDPOINT_FIELDS), max_bytes=MAX_UPLOAD_BYTES,
+                                     check_fields=check_form_fields)

@@ -6,10 +6,14 @@ Outputs in --out DIR:
     cells.csv              one row per cell of every image (regionprops measurements)
     instances.coco.json    COCO detections/annotations of all cells (RLE masks, scores)
     errors.json            inputs that could not be processed in the last run, with the reason
+    job.json               the job's settings: model sha256 (or server URL) and post-processing parameters
 
 Every file is written atomically (temp file + rename) and an image counts as done only once its
 record exists, so a killed job resumes where it stopped: finished images are skipped, the rest
-are redone, and the aggregate CSV/COCO files are rebuilt from the records at the end.
+are redone, and the aggregate CSV/COCO files are rebuilt from the records at the end. A re-run
+with other settings (another model, other parameters) into the same folder is refused unless
+--overwrite is given, so one folder never mixes results of two settings. Files under the output
+folder are never taken as inputs.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import hashlib
 import io
 import json
 import os
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -48,8 +53,32 @@ def atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def collect_inputs(inputs: Iterable[str]) -> tuple[list[Path], list[dict]]:
-    """Expand files, folders (recursively, image suffixes only) and globs; report what matched nothing."""
+class JobError(ValueError):
+    """The job cannot start: its output folder is unusable or holds results of other settings."""
+
+
+def prepare_output(out: Path, settings: dict, overwrite: bool) -> None:
+    """Create `out` and record the job's settings there, refusing to mix settings in one folder."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise JobError(f"cannot create the output folder {out}: {exc.strerror or exc}") from exc
+    job_file = out / "job.json"
+    if job_file.is_file() and not overwrite:
+        recorded = json.loads(job_file.read_text())
+        if recorded != settings:
+            changed = sorted(k for k in set(recorded) | set(settings) if recorded.get(k) != settings.get(k))
+            raise JobError(f"{out} holds results made with other settings ({', '.join(changed)}: "
+                           f"{ {k: recorded.get(k) for k in changed} } then, { {k: settings.get(k) for k in changed} } now); "
+                           "use another --out, or --overwrite to redo every image with the new settings")
+    elif not job_file.is_file() and any((out / "records").glob("*.json")) and not overwrite:
+        raise JobError(f"{out} holds results of a job with unknown settings; use another --out or --overwrite")
+    atomic_write(job_file, json.dumps(settings, indent=2, sort_keys=True).encode())
+
+
+def collect_inputs(inputs: Iterable[str], exclude: Path | None = None) -> tuple[list[Path], list[dict]]:
+    """Expand files, folders (recursively, image suffixes only) and globs; report what matched nothing.
+    Files under `exclude` (the job's output folder) are skipped: outputs are never inputs."""
     found: list[Path] = []
     missing: list[dict] = []
     for item in inputs:
@@ -65,6 +94,9 @@ def collect_inputs(inputs: Iterable[str]) -> tuple[list[Path], list[dict]]:
             else:
                 missing.append({"path": item, "error": "no such file, folder or glob match"})
     unique = list(dict.fromkeys(p.resolve() for p in found))
+    if exclude is not None:
+        exclude = exclude.resolve()
+        unique = [p for p in unique if not p.is_relative_to(exclude)]
     return unique, missing
 
 
@@ -116,11 +148,19 @@ def server_backend(url: str, overrides: dict, concurrency: int) -> Backend:
     """Segment through a running service; `overrides` are the post-processing parameters to send."""
     from cellseg.client import Client
 
-    client = Client(url)
+    Client(url).close()  # fails fast, with a clear CellsegError, where the server cannot be reached
+    # One client per thread: BentoML's client closes the files of each call, so a shared one
+    # closes another thread's upload mid-request ("seek of closed file").
+    local = threading.local()
+
+    def client() -> Client:
+        if not hasattr(local, "client"):
+            local.client = Client(url)
+        return local.client
 
     def one(path: Path):
         try:
-            result = client.segment(path, **overrides)
+            result = client().segment(path, **overrides)
             return path, Result(result.labels, np.array([c.score for c in result.cells], dtype=np.float32))
         except Exception as exc:  # noqa: BLE001
             return path, exc
@@ -169,10 +209,13 @@ def write_aggregates(out: Path, names: list[str]) -> int:
     return len(annotations)
 
 
-def run_job(inputs: list[str], out: Path, backend_factory: Callable[[], Backend], overwrite: bool = False,
-            chunk_size: int = 8, progress: bool = True) -> JobReport:
+def run_job(inputs: list[str], out: Path, backend_factory: Callable[[], Backend], settings: dict,
+            overwrite: bool = False, chunk_size: int = 8, progress: bool = True) -> JobReport:
+    """Segment every input into `out`. `settings` (model sha256 or server, parameters) identify what
+    the results depend on; they are recorded in job.json and checked on every re-run."""
     out = Path(out)
-    paths, missing = collect_inputs(inputs)
+    prepare_output(out, settings, overwrite)
+    paths, missing = collect_inputs(inputs, exclude=out)
     names = output_names(paths)
     report = JobReport(failed=list(missing))
     todo = []

@@ -59,13 +59,17 @@ def cmd_segment(args: argparse.Namespace) -> int:
         overrides = {k: getattr(args, k) for k in POSTPROCESS_KEYS if getattr(args, k) is not None}
         postprocess_params(args, PostprocessParams())  # validate here rather than once per image remotely
         factory = lambda: server_backend(args.server, overrides, args.concurrency)  # noqa: E731
+        settings = {"server": args.server.rstrip("/"), "params": overrides}
     else:
-        from cellseg.onnx_model import read_metadata
+        from cellseg.onnx_model import read_metadata, sha256_file
 
+        if not Path(args.model).is_file():
+            raise FileNotFoundError(f"ONNX model not found: {args.model}")
         defaults = PostprocessParams(**read_metadata(args.model).get("postprocess", {}))
         params = postprocess_params(args, defaults)
         factory = lambda: local_backend(args.model, params, args.batch_size)  # noqa: E731
-    report = run_job(args.inputs, args.out, factory, overwrite=args.overwrite, progress=not args.quiet)
+        settings = {"model_sha256": sha256_file(args.model), "params": params.to_dict()}
+    report = run_job(args.inputs, args.out, factory, settings, overwrite=args.overwrite, progress=not args.quiet)
     print(f"{len(report.done)} segmented, {len(report.skipped)} already done (skipped), {len(report.failed)} failed; "
           f"outputs in {args.out}")
     for failure in report.failed:
@@ -100,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--server", help="URL of a running cellseg service (e.g. http://localhost:3000)")
     sg.add_argument("--concurrency", type=int, default=4, help="requests in flight with --server")
     sg.add_argument("--batch-size", type=int, default=4, help="images per ONNX Runtime call (local)")
-    sg.add_argument("--overwrite", action="store_true", help="redo images that already have outputs")
+    sg.add_argument("--overwrite", action="store_true",
+                    help="redo every image, also those with outputs (needed to change settings in an existing --out)")
     sg.add_argument("--quiet", action="store_true", help="no progress bar")
     add_postprocess_args(sg)
     sg.set_defaults(func=cmd_segment)
@@ -108,9 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cellseg.client import CellsegError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, CellsegError) as exc:
         print(f"cellseg {args.command}: error: {exc}", file=sys.stderr)
         return 2

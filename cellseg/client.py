@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,14 +82,42 @@ def _error_from(exc: Exception) -> CellsegError:
         return CellsegError(text, status if isinstance(status, int) else None)
 
 
-class Client:
-    """Segment images with a running cellseg service. Accepts paths, NumPy arrays and PIL images."""
+def wait_until_ready(url: str, timeout: float) -> None:
+    """Return once `url` answers /readyz with 200. A refused or failed connection raises at once (no
+    server is there); a server that answers but is not ready yet is polled, with pauses, until
+    `timeout`. BentoML's own wait polls in a tight loop for the whole request timeout."""
+    import httpx
 
-    def __init__(self, url: str = "http://localhost:3000", timeout: float = 300):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            status = httpx.get(f"{url.rstrip('/')}/readyz", timeout=min(10.0, max(timeout, 1.0))).status_code
+        except httpx.HTTPError as exc:
+            raise CellsegError(f"cannot reach the cellseg service at {url}: {exc or type(exc).__name__}") from exc
+        if status == 200:
+            return
+        if time.monotonic() >= deadline:
+            raise CellsegError(f"the cellseg service at {url} is not ready after {timeout:.0f} s", status)
+        time.sleep(0.5)
+
+
+class Client:
+    """Segment images with a running cellseg service. Accepts paths, NumPy arrays and PIL images.
+
+    Raises `CellsegError` at once where no server answers at `url`, and waits up to `ready_timeout`
+    seconds for one that is still starting. One client per thread: BentoML's client closes the
+    files it uploaded after each call, so threads must not share one.
+    """
+
+    def __init__(self, url: str = "http://localhost:3000", timeout: float = 300, ready_timeout: float = 30):
         import bentoml
 
         self.url = url
-        self._client = bentoml.SyncHTTPClient(url, timeout=timeout)
+        wait_until_ready(url, ready_timeout)
+        try:
+            self._client = bentoml.SyncHTTPClient(url, timeout=timeout, server_ready_timeout=0)
+        except Exception as exc:  # e.g. no BentoML schema at that URL
+            raise CellsegError(f"{url} does not look like a cellseg service: {exc}") from exc
         self._tmp = tempfile.TemporaryDirectory(prefix="cellseg-client-")
 
     def __enter__(self) -> Client:

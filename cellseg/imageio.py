@@ -19,6 +19,11 @@ from PIL import Image, UnidentifiedImageError
 # float32 working set of one request (image + 3 probability maps + labels) under ~1.5 GB.
 DEFAULT_MAX_PIXELS = 64_000_000
 MIN_SIDE = 16
+# Decoded bytes per pixel allowed at the pixel limit: 16-bit RGBA (8) or float32 RGB (12 -> refused).
+MAX_BYTES_PER_PIXEL = 8
+# Formats accepted: what microscopes and labs write. Others (BMP, GIF, WEBP...) are refused rather
+# than decoded by whatever Pillow happens to support: a smaller surface for hostile files.
+PILLOW_FORMATS = {"PNG", "JPEG", "MPO"}  # MPO: the JPEG variant many cameras write
 
 ImageSource = Union[str, Path, bytes, bytearray, memoryview, np.ndarray, Image.Image]
 
@@ -33,26 +38,51 @@ class ImageError(ValueError):
 
 
 class ImageTooLargeError(ImageError):
-    """The image has more pixels than the configured limit."""
+    """The image has more pixels (or decoded bytes) than the configured limit."""
 
 
-def _check_size(height: int, width: int, max_pixels: int) -> None:
-    if height < MIN_SIDE or width < MIN_SIDE:
-        raise ImageError(f"image is {width}x{height} pixels; both sides must be at least {MIN_SIDE}")
+def _check_size(height: int, width: int, max_pixels: int, decoded_bytes: int | None = None) -> None:
+    """Sides, pixels and decoded bytes: called with the numbers a file's header declares, before any
+    pixel is decoded, so a small file cannot make the decoder allocate gigabytes."""
     if height * width > max_pixels:
         raise ImageTooLargeError(
             f"image is {width}x{height} = {height * width:,} pixels, over the limit of {max_pixels:,}"
         )
+    if height < MIN_SIDE or width < MIN_SIDE:
+        raise ImageError(f"image is {width}x{height} pixels; both sides must be at least {MIN_SIDE}")
+    if decoded_bytes is not None and decoded_bytes > max_pixels * MAX_BYTES_PER_PIXEL:
+        raise ImageTooLargeError(
+            f"image would decode to {decoded_bytes:,} bytes, over the limit of {max_pixels * MAX_BYTES_PER_PIXEL:,}"
+        )
+
+
+def _single_page(tif: tifffile.TiffFile) -> tifffile.TiffPage:
+    """The one page of a TIFF, refusing stacks: a time-lapse or z-stack must not be silently cut
+    to its first plane."""
+    try:
+        second = tif.pages.get(1) if hasattr(tif.pages, "get") else tif.pages[1]
+    except IndexError:
+        second = None
+    if second is not None:
+        raise ImageError(f"multi-page TIFF ({len(tif.pages)} pages): send one 2-D image per file "
+                         "(split the stack into single images)")
+    page = tif.pages.first
+    if not isinstance(page, tifffile.TiffPage):
+        raise ImageError("TIFF has no readable image page")
+    return page
 
 
 def _decode_tiff(data: bytes, max_pixels: int) -> np.ndarray:
     try:
         with tifffile.TiffFile(io.BytesIO(data)) as tif:
-            page = tif.pages[0]
-            shape = page.shape
-            spatial = [s for s in shape if s not in (1, 2, 3, 4)] or list(shape)
-            if len(spatial) >= 2:
-                _check_size(int(spatial[0]), int(spatial[1]), max_pixels)
+            page = _single_page(tif)
+            # Only header fields here: nothing is decompressed until every limit has passed.
+            if page.imagedepth > 1:
+                raise ImageError(f"TIFF page is a {page.imagedepth}-plane volume; send one 2-D image per file")
+            samples = int(page.samplesperpixel)
+            if samples > 4:
+                raise ImageError(f"TIFF has {samples} samples per pixel; expected gray, RGB or RGBA")
+            _check_size(int(page.imagelength), int(page.imagewidth), max_pixels, decoded_bytes=int(page.nbytes))
             return np.asarray(page.asarray())
     except ImageError:
         raise
@@ -60,14 +90,23 @@ def _decode_tiff(data: bytes, max_pixels: int) -> np.ndarray:
         raise ImageError(f"could not decode TIFF (truncated or corrupt?): {exc}") from exc
 
 
+_PIL_BYTES_PER_BAND = {"I": 4, "F": 4, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
+
+
 def _decode_pillow(data: bytes, max_pixels: int) -> np.ndarray:
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=None)
     except UnidentifiedImageError as exc:
         raise ImageError("not a recognised image (expected PNG, JPEG or TIFF)") from exc
     except Exception as exc:
         raise ImageError(f"could not open image: {exc}") from exc
-    _check_size(img.height, img.width, max_pixels)
+    if img.format not in PILLOW_FORMATS:
+        raise ImageError(f"{img.format} images are not accepted: send PNG, JPEG or TIFF")
+    if getattr(img, "n_frames", 1) > 1:
+        raise ImageError(f"animated {img.format} with {img.n_frames} frames: send one still image")
+    bands = len(img.getbands())
+    _check_size(img.height, img.width, max_pixels,
+                decoded_bytes=img.height * img.width * bands * _PIL_BYTES_PER_BAND.get(img.mode, 1))
     try:
         img.load()  # forces a full decode so truncated files fail here, not later
     except Exception as exc:

@@ -21,6 +21,10 @@ PredictFn = Callable[[np.ndarray], np.ndarray]
 # Images up to this many pixels per side go through the network whole; larger ones are tiled.
 DEFAULT_TILE_SIZE = 1024
 DEFAULT_TILE_CONTEXT = 64
+# Most pixels sent to the network in one call. The network's activations grow with the batch's
+# pixels (~40 floats per pixel at full resolution), so a 4000x4000 image's 16 tiles go through a few
+# at a time rather than all at once; 8 LIVECell images (3 MP) still make one call.
+MAX_BATCH_PIXELS = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -50,9 +54,11 @@ def merge_outputs(outputs: Sequence[np.ndarray], plan: ImagePlan) -> np.ndarray:
     return stitch(list(outputs), plan.tiles, plan.height, plan.width)
 
 
-def predict_padded(predict: PredictFn, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+def predict_padded(predict: PredictFn, arrays: Sequence[np.ndarray],
+                   max_batch_pixels: int = MAX_BATCH_PIXELS) -> list[np.ndarray]:
     """Predict arrays of possibly different shapes: each is reflect-padded to a multiple of 32,
-    arrays with the same padded shape run as one batch, outputs are cropped back.
+    arrays with the same padded shape run as one batch (of at most `max_batch_pixels`), outputs
+    are cropped back.
 
     Padding each array only to its own size (not to the largest in the batch) keeps every result
     independent of which other requests it was batched with.
@@ -62,9 +68,13 @@ def predict_padded(predict: PredictFn, arrays: Sequence[np.ndarray]) -> list[np.
         groups.setdefault((padded_size(a.shape[0]), padded_size(a.shape[1])), []).append(i)
     outputs: list[np.ndarray | None] = [None] * len(arrays)
     for (height, width), members in groups.items():
-        batch = np.stack([pad_to(arrays[i], height, width) for i in members])[:, None].astype(np.float32)
-        for i, probs in zip(members, predict(batch)):
-            outputs[i] = probs[:, : arrays[i].shape[0], : arrays[i].shape[1]]
+        per_call = max(1, max_batch_pixels // (height * width))
+        for start in range(0, len(members), per_call):
+            chunk = members[start : start + per_call]
+            batch = np.stack([pad_to(arrays[i], height, width) for i in chunk])[:, None].astype(np.float32)
+            for i, probs in zip(chunk, predict(batch)):
+                # a copy, so the batch's full output array is freed rather than kept alive by views
+                outputs[i] = np.ascontiguousarray(probs[:, : arrays[i].shape[0], : arrays[i].shape[1]])
     return outputs  # type: ignore[return-value]
 
 

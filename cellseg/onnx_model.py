@@ -62,6 +62,9 @@ class OnnxModel:
         if not self.path.is_file():
             raise FileNotFoundError(f"ONNX model not found: {self.path}")
         options = ort.SessionOptions()
+        # Without the arena, memory taken for one large image goes back to the system afterwards
+        # instead of staying reserved for the life of the process.
+        options.enable_cpu_mem_arena = False
         if threads:
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(self.path), options, providers=list(providers or available_providers()))

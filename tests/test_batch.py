@@ -65,3 +65,42 @@ def test_missing_input_is_reported_not_fatal(tmp_path, demo_images):
     out = tmp_path / "out"
     assert main(["segment", str(demo_images[0]), str(tmp_path / "nope*.tif"), "--out", str(out), "--quiet"]) == 3
     assert len(list((out / "labels").glob("*.png"))) == 1
+
+
+def test_rerun_with_other_settings_is_refused_unless_overwrite(inputs, tmp_path, capsys):
+    """Issue 7.6: a re-run with --min-size 5000 into the same --out kept the old results."""
+    out = tmp_path / "out"
+    assert run(inputs, out) == 3
+    before = json.loads((out / "records" / f"{sorted(p.stem for p in inputs.glob('*.png'))[0]}.json").read_text())
+    job = json.loads((out / "job.json").read_text())
+    assert len(job["model_sha256"]) == 64 and job["params"]["min_size"] > 0
+    capsys.readouterr()
+    assert run(inputs, out, "--min-size", "5000") == 2
+    assert "other settings (params" in capsys.readouterr().err
+    assert run(inputs, out, "--min-size", "5000", "--overwrite") == 3
+    assert json.loads((out / "job.json").read_text())["params"]["min_size"] == 5000
+    after = json.loads((out / "records" / f"{before['name']}.json").read_text())
+    assert after["count"] < before["count"] and all(c["area"] >= 5000 for c in after["cells"])
+
+
+def test_outputs_inside_the_input_folder_are_never_inputs(inputs):
+    out = inputs / "results"
+    assert run(inputs, out) == 3
+    first = {p.name for p in (out / "labels").glob("*.png")}
+    assert run(inputs, out) == 3  # second run: its own label PNGs are not new inputs
+    assert {p.name for p in (out / "labels").glob("*.png")} == first
+    assert all("results" not in e["path"] for e in json.loads((out / "errors.json").read_text()))
+
+
+def test_unusable_out_and_unreachable_server_fail_fast_with_exit_2(inputs, tmp_path, capsys):
+    """Issues 7.7 and 7.8: both were found late, with a traceback and exit 1."""
+    import time
+
+    blocker = tmp_path / "f"
+    blocker.write_text("x")
+    assert run(inputs, blocker / "out") == 2
+    assert "cannot create the output folder" in capsys.readouterr().err
+    start = time.monotonic()
+    assert run(inputs, tmp_path / "remote", "--server", "http://127.0.0.1:1") == 2
+    assert "cannot reach the cellseg service" in capsys.readouterr().err
+    assert time.monotonic() - start < 15

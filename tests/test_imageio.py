@@ -92,3 +92,51 @@ def test_missing_file_raises(tmp_path):
 def test_flat_image_normalises_without_dividing_by_zero():
     out = normalize(np.full((32, 32), 7.0))
     assert np.isfinite(out).all() and (out == 0).all()
+
+
+def test_a_tiny_file_declaring_a_huge_image_is_refused_from_its_header(monkeypatch):
+    """Issue 7.1: an 800 KB TIFF of 4 x 200,000,000 px once decoded to 5.9 GB before being refused."""
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, np.zeros((4, 200_000_000), np.uint8), compression="zlib", rowsperstrip=1)
+    assert len(buffer.getvalue()) < 1_000_000
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("pixels were decoded before the size checks")
+
+    monkeypatch.setattr(tifffile.TiffPage, "asarray", no_decoding)
+    with pytest.raises(ImageTooLargeError, match="800,000,000 pixels"):
+        decode_image(buffer.getvalue(), max_pixels=16_000_000)
+    # the same for a thin strip under the pixel limit: refused for its side, still undecoded
+    with pytest.raises(ImageError, match="at least 16"):
+        decode_image(tiff_bytes(np.zeros((4, 5000), np.uint8)), max_pixels=16_000_000)
+    # and for PNG: Pillow's header gives the size, load() is never reached
+    thin_png = png_bytes(np.zeros((4, 5000), np.uint8))
+    monkeypatch.setattr(Image.Image, "load", no_decoding)
+    with pytest.raises(ImageError, match="at least 16"):
+        decode_image(thin_png)
+
+
+def test_decoded_bytes_are_limited_too():
+    # 64x64 float64 RGB = 98 KB decoded: over 8 bytes per pixel at a 64x64 pixel limit
+    with pytest.raises(ImageTooLargeError, match="decode to"):
+        decode_image(tiff_bytes(np.zeros((64, 64, 3), np.float64)), max_pixels=64 * 64)
+    assert decode_image(tiff_bytes(np.zeros((64, 64), np.uint16)), max_pixels=64 * 64).shape == (64, 64)
+
+
+def test_stacks_and_animations_are_refused_not_cut_to_one_plane():
+    """Issue 7.11: a multi-page TIFF was silently reduced to its first page."""
+    with pytest.raises(ImageError, match="multi-page TIFF \\(5 pages\\)"):
+        decode_image(tiff_bytes(np.zeros((5, 40, 40), np.uint8)))
+    frames = [Image.fromarray(np.full((40, 40), v, np.uint8)) for v in (0, 128)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="PNG", save_all=True, append_images=frames[1:])
+    with pytest.raises(ImageError, match="2 frames"):
+        decode_image(buffer.getvalue())
+
+
+@pytest.mark.parametrize("fmt", ["BMP", "GIF", "WEBP"])
+def test_undocumented_formats_are_refused(fmt):
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(buffer, format=fmt)
+    with pytest.raises(ImageError, match=f"{fmt} images are not accepted"):
+        decode_image(buffer.getvalue())

@@ -24,13 +24,15 @@ from conftest import REPO, free_port
 pytestmark = [pytest.mark.slow, pytest.mark.data]
 
 MAX_PIXELS = 2_000_000  # small limit so the 413 test needs no giant upload
+MAX_UPLOAD_BYTES = 3_000_000  # likewise for the byte limit (a LIVECell TIFF is 370 KB)
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, model_path):
+def served(tmp_path_factory, model_path):
+    """(URL, log file) of a running `bentoml serve`."""
     home = tmp_path_factory.mktemp("bentoml_home")
     env = {**os.environ, "BENTOML_HOME": str(home), "CELLSEG_MAX_PIXELS": str(MAX_PIXELS),
-           "BENTOML_DO_NOT_TRACK": "true"}
+           "CELLSEG_MAX_UPLOAD_BYTES": str(MAX_UPLOAD_BYTES), "BENTOML_DO_NOT_TRACK": "true"}
     subprocess.run([sys.executable, "-m", "export", "register", "--model", str(model_path)], env=env, cwd=REPO,
                    check=True, capture_output=True)
     port = free_port()
@@ -51,13 +53,18 @@ def server(tmp_path_factory, model_path):
         time.sleep(1)
     else:
         pytest.fail("service did not become ready in 180 s")
-    yield url
+    yield url, home / "serve.log"
     os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
     log.close()
+
+
+@pytest.fixture(scope="module")
+def server(served):
+    return served[0]
 
 
 @pytest.fixture(scope="module")
@@ -183,17 +190,94 @@ def test_bad_uploads_get_4xx_and_server_keeps_serving(server, case):
 
 
 @pytest.mark.parametrize("data", [{"fg_threshold": "2"}, {"seed_threshold": "0"}, {"min_size": "-1"},
-                                  {"min_size": "abc"}, {"binary": "maybe"}])
-def test_bad_parameters_get_400(server, tif, data):
+                                  {"min_size": "abc"}, {"binary": "maybe"}, {"min_sz": "3"}])
+def test_bad_parameters_get_400_with_status_and_no_traceback(served, tif, data):
+    """Issue 7.13: parameter errors are the client's fault: a 400 with the promised body, one WARNING line."""
+    server, log = served
+    tracebacks = log.read_text().count("Traceback")
     r = post(server, "mask", files={"image": (tif.name, tif.read_bytes())}, data=data)
-    assert r.status_code == 400 and "error" in r.json()
+    assert r.status_code == 400 and r.json()["status"] == 400
+    assert next(iter(data)) in r.json()["error"]
+    assert_still_serving(server)
+    assert log.read_text().count("Traceback") == tracebacks
+
+
+def test_missing_image_field_or_no_form_gets_4xx(server):
+    r = httpx.post(f"{server}/segment", files={"other": ("a.png", b"x")}, data={"min_size": "3"}, timeout=30)
+    assert r.status_code == 400 and "no 'image' file" in r.json()["error"]
+    r = httpx.post(f"{server}/segment", data={"min_size": "3"}, timeout=30)  # urlencoded, not multipart
+    assert r.status_code == 415 and "multipart/form-data" in r.json()["error"]
+    r = httpx.post(f"{server}/segment", json={"image": "http://127.0.0.1:9/x"}, timeout=30)
+    assert r.status_code == 415
     assert_still_serving(server)
 
 
-def test_missing_image_field_gets_400(server):
-    r = httpx.post(f"{server}/segment", data={"min_size": "3"}, timeout=30)
-    assert r.status_code == 400 and "image" in r.text
+def test_text_image_field_is_refused_and_never_fetched(server):
+    """Issue 7.3: BentoML downloads a text value of a file field as a URL (SSRF), or answers 500."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.settimeout(3)
+    connections = []
+
+    def accept():
+        try:
+            connections.append(listener.accept())
+        except OSError:
+            pass
+
+    watcher = threading.Thread(target=accept)
+    watcher.start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/x.png"
+    for value in (url, ""):
+        r = post(server, "segment", files={"image": (None, value)})
+        assert r.status_code == 400 and "as a file" in r.json()["error"], r.text
+    watcher.join()
+    listener.close()
+    assert connections == [], "the service connected to a URL a client sent"
     assert_still_serving(server)
+
+
+def test_multipart_without_boundary_gets_400(server):
+    """Issue 7.4: this was a 500 on every endpoint."""
+    for endpoint in ("segment", "mask", "overlay"):
+        r = httpx.post(f"{server}/{endpoint}", headers={"Content-Type": "multipart/form-data"}, timeout=30)
+        assert r.status_code == 400 and "boundary" in r.json()["error"]
+    assert_still_serving(server)
+
+
+def test_two_images_in_one_request_get_400(server, tif):
+    """Issue 7.11: the second image field was silently ignored."""
+    data = tif.read_bytes()
+    r = httpx.post(f"{server}/segment", files=[("image", ("a.tif", data)), ("image", ("b.tif", data))], timeout=30)
+    assert r.status_code == 400 and "one image per request" in r.json()["error"]
+
+
+def test_upload_over_the_byte_limit_is_refused_before_the_body_arrives(server):
+    """Issue 7.10: the byte limit was checked only after the whole body was on disk."""
+    import socket
+    from urllib.parse import urlparse
+
+    r = post(server, "segment", files={"image": ("big.tif", b"\0" * (MAX_UPLOAD_BYTES + 1))})
+    assert r.status_code == 413 and "over the limit" in r.json()["error"]
+    # Declare 10 GB and send none of it: an answer proves nothing waited for the body.
+    host = urlparse(server)
+    with socket.create_connection((host.hostname, host.port), timeout=20) as conn:
+        conn.sendall(b"POST /segment HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                     b"Content-Length: 10000000000\r\n\r\n")
+        answer = conn.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert_still_serving(server)
+
+
+def test_multipage_tiff_gets_400(server):
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, np.zeros((5, 64, 64), np.uint16))
+    r = post(server, "segment", files={"image": ("stack.tif", buffer.getvalue())})
+    assert r.status_code == 400 and "multi-page TIFF (5 pages)" in r.json()["error"]
 
 
 def test_client_raises_with_server_message(client, tmp_path):

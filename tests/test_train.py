@@ -49,15 +49,43 @@ def test_training_checkpoints_and_resumes(data_root, tmp_path):
 
     common = ["--data", str(data_root), "--out", str(tmp_path), "--crop", "64", "--batch-size", "2",
               "--steps-per-epoch", "2", "--warmup-steps", "1", "--decoder-channels", "16,16,8,8,8",
-              "--workers", "0", "--device", "cpu"]
+              "--workers", "0", "--device", "cpu", "--max-images", "4"]
     assert main([*common, "--epochs", "2"]) == 0
     first = torch.load(tmp_path / "last.pt", weights_only=False)
     assert first["epoch"] == 1 and len(first["history"]) == 2
     assert (tmp_path / "best.pt").is_file()
     assert first["config"]["val_images"] and "ap50" in first["val_metrics"]
+    # validation is reported per source and per cell type every epoch
+    record = first["history"][-1]
+    assert set(record["val_per_source"]) == {"livecell"} and "msa" in record["val_per_cell_type"]["BT474"]
+    assert first["config"]["balance"] == "source-type" and first["config"]["encoder_weights_source"] is None
     # A run killed after its first epoch leaves this checkpoint; resuming must run only epoch 2.
     first["epoch"], first["history"] = 0, first["history"][:1]
     torch.save(first, tmp_path / "killed.pt")
     assert main([*common, "--epochs", "2", "--resume", str(tmp_path / "killed.pt")]) == 0
     resumed = torch.load(tmp_path / "last.pt", weights_only=False)
     assert resumed["epoch"] == 1 and [h["epoch"] for h in resumed["history"]] == [1, 2]
+
+
+def test_balanced_sampling_shares():
+    from train.dataset import balanced_weights
+
+    groups = [("livecell", "A")] * 2 + [("livecell", "B")] + [("sartorius", "cort")] * 6 + [("sartorius", "astro")] * 2
+    w = balanced_weights(groups)
+    assert w.sum() == pytest.approx(1.0)
+    assert w[:3].sum() == pytest.approx(0.5) and w[3:].sum() == pytest.approx(0.5)  # sources equal
+    assert w[2] == pytest.approx(0.25) and w[0] == pytest.approx(0.125)  # types equal within a source
+    assert w[3:9].sum() == pytest.approx(w[9:].sum())  # 6 cort images weigh as much as 2 astro ones
+
+
+def test_crops_follow_the_sampling_weights():
+    from train.dataset import CropDataset
+
+    images = [np.random.default_rng(i).random((80, 80)).astype(np.float32) for i in range(3)]
+    labels = [np.zeros((80, 80), np.int32)] * 3
+    dataset = CropDataset(images, labels, crop=32, length=3000, seed=1, weights=np.array([0.0, 1.0, 3.0]))
+    counts = np.bincount([dataset.image_index(i) for i in range(3000)], minlength=3)
+    assert counts[0] == 0 and 0.2 < counts[1] / 3000 < 0.3 and 0.7 < counts[2] / 3000 < 0.8
+    uniform = CropDataset(images, labels, crop=32, length=3000, seed=1)
+    counts = np.bincount([uniform.image_index(i) for i in range(3000)], minlength=3)
+    assert counts.min() > 900

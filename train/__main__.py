@@ -23,8 +23,9 @@ from cellseg.inference import segment_images  # noqa: E402
 from cellseg.postprocess import PostprocessParams  # noqa: E402
 from cellseg.preprocess import NORMALIZATION  # noqa: E402
 from cellseg.targets import BOUNDARY_WIDTH, OUTPUT_CHANNELS  # noqa: E402
-from train.dataset import CropDataset  # noqa: E402
+from train.dataset import CropDataset, balanced_weights  # noqa: E402
 from train.model import DEFAULT_DECODER_CHANNELS, DEFAULT_ENCODER, build_model  # noqa: E402
+from train.pretrained import PACKAGED_WEIGHTS, describe_weights  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -36,7 +37,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("runs/unet"), help="run folder: log, history, checkpoints")
     p.add_argument("--encoder", default=DEFAULT_ENCODER)
     p.add_argument("--encoder-weights", default=None,
-                   help="pretrained encoder weights (e.g. imagenet) where the hub is reachable; none by default")
+                   help="pretrained encoder weights: a packaged source installed from the package index "
+                        f"({', '.join(PACKAGED_WEIGHTS)}), or 'imagenet' where smp's hub is reachable; none by default")
+    p.add_argument("--balance", choices=("source-type", "none"), default="source-type",
+                   help="how crops are drawn: equal shares per source, then per cell type (source-type), or per image")
     p.add_argument("--decoder-channels", default=",".join(map(str, DEFAULT_DECODER_CHANNELS)))
     p.add_argument("--crop", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
@@ -46,11 +50,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--warmup-steps", type=int, default=200)
     p.add_argument("--boundary-pos-weight", type=float, default=3.0)
-    p.add_argument("--select-metric", default="ap", help="validation metric that picks best.pt")
+    p.add_argument("--select-metric", default="score",
+                   help="validation metric that picks best.pt; 'score' is the mean over sources of (AP50 + mSA) / 2")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2)))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--max-images", type=int, default=None,
+                   help="use only the first N images of each split (quick smoke runs; not for real training)")
     p.add_argument("--resume", type=Path, help="checkpoint to continue from (its config wins)")
     return p.parse_args(argv)
 
@@ -94,12 +101,34 @@ def validate(model, samples, images, device) -> dict:
     model.eval()
     segs = segment_images(torch_predictor(model, device), images, PostprocessParams(), batch_size=2)
     model.train()
-    return evaluate_segmentations(samples, segs)
+    metrics = evaluate_segmentations(samples, segs)
+    metrics["score"] = selection_score(metrics)
+    return metrics
+
+
+def selection_score(metrics: dict) -> float:
+    """Mean over sources of (AP50 + mSA) / 2: the validation figure that picks a checkpoint, so that
+    neither LIVECell nor Sartorius is traded away for the other."""
+    groups = list(metrics["per_source"].values()) or [metrics]
+    return float(np.mean([(g["ap50"] + g["msa"]) / 2 for g in groups]))
+
+
+def epoch_record(epoch: int, config: dict, elapsed: float, running: dict, metrics: dict) -> dict:
+    keys = ("foreground_iou", "ap", "ap50", "ap75", "msa", "count_error")
+    short = ("foreground_iou", "ap50", "msa")
+    return {
+        "epoch": epoch + 1, "step": (epoch + 1) * config["steps_per_epoch"], "train_seconds": round(elapsed, 1),
+        "loss": {k: round(v, 4) for k, v in running.items()},
+        "val": {**{k: round(metrics[k], 4) for k in keys}, "score": round(metrics["score"], 4)},
+        "val_per_source": {name: {k: round(m[k], 4) for k in short} for name, m in metrics["per_source"].items()},
+        "val_per_cell_type": {name: {k: round(m[k], 4) for k in short} for name, m in metrics["per_cell_type"].items()},
+    }
 
 
 def make_config(args: argparse.Namespace, train_ids: list[str], val_ids: list[str]) -> dict:
     return {
         "encoder": args.encoder, "encoder_weights": args.encoder_weights,
+        "encoder_weights_source": describe_weights(args.encoder_weights), "balance": args.balance,
         "decoder_channels": [int(c) for c in str(args.decoder_channels).split(",")],
         "crop": args.crop, "batch_size": args.batch_size, "epochs": args.epochs,
         "steps_per_epoch": args.steps_per_epoch, "lr": args.lr, "weight_decay": args.weight_decay,
@@ -117,14 +146,16 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False) if args.resume else None
-    train_samples = load_split(args.data, args.train_split)
-    val_samples = load_split(args.data, args.val_split)
+    train_samples = load_split(args.data, args.train_split)[: args.max_images]
+    val_samples = load_split(args.data, args.val_split)[: args.max_images]
     config = checkpoint["config"] if checkpoint else make_config(
         args, [s.id for s in train_samples], [s.id for s in val_samples])
     torch.manual_seed(config["seed"])
     args.out.mkdir(parents=True, exist_ok=True)
 
-    model = build_model(config["encoder"], config["encoder_weights"], tuple(config["decoder_channels"])).to(args.device)
+    # A resumed run takes every weight from its checkpoint: no need to load pretrained ones first.
+    encoder_weights = None if checkpoint else config["encoder_weights"]
+    model = build_model(config["encoder"], encoder_weights, tuple(config["decoder_channels"])).to(args.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
     total_steps = config["epochs"] * config["steps_per_epoch"]
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -138,16 +169,19 @@ def main(argv=None) -> int:
         history, elapsed = checkpoint["history"], checkpoint["train_seconds"]
         print(f"resumed from {args.resume} at epoch {start_epoch}", flush=True)
 
-    train_images = [s.image() for s in train_samples]
-    train_labels = [s.labels() for s in train_samples]
+    train_images = [s.image() for s in tqdm(train_samples, desc="loading training images", mininterval=5)]
+    train_labels = [s.labels() for s in tqdm(train_samples, desc="decoding training masks", mininterval=5)]
     val_images = [s.image() for s in val_samples]
+    balance = config.get("balance", "none")
+    weights = balanced_weights([(s.source, s.cell_type) for s in train_samples]) if balance == "source-type" else None
     print(f"train: {len(train_samples)} images, val: {len(val_samples)} images, "
-          f"{total_steps} steps of {config['batch_size']}x{config['crop']}^2 crops", flush=True)
+          f"{total_steps} steps of {config['batch_size']}x{config['crop']}^2 crops, sampling: {balance}", flush=True)
 
     for epoch in range(start_epoch, config["epochs"]):
         t0 = time.time()
         dataset = CropDataset(train_images, train_labels, config["crop"],
-                              config["steps_per_epoch"] * config["batch_size"], seed=config["seed"] * 10_000 + epoch)
+                              config["steps_per_epoch"] * config["batch_size"], seed=config["seed"] * 10_000 + epoch,
+                              weights=weights)
         loader = torch.utils.data.DataLoader(dataset, batch_size=config["batch_size"], num_workers=args.workers,
                                              shuffle=False, drop_last=True)
         model.train()
@@ -162,12 +196,10 @@ def main(argv=None) -> int:
             scheduler.step()
             for k, v in losses.items():
                 running[k] = 0.95 * running.get(k, v.item()) + 0.05 * v.item()
-            bar.set_postfix(loss=f"{running['total']:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            bar.set_postfix(loss=f"{running['total']:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
         elapsed += time.time() - t0
         metrics = validate(model, val_samples, val_images, args.device)
-        record = {"epoch": epoch + 1, "step": (epoch + 1) * config["steps_per_epoch"], "train_seconds": round(elapsed, 1),
-                  "loss": {k: round(v, 4) for k, v in running.items()},
-                  "val": {k: round(metrics[k], 4) for k in ("foreground_iou", "ap", "ap50", "ap75", "msa", "count_error")}}
+        record = epoch_record(epoch, config, elapsed, running, metrics)
         history.append(record)
         print(json.dumps(record), flush=True)
         with open(args.out / "history.jsonl", "a") as fh:

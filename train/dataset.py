@@ -33,22 +33,59 @@ def build_augmentation(crop: int, scale: tuple[float, float] = (0.75, 1.33)) -> 
     ])
 
 
-class CropDataset(torch.utils.data.Dataset):
-    """`length` random crops drawn uniformly over the given (raw image, label image) pairs."""
+def balanced_weights(groups: list[tuple[str, ...]]) -> np.ndarray:
+    """Sampling probabilities that give every top-level group the same share, split equally among
+    its subgroups, then equally among its images.
 
-    def __init__(self, images: list[np.ndarray], labels: list[np.ndarray], crop: int, length: int, seed: int):
+    With groups (source, cell type), the 11 LIVECell training images get half the crops and the
+    470 Sartorius ones the other half, and within Sartorius the 57-image SH-SY5Y set counts as much
+    as the 309-image cortical-neuron set: no source or cell type is drowned by a bigger one.
+    """
+
+    def shares(members: list[int], depth: int) -> dict[int, float]:
+        if depth == len(groups[members[0]]):
+            return {i: 1.0 / len(members) for i in members}
+        by_key: dict[str, list[int]] = {}
+        for i in members:
+            by_key.setdefault(groups[i][depth], []).append(i)
+        out: dict[int, float] = {}
+        for sub in by_key.values():
+            for i, w in shares(sub, depth + 1).items():
+                out[i] = w / len(by_key)
+        return out
+
+    if not groups:
+        return np.zeros(0)
+    weights = shares(list(range(len(groups))), 0)
+    return np.array([weights[i] for i in range(len(groups))])
+
+
+class CropDataset(torch.utils.data.Dataset):
+    """`length` random crops over the given (raw image, label image) pairs: images drawn with the
+    given probabilities (uniform by default), crops placed uniformly within them."""
+
+    def __init__(self, images: list[np.ndarray], labels: list[np.ndarray], crop: int, length: int, seed: int,
+                 weights: np.ndarray | None = None):
         self.images = [normalize(im) for im in images]  # whole-image normalisation, as at inference
         self.labels = [lab.astype(np.int32) for lab in labels]
         self.augment = build_augmentation(crop)
         self.length = length
         self.seed = seed
+        self.weights = None if weights is None else np.asarray(weights, dtype=np.float64) / np.sum(weights)
 
     def __len__(self) -> int:
         return self.length
 
+    def _rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng((self.seed, index))
+
+    def image_index(self, index: int) -> int:
+        """Which image item `index` is cut from (drawn with the sampling weights)."""
+        return int(self._rng(index).choice(len(self.images), p=self.weights))
+
     def __getitem__(self, index: int):
-        rng = np.random.default_rng((self.seed, index))
-        k = int(rng.integers(len(self.images)))
+        rng = self._rng(index)
+        k = int(rng.choice(len(self.images), p=self.weights))
         # albumentations draws from its own generator; seeding it per item keeps runs reproducible.
         self.augment.set_random_seed(int(rng.integers(2**31)))
         out = self.augment(image=self.images[k], mask=self.labels[k])

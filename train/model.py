@@ -43,6 +43,7 @@ _ensure_torchvision_ops()
 import segmentation_models_pytorch as smp  # noqa: E402
 
 from cellseg.targets import OUTPUT_CHANNELS  # noqa: E402
+from train.pretrained import PACKAGED_WEIGHTS, load_packaged_encoder  # noqa: E402
 
 DEFAULT_ENCODER = "resnet18"
 # A light decoder: smp's default (256,128,64,32,16) costs more than the encoder on a CPU.
@@ -51,7 +52,19 @@ DEFAULT_DECODER_CHANNELS = (128, 64, 32, 32, 16)
 
 def build_model(encoder: str = DEFAULT_ENCODER, encoder_weights: str | None = None,
                 decoder_channels: tuple[int, ...] = DEFAULT_DECODER_CHANNELS) -> torch.nn.Module:
-    """U-Net returning logits, (N, 1, H, W) -> (N, 3, H, W)."""
+    """U-Net returning logits, (N, 1, H, W) -> (N, 3, H, W).
+
+    `encoder_weights`: None (random), a packaged source from `train.pretrained.PACKAGED_WEIGHTS`
+    (installed from the package index, works offline), or an smp hub name such as "imagenet".
+    """
+    if encoder_weights in PACKAGED_WEIGHTS:
+        expected = PACKAGED_WEIGHTS[encoder_weights].encoder
+        if encoder != expected:
+            raise ValueError(f"--encoder-weights {encoder_weights} fits --encoder {expected}, not {encoder}")
+        model = smp.Unet(encoder_name=encoder, encoder_weights=None, in_channels=3,
+                         classes=len(OUTPUT_CHANNELS), decoder_channels=tuple(decoder_channels))
+        load_packaged_encoder(model.encoder, encoder_weights, in_channels=1)
+        return model
     return smp.Unet(
         encoder_name=encoder, encoder_weights=encoder_weights, in_channels=1,
         classes=len(OUTPUT_CHANNELS), decoder_channels=tuple(decoder_channels),
