@@ -28,7 +28,7 @@ from pydantic import Field
 from starlette.responses import JSONResponse, Response
 
 from cellseg.imageio import ImageError, ImageTooLargeError, read_image
-from cellseg.inference import Segmentation, merge_outputs, predict_padded, split_image
+from cellseg.inference import Segmentation, merge_outputs, predict_padded, split_image, tta_expand, tta_reduce
 from cellseg.instances import (
     MAX_LABEL_PNG,
     binary_png_bytes,
@@ -37,11 +37,13 @@ from cellseg.instances import (
     label_png_bytes,
     overlay_png_bytes,
 )
+from cellseg.memory import limit_arenas, release_memory
 from cellseg.onnx_model import OnnxModel, available_providers, verify_sha256
 from cellseg.postprocess import PostprocessParams, maps_to_labels
 from cellseg.upload_guard import UploadGuard
 
 logger = logging.getLogger("cellseg.service")
+limit_arenas(2)  # both services are thread pools over big numpy arrays: see cellseg/memory.py
 MODEL_TAG = os.environ.get("CELLSEG_MODEL_TAG", "livecell-unet:latest")
 MODEL_FILE = "model.onnx"
 # Largest accepted image (pixels); larger images get a 413. Images over 1024 px a side are tiled.
@@ -60,9 +62,11 @@ FgThreshold = Annotated[float | None, Field(default=None, ge=0, le=1,
 SeedThreshold = Annotated[float | None, Field(default=None, ge=0, le=1,
                                               description="cell-core (seed) threshold, strictly between 0 and 1")]
 MinSize = Annotated[int | None, Field(default=None, ge=0, le=1_000_000, description="drop cells smaller than this (px)")]
+Tta = Annotated[bool, Field(default=False, description="test-time augmentation: average over 4 mirrorings "
+                                                        "(about 4x the network time)")]
 POSTPROCESS_FIELDS = ("fg_threshold", "seed_threshold", "min_size")
-ENDPOINT_FIELDS = {"/segment": POSTPROCESS_FIELDS, "/overlay": POSTPROCESS_FIELDS,
-                   "/mask": (*POSTPROCESS_FIELDS, "binary")}
+COMMON_FIELDS = (*POSTPROCESS_FIELDS, "tta")
+ENDPOINT_FIELDS = {"/segment": COMMON_FIELDS, "/overlay": COMMON_FIELDS, "/mask": (*COMMON_FIELDS, "binary")}
 PngFile = Annotated[Path, ContentType("image/png")]
 
 
@@ -94,8 +98,9 @@ def check_form_fields(path: str, fields: dict[str, str]) -> None:
             raise ValueError(f"{name} must be a number, got {fields[name]!r}")
     if "min_size" in values and (isinstance(values["min_size"], bool) or not isinstance(values["min_size"], int)):
         raise ValueError(f"min_size must be a whole number of pixels, got {fields['min_size']!r}")
-    if "binary" in values and not isinstance(values["binary"], bool):
-        raise ValueError(f"binary must be true or false, got {fields['binary']!r}")
+    for name in ("binary", "tta"):
+        if name in values and not isinstance(values[name], bool):
+            raise ValueError(f"{name} must be true or false, got {fields[name]!r}")
     PostprocessParams().with_overrides(**{k: values.get(k) for k in POSTPROCESS_FIELDS})  # ranges
 
 
@@ -121,7 +126,10 @@ class UNet:
     @bentoml.api(batchable=True, max_batch_size=8, max_latency_ms=60_000)
     def predict(self, pieces: list[np.ndarray]) -> list[np.ndarray]:
         """Normalised (h, w) float32 arrays -> (3, h, w) probabilities (foreground, boundary, distance)."""
-        return predict_padded(self.model.predict, pieces)
+        try:
+            return predict_padded(self.model.predict, pieces)
+        finally:
+            release_memory()  # the network's activations: freed, and given back to the system
 
 
 @bentoml.service(workers=1, traffic={"timeout": 300, "max_concurrency": 64})
@@ -153,11 +161,15 @@ class CellSegmentation:
             raise RequestError(f"upload is {size:,} bytes, over the limit of {MAX_UPLOAD_BYTES:,}", status=413)
         return read_image(image, max_pixels=MAX_PIXELS)
 
-    async def _segment(self, image: Path, params: PostprocessParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    async def _segment(self, image: Path, params: PostprocessParams,
+                       tta: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(raw image, labels, scores) for one upload."""
         raw = await anyio.to_thread.run_sync(self._read, image, limiter=self.cpu)
         pieces, plan = await anyio.to_thread.run_sync(split_image, raw, limiter=self.cpu)
-        outputs = await self._predict(pieces)
+        if tta:  # the mirrored pieces are batched with everything else in flight
+            outputs = tta_reduce(await self._predict(tta_expand(pieces)))
+        else:
+            outputs = await self._predict(pieces)
         probs = merge_outputs(outputs, plan)
         labels = await anyio.to_thread.run_sync(maps_to_labels, probs, params, limiter=self.cpu)
         return raw, labels, Segmentation(labels, probs).scores()
@@ -183,28 +195,31 @@ class CellSegmentation:
             response = error_response(exc)
             logger.warning("request refused (HTTP %d): %s", response.status_code, exc)  # the client's fault: no traceback
             return response
+        finally:
+            release_memory()
 
     @bentoml.api
     async def segment(self, image: Path, fg_threshold: FgThreshold = None, seed_threshold: SeedThreshold = None,
-                      min_size: MinSize = None) -> dict:
+                      min_size: MinSize = None, tta: Tta = False) -> dict:
         """Cells as JSON: count, confluence (% of pixels covered) and per cell id, area, bbox [x, y, w, h],
         centroid [x, y], score and COCO RLE mask; plus the model's name, version and sha256."""
         async def work():
             params = self._params(fg_threshold, seed_threshold, min_size)
-            raw, labels, scores = await self._segment(image, params)
+            raw, labels, scores = await self._segment(image, params, tta)
             cells = await anyio.to_thread.run_sync(instances_from_labels, labels, scores, limiter=self.cpu)
             return {"model": self.model_info, "width": int(raw.shape[1]), "height": int(raw.shape[0]),
-                    "count": len(cells), "confluence": round(confluence(labels), 3), "params": params.to_dict(),
+                    "count": len(cells), "confluence": round(confluence(labels), 3),
+                    "params": {**params.to_dict(), "tta": tta},
                     "cells": cells}
         return await self._guarded(work)
 
     @bentoml.api
     async def mask(self, image: Path, fg_threshold: FgThreshold = None, seed_threshold: SeedThreshold = None,
-                   min_size: MinSize = None, binary: bool = False) -> PngFile:
+                   min_size: MinSize = None, binary: bool = False, tta: Tta = False) -> PngFile:
         """PNG mask: 16-bit label image (0 = background, 1..N cells), or 8-bit 0/255 with binary=true.
         An image with more than 65,535 cells gets a 422: use /segment or binary=true."""
         async def work():
-            _, labels, _ = await self._segment(image, self._params(fg_threshold, seed_threshold, min_size))
+            _, labels, _ = await self._segment(image, self._params(fg_threshold, seed_threshold, min_size), tta)
             if not binary and labels.max() > MAX_LABEL_PNG:
                 raise RequestError(f"{int(labels.max()):,} cells do not fit a 16-bit label PNG (at most {MAX_LABEL_PNG:,}):"
                                    " use /segment (one RLE mask per cell) or binary=true", status=422)
@@ -215,14 +230,40 @@ class CellSegmentation:
 
     @bentoml.api
     async def overlay(self, image: Path, fg_threshold: FgThreshold = None, seed_threshold: SeedThreshold = None,
-                      min_size: MinSize = None) -> PngFile:
+                      min_size: MinSize = None, tta: Tta = False) -> PngFile:
         """PNG of the image with every cell's outline drawn, for people to look at."""
         async def work():
-            raw, labels, _ = await self._segment(image, self._params(fg_threshold, seed_threshold, min_size))
+            raw, labels, _ = await self._segment(image, self._params(fg_threshold, seed_threshold, min_size), tta)
             png = await anyio.to_thread.run_sync(overlay_png_bytes, raw, labels, limiter=self.cpu)
             return Response(png, media_type="image/png", headers={"X-Cell-Count": str(int(labels.max()))})
         return await self._guarded(work)
 
+
+def document_error_responses() -> None:
+    """Declare the service's real error answers in the OpenAPI document BentoML generates.
+
+    BentoML documents 400/404/500 for every API with its own body schema; this service answers
+    ``{"error": message, "status": code}`` with 400 (bad image or parameter), 413 (over a size limit),
+    415 (not a multipart upload) and 422 (/mask: too many cells for a 16-bit PNG). BentoML 1.4 has no
+    public hook for per-API responses, so the shared table it builds them from is extended here,
+    at import, before any document is generated.
+    """
+    from _bentoml_sdk.service import openapi as bentoml_openapi
+    from bentoml._internal.service.openapi.specification import MediaType, Response, Schema
+
+    body = Schema(type="object", required=["error"], properties={
+        "error": Schema(type="string", description="what was wrong, in words"),
+        "status": Schema(type="integer", description="the HTTP status, repeated"),
+    })
+    answers = {400: "Bad request: not a usable image, or an invalid parameter",
+               413: "Upload or image over the size limit", 415: "Not a multipart/form-data upload",
+               422: "Result does not fit the requested format"}
+    for status, description in answers.items():
+        bentoml_openapi.error_responses[status] = Response(
+            description=description, content={"application/json": MediaType(schema=body)})
+
+
+document_error_responses()
 
 # Checks every upload while it streams in, before BentoML parses it: size limit, one file field,
 # no text-as-URL (BentoML would download it), known and valid parameters. See cellseg/upload_guard.py.

@@ -126,7 +126,7 @@ class JobReport:
 Backend = Callable[[list[tuple[Path, np.ndarray]]], Iterator[tuple[Path, Result | Exception]]]
 
 
-def local_backend(model_path: Path | None, params: PostprocessParams, batch_size: int) -> Backend:
+def local_backend(model_path: Path | None, params: PostprocessParams, batch_size: int, tta: bool = False) -> Backend:
     from cellseg.onnx_model import OnnxModel
 
     model = OnnxModel(model_path)
@@ -135,7 +135,7 @@ def local_backend(model_path: Path | None, params: PostprocessParams, batch_size
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
             try:
-                segs = model.segment([img for _, img in chunk], params, batch_size=batch_size)
+                segs = model.segment([img for _, img in chunk], params, batch_size=batch_size, tta=tta)
                 for (path, _), seg in zip(chunk, segs):
                     yield path, Result(seg.labels, seg.scores())
             except Exception as exc:  # noqa: BLE001  (one bad batch must not end the job)

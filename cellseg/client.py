@@ -169,9 +169,9 @@ class Client:
                 path.unlink(missing_ok=True)
 
     def segment(self, image, fg_threshold: float | None = None, seed_threshold: float | None = None,
-                min_size: int | None = None) -> SegmentResult:
+                min_size: int | None = None, tta: bool | None = None) -> SegmentResult:
         data = self._call("segment", image, fg_threshold=fg_threshold, seed_threshold=seed_threshold,
-                          min_size=min_size)
+                          min_size=min_size, tta=tta)
         return SegmentResult.from_json(data)
 
     def _png(self, endpoint: str, image, **kwargs) -> np.ndarray:
@@ -182,13 +182,14 @@ class Client:
         return arr
 
     def mask(self, image, binary: bool = False, fg_threshold: float | None = None,
-             seed_threshold: float | None = None, min_size: int | None = None) -> np.ndarray:
+             seed_threshold: float | None = None, min_size: int | None = None, tta: bool | None = None) -> np.ndarray:
         """(H, W) label image as int32 (0 = background), or uint8 0/255 with binary=True."""
         arr = self._png("mask", image, binary=binary, fg_threshold=fg_threshold, seed_threshold=seed_threshold,
-                        min_size=min_size)
+                        min_size=min_size, tta=tta)
         return arr if binary else arr.astype(np.int32)
 
     def overlay(self, image, fg_threshold: float | None = None, seed_threshold: float | None = None,
-                min_size: int | None = None) -> np.ndarray:
+                min_size: int | None = None, tta: bool | None = None) -> np.ndarray:
         """(H, W, 3) uint8 RGB image with cell outlines."""
-        return self._png("overlay", image, fg_threshold=fg_threshold, seed_threshold=seed_threshold, min_size=min_size)
+        return self._png("overlay", image, fg_threshold=fg_threshold, seed_threshold=seed_threshold, min_size=min_size,
+                         tta=tta)

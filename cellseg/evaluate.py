@@ -128,6 +128,13 @@ def evaluate_segmentations(samples: Sequence[Sample], segmentations: Sequence[Se
     return result
 
 
+def selection_score(metrics: dict) -> float:
+    """Mean over sources of (AP50 + mSA) / 2: the one figure that picks checkpoints and post-processing
+    defaults, so that neither LIVECell nor Sartorius is traded away for the other."""
+    groups = list(metrics.get("per_source", {}).values()) or [metrics]
+    return float(np.mean([(g["ap50"] + g["msa"]) / 2 for g in groups]))
+
+
 def format_table(result: dict) -> str:
     """A readable table: overall, then per cell type."""
     cols = ("n_images", "n_cells", *METRIC_KEYS)

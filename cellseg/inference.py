@@ -78,19 +78,46 @@ def predict_padded(predict: PredictFn, arrays: Sequence[np.ndarray],
     return outputs  # type: ignore[return-value]
 
 
+# Test-time augmentation: the network sees each piece as is and mirrored (left-right, up-down, both);
+# the four outputs, mirrored back, are averaged. Cells have no preferred orientation, so the average
+# is a less noisy estimate of the same maps.
+TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))
+
+
+def tta_expand(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Each (h, w) array followed by its mirrored variants (len(TTA_FLIPS) per array)."""
+    return [np.ascontiguousarray(np.flip(a, axes)) if axes else a for a in arrays for axes in TTA_FLIPS]
+
+
+def tta_reduce(outputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Inverse of `tta_expand` on the network's (3, h, w) outputs: mirror back and average."""
+    n = len(TTA_FLIPS)
+    merged = []
+    for start in range(0, len(outputs), n):
+        group = [np.flip(o, axes) if axes else o for o, axes in zip(outputs[start : start + n], TTA_FLIPS)]
+        merged.append((np.sum(group, axis=0) / n).astype(np.float32))
+    return merged
+
+
 def predict_maps(
     predict: PredictFn,
     images: Sequence[np.ndarray],
     batch_size: int = 4,
     tile_size: int = DEFAULT_TILE_SIZE,
     context: int = DEFAULT_TILE_CONTEXT,
+    tta: bool = False,
 ) -> list[np.ndarray]:
-    """Probability maps (3, H, W) for raw (H, W) images: normalise, tile, batch, stitch."""
+    """Probability maps (3, H, W) for raw (H, W) images: normalise, tile, batch, stitch.
+    With `tta`, every piece also goes through the network mirrored three ways (4x the work)."""
     split = [split_image(image, tile_size, context) for image in images]
     pieces = [array for arrays, _ in split for array in arrays]
+    if tta:
+        pieces = tta_expand(pieces)
     outputs: list[np.ndarray] = []
     for start in range(0, len(pieces), batch_size):
         outputs += predict_padded(predict, pieces[start : start + batch_size])
+    if tta:
+        outputs = tta_reduce(outputs)
     results, offset = [], 0
     for arrays, plan in split:
         results.append(merge_outputs(outputs[offset : offset + len(arrays)], plan))
@@ -120,6 +147,7 @@ def segment_images(
     params: PostprocessParams = PostprocessParams(),
     batch_size: int = 4,
     tile_size: int = DEFAULT_TILE_SIZE,
+    tta: bool = False,
 ) -> list[Segmentation]:
-    maps = predict_maps(predict, images, batch_size=batch_size, tile_size=tile_size)
+    maps = predict_maps(predict, images, batch_size=batch_size, tile_size=tile_size, tta=tta)
     return [Segmentation(maps_to_labels(m, params), m) for m in maps]

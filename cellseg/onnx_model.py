@@ -84,6 +84,6 @@ class OnnxModel:
         return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
 
     def segment(self, images: Sequence[np.ndarray], params: PostprocessParams | None = None,
-                batch_size: int = 4, tile_size: int = DEFAULT_TILE_SIZE) -> list[Segmentation]:
+                batch_size: int = 4, tile_size: int = DEFAULT_TILE_SIZE, tta: bool = False) -> list[Segmentation]:
         """Raw (H, W) images to segmentations, with the model's default thresholds unless given."""
-        return segment_images(self.predict, images, params or self.default_params, batch_size, tile_size)
+        return segment_images(self.predict, images, params or self.default_params, batch_size, tile_size, tta)

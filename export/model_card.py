@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 METRIC_ROWS = ("foreground_iou", "dice", "pixel_accuracy", "ap", "ap50", "ap75", "msa", "count_error")
@@ -22,7 +23,51 @@ def _metrics_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def write_model_card(path: Path, onnx_path: Path, meta: dict, sha256: str, export_command: str) -> None:
+def _composition(ids: list[str]) -> str:
+    """'11 LIVECell (BT474 3, ...), 456 Sartorius (cort 299, ...)' from split ids."""
+    def kind(i: str) -> tuple[str, str]:
+        if i.startswith("livecell:"):
+            return "LIVECell", i.split(":")[2].split("_")[0]
+        return "Sartorius", "?"
+    by_source = Counter(kind(i)[0] for i in ids)
+    types = Counter(kind(i) for i in ids if kind(i)[0] == "LIVECell")
+    livecell = ", ".join(f"{t} {n}" for (_, t), n in sorted(types.items()))
+    parts = []
+    if by_source["LIVECell"]:
+        parts.append(f"{by_source['LIVECell']} LIVECell ({livecell})")
+    if by_source["Sartorius"]:
+        parts.append(f"{by_source['Sartorius']} Kaggle-Sartorius")
+    return ", ".join(parts)
+
+
+def _encoder_text(training: dict) -> str:
+    source = training.get("encoder_weights_source")
+    if not source:
+        return "trained from random initialisation (`encoder_weights=None`)"
+    return (f"initialised from ImageNet weights `{source['name']}`: {source.get('origin')} "
+            f"(installed from the package index as `{source.get('pip', '?')}`, sha256 `{source.get('sha256', '?')}`, "
+            f"licence {source.get('licence')}); the RGB stem summed to 1 channel as smp does")
+
+
+def _sampling_text(training: dict) -> str:
+    if training.get("balance") == "source-type":
+        return "with equal shares per source, then per cell type"
+    return "uniformly over images"
+
+
+def _int8_text(int8: dict | None, fp32_metrics: dict | None) -> str:
+    if not int8:
+        return ""
+    text = f"\n## int8 variant\n`{int8['file']}` — {int8['mb']} MB, static QDQ quantisation, sha256 `{int8['sha256']}`.\n"
+    if int8.get("metrics") and fp32_metrics:
+        q = int8["metrics"]
+        compared = ", ".join(f"{k} {q[k]:.3f} (fp32 {fp32_metrics[k]:.3f})" for k in ("foreground_iou", "ap50", "msa"))
+        text += f"Validation, same split and post-processing: {compared}.\n\n{_metrics_table(q)}\n"
+    return text
+
+
+def write_model_card(path: Path, onnx_path: Path, meta: dict, sha256: str, export_command: str,
+                     int8: dict | None = None) -> None:
     training, arch, metrics = meta["training"], meta["architecture"], meta["metrics"]
     split = meta["data_split"]
     text = f"""# Model card: {meta['name']}
@@ -40,18 +85,20 @@ cell foreground, inner {meta['boundary_width']}-px cell boundary, and per-cell n
 (stored in the ONNX metadata under `cellseg`): `{meta['postprocess']}`.
 
 ## Architecture
-`smp.Unet`, encoder `{arch['encoder']}` trained from scratch (`encoder_weights={training['encoder_weights']}`),
+`smp.Unet`, encoder `{arch['encoder']}` {_encoder_text(training)},
 decoder channels {arch['decoder_channels']}, 1 input channel, 3 output channels.
 
 ## Training data
-Real annotated images in `../shared/data` (a 1% LIVECell sample, COCO polygons, plus 5 Kaggle
-Sartorius images, RLE): the project's fixed split (`cellseg/splits.json`).
-- train ({len(split['train'])} images): {', '.join(f'`{i}`' for i in split['train'])}
-- validation ({len(split['val'])} images): {', '.join(f'`{i}`' for i in split['val'])}
+Real annotated images in `../shared/data`: a 1% sample of LIVECell (COCO polygons) and the 487 Kaggle
+Sartorius images (37,963 cells, RLE; astrocytes, cortical neurons, SH-SY5Y, from the same microscope),
+in the project's fixed split (`cellseg/splits.json`, made by `scripts/make_split.py`).
+- train: {len(split['train'])} images — {_composition(split['train'])}
+- validation: {len(split['val'])} images — {_composition(split['val'])}: {', '.join(f'`{i}`' for i in split['val'])}
 
 Training: {training['epochs']} epochs x {training['steps_per_epoch']} steps, batch {training['batch_size']} of
 {training['crop']}² native-resolution crops (flips, 90° rotations, ±30° rotation, 0.75–1.33 scale,
-brightness/contrast, noise, blur), BCE+Dice (foreground, boundary with positive weight) + BCE (distance),
+brightness/contrast, noise, blur), drawn {_sampling_text(training)};
+BCE+Dice (foreground, boundary with positive weight) + BCE (distance),
 AdamW lr {training['lr']} with warm-up and cosine decay, seed {training['seed']}.
 Checkpoint: epoch {training['best_epoch']} of {training['epochs']}, {training['train_minutes']} min of training on a 2-core CPU.
 
@@ -67,21 +114,23 @@ Export: `{export_command}` (ONNX opset 18; ONNX Runtime vs PyTorch max abs diff
 
 AP / AP50 / AP75: COCO segm AP with LIVECell's protocol (maxDets 100/500/2000, read at 2000).
 mSA: mean over IoU 0.50–0.95 of TP/(TP+FP+FN) (Kaggle Sartorius metric). count_error: mean
-relative error of the cell count. Only 6 validation images: treat per-type numbers as indicative;
-see docs/METRICS.md (also for how the checkpoint and the post-processing defaults were chosen).
+relative error of the cell count. Per-type numbers rest on 1 (LIVECell) to 11 (Sartorius) images;
+see docs/METRICS.md (also for how the encoder, the checkpoint and the post-processing defaults were chosen).
 """
     else:
         text += "Not evaluated at export time.\n"
+    text += _int8_text(int8, metrics)
     text += """
 ## Licence
 The code is the project's. **The weights were trained on LIVECell data (Edlund et al., "LIVECell—A
 large-scale dataset for label-free live cell segmentation", Nature Methods 2021), licensed
 CC BY-NC 4.0 by Sartorius, and on Kaggle Sartorius competition images derived from it: the weights
 inherit the non-commercial terms (CC BY-NC 4.0). Attribute LIVECell when you use them.**
-
+""" + (f"The encoder's starting weights ({training['encoder_weights_source']['name']}) are licensed "
+       f"{training['encoder_weights_source'].get('licence')}.\n" if training.get("encoder_weights_source") else "") + """
 ## Limits
-Trained on 15 images: expect lower accuracy on cell types absent from training (BV2, SH-SY5Y
-from LIVECell; astrocytes and cortical neurons are represented by 1–2 Kaggle images each) and on
-other microscopes or magnifications. Not for clinical use.
+LIVECell is represented by 11 training images of 6 cell types (the full LIVECell download has 5,239):
+expect lower accuracy on LIVECell cell types absent from training (BV2, SH-SY5Y) and on other
+microscopes or magnifications. Not for clinical use.
 """
     path.write_text(text)

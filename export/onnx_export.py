@@ -92,8 +92,9 @@ def build_metadata(config: dict, checkpoint: dict, metrics: dict | None, split: 
         "postprocess": config["postprocess"],
         "architecture": {"type": "smp.Unet", "encoder": config["encoder"],
                          "decoder_channels": config["decoder_channels"]},
-        "training": {k: config[k] for k in ("crop", "batch_size", "epochs", "steps_per_epoch", "lr", "weight_decay",
-                                            "seed", "encoder_weights", "command")}
+        "training": {k: config.get(k) for k in ("crop", "batch_size", "epochs", "steps_per_epoch", "lr", "weight_decay",
+                                                "seed", "encoder_weights", "encoder_weights_source", "balance",
+                                                "command")}
         | {"train_minutes": round(checkpoint["train_seconds"] / 60, 1), "best_epoch": checkpoint["epoch"] + 1},
         "data_split": {"train": config["train_images"], "val": config["val_images"]},
         "metrics": {"split": split, **{k: v for k, v in (metrics or {}).items() if k != "per_image"}} if metrics else None,
@@ -151,16 +152,21 @@ def main(argv=None) -> int:
         args.out.with_suffix(".metrics.json").write_text(json.dumps(metrics, indent=2))
     # The learning curve (loss and validation metrics per epoch) ships with the model as evidence.
     args.out.with_suffix(".history.json").write_text(json.dumps(checkpoint["history"], indent=1))
-    card = args.card or args.out.parent / "MODEL_CARD.md"
-    sha256 = sha256_file(args.out)
-    write_model_card(card, args.out, metadata, sha256, " ".join(["python -m export", *(argv or [])]))
-    print(f"metadata written into {args.out}; model card {card}; sha256 {sha256}")
 
+    int8_summary = None
     if args.int8:
         int8 = args.out.with_suffix(".int8.onnx")
-        quantize_int8(args.out, int8, images[:4])
-        q = OnnxModel(int8)
-        qmetrics = evaluate_segmentations(samples, q.segment(images, PostprocessParams(**config["postprocess"])))
-        print(f"int8 model {int8} ({int8.stat().st_size / 1e6:.1f} MB):")
-        print(format_table(qmetrics))
+        quantize_int8(args.out, int8, images[:: max(1, len(images) // 8)][:8])
+        qmetrics = None if args.no_eval else evaluate_segmentations(
+            samples, OnnxModel(int8).segment(images, PostprocessParams(**config["postprocess"])))
+        int8_summary = {"file": int8.name, "mb": round(int8.stat().st_size / 1e6, 1), "sha256": sha256_file(int8),
+                        "metrics": qmetrics and {k: v for k, v in qmetrics.items() if k != "per_image"}}
+        print(f"int8 model {int8} ({int8_summary['mb']} MB):")
+        if qmetrics:
+            print(format_table(qmetrics))
+            int8.with_suffix(".metrics.json").write_text(json.dumps(qmetrics, indent=2))
+    card = args.card or args.out.parent / "MODEL_CARD.md"
+    sha256 = sha256_file(args.out)
+    write_model_card(card, args.out, metadata, sha256, " ".join(["python -m export", *(argv or [])]), int8_summary)
+    print(f"metadata written into {args.out}; model card {card}; sha256 {sha256}")
     return 0

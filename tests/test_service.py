@@ -326,3 +326,24 @@ def test_mixed_sizes_and_tiled_images_match_local_inference(server, tif, onnx_mo
         labels = np.asarray(Image.open(io.BytesIO(r.content)))
         assert labels.shape == images[i].shape
         np.testing.assert_array_equal(labels, expected[{3: 1, 4: 0}.get(i, i)])
+
+
+def test_tta_through_the_service_matches_local_tta(client, tif, onnx_model):
+    expected = onnx_model.segment([read_image(tif)], tta=True)[0].labels
+    np.testing.assert_array_equal(client.mask(tif, tta=True), expected)
+    assert client.segment(tif, tta=True).params["tta"] is True
+
+
+def test_fuzzing_finds_no_server_error_and_no_schema_break(server):
+    """Issue 7.9: schemathesis against the served OpenAPI document, junk and real images mixed."""
+    pytest.importorskip("schemathesis")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fuzz_api", REPO / "scripts" / "fuzz_api.py")
+    fuzz = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fuzz)
+    result = fuzz.run(server, max_examples=25, seed=1)
+    assert result.returncode == 0, result.stdout[-6000:]
+    generated = int(re.search(r"(\d+) generated", result.stdout).group(1))
+    assert generated >= 100 and re.search(rf"{generated} passed", result.stdout), result.stdout[-3000:]
+    assert_still_serving(server)

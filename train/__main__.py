@@ -18,7 +18,7 @@ import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from cellseg.data import default_data_root, load_split  # noqa: E402
-from cellseg.evaluate import evaluate_segmentations  # noqa: E402
+from cellseg.evaluate import evaluate_segmentations, selection_score  # noqa: E402
 from cellseg.inference import segment_images  # noqa: E402
 from cellseg.postprocess import PostprocessParams  # noqa: E402
 from cellseg.preprocess import NORMALIZATION  # noqa: E402
@@ -104,13 +104,6 @@ def validate(model, samples, images, device) -> dict:
     metrics = evaluate_segmentations(samples, segs)
     metrics["score"] = selection_score(metrics)
     return metrics
-
-
-def selection_score(metrics: dict) -> float:
-    """Mean over sources of (AP50 + mSA) / 2: the validation figure that picks a checkpoint, so that
-    neither LIVECell nor Sartorius is traded away for the other."""
-    groups = list(metrics["per_source"].values()) or [metrics]
-    return float(np.mean([(g["ap50"] + g["msa"]) / 2 for g in groups]))
 
 
 def epoch_record(epoch: int, config: dict, elapsed: float, running: dict, metrics: dict) -> dict:

@@ -1,0 +1,183 @@
+"""Memory of the whole running service (every process of `bentoml serve`), idle and under load.
+
+    python scripts/bench_memory.py                  # starts its own server on a free port
+    python scripts/bench_memory.py --json docs/bench_memory.json
+
+Measures the summed RSS of the serve process tree: idle; peak during one 704x520 LIVECell request;
+steady and peak under 16 concurrent LIVECell clients; peak during one 4000x4000 request; and after
+it, once the service is idle again (memory returned or kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from cellseg.data import default_data_root  # noqa: E402
+from cellseg.onnx_model import default_model_path  # noqa: E402
+
+
+def tree_rss(pid: int) -> int:
+    """Summed resident memory of a process and all its descendants (bytes)."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for proc in procs:
+        try:
+            total += proc.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+class PeakSampler:
+    """Samples the tree's RSS every `interval` s in a thread; `.peak` is the largest seen."""
+
+    def __init__(self, pid: int, interval: float = 0.05):
+        self.pid, self.interval, self.peak, self.samples = pid, interval, 0, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            rss = tree_rss(self.pid)
+            self.samples.append(rss)
+            self.peak = max(self.peak, rss)
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def start_server(model: Path, home: Path, max_pixels: int) -> tuple[subprocess.Popen, str]:
+    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true",
+           "CELLSEG_MAX_PIXELS": str(max_pixels)}
+    subprocess.run([sys.executable, "-m", "export", "register", "--model", str(model)], env=env, cwd=ROOT,
+                   check=True, capture_output=True)
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(home / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "service:CellSegmentation", "--port", str(port),
+                             "--host", "127.0.0.1"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise SystemExit(f"bentoml serve exited:\n{(home / 'serve.log').read_text()[-3000:]}")
+        time.sleep(1)
+    raise SystemExit("service not ready in 180 s")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def settle(pid: int, seconds: float = 5.0) -> int:
+    time.sleep(seconds)
+    return tree_rss(pid)
+
+
+def post(url: str, data: bytes, name: str) -> httpx.Response:
+    r = httpx.post(f"{url}/mask", files={"image": (name, data)}, timeout=600)
+    r.raise_for_status()
+    return r
+
+
+def measure(url: str, pid: int, livecell_tif: bytes, big_png: bytes, clients: int = 16, rounds: int = 3) -> dict:
+    mb = lambda b: round(b / 2**20)  # noqa: E731
+    out: dict = {"idle_mb": mb(settle(pid, 2))}
+    with PeakSampler(pid) as s:
+        post(url, livecell_tif, "one.tif")
+    out["one_704x520_peak_mb"] = mb(s.peak)
+    with PeakSampler(pid) as s, ThreadPoolExecutor(clients) as pool:
+        list(pool.map(lambda i: post(url, livecell_tif, f"{i}.tif"), range(clients * rounds)))
+    steady = sorted(s.samples)[len(s.samples) // 2] if s.samples else 0
+    out.update({f"concurrent_{clients}_median_mb": mb(steady), f"concurrent_{clients}_peak_mb": mb(s.peak)})
+    out["idle_after_load_mb"] = mb(settle(pid))
+    t0 = time.time()
+    with PeakSampler(pid) as s:
+        post(url, big_png, "big.png")
+    out.update({"big_4000x4000_peak_mb": mb(s.peak), "big_4000x4000_seconds": round(time.time() - t0, 1)})
+    out["idle_after_big_mb"] = mb(settle(pid))
+    return out
+
+
+def big_test_image(data_root: Path, side: int = 4000) -> bytes:
+    """A 4000x4000 PNG tiled from a real LIVECell image (so the network sees real cells)."""
+    import io
+
+    from PIL import Image
+
+    from cellseg.imageio import read_image
+
+    tile = read_image(sorted((data_root / "demo").glob("*.tif"))[0]).astype(np.uint8)
+    reps = (-(-side // tile.shape[0]), -(-side // tile.shape[1]))
+    buffer = io.BytesIO()
+    Image.fromarray(np.tile(tile, reps)[:side, :side]).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=default_model_path())
+    p.add_argument("--data", type=Path, default=default_data_root())
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+    tif = sorted((args.data / "demo").glob("*.tif"))[0].read_bytes()
+    big = big_test_image(args.data)
+    with tempfile.TemporaryDirectory() as home:
+        proc, url = start_server(args.model, Path(home), max_pixels=16_000_000)
+        try:
+            result = measure(url, proc.pid, tif, big, clients=args.clients)
+        finally:
+            stop_server(proc)
+    result["machine"] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                         "memory_gb": round(psutil.virtual_memory().total / 2**30)}
+    result["command"] = "python scripts/bench_memory.py " + " ".join(sys.argv[1:])
+    print(json.dumps(result, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
