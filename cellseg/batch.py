@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from cellseg.imageio import ImageError, read_image
+from cellseg.imageio import read_image
 from cellseg.instances import confluence, instances_from_labels, label_png_bytes, measure_cells
 from cellseg.postprocess import PostprocessParams
 
@@ -116,31 +116,63 @@ class Result:
 
 
 @dataclass
+class ImageOutputs:
+    """Everything one image contributes to the job, encoded: written by the pipeline, never by a backend."""
+
+    label_png: bytes
+    record_json: bytes
+
+
+@dataclass
 class JobReport:
     done: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: list[dict] = field(default_factory=list)
 
 
-# A backend segments a list of already-decoded images.
-Backend = Callable[[list[tuple[Path, np.ndarray]]], Iterator[tuple[Path, Result | Exception]]]
+# What a backend knows how to do to one raw image.
+Segmenter = Callable[[np.ndarray, Path], Result]
+# A backend: (input path, output name) pairs in, (path, outputs or the exception) out, in any order.
+Backend = Callable[[list[tuple[Path, str]]], Iterator[tuple[Path, "ImageOutputs | Exception"]]]
 
 
-def local_backend(model_path: Path | None, params: PostprocessParams, batch_size: int, tta: bool = False) -> Backend:
+def image_outputs(path: Path, name: str, segment: Segmenter) -> ImageOutputs:
+    """The per-image step every backend runs (in process, in threads, on Dask workers): read the
+    image, segment it, measure the cells, encode the label PNG and the record."""
+    image = read_image(path)
+    result = segment(image, path)
+    cells = measure_cells(result.labels, image)
+    record = {
+        "source": str(path), "name": name, "height": int(image.shape[0]), "width": int(image.shape[1]),
+        "count": int(result.labels.max()), "confluence": round(confluence(result.labels), 3),
+        "cells": cells, "instances": instances_from_labels(result.labels, result.scores),
+    }
+    return ImageOutputs(label_png_bytes(result.labels), json.dumps(record).encode())
+
+
+def _guarded(path: Path, name: str, segment: Segmenter) -> tuple[Path, ImageOutputs | Exception]:
+    try:
+        return path, image_outputs(path, name, segment)
+    except Exception as exc:  # noqa: BLE001  (one bad image must not end the job)
+        return path, exc
+
+
+def onnx_segmenter(model, params: PostprocessParams, tta: bool) -> Segmenter:
+    def segment(image: np.ndarray, path: Path) -> Result:
+        seg = model.segment([image], params, batch_size=1, tta=tta)[0]
+        return Result(seg.labels, seg.scores())
+    return segment
+
+
+def local_backend(model_path: Path | None, params: PostprocessParams, tta: bool = False) -> Backend:
+    """In this process, one image after another (ONNX Runtime uses every core for each)."""
     from cellseg.onnx_model import OnnxModel
 
-    model = OnnxModel(model_path)
+    segment = onnx_segmenter(OnnxModel(model_path), params, tta)
 
     def run(items):
-        for start in range(0, len(items), batch_size):
-            chunk = items[start : start + batch_size]
-            try:
-                segs = model.segment([img for _, img in chunk], params, batch_size=batch_size, tta=tta)
-                for (path, _), seg in zip(chunk, segs):
-                    yield path, Result(seg.labels, seg.scores())
-            except Exception as exc:  # noqa: BLE001  (one bad batch must not end the job)
-                for path, _ in chunk:
-                    yield path, exc
+        for path, name in items:
+            yield _guarded(path, name, segment)
     return run
 
 
@@ -153,33 +185,21 @@ def server_backend(url: str, overrides: dict, concurrency: int) -> Backend:
     # closes another thread's upload mid-request ("seek of closed file").
     local = threading.local()
 
-    def client() -> Client:
+    def segment(image: np.ndarray, path: Path) -> Result:
         if not hasattr(local, "client"):
             local.client = Client(url)
-        return local.client
-
-    def one(path: Path):
-        try:
-            result = client().segment(path, **overrides)
-            return path, Result(result.labels, np.array([c.score for c in result.cells], dtype=np.float32))
-        except Exception as exc:  # noqa: BLE001
-            return path, exc
+        result = local.client.segment(path, **overrides)
+        return Result(result.labels, np.array([c.score for c in result.cells], dtype=np.float32))
 
     def run(items):
         with ThreadPoolExecutor(max_workers=concurrency) as pool:
-            yield from pool.map(lambda item: one(item[0]), items)
+            yield from pool.map(lambda item: _guarded(item[0], item[1], segment), items)
     return run
 
 
-def write_image_outputs(out: Path, name: str, source: Path, image: np.ndarray, result: Result) -> None:
-    cells = measure_cells(result.labels, image)
-    record = {
-        "source": str(source), "name": name, "height": int(image.shape[0]), "width": int(image.shape[1]),
-        "count": int(result.labels.max()), "confluence": round(confluence(result.labels), 3),
-        "cells": cells, "instances": instances_from_labels(result.labels, result.scores),
-    }
-    atomic_write(out / "labels" / f"{name}.png", label_png_bytes(result.labels))
-    atomic_write(out / "records" / f"{name}.json", json.dumps(record).encode())  # last: marks the image done
+def write_image_outputs(out: Path, name: str, outputs: ImageOutputs) -> None:
+    atomic_write(out / "labels" / f"{name}.png", outputs.label_png)
+    atomic_write(out / "records" / f"{name}.json", outputs.record_json)  # last: marks the image done
 
 
 def is_done(out: Path, name: str) -> bool:
@@ -210,9 +230,11 @@ def write_aggregates(out: Path, names: list[str]) -> int:
 
 
 def run_job(inputs: list[str], out: Path, backend_factory: Callable[[], Backend], settings: dict,
-            overwrite: bool = False, chunk_size: int = 8, progress: bool = True) -> JobReport:
-    """Segment every input into `out`. `settings` (model sha256 or server, parameters) identify what
-    the results depend on; they are recorded in job.json and checked on every re-run."""
+            overwrite: bool = False, progress: bool = True) -> JobReport:
+    """Segment every input into `out`: collect inputs, skip finished ones, run the rest through the
+    backend, write each image's outputs as it arrives, then the aggregates. `settings` (model sha256
+    or server, parameters) identify what the results depend on; they are recorded in job.json and
+    checked on every re-run."""
     out = Path(out)
     prepare_output(out, settings, overwrite)
     paths, missing = collect_inputs(inputs, exclude=out)
@@ -224,30 +246,20 @@ def run_job(inputs: list[str], out: Path, backend_factory: Callable[[], Backend]
             report.skipped.append(names[path])
         else:
             todo.append(path)
-    backend = backend_factory() if todo else None
-    bar = tqdm(total=len(todo), desc="segmenting", unit="img", disable=not progress)
-    for start in range(0, len(todo), chunk_size):
-        items = []
-        for path in todo[start : start + chunk_size]:
-            try:
-                items.append((path, read_image(path)))
-            except (ImageError, OSError) as exc:
-                report.failed.append({"path": str(path), "error": str(exc)})
+    if todo:
+        backend = backend_factory()
+        with tqdm(total=len(todo), desc="segmenting", unit="img", disable=not progress) as bar:
+            for path, outputs in backend([(p, names[p]) for p in todo]):
+                if isinstance(outputs, Exception):
+                    report.failed.append({"path": str(path), "error": str(outputs) or type(outputs).__name__})
+                else:
+                    try:
+                        write_image_outputs(out, names[path], outputs)
+                        report.done.append(names[path])
+                    except OSError as exc:
+                        report.failed.append({"path": str(path), "error": str(exc)})
                 bar.update()
-        images = dict(items)
-        for path, result in backend(items):
-            if isinstance(result, Exception):
-                report.failed.append({"path": str(path), "error": str(result)})
-            else:
-                try:
-                    write_image_outputs(out, names[path], path, images[path], result)
-                    report.done.append(names[path])
-                except (ValueError, OSError) as exc:
-                    report.failed.append({"path": str(path), "error": str(exc)})
-            bar.update()
-    bar.close()
     finished = [names[p] for p in paths if is_done(out, names[p])]
-    out.mkdir(parents=True, exist_ok=True)
     write_aggregates(out, finished)
     atomic_write(out / "errors.json", json.dumps(report.failed, indent=2).encode())
     return report

@@ -31,20 +31,23 @@ def postprocess_params(args: argparse.Namespace, defaults: PostprocessParams) ->
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from cellseg.data import load_split
+    from cellseg.data import load_split, subsample_per_type
     from cellseg.evaluate import evaluate_segmentations, format_table
     from cellseg.onnx_model import OnnxModel
 
     model = OnnxModel(args.model)
     params = postprocess_params(args, model.default_params)
     samples = load_split(args.data, args.split)
+    if args.per_type:
+        samples = subsample_per_type(samples, args.per_type)
     t0 = time.time()
     segs = []
     for sample in tqdm(samples, desc="evaluating", unit="img", disable=args.quiet):
         segs += model.segment([sample.image()], params, batch_size=args.batch_size, tta=args.tta)
     result = evaluate_segmentations(samples, segs)
     result.update({"model": str(args.model), "model_sha256": model.sha256, "data": str(args.data), "split": args.split,
-                   "postprocess": params.to_dict(), "tta": args.tta, "seconds": round(time.time() - t0, 1)})
+                   "postprocess": params.to_dict(), "tta": args.tta, "per_type": args.per_type,
+                   "seconds": round(time.time() - t0, 1)})
     print(format_table(result))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -56,6 +59,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_segment(args: argparse.Namespace) -> int:
     from cellseg.batch import local_backend, run_job, server_backend
 
+    if args.server and args.dask:
+        raise ValueError("--dask runs the model on Dask workers and --server on a service: choose one")
     if args.server:
         # Only what the user set is sent; the server fills in its model's defaults.
         overrides = {k: getattr(args, k) for k in POSTPROCESS_KEYS if getattr(args, k) is not None}
@@ -71,8 +76,15 @@ def cmd_segment(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"ONNX model not found: {args.model}")
         defaults = PostprocessParams(**read_metadata(args.model).get("postprocess", {}))
         params = postprocess_params(args, defaults)
-        factory = lambda: local_backend(args.model, params, args.batch_size, args.tta)  # noqa: E731
-        settings = {"model_sha256": sha256_file(args.model), "params": params.to_dict(), "tta": args.tta}
+        sha256 = sha256_file(args.model)
+        if args.dask:
+            from cellseg.dask_backend import dask_backend
+
+            factory = lambda: dask_backend(args.dask, args.model, sha256, params, args.tta)  # noqa: E731
+        else:
+            factory = lambda: local_backend(args.model, params, args.tta)  # noqa: E731
+        # The backend is not a setting: local and Dask runs give the same bytes and may share a folder.
+        settings = {"model_sha256": sha256, "params": params.to_dict(), "tta": args.tta}
     report = run_job(args.inputs, args.out, factory, settings, overwrite=args.overwrite, progress=not args.quiet)
     print(f"{len(report.done)} segmented, {len(report.skipped)} already done (skipped), {len(report.failed)} failed; "
           f"outputs in {args.out}")
@@ -94,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="train | val (the project's split) | all | livecell-train | livecell-val | livecell-test")
     ev.add_argument("--json", type=Path, help="write all metrics (overall, per cell type, per image) here")
     ev.add_argument("--batch-size", type=int, default=4)
+    ev.add_argument("--per-type", type=int, help="evaluate at most N images of each cell type (fixed seed)")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     add_postprocess_args(ev)
     ev.set_defaults(func=cmd_evaluate)
@@ -107,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--model", type=Path, default=default_model_path(), help="ONNX model for local inference")
     where.add_argument("--server", help="URL of a running cellseg service (e.g. http://localhost:3000)")
     sg.add_argument("--concurrency", type=int, default=4, help="requests in flight with --server")
-    sg.add_argument("--batch-size", type=int, default=4, help="images per ONNX Runtime call (local)")
+    sg.add_argument("--dask", metavar="CLUSTER",
+                    help="run on Dask workers: 'local' (one 1-thread worker per core), 'local:N' (N workers), or a "
+                         "scheduler address such as tcp://host:8786 (workers must see the inputs and --model)")
     sg.add_argument("--overwrite", action="store_true",
                     help="redo every image, also those with outputs (needed to change settings in an existing --out)")
     sg.add_argument("--quiet", action="store_true", help="no progress bar")

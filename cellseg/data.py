@@ -202,5 +202,19 @@ def load_split(root: Path, split: str) -> list[Sample]:
     return [by_id[i] for i in wanted]
 
 
+def subsample_per_type(samples: list[Sample], n: int, seed: int = 0) -> list[Sample]:
+    """At most `n` samples of each (source, cell type), drawn with a fixed seed, in their original order:
+    a balanced, affordable subset of a large split (e.g. for tuning or evaluating on training images)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    by_type: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for i, s in enumerate(samples):
+        by_type[(s.source, s.cell_type)].append(i)
+    keep = sorted(int(i) for idx in by_type.values()
+                  for i in (rng.choice(idx, n, replace=False) if len(idx) > n else idx))
+    return [samples[i] for i in keep]
+
+
 __all__ = ["Sample", "read_livecell", "read_kaggle", "read_any", "load_split", "project_split",
-           "default_data_root", "encode_coco"]
+           "default_data_root", "encode_coco", "subsample_per_type"]

@@ -2,6 +2,10 @@
 given) vs PyTorch eager, network only and end to end (normalise -> network -> watershed).
 
     python scripts/bench_inference.py --repeats 20 [--int8 models/livecell-unet.int8.onnx]
+        [--baseline other.onnx] [--tta]
+
+--baseline times another ONNX model (e.g. the previously shipped one) in the same run, so the two
+compare on the same machine; --tta adds the end-to-end time with test-time augmentation.
 
 PyTorch eager is timed on the same architecture (read from the ONNX metadata) with the training
 checkpoint's weights if --checkpoint is given; timing does not depend on the weight values.
@@ -67,6 +71,21 @@ def torch_predictor(onnx_model: OnnxModel, checkpoint: Path | None, threads: int
     return predict
 
 
+def machine_description() -> str:
+    """CPU model, cores and the vector extensions that decide ONNX Runtime's kernels."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model in ("", "x86_64"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{model}, {os.cpu_count()} cores, {vector}"
+
+
 def write_report(report: dict, path: Path | None) -> None:
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -79,24 +98,40 @@ def run(args) -> dict:
     images = [read_image(p) for p in paths]
     one = [normalize(images[0])]
     fp32 = OnnxModel(args.model, threads=threads)
-    backends = {"onnxruntime_fp32": fp32.predict}
+    backends = {"onnxruntime_fp32": (fp32.predict, fp32.default_params)}
     if args.int8:
-        backends["onnxruntime_int8"] = OnnxModel(args.int8, threads=threads).predict
-    backends["pytorch_eager"] = torch_predictor(fp32, args.checkpoint, threads)
-    params = fp32.default_params
+        backends["onnxruntime_int8"] = (OnnxModel(args.int8, threads=threads).predict, fp32.default_params)
+    backends["pytorch_eager"] = (torch_predictor(fp32, args.checkpoint, threads), fp32.default_params)
+    if args.baseline:
+        baseline = OnnxModel(args.baseline, threads=threads)
+        backends["baseline_onnxruntime_fp32"] = (baseline.predict, baseline.default_params)
     results = {}
-    for name, predict in backends.items():
+    for name, (predict, params) in backends.items():
         results[name] = {
             "network_1_image": timeit(lambda p=predict: predict_padded(p, one), args.repeats),
-            "end_to_end_1_image": timeit(lambda p=predict: segment_images(p, images[:1], params), args.repeats),
+            "end_to_end_1_image": timeit(lambda p=predict, q=params: segment_images(p, images[:1], q), args.repeats),
             "end_to_end_per_image_batch4": {
                 k: round(v / 4, 1) for k, v in
-                timeit(lambda p=predict: segment_images(p, images[:4], params, batch_size=4), args.repeats).items()},
+                timeit(lambda p=predict, q=params: segment_images(p, images[:4], q, batch_size=4), args.repeats).items()},
         }
         print(name, json.dumps(results[name]), flush=True)
+    if args.tta:
+        results["onnxruntime_fp32_tta"] = {"end_to_end_1_image": timeit(
+            lambda: segment_images(fp32.predict, images[:1], fp32.default_params, tta=True), max(3, args.repeats // 4))}
+        print("onnxruntime_fp32_tta", json.dumps(results["onnxruntime_fp32_tta"]), flush=True)
     base = results["pytorch_eager"]["network_1_image"]["p50_ms"]
-    ratios = {name: round(base / r["network_1_image"]["p50_ms"], 2) for name, r in results.items()}
-    return {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+    ratios = {name: round(base / r["network_1_image"]["p50_ms"], 2) for name, r in results.items()
+              if "network_1_image" in r}
+    report_ratios = {}
+    if args.baseline:
+        new, old = results["onnxruntime_fp32"], results["baseline_onnxruntime_fp32"]
+        report_ratios["end_to_end_model_vs_baseline"] = round(
+            new["end_to_end_1_image"]["p50_ms"] / old["end_to_end_1_image"]["p50_ms"], 2)
+    if args.tta:
+        report_ratios["tta_end_to_end_cost"] = round(results["onnxruntime_fp32_tta"]["end_to_end_1_image"]["p50_ms"]
+                                                     / results["onnxruntime_fp32"]["end_to_end_1_image"]["p50_ms"], 2)
+    return {"machine": machine_description(), "model": str(args.model), "baseline": args.baseline and str(args.baseline),
+            "ratios": report_ratios,
             "threads": threads, "image": "704x520 LIVECell (padded to 704x544)", "repeats": args.repeats,
             "results": results, "speedup_vs_pytorch_eager_network": ratios}
 
@@ -106,6 +141,8 @@ def main() -> int:
     p.add_argument("--model", type=Path, default=default_model_path())
     p.add_argument("--int8", type=Path)
     p.add_argument("--checkpoint", type=Path)
+    p.add_argument("--baseline", type=Path, help="another ONNX model to time in the same run")
+    p.add_argument("--tta", action="store_true", help="also time end to end with test-time augmentation")
     p.add_argument("--data", type=Path, default=default_data_root())
     p.add_argument("--images", type=int, default=4)
     p.add_argument("--repeats", type=int, default=20)
@@ -113,7 +150,7 @@ def main() -> int:
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     report = run(args)
-    print(json.dumps(report["speedup_vs_pytorch_eager_network"]))
+    print(json.dumps(report["speedup_vs_pytorch_eager_network"]), json.dumps(report["ratios"]))
     write_report(report, args.json)
     return 0
 

@@ -21,24 +21,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from cellseg.data import default_data_root, load_split  # noqa: E402
+from cellseg.data import default_data_root, load_split, subsample_per_type  # noqa: E402
 from cellseg.evaluate import evaluate_segmentations, format_table, selection_score  # noqa: E402
 from cellseg.inference import Segmentation, predict_maps  # noqa: E402
 from cellseg.onnx_model import OnnxModel, default_model_path  # noqa: E402
 from cellseg.postprocess import PostprocessParams, maps_to_labels  # noqa: E402
-
-
-def subsample_per_type(samples: list, n: int, seed: int = 0) -> list:
-    """At most `n` samples of each (source, cell type), drawn with a fixed seed, in split order."""
-    rng = np.random.default_rng(seed)
-    by_type: dict[tuple[str, str], list[int]] = {}
-    for i, s in enumerate(samples):
-        by_type.setdefault((s.source, s.cell_type), []).append(i)
-    keep = sorted(i for idx in by_type.values() for i in (rng.choice(idx, n, replace=False) if len(idx) > n else idx))
-    return [samples[i] for i in keep]
 
 
 def main() -> int:

@@ -9,13 +9,15 @@ torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.data
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+# resnet18: the previous model's encoder; EfficientNet-Lite0: the shipped one (TF "same" padding,
+# which must stay right at every height and width the dynamic axes allow).
+@pytest.fixture(scope="module", params=["resnet18", "timm-tf_efficientnet_lite0"])
+def exported(request, tmp_path_factory):
     from export.onnx_export import export_onnx
     from train.model import build_model
 
     torch.manual_seed(0)
-    model = build_model("resnet18", None, (32, 32, 16, 16, 8)).eval()
+    model = build_model(request.param, None, (32, 32, 16, 16, 8)).eval()
     path = tmp_path_factory.mktemp("onnx") / "model.onnx"
     export_onnx(model, path, opset=18)
     return model, path

@@ -1,0 +1,100 @@
+"""A batch-job backend on Dask `distributed`: the same per-image step (`cellseg.batch.image_outputs`)
+run by the workers of a local or remote cluster.
+
+    cellseg segment INPUTS --out DIR --dask local          # a LocalCluster, one 1-thread worker per core
+    cellseg segment INPUTS --out DIR --dask local:4        # 4 workers x 1 thread
+    cellseg segment INPUTS --out DIR --dask tcp://host:8786  # any running scheduler (dask-jobqueue, k8s...)
+
+- Workers read the inputs and the model from paths they can see (a shared file system on a cluster)
+  and load the model once per worker process, with ONNX Runtime sized to the worker's threads; a
+  worker whose model file differs from the client's (sha256) refuses to run.
+- Workers return encoded outputs; the client writes them, so the output folder needs to be
+  visible only to the client, and every file is written atomically as in a local run.
+- At most a few tasks per worker thread are in flight, so a million inputs never become a million
+  futures. A killed worker's tasks are re-run by Dask on the others; an image whose task fails for
+  good (e.g. it kills workers again and again) is reported in errors.json, and a re-run redoes it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from cellseg.batch import Backend, ImageOutputs, Segmenter, _guarded, onnx_segmenter
+from cellseg.postprocess import PostprocessParams
+
+TASKS_PER_THREAD = 2
+_MODELS: dict[tuple[str, int], object] = {}  # per worker process: the model, loaded once
+
+
+def _worker_segmenter(model_path: str, sha256: str, params: dict, tta: bool) -> Segmenter:
+    from distributed import get_worker
+
+    from cellseg.onnx_model import OnnxModel, verify_sha256
+
+    threads = get_worker().state.nthreads
+    key = (model_path, threads)
+    if key not in _MODELS:
+        verify_sha256(Path(model_path), sha256)  # the file this worker sees is the client's model
+        _MODELS[key] = OnnxModel(model_path, threads=threads)
+    return onnx_segmenter(_MODELS[key], PostprocessParams(**params), tta)
+
+
+def _task(path: Path, name: str, model_path: str, sha256: str, params: dict,
+          tta: bool) -> tuple[Path, ImageOutputs | Exception]:
+    return _guarded(path, name, _worker_segmenter(model_path, sha256, params, tta))
+
+
+def connect(address: str):
+    """(client, cluster or None) for `local`, `local:N` or a scheduler address."""
+    from distributed import Client, LocalCluster
+
+    if address == "local" or address.startswith("local:"):
+        count = address.partition(":")[2]
+        workers = int(count) if count else (os.cpu_count() or 1)
+        if workers < 1:
+            raise ValueError(f"--dask {address}: the number of workers must be at least 1")
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+        return Client(cluster), cluster
+    try:
+        return Client(address, timeout="20s"), None
+    except OSError as exc:
+        raise ValueError(f"cannot reach the Dask scheduler at {address}: {exc}") from exc
+
+
+def dask_backend(address: str, model_path: Path, sha256: str, params: PostprocessParams, tta: bool = False) -> Backend:
+    client, cluster = connect(address)
+
+    def run(items: list[tuple[Path, str]]) -> Iterator[tuple[Path, ImageOutputs | Exception]]:
+        from distributed import as_completed
+
+        pending_items = iter(items)
+        paths: dict[str, Path] = {}
+
+        def submit(item: tuple[Path, str]):
+            future = client.submit(_task, item[0], item[1], str(Path(model_path).resolve()), sha256,
+                                   params.to_dict(), tta, pure=False)
+            paths[future.key] = item[0]
+            return future
+
+        try:
+            limit = max(2, TASKS_PER_THREAD * sum(client.nthreads().values()))
+            in_flight = as_completed([submit(item) for item in itertools.islice(pending_items, limit)])
+            for future in in_flight:
+                try:
+                    result = future.result()
+                except Exception as exc:  # noqa: BLE001  (e.g. KilledWorker after repeated worker deaths)
+                    result = (paths[future.key], exc)
+                del paths[future.key]
+                future.release()
+                yield result
+                following = next(pending_items, None)
+                if following is not None:
+                    in_flight.add(submit(following))
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+    return run

@@ -1,0 +1,79 @@
+"""Batch jobs on a real Dask LocalCluster: same outputs as the local run, and a killed worker loses nothing."""
+
+import csv
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+
+import pytest
+from PIL import Image
+
+from cellseg.cli import main
+
+distributed = pytest.importorskip("distributed")
+
+pytestmark = [pytest.mark.slow, pytest.mark.data]
+
+
+@pytest.fixture
+def inputs(tmp_path, demo_images):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for copy in range(3):  # 12 images: enough for work to be in flight when a worker dies
+        for p in demo_images:
+            shutil.copy(p, folder / f"{p.stem}-{copy}{p.suffix}")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    return folder
+
+
+def rows(out):
+    with open(out / "cells.csv") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_dask_outputs_equal_the_local_run(inputs, tmp_path):
+    local, dask = tmp_path / "local", tmp_path / "dask"
+    assert main(["segment", str(inputs), "--out", str(local), "--quiet"]) == 3
+    assert main(["segment", str(inputs), "--out", str(dask), "--dask", "local:2", "--quiet"]) == 3
+    names = sorted(p.name for p in (local / "labels").glob("*.png"))
+    assert len(names) == 12 and names == sorted(p.name for p in (dask / "labels").glob("*.png"))
+    for name in names:  # label images byte for byte
+        assert (local / "labels" / name).read_bytes() == (dask / "labels" / name).read_bytes(), name
+    assert rows(local) == rows(dask)  # the CSV row for row
+    assert [e["path"].endswith("broken.png") for e in json.loads((dask / "errors.json").read_text())] == [True]
+    assert json.loads((dask / "job.json").read_text()) == json.loads((local / "job.json").read_text())
+
+
+def test_a_killed_worker_loses_nothing(inputs, tmp_path):
+    out = tmp_path / "out"
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        codes = []
+        job = threading.Thread(target=lambda: codes.append(
+            main(["segment", str(inputs), "--out", str(out), "--dask", cluster.scheduler_address, "--quiet"])))
+        job.start()
+        deadline = time.time() + 120
+        while not list((out / "labels").glob("*.png")) and time.time() < deadline:
+            time.sleep(0.2)
+        pids = client.run(os.getpid)
+        os.kill(next(iter(pids.values())), signal.SIGKILL)  # mid-job: Dask re-runs its tasks elsewhere
+        job.join(timeout=300)
+    assert codes == [3]
+    failed = json.loads((out / "errors.json").read_text())
+    assert all(e["path"].endswith("broken.png") for e in failed), failed
+    labels = sorted((out / "labels").glob("*.png"))
+    assert len(labels) == 12 and all(Image.open(p).size == (704, 520) for p in labels)
+    # nothing duplicated: one CSV block per image, and a re-run has nothing left to do
+    assert len({r["image"] for r in rows(out)}) == 12
+    assert main(["segment", str(inputs), "--out", str(out), "--quiet"]) == 3
+    assert sorted((out / "labels").glob("*.png")) == labels
+
+
+def test_bad_cluster_specs_are_usage_errors(inputs, tmp_path, capsys):
+    assert main(["segment", str(inputs), "--out", str(tmp_path / "a"), "--dask", "local:0", "--quiet"]) == 2
+    assert "at least 1" in capsys.readouterr().err
+    assert main(["segment", str(inputs), "--out", str(tmp_path / "b"), "--dask", "local",
+                 "--server", "http://127.0.0.1:1", "--quiet"]) == 2

@@ -1,0 +1,32 @@
+"""Memory of the whole running service (issue 7.5): a LIVECell request stays small, a 16-megapixel
+request stays under 2.5 GB, and the memory goes back afterwards."""
+
+import importlib.util
+
+import pytest
+
+from conftest import REPO
+
+pytestmark = [pytest.mark.slow, pytest.mark.data]
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_memory", REPO / "scripts" / "bench_memory.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_service_memory_peaks_and_returns(tmp_path, model_path, data_root):
+    bench = load_bench()
+    tif = sorted((data_root / "demo").glob("*.tif"))[0].read_bytes()
+    big = bench.big_test_image(data_root)
+    proc, url = bench.start_server(model_path, tmp_path, max_pixels=16_000_000)
+    try:
+        result = bench.measure(url, proc.pid, tif, big, clients=4, rounds=1)
+    finally:
+        bench.stop_server(proc)
+    print(result)
+    assert result["one_704x520_peak_mb"] < 1024, result
+    assert result["big_4000x4000_peak_mb"] < 2560, result
+    assert result["idle_after_big_mb"] <= 1.2 * result["idle_mb"], result
