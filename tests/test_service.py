@@ -295,6 +295,8 @@ def test_client_raises_with_server_message(client, tmp_path):
 def test_builtin_endpoints(server):
     for path in ("/readyz", "/livez", "/metrics", "/", "/docs.json"):
         assert httpx.get(f"{server}{path}", timeout=10).status_code == 200, path
+    # the metric deploy/kubernetes/hpa.yaml and the README name for queue-based autoscaling
+    assert "bentoml_service_request_in_progress" in httpx.get(f"{server}/metrics", timeout=10).text
 
 
 def test_batch_job_against_server(server, demo_images, tmp_path, onnx_model):

@@ -1,0 +1,88 @@
+"""Batch-job throughput: the local backend (one process, ONNX Runtime on every core) against Dask
+workers (`--dask local:N`, N workers x 1 thread), on the same images in one run, and the memory of
+each Dask worker.
+
+    python scripts/bench_dask.py --images 32 --workers 2 --json docs/bench_dask.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench_inference import machine_description  # noqa: E402
+from cellseg.data import default_data_root  # noqa: E402
+from cellseg.onnx_model import default_model_path  # noqa: E402
+
+
+def run_local(inputs: Path, out: Path, model: Path) -> float:
+    from cellseg.cli import main
+
+    t0 = time.perf_counter()
+    assert main(["segment", str(inputs), "--out", str(out), "--model", str(model), "--quiet"]) == 0
+    return time.perf_counter() - t0
+
+
+def run_dask(inputs: Path, out: Path, model: Path, workers: int) -> tuple[float, list[int]]:
+    """Wall time on a LocalCluster started beforehand (its start-up is not counted), and each
+    worker's peak resident memory."""
+    from distributed import Client, LocalCluster
+
+    from cellseg.cli import main
+
+    with LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        t0 = time.perf_counter()
+        assert main(["segment", str(inputs), "--out", str(out), "--model", str(model),
+                     "--dask", cluster.scheduler_address, "--quiet"]) == 0
+        seconds = time.perf_counter() - t0
+        peaks = client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux: KiB
+    return seconds, sorted(peaks.values())
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=default_model_path())
+    p.add_argument("--data", type=Path, default=default_data_root())
+    p.add_argument("--images", type=int, default=32)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+    sources = sorted((args.data / "livecell" / "images").rglob("*.tif"))[: args.images]
+    with tempfile.TemporaryDirectory() as tmp:
+        inputs = Path(tmp) / "in"
+        inputs.mkdir()
+        for path in sources:
+            shutil.copy(path, inputs / path.name)
+        local = run_local(inputs, Path(tmp) / "local", args.model)
+        dask, worker_rss = run_dask(inputs, Path(tmp) / "dask", args.model, args.workers)
+    n = len(sources)
+    report = {
+        "machine": machine_description(), "images": n, "image_size": "704x520 LIVECell",
+        "local_images_per_s": round(n / local, 2),
+        f"dask_local_{args.workers}_images_per_s": round(n / dask, 2),
+        "dask_vs_local": round(local / dask, 2),
+        "dask_worker_peak_rss_mb": [round(b / 2**20) for b in worker_rss],
+        "note": "Dask time excludes cluster start-up; both write the same outputs",
+        "command": "python scripts/bench_dask.py " + " ".join(sys.argv[1:]),
+        "cores": os.cpu_count(),
+    }
+    print(json.dumps(report, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
