@@ -37,13 +37,13 @@ from cellseg.instances import (
     label_png_bytes,
     overlay_png_bytes,
 )
-from cellseg.memory import limit_arenas, release_memory
+from cellseg.memory import configure_allocator, release_memory
 from cellseg.onnx_model import OnnxModel, available_providers, verify_sha256
 from cellseg.postprocess import PostprocessParams, maps_to_labels
 from cellseg.upload_guard import UploadGuard
 
 logger = logging.getLogger("cellseg.service")
-limit_arenas(2)  # both services are thread pools over big numpy arrays: see cellseg/memory.py
+configure_allocator()  # big arrays go back to the system when freed: see cellseg/memory.py
 MODEL_TAG = os.environ.get("CELLSEG_MODEL_TAG", "livecell-unet:latest")
 MODEL_FILE = "model.onnx"
 # Largest accepted image (pixels); larger images get a 413. Images over 1024 px a side are tiled.
@@ -78,7 +78,7 @@ class RequestError(Exception):
         self.status = status
 
 
-def _form_value(name: str, text: str) -> Any:
+def _form_value(text: str) -> Any:
     """A multipart text value as BentoML will read it (JSON where it parses, else the raw string)."""
     try:
         return json.loads(text)
@@ -92,7 +92,7 @@ def check_form_fields(path: str, fields: dict[str, str]) -> None:
     unknown = sorted(set(fields) - set(allowed))
     if unknown:
         raise ValueError(f"unknown parameter(s) {', '.join(unknown)}; {path} accepts image, {', '.join(allowed)}")
-    values = {name: _form_value(name, text) for name, text in fields.items()}
+    values = {name: _form_value(text) for name, text in fields.items()}
     for name in ("fg_threshold", "seed_threshold"):
         if name in values and (isinstance(values[name], bool) or not isinstance(values[name], (int, float))):
             raise ValueError(f"{name} must be a number, got {fields[name]!r}")

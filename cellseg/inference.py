@@ -6,6 +6,7 @@ raw image -> normalise (whole image) -> pad / tile -> network (batched) -> crop 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -22,9 +23,10 @@ PredictFn = Callable[[np.ndarray], np.ndarray]
 DEFAULT_TILE_SIZE = 1024
 DEFAULT_TILE_CONTEXT = 64
 # Most pixels sent to the network in one call. The network's activations grow with the batch's
-# pixels (~40 floats per pixel at full resolution), so a 4000x4000 image's 16 tiles go through a few
-# at a time rather than all at once; 8 LIVECell images (3 MP) still make one call.
-MAX_BATCH_PIXELS = 4 * 1024 * 1024
+# pixels, so a 4000x4000 image's tiles go through one at a time and 8 batched LIVECell images two by
+# two. On a CPU, throughput hardly depends on the batch size (the cores are busy either way), while
+# memory grows with it; on a GPU, raise it.
+MAX_BATCH_PIXELS = int(os.environ.get("CELLSEG_MAX_BATCH_PIXELS", 1024 * 1024))
 
 
 @dataclass(frozen=True)

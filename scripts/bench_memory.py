@@ -34,35 +34,45 @@ from cellseg.data import default_data_root  # noqa: E402
 from cellseg.onnx_model import default_model_path  # noqa: E402
 
 
-def tree_rss(pid: int) -> int:
-    """Summed resident memory of a process and all its descendants (bytes)."""
+def process_rss(pid: int) -> dict[str, int]:
+    """Resident memory (bytes) of a process and each of its descendants, by a short role name."""
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0
-    total = 0
+        return {}
+    out: dict[str, int] = {}
     for proc in procs:
         try:
-            total += proc.memory_info().rss
+            cmdline = " ".join(proc.cmdline())
+            role = next((name for name in ("UNet", "CellSegmentation") if name in cmdline.split("service:")[-1]
+                         and "--worker" in cmdline), None) or ("serve" if proc.pid == pid else f"pid{proc.pid}")
+            out[role] = out.get(role, 0) + proc.memory_info().rss
         except psutil.NoSuchProcess:
             pass
-    return total
+    return out
+
+
+def tree_rss(pid: int) -> int:
+    """Summed resident memory of a process and all its descendants (bytes)."""
+    return sum(process_rss(pid).values())
 
 
 class PeakSampler:
     """Samples the tree's RSS every `interval` s in a thread; `.peak` is the largest seen."""
 
     def __init__(self, pid: int, interval: float = 0.05):
-        self.pid, self.interval, self.peak, self.samples = pid, interval, 0, []
+        self.pid, self.interval, self.peak, self.samples, self.at_peak = pid, interval, 0, [], {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
         while not self._stop.is_set():
-            rss = tree_rss(self.pid)
+            per_process = process_rss(self.pid)
+            rss = sum(per_process.values())
             self.samples.append(rss)
-            self.peak = max(self.peak, rss)
+            if rss > self.peak:
+                self.peak, self.at_peak = rss, per_process
             time.sleep(self.interval)
 
     def __enter__(self):
@@ -124,19 +134,23 @@ def post(url: str, data: bytes, name: str) -> httpx.Response:
 def measure(url: str, pid: int, livecell_tif: bytes, big_png: bytes, clients: int = 16, rounds: int = 3) -> dict:
     mb = lambda b: round(b / 2**20)  # noqa: E731
     out: dict = {"idle_mb": mb(settle(pid, 2))}
+    idle_by_process = {k: mb(v) for k, v in process_rss(pid).items()}
     with PeakSampler(pid) as s:
         post(url, livecell_tif, "one.tif")
     out["one_704x520_peak_mb"] = mb(s.peak)
     with PeakSampler(pid) as s, ThreadPoolExecutor(clients) as pool:
         list(pool.map(lambda i: post(url, livecell_tif, f"{i}.tif"), range(clients * rounds)))
     steady = sorted(s.samples)[len(s.samples) // 2] if s.samples else 0
-    out.update({f"concurrent_{clients}_median_mb": mb(steady), f"concurrent_{clients}_peak_mb": mb(s.peak)})
+    out.update({f"concurrent_{clients}_median_mb": mb(steady), f"concurrent_{clients}_peak_mb": mb(s.peak),
+                f"concurrent_{clients}_peak_by_process_mb": {k: mb(v) for k, v in s.at_peak.items()}})
     out["idle_after_load_mb"] = mb(settle(pid))
     t0 = time.time()
     with PeakSampler(pid) as s:
         post(url, big_png, "big.png")
     out.update({"big_4000x4000_peak_mb": mb(s.peak), "big_4000x4000_seconds": round(time.time() - t0, 1)})
     out["idle_after_big_mb"] = mb(settle(pid))
+    out["idle_after_big_by_process_mb"] = {k: mb(v) for k, v in process_rss(pid).items()}
+    out["idle_by_process_mb"] = idle_by_process
     return out
 
 

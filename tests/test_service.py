@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import signal
@@ -307,6 +308,23 @@ def test_batch_job_against_server(server, demo_images, tmp_path, onnx_model):
     first = demo_images[0]
     labels = np.asarray(Image.open(out / "labels" / f"{first.stem}.png"))
     np.testing.assert_array_equal(labels, onnx_model.segment([read_image(first)])[0].labels)
+
+
+def test_parallel_batch_job_against_server_fails_no_good_image(server, demo_images, tmp_path):
+    """Issue 7.2: threads sharing one BentoML client failed good images ("seek of closed file")."""
+    import shutil
+
+    from cellseg.cli import main
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for copy in range(4):
+        for p in demo_images:
+            shutil.copy(p, folder / f"{p.stem}-{copy}{p.suffix}")
+    out = tmp_path / "parallel"
+    assert main(["segment", str(folder), "--out", str(out), "--server", server, "--concurrency", "4", "--quiet"]) == 0
+    assert json.loads((out / "errors.json").read_text()) == []
+    assert len(list((out / "labels").glob("*.png"))) == 4 * len(demo_images)
 
 
 def test_mixed_sizes_and_tiled_images_match_local_inference(server, tif, onnx_model):
