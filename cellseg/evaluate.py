@@ -35,6 +35,9 @@ def semantic_scores(gt: np.ndarray, pred: np.ndarray) -> dict[str, float]:
         "foreground_iou": float(inter / union) if union else 1.0,
         "dice": float(2 * inter / total) if total else 1.0,
         "pixel_accuracy": float((gt == pred).mean()),
+        # Which way the foreground errs: low precision = cell predicted where none is annotated.
+        "foreground_precision": float(inter / pred.sum()) if pred.sum() else 1.0,
+        "foreground_recall": float(inter / gt.sum()) if gt.sum() else 1.0,
     }
 
 
@@ -88,12 +91,15 @@ def coco_ap(gt_rles: Sequence[list[dict]], shapes: Sequence[tuple[int, int]],
 
 
 def _group_metrics(per_image: list[dict], gt_rles, shapes, pred_rles, pred_scores) -> dict:
-    averaged = ("foreground_iou", "dice", "pixel_accuracy", "msa", "count_error")
+    averaged = ("foreground_iou", "dice", "pixel_accuracy", "foreground_precision", "foreground_recall", "msa",
+                "count_error")
     out = {k: float(np.mean([r[k] for r in per_image])) for k in averaged}
     out.update(coco_ap(gt_rles, shapes, pred_rles, pred_scores))
     out["n_images"] = len(per_image)
     out["n_cells"] = int(sum(r["n_true"] for r in per_image))
-    return {k: out[k] for k in (*METRIC_KEYS, "n_images", "n_cells")}
+    out["n_predicted"] = int(sum(r["n_pred"] for r in per_image))
+    return {k: out[k] for k in (*METRIC_KEYS, "foreground_precision", "foreground_recall", "n_images", "n_cells",
+                                "n_predicted")}
 
 
 def evaluate_segmentations(samples: Sequence[Sample], segmentations: Sequence[Segmentation]) -> dict:

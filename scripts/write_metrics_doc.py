@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 COLS = ("n_images", "n_cells", "foreground_iou", "dice", "pixel_accuracy", "ap", "ap50", "ap75", "msa", "count_error")
+EXTRA_COLS = ("n_predicted", "foreground_precision", "foreground_recall")
 # Issue 6's targets, per source, on the validation split; and no Sartorius cell type below mSA 0.15.
 TARGETS = {"sartorius": {"ap50": 0.50, "msa": 0.25}, "livecell": {"ap50": 0.50, "msa": 0.25}}
 TYPE_MSA_FLOOR = 0.15
@@ -60,10 +61,12 @@ def encoder_table(runs: dict) -> str:
 
 
 def table(result: dict) -> str:
-    lines = ["| group | " + " | ".join(COLS) + " |", "|" + "---|" * (len(COLS) + 1)]
+    cols = COLS + tuple(c for c in EXTRA_COLS if c in result)
+
+    lines = ["| group | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
 
     def row(name, m):
-        return f"| {name} | " + " | ".join(str(m[c]) if isinstance(m[c], int) else f"{m[c]:.3f}" for c in COLS) + " |"
+        return f"| {name} | " + " | ".join(str(m[c]) if isinstance(m[c], int) else f"{m[c]:.3f}" for c in cols) + " |"
 
     lines.append(row("**all**", result))
     lines += [row(f"[{k}]", v) for k, v in result["per_source"].items()]
@@ -72,10 +75,12 @@ def table(result: dict) -> str:
 
 
 def per_image(result: dict) -> str:
-    lines = ["| image | cell type | true | predicted | fg IoU | mSA |", "|---|---|---|---|---|---|"]
+    lines = ["| image | cell type | true | predicted | fg IoU | fg precision | fg recall | mSA |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in result["per_image"]:
         lines.append(f"| `{r['id']}` | {r['cell_type']} | {r['n_true']} | {r['n_pred']} | "
-                     f"{r['foreground_iou']:.3f} | {r['msa']:.3f} |")
+                     f"{r['foreground_iou']:.3f} | {r.get('foreground_precision', float('nan')):.3f} | "
+                     f"{r.get('foreground_recall', float('nan')):.3f} | {r['msa']:.3f} |")
     return "\n".join(lines)
 
 

@@ -63,6 +63,8 @@ def test_semantic_scores_hand_computed():
     assert s["foreground_iou"] == pytest.approx(0.5)
     assert s["dice"] == pytest.approx(2 * 50 / 150)
     assert s["pixel_accuracy"] == pytest.approx(1 - 50 / 400)
+    assert s["foreground_precision"] == 1.0 and s["foreground_recall"] == pytest.approx(0.5)
+    assert semantic_scores(pred, gt)["foreground_precision"] == pytest.approx(0.5)
 
 
 def test_coco_ap_of_ground_truth_is_exactly_one():
