@@ -1,10 +1,12 @@
 """Batch segmentation of files, folders and globs, locally (ONNX Runtime) or against a server.
 
-Outputs in --out DIR:
-    labels/<name>.png      16-bit label image per input (0 = background, 1..N cells)
-    records/<name>.json    per-image record (source, size, count, confluence, cells, instances)
-    cells.csv              one row per cell of every image (regionprops measurements)
-    instances.coco.json    COCO detections/annotations of all cells (RLE masks, scores)
+Outputs in --out DIR (--formats picks among labels, csv, coco, rois, geojson; default labels,csv,coco):
+    labels/<name>.png      labels: 16-bit label image per input (0 = background, 1..N cells)
+    cells.csv              csv: one row per cell of every image (regionprops measurements)
+    instances.coco.json    coco: COCO detections/annotations of all cells (RLE masks, scores)
+    rois/<name>.zip        rois: ImageJ/Fiji ROI set, one polygon per cell, named cell-<id>
+    geojson/<name>.geojson geojson: QuPath detections with the cells' measurements
+    records/<name>.json    always: per-image record (source, size, count, confluence, cells, instances)
     errors.json            inputs that could not be processed in the last run, with the reason
     job.json               the job's settings: model sha256 (or server URL) and post-processing parameters
 
@@ -33,11 +35,16 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from cellseg.formats import geojson_bytes, imagej_roi_zip, qupath_geojson
 from cellseg.imageio import read_image
 from cellseg.instances import confluence, instances_from_labels, label_png_bytes, measure_cells
 from cellseg.postprocess import PostprocessParams
 
 IMAGE_SUFFIXES = {".tif", ".tiff", ".png", ".jpg", ".jpeg"}
+FORMATS = ("labels", "csv", "coco", "rois", "geojson")
+DEFAULT_FORMATS = ("labels", "csv", "coco")
+# Per-image files of each per-image format: folder and suffix under --out.
+PER_IMAGE_FILES = {"labels": ("labels", ".png"), "rois": ("rois", ".zip"), "geojson": ("geojson", ".geojson")}
 CSV_FIELDS = ["image", "cell_id", "area", "centroid_x", "centroid_y", "bbox_x", "bbox_y", "bbox_width", "bbox_height",
               "perimeter", "eccentricity", "major_axis_length", "minor_axis_length", "solidity", "orientation",
               "mean_intensity"]
@@ -119,7 +126,7 @@ class Result:
 class ImageOutputs:
     """Everything one image contributes to the job, encoded: written by the pipeline, never by a backend."""
 
-    label_png: bytes
+    files: dict[str, bytes]  # per-image files by format (labels, rois, geojson)
     record_json: bytes
 
 
@@ -136,9 +143,9 @@ Segmenter = Callable[[np.ndarray, Path], Result]
 Backend = Callable[[list[tuple[Path, str]]], Iterator[tuple[Path, "ImageOutputs | Exception"]]]
 
 
-def image_outputs(path: Path, name: str, segment: Segmenter) -> ImageOutputs:
+def image_outputs(path: Path, name: str, segment: Segmenter, formats: tuple[str, ...] = DEFAULT_FORMATS) -> ImageOutputs:
     """The per-image step every backend runs (in process, in threads, on Dask workers): read the
-    image, segment it, measure the cells, encode the label PNG and the record."""
+    image, segment it, measure the cells, encode the record and the requested per-image files."""
     image = read_image(path)
     result = segment(image, path)
     cells = measure_cells(result.labels, image)
@@ -147,12 +154,16 @@ def image_outputs(path: Path, name: str, segment: Segmenter) -> ImageOutputs:
         "count": int(result.labels.max()), "confluence": round(confluence(result.labels), 3),
         "cells": cells, "instances": instances_from_labels(result.labels, result.scores),
     }
-    return ImageOutputs(label_png_bytes(result.labels), json.dumps(record).encode())
+    encoders = {"labels": lambda: label_png_bytes(result.labels), "rois": lambda: imagej_roi_zip(result.labels),
+                "geojson": lambda: geojson_bytes(qupath_geojson(result.labels, cells))}
+    files = {fmt: encode() for fmt, encode in encoders.items() if fmt in formats}
+    return ImageOutputs(files, json.dumps(record).encode())
 
 
-def _guarded(path: Path, name: str, segment: Segmenter) -> tuple[Path, ImageOutputs | Exception]:
+def _guarded(path: Path, name: str, segment: Segmenter,
+             formats: tuple[str, ...] = DEFAULT_FORMATS) -> tuple[Path, ImageOutputs | Exception]:
     try:
-        return path, image_outputs(path, name, segment)
+        return path, image_outputs(path, name, segment, formats)
     except Exception as exc:  # noqa: BLE001  (one bad image must not end the job)
         return path, exc
 
@@ -164,7 +175,8 @@ def onnx_segmenter(model, params: PostprocessParams, tta: bool) -> Segmenter:
     return segment
 
 
-def local_backend(model_path: Path | None, params: PostprocessParams, tta: bool = False) -> Backend:
+def local_backend(model_path: Path | None, params: PostprocessParams, tta: bool = False,
+                  formats: tuple[str, ...] = DEFAULT_FORMATS) -> Backend:
     """In this process, one image after another (ONNX Runtime uses every core for each)."""
     from cellseg.onnx_model import OnnxModel
 
@@ -172,11 +184,11 @@ def local_backend(model_path: Path | None, params: PostprocessParams, tta: bool 
 
     def run(items):
         for path, name in items:
-            yield _guarded(path, name, segment)
+            yield _guarded(path, name, segment, formats)
     return run
 
 
-def server_backend(url: str, overrides: dict, concurrency: int) -> Backend:
+def server_backend(url: str, overrides: dict, concurrency: int, formats: tuple[str, ...] = DEFAULT_FORMATS) -> Backend:
     """Segment through a running service; `overrides` are the post-processing parameters to send."""
     from cellseg.client import Client
 
@@ -193,21 +205,37 @@ def server_backend(url: str, overrides: dict, concurrency: int) -> Backend:
 
     def run(items):
         with ThreadPoolExecutor(max_workers=concurrency) as pool:
-            yield from pool.map(lambda item: _guarded(item[0], item[1], segment), items)
+            yield from pool.map(lambda item: _guarded(item[0], item[1], segment, formats), items)
     return run
 
 
+def per_image_path(out: Path, fmt: str, name: str) -> Path:
+    folder, suffix = PER_IMAGE_FILES[fmt]
+    return out / folder / f"{name}{suffix}"
+
+
 def write_image_outputs(out: Path, name: str, outputs: ImageOutputs) -> None:
-    atomic_write(out / "labels" / f"{name}.png", outputs.label_png)
+    for fmt, data in outputs.files.items():
+        atomic_write(per_image_path(out, fmt, name), data)
     atomic_write(out / "records" / f"{name}.json", outputs.record_json)  # last: marks the image done
 
 
-def is_done(out: Path, name: str) -> bool:
-    return (out / "labels" / f"{name}.png").is_file() and (out / "records" / f"{name}.json").is_file()
+def is_done(out: Path, name: str, formats: tuple[str, ...] = DEFAULT_FORMATS) -> bool:
+    """The record and every requested per-image file exist (asking for a new format redoes images)."""
+    wanted = [per_image_path(out, fmt, name) for fmt in formats if fmt in PER_IMAGE_FILES]
+    return (out / "records" / f"{name}.json").is_file() and all(p.is_file() for p in wanted)
 
 
-def write_aggregates(out: Path, names: list[str]) -> int:
-    """cells.csv and instances.coco.json from the records of `names` (in order)."""
+def parse_formats(text: str) -> tuple[str, ...]:
+    formats = tuple(dict.fromkeys(f.strip() for f in text.split(",") if f.strip()))
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise ValueError(f"unknown output format(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(FORMATS)}")
+    return formats
+
+
+def write_aggregates(out: Path, names: list[str], formats: tuple[str, ...] = DEFAULT_FORMATS) -> int:
+    """cells.csv and instances.coco.json (as requested) from the records of `names` (in order)."""
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=CSV_FIELDS, extrasaction="ignore")
     writer.writeheader()
@@ -222,15 +250,17 @@ def write_aggregates(out: Path, names: list[str]) -> int:
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": 1, "iscrowd": 0,
                                 "segmentation": inst["rle"], "area": inst["area"], "bbox": inst["bbox"],
                                 "score": inst["score"]})
-    atomic_write(out / "cells.csv", text.getvalue().encode())
+    if "csv" in formats:
+        atomic_write(out / "cells.csv", text.getvalue().encode())
     coco = {"info": {"description": "cellseg segment"}, "images": images, "annotations": annotations,
             "categories": [{"id": 1, "name": "cell"}]}
-    atomic_write(out / "instances.coco.json", json.dumps(coco).encode())
+    if "coco" in formats:
+        atomic_write(out / "instances.coco.json", json.dumps(coco).encode())
     return len(annotations)
 
 
 def run_job(inputs: list[str], out: Path, backend_factory: Callable[[], Backend], settings: dict,
-            overwrite: bool = False, progress: bool = True) -> JobReport:
+            overwrite: bool = False, progress: bool = True, formats: tuple[str, ...] = DEFAULT_FORMATS) -> JobReport:
     """Segment every input into `out`: collect inputs, skip finished ones, run the rest through the
     backend, write each image's outputs as it arrives, then the aggregates. `settings` (model sha256
     or server, parameters) identify what the results depend on; they are recorded in job.json and
@@ -242,7 +272,7 @@ def run_job(inputs: list[str], out: Path, backend_factory: Callable[[], Backend]
     report = JobReport(failed=list(missing))
     todo = []
     for path in paths:
-        if is_done(out, names[path]) and not overwrite:
+        if is_done(out, names[path], formats) and not overwrite:
             report.skipped.append(names[path])
         else:
             todo.append(path)
@@ -259,7 +289,7 @@ def run_job(inputs: list[str], out: Path, backend_factory: Callable[[], Backend]
                     except OSError as exc:
                         report.failed.append({"path": str(path), "error": str(exc)})
                 bar.update()
-    finished = [names[p] for p in paths if is_done(out, names[p])]
-    write_aggregates(out, finished)
+    finished = [names[p] for p in paths if is_done(out, names[p], formats)]
+    write_aggregates(out, finished, formats)
     atomic_write(out / "errors.json", json.dumps(report.failed, indent=2).encode())
     return report

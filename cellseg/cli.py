@@ -57,7 +57,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from cellseg.batch import local_backend, run_job, server_backend
+    from cellseg.batch import local_backend, parse_formats, run_job, server_backend
+
+    formats = parse_formats(args.formats)
 
     if args.server and args.dask:
         raise ValueError("--dask runs the model on Dask workers and --server on a service: choose one")
@@ -67,7 +69,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         postprocess_params(args, PostprocessParams())  # validate here rather than once per image remotely
         if args.tta:
             overrides["tta"] = True
-        factory = lambda: server_backend(args.server, overrides, args.concurrency)  # noqa: E731
+        factory = lambda: server_backend(args.server, overrides, args.concurrency, formats)  # noqa: E731
         settings = {"server": args.server.rstrip("/"), "params": overrides}
     else:
         from cellseg.onnx_model import read_metadata, sha256_file
@@ -80,12 +82,13 @@ def cmd_segment(args: argparse.Namespace) -> int:
         if args.dask:
             from cellseg.dask_backend import dask_backend
 
-            factory = lambda: dask_backend(args.dask, args.model, sha256, params, args.tta)  # noqa: E731
+            factory = lambda: dask_backend(args.dask, args.model, sha256, params, args.tta, formats)  # noqa: E731
         else:
-            factory = lambda: local_backend(args.model, params, args.tta)  # noqa: E731
+            factory = lambda: local_backend(args.model, params, args.tta, formats)  # noqa: E731
         # The backend is not a setting: local and Dask runs give the same bytes and may share a folder.
         settings = {"model_sha256": sha256, "params": params.to_dict(), "tta": args.tta}
-    report = run_job(args.inputs, args.out, factory, settings, overwrite=args.overwrite, progress=not args.quiet)
+    report = run_job(args.inputs, args.out, factory, settings, overwrite=args.overwrite, progress=not args.quiet,
+                     formats=formats)
     print(f"{len(report.done)} segmented, {len(report.skipped)} already done (skipped), {len(report.failed)} failed; "
           f"outputs in {args.out}")
     for failure in report.failed:
@@ -123,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--dask", metavar="CLUSTER",
                     help="run on Dask workers: 'local' (one 1-thread worker per core), 'local:N' (N workers), or a "
                          "scheduler address such as tcp://host:8786 (workers must see the inputs and --model)")
+    sg.add_argument("--formats", default="labels,csv,coco",
+                    help="outputs to write, comma-separated: labels (16-bit PNG), csv (cells.csv), coco "
+                         "(instances.coco.json), rois (ImageJ/Fiji ROI sets), geojson (QuPath detections)")
     sg.add_argument("--overwrite", action="store_true",
                     help="redo every image, also those with outputs (needed to change settings in an existing --out)")
     sg.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -22,7 +22,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from cellseg.batch import Backend, ImageOutputs, Segmenter, _guarded, onnx_segmenter
+from cellseg.batch import DEFAULT_FORMATS, Backend, ImageOutputs, Segmenter, _guarded, onnx_segmenter
 from cellseg.postprocess import PostprocessParams
 
 TASKS_PER_THREAD = 2
@@ -42,9 +42,9 @@ def _worker_segmenter(model_path: str, sha256: str, params: dict, tta: bool) -> 
     return onnx_segmenter(_MODELS[key], PostprocessParams(**params), tta)
 
 
-def _task(path: Path, name: str, model_path: str, sha256: str, params: dict,
-          tta: bool) -> tuple[Path, ImageOutputs | Exception]:
-    return _guarded(path, name, _worker_segmenter(model_path, sha256, params, tta))
+def _task(path: Path, name: str, model_path: str, sha256: str, params: dict, tta: bool,
+          formats: tuple[str, ...]) -> tuple[Path, ImageOutputs | Exception]:
+    return _guarded(path, name, _worker_segmenter(model_path, sha256, params, tta), formats)
 
 
 def connect(address: str):
@@ -64,7 +64,8 @@ def connect(address: str):
         raise ValueError(f"cannot reach the Dask scheduler at {address}: {exc}") from exc
 
 
-def dask_backend(address: str, model_path: Path, sha256: str, params: PostprocessParams, tta: bool = False) -> Backend:
+def dask_backend(address: str, model_path: Path, sha256: str, params: PostprocessParams, tta: bool = False,
+                 formats: tuple[str, ...] = DEFAULT_FORMATS) -> Backend:
     client, cluster = connect(address)
 
     def run(items: list[tuple[Path, str]]) -> Iterator[tuple[Path, ImageOutputs | Exception]]:
@@ -75,7 +76,7 @@ def dask_backend(address: str, model_path: Path, sha256: str, params: Postproces
 
         def submit(item: tuple[Path, str]):
             future = client.submit(_task, item[0], item[1], str(Path(model_path).resolve()), sha256,
-                                   params.to_dict(), tta, pure=False)
+                                   params.to_dict(), tta, formats, pure=False)
             paths[future.key] = item[0]
             return future
 

@@ -104,3 +104,21 @@ def test_unusable_out_and_unreachable_server_fail_fast_with_exit_2(inputs, tmp_p
     assert run(inputs, tmp_path / "remote", "--server", "http://127.0.0.1:1") == 2
     assert "cannot reach the cellseg service" in capsys.readouterr().err
     assert time.monotonic() - start < 15
+
+
+def test_lab_formats_from_the_batch_job(inputs, tmp_path, demo_images):
+    """ImageJ ROI sets and QuPath GeoJSON next to the label images; adding a format later redoes only that."""
+    import io
+    import zipfile
+
+    out = tmp_path / "out"
+    assert run(inputs, out) == 3
+    assert not (out / "rois").exists()
+    assert run(inputs, out, "--formats", "labels,csv,coco,rois,geojson") == 3
+    for p in demo_images:
+        labels = np.asarray(Image.open(out / "labels" / f"{p.stem}.png"))
+        rois = zipfile.ZipFile(io.BytesIO((out / "rois" / f"{p.stem}.zip").read_bytes())).namelist()
+        features = json.loads((out / "geojson" / f"{p.stem}.geojson").read_text())["features"]
+        assert len(rois) == len(features) == labels.max()
+        assert features[0]["properties"]["objectType"] == "detection"
+    assert run(inputs, out, "--formats", "rois,nonsense") == 2
