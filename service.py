@@ -27,6 +27,7 @@ from bentoml.validators import ContentType
 from pydantic import Field
 from starlette.responses import JSONResponse, Response
 
+from cellseg.formats import geojson_bytes, imagej_roi_zip, qupath_geojson
 from cellseg.imageio import ImageError, ImageTooLargeError, read_image
 from cellseg.inference import Segmentation, merge_outputs, predict_padded, split_image, tta_expand, tta_reduce
 from cellseg.instances import (
@@ -35,6 +36,7 @@ from cellseg.instances import (
     confluence,
     instances_from_labels,
     label_png_bytes,
+    measure_cells,
     overlay_png_bytes,
 )
 from cellseg.memory import configure_allocator, release_memory
@@ -66,8 +68,11 @@ Tta = Annotated[bool, Field(default=False, description="test-time augmentation: 
                                                         "(about 4x the network time)")]
 POSTPROCESS_FIELDS = ("fg_threshold", "seed_threshold", "min_size")
 COMMON_FIELDS = (*POSTPROCESS_FIELDS, "tta")
-ENDPOINT_FIELDS = {"/segment": COMMON_FIELDS, "/overlay": COMMON_FIELDS, "/mask": (*COMMON_FIELDS, "binary")}
+ENDPOINT_FIELDS = {"/segment": COMMON_FIELDS, "/overlay": COMMON_FIELDS, "/mask": (*COMMON_FIELDS, "binary"),
+                   "/rois": COMMON_FIELDS, "/geojson": COMMON_FIELDS}
 PngFile = Annotated[Path, ContentType("image/png")]
+ZipFile = Annotated[Path, ContentType("application/zip")]
+GeoJsonFile = Annotated[Path, ContentType("application/geo+json")]
 
 
 class RequestError(Exception):
@@ -236,6 +241,31 @@ class CellSegmentation:
             raw, labels, _ = await self._segment(image, self._params(fg_threshold, seed_threshold, min_size), tta)
             png = await anyio.to_thread.run_sync(overlay_png_bytes, raw, labels, limiter=self.cpu)
             return Response(png, media_type="image/png", headers={"X-Cell-Count": str(int(labels.max()))})
+        return await self._guarded(work)
+
+    @bentoml.api
+    async def rois(self, image: Path, fg_threshold: FgThreshold = None, seed_threshold: SeedThreshold = None,
+                   min_size: MinSize = None, tta: Tta = False) -> ZipFile:
+        """ImageJ/Fiji ROI set: a .zip of .roi polygons, one per cell, named cell-<id> (open with Fiji's ROI Manager)."""
+        async def work():
+            _, labels, _ = await self._segment(image, self._params(fg_threshold, seed_threshold, min_size), tta)
+            data = await anyio.to_thread.run_sync(imagej_roi_zip, labels, limiter=self.cpu)
+            return Response(data, media_type="application/zip", headers={
+                "X-Cell-Count": str(int(labels.max())), "Content-Disposition": 'attachment; filename="RoiSet.zip"'})
+        return await self._guarded(work)
+
+    @bentoml.api
+    async def geojson(self, image: Path, fg_threshold: FgThreshold = None, seed_threshold: SeedThreshold = None,
+                      min_size: MinSize = None, tta: Tta = False) -> GeoJsonFile:
+        """QuPath GeoJSON: a FeatureCollection of detections (one Polygon per cell) with each cell's measurements."""
+        async def work():
+            raw, labels, _ = await self._segment(image, self._params(fg_threshold, seed_threshold, min_size), tta)
+
+            def encode() -> bytes:
+                return geojson_bytes(qupath_geojson(labels, measure_cells(labels, raw)))
+
+            data = await anyio.to_thread.run_sync(encode, limiter=self.cpu)
+            return Response(data, media_type="application/geo+json", headers={"X-Cell-Count": str(int(labels.max()))})
         return await self._guarded(work)
 
 

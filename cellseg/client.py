@@ -188,6 +188,24 @@ class Client:
                         min_size=min_size, tta=tta)
         return arr if binary else arr.astype(np.int32)
 
+    def _file(self, endpoint: str, image, **kwargs) -> bytes:
+        path = Path(self._call(endpoint, image, **kwargs))  # BentoML saves file outputs to a temp file
+        data = path.read_bytes()
+        path.unlink(missing_ok=True)
+        return data
+
+    def rois(self, image, fg_threshold: float | None = None, seed_threshold: float | None = None,
+             min_size: int | None = None, tta: bool | None = None) -> bytes:
+        """ImageJ/Fiji ROI set (.zip bytes: write them to RoiSet.zip and open it in Fiji)."""
+        return self._file("rois", image, fg_threshold=fg_threshold, seed_threshold=seed_threshold, min_size=min_size,
+                          tta=tta)
+
+    def geojson(self, image, fg_threshold: float | None = None, seed_threshold: float | None = None,
+                min_size: int | None = None, tta: bool | None = None) -> dict:
+        """QuPath GeoJSON FeatureCollection of the cells (one detection per cell, with measurements)."""
+        return json.loads(self._file("geojson", image, fg_threshold=fg_threshold, seed_threshold=seed_threshold,
+                                     min_size=min_size, tta=tta))
+
     def overlay(self, image, fg_threshold: float | None = None, seed_threshold: float | None = None,
                 min_size: int | None = None, tta: bool | None = None) -> np.ndarray:
         """(H, W, 3) uint8 RGB image with cell outlines."""

@@ -367,3 +367,18 @@ def test_fuzzing_finds_no_server_error_and_no_schema_break(server):
     generated = int(re.search(r"(\d+) generated", result.stdout).group(1))
     assert generated >= 100 and re.search(rf"{generated} passed", result.stdout), result.stdout[-3000:]
     assert_still_serving(server)
+
+
+def test_lab_formats_from_the_service(client, server, tif, local_labels):
+    import zipfile
+
+    rois = client.rois(tif)
+    names = zipfile.ZipFile(io.BytesIO(rois)).namelist()
+    assert len(names) == local_labels.max() and names[0] == "cell-00001.roi"
+    collection = client.geojson(tif, min_size=500)
+    assert collection["type"] == "FeatureCollection"
+    assert 0 < len(collection["features"]) < local_labels.max()
+    assert all(f["properties"]["measurements"]["area"] >= 500 for f in collection["features"])
+    r = post(server, "geojson", files={"image": (tif.name, tif.read_bytes())})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/geo+json")
+    assert len(r.json()["features"]) == local_labels.max() == int(r.headers["x-cell-count"])
