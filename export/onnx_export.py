@@ -38,6 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--min-size", type=int, help="post-processing default stored in the metadata")
     p.add_argument("--min-seed-size", type=int, help="post-processing default stored in the metadata")
     p.add_argument("--seed-sigma", type=float, help="post-processing default stored in the metadata")
+    p.add_argument("--merge-threshold", type=float, help="post-processing default stored in the metadata")
     p.add_argument("--card", type=Path, default=None, help="model card path (default: MODEL_CARD.md beside --out)")
     return p.parse_args(argv)
 
@@ -125,7 +126,7 @@ def main(argv=None) -> int:
     config = checkpoint["config"]
     config["postprocess"] = PostprocessParams(**config["postprocess"]).with_overrides(
         fg_threshold=args.fg_threshold, seed_threshold=args.seed_threshold, min_size=args.min_size,
-        min_seed_size=args.min_seed_size, seed_sigma=args.seed_sigma).to_dict()
+        min_seed_size=args.min_seed_size, seed_sigma=args.seed_sigma, merge_threshold=args.merge_threshold).to_dict()
     t0 = time.time()
     export_onnx(model, args.out, args.opset)
     onnx.checker.check_model(onnx.load(str(args.out)), full_check=True)

@@ -8,7 +8,8 @@ watershed is redone.
 cortical-neuron images do not outvote the 11 LIVECell ones and the grid stays affordable. The
 objective is `cellseg.evaluate.selection_score`: the mean over sources of (AP50 + mSA) / 2. Prints
 the best settings and the per-type figures of the winner; pass them to
-`python -m export --fg-threshold .. --seed-threshold .. --seed-sigma .. --min-seed-size .. --min-size ..`.
+`python -m export --fg-threshold .. --seed-threshold .. --seed-sigma .. --min-seed-size .. --min-size ..
+--merge-threshold ..`.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def main() -> int:
     p.add_argument("--sigma", default="0,1,2", help="seed_sigma values")
     p.add_argument("--min-seed", default="3,10,25", help="min_seed_size values")
     p.add_argument("--min-size", default="20")
+    p.add_argument("--merge", default="0", help="merge_threshold values (0 = no merging)")
     p.add_argument("--per-type", type=int, default=None, help="at most this many images per cell type")
     p.add_argument("--tta", action="store_true", help="tune on test-time-augmented maps")
     p.add_argument("--json", type=Path)
@@ -54,23 +56,24 @@ def main() -> int:
     floats = lambda text: [float(v) for v in text.split(",")]  # noqa: E731
     ints = lambda text: [int(v) for v in text.split(",")]  # noqa: E731
     grid = list(itertools.product(floats(args.fg), floats(args.seed), floats(args.sigma), ints(args.min_seed),
-                                  ints(args.min_size)))
+                                  ints(args.min_size), floats(args.merge)))
     rows = []
-    for fg, seed, sigma, min_seed, min_size in tqdm(grid, desc="post-processing grid"):
+    for fg, seed, sigma, min_seed, min_size, merge in tqdm(grid, desc="post-processing grid"):
         params = PostprocessParams(fg_threshold=fg, seed_threshold=seed, min_size=min_size, min_seed_size=min_seed,
-                                   seed_sigma=sigma).validate()
+                                   seed_sigma=sigma, merge_threshold=merge).validate()
         segs = [Segmentation(maps_to_labels(m, params), m) for m in maps]
         r = evaluate_segmentations(samples, segs)
         rows.append({"fg_threshold": fg, "seed_threshold": seed, "seed_sigma": sigma, "min_seed_size": min_seed,
-                     "min_size": min_size, "score": round(selection_score(r), 4),
+                     "min_size": min_size, "merge_threshold": merge, "score": round(selection_score(r), 4),
                      **{k: round(r[k], 4) for k in ("foreground_iou", "ap", "ap50", "msa")},
                      "_result": r})
     rows.sort(key=lambda r: -r["score"])
-    print(f"{'fg':>5} {'seed':>5} {'sigma':>5} {'mseed':>5} {'min':>4} {'score':>7} {'fgIoU':>7} {'AP':>7} "
-          f"{'AP50':>7} {'mSA':>7}")
+    print(f"{'fg':>5} {'seed':>5} {'sigma':>5} {'mseed':>5} {'min':>4} {'merge':>5} {'score':>7} {'fgIoU':>7} "
+          f"{'AP':>7} {'AP50':>7} {'mSA':>7}")
     for r in rows[:15]:
         print(f"{r['fg_threshold']:>5} {r['seed_threshold']:>5} {r['seed_sigma']:>5} {r['min_seed_size']:>5} "
-              f"{r['min_size']:>4} {r['score']:>7} {r['foreground_iou']:>7} {r['ap']:>7} {r['ap50']:>7} {r['msa']:>7}")
+              f"{r['min_size']:>4} {r['merge_threshold']:>5} {r['score']:>7} {r['foreground_iou']:>7} {r['ap']:>7} "
+              f"{r['ap50']:>7} {r['msa']:>7}")
     print(format_table(rows[0]["_result"]))
     for r in rows:
         del r["_result"]

@@ -62,3 +62,20 @@ def test_overrides_replace_only_what_is_given_and_are_validated():
     assert merged == PostprocessParams(fg_threshold=0.6, seed_threshold=0.3, min_seed_size=10)
     with pytest.raises(ValueError, match="fg_threshold"):
         base.with_overrides(fg_threshold=2.0)
+
+
+def test_weak_borders_merge_and_strong_ones_do_not():
+    from cellseg.postprocess import merge_weak_borders
+
+    labels = np.zeros((40, 60), np.int32)
+    labels[5:35, 5:30] = 1
+    labels[5:35, 30:55] = 2  # touches cell 1 along x = 29/30
+    boundary = np.zeros(labels.shape, np.float32)
+    # no boundary between them: one lobed cell split by the watershed -> merged
+    merged = merge_weak_borders(labels, boundary, 0.4)
+    assert set(np.unique(merged)) == {0, 1} and (merged > 0).sum() == (labels > 0).sum()
+    # a real boundary between them: two cells stay two
+    boundary[:, 28:32] = 0.9
+    assert set(np.unique(merge_weak_borders(labels, boundary, 0.4))) == {0, 1, 2}
+    # off by default
+    assert merge_weak_borders(labels, np.zeros_like(boundary), 0.0) is labels
