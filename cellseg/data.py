@@ -51,6 +51,7 @@ class Sample:
     height: int
     width: int
     _rles: Callable[[], list[dict]] = field(repr=False)
+    _labels: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def image(self) -> np.ndarray:
         """The raw image as float32 (H, W); normalise with `cellseg.preprocess.normalize`."""
@@ -62,8 +63,14 @@ class Sample:
         return self._rles()
 
     def labels(self) -> np.ndarray:
-        """int32 (H, W) instance labels. Where annotations overlap, the smaller cell wins: it is
-        the one that would otherwise vanish inside its neighbour."""
+        """int32 (H, W) instance labels (computed once, then kept). Where annotations overlap, the
+        smaller cell wins: it is the one that would otherwise vanish inside its neighbour."""
+        if self._labels is None:
+            self._labels = self._make_labels()
+            self._labels.flags.writeable = False  # shared by every caller: nobody may change it
+        return self._labels
+
+    def _make_labels(self) -> np.ndarray:
         labels = np.zeros((self.height, self.width), dtype=np.int32)
         if not self.rles:
             return labels

@@ -62,21 +62,23 @@ def main() -> int:
         params = PostprocessParams(fg_threshold=fg, seed_threshold=seed, min_size=min_size, min_seed_size=min_seed,
                                    seed_sigma=sigma, merge_threshold=merge).validate()
         segs = [Segmentation(maps_to_labels(m, params), m) for m in maps]
-        r = evaluate_segmentations(samples, segs)
+        r = evaluate_segmentations(samples, segs, groups=("per_source",), overall=False)  # all the score needs
         rows.append({"fg_threshold": fg, "seed_threshold": seed, "seed_sigma": sigma, "min_seed_size": min_seed,
                      "min_size": min_size, "merge_threshold": merge, "score": round(selection_score(r), 4),
-                     **{k: round(r[k], 4) for k in ("foreground_iou", "ap", "ap50", "msa")},
-                     "_result": r})
+                     **{f"{source}_{k}": round(m[k], 4) for source, m in r["per_source"].items()
+                        for k in ("foreground_iou", "ap50", "msa")},
+                     "_params": params})
     rows.sort(key=lambda r: -r["score"])
-    print(f"{'fg':>5} {'seed':>5} {'sigma':>5} {'mseed':>5} {'min':>4} {'merge':>5} {'score':>7} {'fgIoU':>7} "
-          f"{'AP':>7} {'AP50':>7} {'mSA':>7}")
+    print(f"{'fg':>5} {'seed':>5} {'sigma':>5} {'mseed':>5} {'min':>4} {'merge':>5} {'score':>7}  per source AP50/mSA")
     for r in rows[:15]:
+        per_source = "  ".join(f"{k.removesuffix('_ap50')} {r[k]:.3f}/{r[k.replace('_ap50', '_msa')]:.3f}"
+                               for k in r if k.endswith("_ap50"))
         print(f"{r['fg_threshold']:>5} {r['seed_threshold']:>5} {r['seed_sigma']:>5} {r['min_seed_size']:>5} "
-              f"{r['min_size']:>4} {r['merge_threshold']:>5} {r['score']:>7} {r['foreground_iou']:>7} {r['ap']:>7} "
-              f"{r['ap50']:>7} {r['msa']:>7}")
-    print(format_table(rows[0]["_result"]))
+              f"{r['min_size']:>4} {r['merge_threshold']:>5} {r['score']:>7}  {per_source}")
+    best = rows[0]["_params"]
+    print(format_table(evaluate_segmentations(samples, [Segmentation(maps_to_labels(m, best), m) for m in maps])))
     for r in rows:
-        del r["_result"]
+        del r["_params"]
     print("best:", json.dumps(rows[0]))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
