@@ -27,7 +27,7 @@ from bentoml.validators import ContentType
 from pydantic import Field
 from starlette.responses import JSONResponse, Response
 
-from cellseg.formats import geojson_bytes, imagej_roi_zip, qupath_geojson
+from cellseg.formats import imagej_roi_zip, qupath_geojson
 from cellseg.imageio import ImageError, ImageTooLargeError, read_image
 from cellseg.inference import Segmentation, merge_outputs, predict_padded, split_image, tta_expand, tta_reduce
 from cellseg.instances import (
@@ -72,7 +72,6 @@ ENDPOINT_FIELDS = {"/segment": COMMON_FIELDS, "/overlay": COMMON_FIELDS, "/mask"
                    "/rois": COMMON_FIELDS, "/geojson": COMMON_FIELDS}
 PngFile = Annotated[Path, ContentType("image/png")]
 ZipFile = Annotated[Path, ContentType("application/zip")]
-GeoJsonFile = Annotated[Path, ContentType("application/geo+json")]
 
 
 class RequestError(Exception):
@@ -256,16 +255,16 @@ class CellSegmentation:
 
     @bentoml.api
     async def geojson(self, image: Path, fg_threshold: FgThreshold = None, seed_threshold: SeedThreshold = None,
-                      min_size: MinSize = None, tta: Tta = False) -> GeoJsonFile:
-        """QuPath GeoJSON: a FeatureCollection of detections (one Polygon per cell) with each cell's measurements."""
+                      min_size: MinSize = None, tta: Tta = False) -> dict:
+        """QuPath GeoJSON (as JSON): a FeatureCollection of detections, one Polygon per cell, with each
+        cell's measurements. Save it as cells.geojson and drag it onto the image in QuPath."""
         async def work():
             raw, labels, _ = await self._segment(image, self._params(fg_threshold, seed_threshold, min_size), tta)
 
-            def encode() -> bytes:
-                return geojson_bytes(qupath_geojson(labels, measure_cells(labels, raw)))
+            def collect() -> dict:
+                return qupath_geojson(labels, measure_cells(labels, raw))
 
-            data = await anyio.to_thread.run_sync(encode, limiter=self.cpu)
-            return Response(data, media_type="application/geo+json", headers={"X-Cell-Count": str(int(labels.max()))})
+            return await anyio.to_thread.run_sync(collect, limiter=self.cpu)
         return await self._guarded(work)
 
 

@@ -203,8 +203,8 @@ class Client:
     def geojson(self, image, fg_threshold: float | None = None, seed_threshold: float | None = None,
                 min_size: int | None = None, tta: bool | None = None) -> dict:
         """QuPath GeoJSON FeatureCollection of the cells (one detection per cell, with measurements)."""
-        return json.loads(self._file("geojson", image, fg_threshold=fg_threshold, seed_threshold=seed_threshold,
-                                     min_size=min_size, tta=tta))
+        return self._call("geojson", image, fg_threshold=fg_threshold, seed_threshold=seed_threshold, min_size=min_size,
+                          tta=tta)
 
     def overlay(self, image, fg_threshold: float | None = None, seed_threshold: float | None = None,
                 min_size: int | None = None, tta: bool | None = None) -> np.ndarray:
