@@ -14,8 +14,6 @@ import argparse
 import json
 import os
 import platform
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -29,6 +27,9 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from local_server import start_server, stop_server  # noqa: E402
 
 from cellseg.data import default_data_root  # noqa: E402
 from cellseg.onnx_model import default_model_path  # noqa: E402
@@ -82,42 +83,6 @@ class PeakSampler:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-
-
-def start_server(model: Path, home: Path, max_pixels: int) -> tuple[subprocess.Popen, str]:
-    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true",
-           "CELLSEG_MAX_PIXELS": str(max_pixels)}
-    subprocess.run([sys.executable, "-m", "export", "register", "--model", str(model)], env=env, cwd=ROOT,
-                   check=True, capture_output=True)
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(home / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "service:CellSegmentation", "--port", str(port),
-                             "--host", "127.0.0.1"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise SystemExit(f"bentoml serve exited:\n{(home / 'serve.log').read_text()[-3000:]}")
-        time.sleep(1)
-    raise SystemExit("service not ready in 180 s")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def settle(pid: int, seconds: float = 5.0) -> int:
@@ -179,7 +144,7 @@ def main() -> int:
     tif = sorted((args.data / "demo").glob("*.tif"))[0].read_bytes()
     big = big_test_image(args.data)
     with tempfile.TemporaryDirectory() as home:
-        proc, url = start_server(args.model, Path(home), max_pixels=16_000_000)
+        proc, url = start_server(args.model, Path(home), {"CELLSEG_MAX_PIXELS": "16000000"})
         try:
             result = measure(url, proc.pid, tif, big, clients=args.clients)
         finally:

@@ -21,7 +21,7 @@ def test_service_memory_peaks_and_returns(tmp_path, model_path, data_root):
     bench = load_bench()
     tif = sorted((data_root / "demo").glob("*.tif"))[0].read_bytes()
     big = bench.big_test_image(data_root)
-    proc, url = bench.start_server(model_path, tmp_path, max_pixels=16_000_000)
+    proc, url = bench.start_server(model_path, tmp_path, {"CELLSEG_MAX_PIXELS": "16000000"})
     try:
         result = bench.measure(url, proc.pid, tif, big, clients=4, rounds=1)
     finally:

@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -20,7 +15,7 @@ from PIL import Image
 
 from cellseg.imageio import read_image
 from cellseg.onnx_model import sha256_file
-from conftest import REPO, free_port
+from conftest import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.data]
 
@@ -31,36 +26,19 @@ MAX_UPLOAD_BYTES = 3_000_000  # likewise for the byte limit (a LIVECell TIFF is 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, model_path):
     """(URL, log file) of a running `bentoml serve`."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("local_server", REPO / "scripts" / "local_server.py")
+    local_server = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(local_server)
     home = tmp_path_factory.mktemp("bentoml_home")
-    env = {**os.environ, "BENTOML_HOME": str(home), "CELLSEG_MAX_PIXELS": str(MAX_PIXELS),
-           "CELLSEG_MAX_UPLOAD_BYTES": str(MAX_UPLOAD_BYTES), "BENTOML_DO_NOT_TRACK": "true"}
-    subprocess.run([sys.executable, "-m", "export", "register", "--model", str(model_path)], env=env, cwd=REPO,
-                   check=True, capture_output=True)
-    port = free_port()
-    log = open(home / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "service:CellSegmentation", "--port", str(port),
-                             "--host", "127.0.0.1"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            pytest.fail(f"bentoml serve exited: {(home / 'serve.log').read_text()[-3000:]}")
-        time.sleep(1)
-    else:
-        pytest.fail("service did not become ready in 180 s")
-    yield url, home / "serve.log"
-    os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    log.close()
+        proc, url = local_server.start_server(model_path, home, {"CELLSEG_MAX_PIXELS": str(MAX_PIXELS),
+                                                                 "CELLSEG_MAX_UPLOAD_BYTES": str(MAX_UPLOAD_BYTES)})
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    yield url, home / "serve.log"
+    local_server.stop_server(proc)
 
 
 @pytest.fixture(scope="module")
