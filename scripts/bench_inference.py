@@ -86,6 +86,38 @@ def machine_description() -> str:
     return f"{model}, {os.cpu_count()} cores, {vector}"
 
 
+def network_flops(onnx_model: OnnxModel, height: int = 544, width: int = 704) -> int:
+    """Floating-point operations of one forward pass at (height, width), counted by PyTorch's
+    flop counter on the same architecture (a multiply-add counts as 2)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from train.model import build_model
+
+    arch = onnx_model.metadata["architecture"]
+    model = build_model(arch["encoder"], None, tuple(arch["decoder_channels"])).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 1, height, width))
+    return int(counter.get_total_flops())
+
+
+def peak_gflops(threads: int, size: int = 2048, repeats: int = 5) -> float:
+    """What these cores reach on a large fp32 matrix multiply (PyTorch's BLAS), in GFLOP/s."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    best = min(timeit_once(lambda: torch.mm(a, b)) for _ in range(repeats))
+    return 2 * size**3 / best / 1e9
+
+
+def timeit_once(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def write_report(report: dict, path: Path | None) -> None:
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -130,8 +162,16 @@ def run(args) -> dict:
     if args.tta:
         report_ratios["tta_end_to_end_cost"] = round(results["onnxruntime_fp32_tta"]["end_to_end_1_image"]["p50_ms"]
                                                      / results["onnxruntime_fp32"]["end_to_end_1_image"]["p50_ms"], 2)
+    flops = network_flops(fp32)
+    peak = peak_gflops(threads)
+    achieved = {name: round(flops / (r["network_1_image"]["p50_ms"] / 1000) / 1e9, 1)
+                for name, r in results.items() if "network_1_image" in r and not name.startswith("baseline")}
+    limit = {"network_gflop_per_image": round(flops / 1e9, 2), "peak_matmul_gflops": round(peak, 1),
+             "achieved_gflops": achieved,
+             "fraction_of_peak": {k: round(v / peak, 3) for k, v in achieved.items()}}
+    print("limit", json.dumps(limit), flush=True)
     return {"machine": machine_description(), "model": str(args.model), "baseline": args.baseline and str(args.baseline),
-            "ratios": report_ratios,
+            "ratios": report_ratios, "distance_to_limit": limit,
             "threads": threads, "image": "704x520 LIVECell (padded to 704x544)", "repeats": args.repeats,
             "results": results, "speedup_vs_pytorch_eager_network": ratios}
 
