@@ -31,7 +31,7 @@ from cellseg.formats import imagej_roi_zip, qupath_geojson
 from cellseg.imageio import ImageError, ImageTooLargeError, read_image
 from cellseg.inference import Segmentation, merge_outputs, predict_padded, split_image, tta_expand, tta_reduce
 from cellseg.instances import (
-    MAX_LABEL_PNG,
+    TooManyCellsError,
     binary_png_bytes,
     confluence,
     instances_from_labels,
@@ -224,11 +224,11 @@ class CellSegmentation:
         An image with more than 65,535 cells gets a 422: use /segment or binary=true."""
         async def work():
             _, labels, _ = await self._segment(image, self._params(fg_threshold, seed_threshold, min_size), tta)
-            if not binary and labels.max() > MAX_LABEL_PNG:
-                raise RequestError(f"{int(labels.max()):,} cells do not fit a 16-bit label PNG (at most {MAX_LABEL_PNG:,}):"
-                                   " use /segment (one RLE mask per cell) or binary=true", status=422)
             encode = binary_png_bytes if binary else label_png_bytes
-            png = await anyio.to_thread.run_sync(encode, labels, limiter=self.cpu)
+            try:
+                png = await anyio.to_thread.run_sync(encode, labels, limiter=self.cpu)
+            except TooManyCellsError as exc:
+                raise RequestError(f"{exc}: use /segment (one RLE mask per cell) or binary=true", status=422) from exc
             return Response(png, media_type="image/png", headers={"X-Cell-Count": str(int(labels.max()))})
         return await self._guarded(work)
 
@@ -278,7 +278,8 @@ def document_error_responses() -> None:
     at import, before any document is generated.
     """
     from _bentoml_sdk.service import openapi as bentoml_openapi
-    from bentoml._internal.service.openapi.specification import MediaType, Response, Schema
+    from bentoml._internal.service.openapi.specification import MediaType, Schema
+    from bentoml._internal.service.openapi.specification import Response as SpecResponse
 
     body = Schema(type="object", required=["error"], properties={
         "error": Schema(type="string", description="what was wrong, in words"),
@@ -288,7 +289,7 @@ def document_error_responses() -> None:
                413: "Upload or image over the size limit", 415: "Not a multipart/form-data upload",
                422: "Result does not fit the requested format"}
     for status, description in answers.items():
-        bentoml_openapi.error_responses[status] = Response(
+        bentoml_openapi.error_responses[status] = SpecResponse(
             description=description, content={"application/json": MediaType(schema=body)})
 
 

@@ -174,12 +174,15 @@ class Client:
                           min_size=min_size, tta=tta)
         return SegmentResult.from_json(data)
 
-    def _png(self, endpoint: str, image, **kwargs) -> np.ndarray:
+    def _file(self, endpoint: str, image, **kwargs) -> bytes:
         path = Path(self._call(endpoint, image, **kwargs))  # BentoML saves file outputs to a temp file
-        with Image.open(path) as img:
-            arr = np.asarray(img)
+        data = path.read_bytes()
         path.unlink(missing_ok=True)
-        return arr
+        return data
+
+    def _png(self, endpoint: str, image, **kwargs) -> np.ndarray:
+        with Image.open(io.BytesIO(self._file(endpoint, image, **kwargs))) as img:
+            return np.asarray(img)
 
     def mask(self, image, binary: bool = False, fg_threshold: float | None = None,
              seed_threshold: float | None = None, min_size: int | None = None, tta: bool | None = None) -> np.ndarray:
@@ -187,12 +190,6 @@ class Client:
         arr = self._png("mask", image, binary=binary, fg_threshold=fg_threshold, seed_threshold=seed_threshold,
                         min_size=min_size, tta=tta)
         return arr if binary else arr.astype(np.int32)
-
-    def _file(self, endpoint: str, image, **kwargs) -> bytes:
-        path = Path(self._call(endpoint, image, **kwargs))  # BentoML saves file outputs to a temp file
-        data = path.read_bytes()
-        path.unlink(missing_ok=True)
-        return data
 
     def rois(self, image, fg_threshold: float | None = None, seed_threshold: float | None = None,
              min_size: int | None = None, tta: bool | None = None) -> bytes:

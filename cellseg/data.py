@@ -212,8 +212,6 @@ def load_split(root: Path, split: str) -> list[Sample]:
 def subsample_per_type(samples: list[Sample], n: int, seed: int = 0) -> list[Sample]:
     """At most `n` samples of each (source, cell type), drawn with a fixed seed, in their original order:
     a balanced, affordable subset of a large split (e.g. for tuning or evaluating on training images)."""
-    import numpy as np
-
     rng = np.random.default_rng(seed)
     by_type: dict[tuple[str, str], list[int]] = defaultdict(list)
     for i, s in enumerate(samples):

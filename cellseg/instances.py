@@ -70,10 +70,14 @@ def measure_cells(labels: np.ndarray, image: np.ndarray | None = None) -> list[d
     return rows
 
 
+class TooManyCellsError(ValueError):
+    """More cells than a 16-bit label image can number."""
+
+
 def label_png_bytes(labels: np.ndarray) -> bytes:
     """16-bit grayscale PNG of a label image (0 = background, 1..N cells)."""
     if labels.max(initial=0) > MAX_LABEL_PNG:
-        raise ValueError(f"{int(labels.max())} cells do not fit a 16-bit label PNG (max {MAX_LABEL_PNG})")
+        raise TooManyCellsError(f"{int(labels.max()):,} cells do not fit a 16-bit label PNG (at most {MAX_LABEL_PNG:,})")
     buffer = io.BytesIO()
     Image.fromarray(labels.astype(np.uint16)).save(buffer, format="PNG")
     return buffer.getvalue()

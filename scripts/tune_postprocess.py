@@ -57,28 +57,27 @@ def main() -> int:
     ints = lambda text: [int(v) for v in text.split(",")]  # noqa: E731
     grid = list(itertools.product(floats(args.fg), floats(args.seed), floats(args.sigma), ints(args.min_seed),
                                   ints(args.min_size), floats(args.merge)))
-    rows = []
+    results: list[tuple[PostprocessParams, dict]] = []
     for fg, seed, sigma, min_seed, min_size, merge in tqdm(grid, desc="post-processing grid"):
         params = PostprocessParams(fg_threshold=fg, seed_threshold=seed, min_size=min_size, min_seed_size=min_seed,
                                    seed_sigma=sigma, merge_threshold=merge).validate()
         segs = [Segmentation(maps_to_labels(m, params), m) for m in maps]
         r = evaluate_segmentations(samples, segs, groups=("per_source",), overall=False)  # all the score needs
-        rows.append({"fg_threshold": fg, "seed_threshold": seed, "seed_sigma": sigma, "min_seed_size": min_seed,
-                     "min_size": min_size, "merge_threshold": merge, "score": round(selection_score(r), 4),
-                     **{f"{source}_{k}": round(m[k], 4) for source, m in r["per_source"].items()
-                        for k in ("foreground_iou", "ap50", "msa")},
-                     "_params": params})
-    rows.sort(key=lambda r: -r["score"])
+        results.append((params, {
+            "fg_threshold": fg, "seed_threshold": seed, "seed_sigma": sigma, "min_seed_size": min_seed,
+            "min_size": min_size, "merge_threshold": merge, "score": round(selection_score(r), 4),
+            **{f"{source}_{k}": round(m[k], 4) for source, m in r["per_source"].items()
+               for k in ("foreground_iou", "ap50", "msa")}}))
+    results.sort(key=lambda pair: -pair[1]["score"])
+    rows = [row for _, row in results]
     print(f"{'fg':>5} {'seed':>5} {'sigma':>5} {'mseed':>5} {'min':>4} {'merge':>5} {'score':>7}  per source AP50/mSA")
     for r in rows[:15]:
         per_source = "  ".join(f"{k.removesuffix('_ap50')} {r[k]:.3f}/{r[k.replace('_ap50', '_msa')]:.3f}"
                                for k in r if k.endswith("_ap50"))
         print(f"{r['fg_threshold']:>5} {r['seed_threshold']:>5} {r['seed_sigma']:>5} {r['min_seed_size']:>5} "
               f"{r['min_size']:>4} {r['merge_threshold']:>5} {r['score']:>7}  {per_source}")
-    best = rows[0]["_params"]
+    best = results[0][0]
     print(format_table(evaluate_segmentations(samples, [Segmentation(maps_to_labels(m, best), m) for m in maps])))
-    for r in rows:
-        del r["_params"]
     print("best:", json.dumps(rows[0]))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

@@ -96,3 +96,12 @@ def test_real_segmentation_round_trips(onnx_model, demo_images):
     assert len(outlines) == labels.max()
     ious = np.array([iou(mask_from_xy(xy, labels.shape), labels == i) for i, xy in outlines.items()])
     assert ious.min() >= 0.95, np.sort(ious)[:5]  # every cell, as ImageJ/QuPath would fill it
+
+
+def test_label_png_refuses_more_cells_than_16_bits_hold():
+    from cellseg.instances import TooManyCellsError, label_png_bytes
+
+    labels = np.arange(70_000, dtype=np.int32).reshape(280, 250)  # 69,999 cells of one pixel
+    with pytest.raises(TooManyCellsError, match="69,999 cells do not fit a 16-bit label PNG"):
+        label_png_bytes(labels)
+    assert label_png_bytes(np.minimum(labels, 65_535))[:8] == b"\x89PNG\r\n\x1a\n"

@@ -79,13 +79,16 @@ class CropDataset(torch.utils.data.Dataset):
     def _rng(self, index: int) -> np.random.Generator:
         return np.random.default_rng((self.seed, index))
 
+    def _pick(self, rng: np.random.Generator) -> int:
+        return int(rng.choice(len(self.images), p=self.weights))
+
     def image_index(self, index: int) -> int:
         """Which image item `index` is cut from (drawn with the sampling weights)."""
-        return int(self._rng(index).choice(len(self.images), p=self.weights))
+        return self._pick(self._rng(index))
 
     def __getitem__(self, index: int):
         rng = self._rng(index)
-        k = int(rng.choice(len(self.images), p=self.weights))
+        k = self._pick(rng)
         # albumentations draws from its own generator; seeding it per item keeps runs reproducible.
         self.augment.set_random_seed(int(rng.integers(2**31)))
         out = self.augment(image=self.images[k], mask=self.labels[k])
