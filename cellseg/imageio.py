@@ -66,9 +66,12 @@ def _single_page(tif: tifffile.TiffFile) -> tifffile.TiffPage:
     if second is not None:
         raise ImageError(f"multi-page TIFF ({len(tif.pages)} pages): send one 2-D image per file "
                          "(split the stack into single images)")
-    page = tif.pages.first
+    try:
+        page = tif.pages.first
+    except IndexError:  # the first page's directory lies beyond the data
+        page = None
     if not isinstance(page, tifffile.TiffPage):
-        raise ImageError("TIFF has no readable image page")
+        raise ImageError("could not decode TIFF (truncated or corrupt?): it has no readable image page")
     return page
 
 

@@ -68,6 +68,12 @@ def test_truncated_tiff_raises(synthetic_gray):
     data = tiff_bytes(synthetic_gray)
     with pytest.raises(ImageError):
         decode_image(data[: len(data) // 3])
+    # cut before its image directory (LIVECell's TIFFs keep it at the end): the message says so,
+    # where it used to end in a bare "0"
+    whole = tiff_bytes(np.zeros((200, 200), np.uint8))
+    directory_past_the_end = whole[:4] + (len(whole) + 100).to_bytes(4, "little") + whole[8:]
+    with pytest.raises(ImageError, match="truncated or corrupt.*no readable image page"):
+        decode_image(directory_past_the_end)
 
 
 def test_too_many_pixels_raises_before_decoding(synthetic_gray):
