@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,7 +26,9 @@ import bentoml
 import numpy as np
 from bentoml.validators import ContentType
 from pydantic import Field
-from starlette.responses import JSONResponse, Response
+from starlette.applications import Starlette
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
 
 from cellseg.formats import imagej_roi_zip, qupath_geojson
 from cellseg.imageio import ImageError, ImageTooLargeError, read_image
@@ -42,6 +45,7 @@ from cellseg.instances import (
 from cellseg.memory import configure_allocator, release_memory
 from cellseg.onnx_model import OnnxModel, available_providers, verify_sha256
 from cellseg.postprocess import PostprocessParams, maps_to_labels
+from cellseg.report import page_report
 from cellseg.upload_guard import UploadGuard
 
 logger = logging.getLogger("cellseg.service")
@@ -69,7 +73,7 @@ Tta = Annotated[bool, Field(default=False, description="test-time augmentation: 
 POSTPROCESS_FIELDS = ("fg_threshold", "seed_threshold", "min_size")
 COMMON_FIELDS = (*POSTPROCESS_FIELDS, "tta")
 ENDPOINT_FIELDS = {"/segment": COMMON_FIELDS, "/overlay": COMMON_FIELDS, "/mask": (*COMMON_FIELDS, "binary"),
-                   "/rois": COMMON_FIELDS, "/geojson": COMMON_FIELDS}
+                   "/rois": COMMON_FIELDS, "/geojson": COMMON_FIELDS, "/report": COMMON_FIELDS}
 PngFile = Annotated[Path, ContentType("image/png")]
 ZipFile = Annotated[Path, ContentType("application/zip")]
 
@@ -108,6 +112,12 @@ def check_form_fields(path: str, fields: dict[str, str]) -> None:
     PostprocessParams().with_overrides(**{k: values.get(k) for k in POSTPROCESS_FIELDS})  # ranges
 
 
+def upload_name(path: Path) -> str:
+    """The file name the client sent. BentoML stores an upload as a NamedTemporaryFile whose suffix is
+    that name (tempfile's 'tmp' + 8 random characters, then the name); the web page's test checks it."""
+    return re.sub(r"^tmp[a-z0-9_]{8}", "", path.name) or "image"
+
+
 def error_response(exc: Exception) -> JSONResponse:
     status = exc.status if isinstance(exc, RequestError) else 413 if isinstance(exc, ImageTooLargeError) else 400
     return JSONResponse({"error": str(exc), "status": status}, status_code=status)
@@ -136,6 +146,12 @@ class UNet:
             release_memory()  # the network's activations: freed, and given back to the system
 
 
+# The web page: one static HTML file (plain JavaScript and CSS, nothing from a CDN) that calls /report.
+WEB_PAGE = Path(__file__).with_name("cellseg") / "web" / "index.html"
+web_ui = Starlette(routes=[Route("/", lambda request: HTMLResponse(WEB_PAGE.read_text(encoding="utf-8")))])
+
+
+@bentoml.asgi_app(web_ui, path="/ui")
 @bentoml.service(workers=1, traffic={"timeout": 300, "max_concurrency": 64})
 class CellSegmentation:
     """Instance segmentation of cells in phase-contrast images (LIVECell U-Net)."""
@@ -265,6 +281,21 @@ class CellSegmentation:
                 return qupath_geojson(labels, measure_cells(labels, raw))
 
             return await anyio.to_thread.run_sync(collect, limiter=self.cpu)
+        return await self._guarded(work)
+
+
+    @bentoml.api
+    async def report(self, image: Path, fg_threshold: FgThreshold = None, seed_threshold: SeedThreshold = None,
+                     min_size: MinSize = None, tta: Tta = False) -> dict:
+        """Everything the web page (/ui) shows and offers, from one segmentation: count, confluence,
+        per-cell measurements (area, centroid, perimeter, eccentricity, score...), the image rendered
+        to 8-bit PNG with transparent outline and filled-cell layers, and base64 downloads: label PNG,
+        CSV, COCO JSON, ImageJ ROI zip and QuPath GeoJSON."""
+        async def work():
+            params = self._params(fg_threshold, seed_threshold, min_size)
+            raw, labels, scores = await self._segment(image, params, tta)
+            result = await anyio.to_thread.run_sync(page_report, raw, labels, scores, upload_name(image), limiter=self.cpu)
+            return {"model": self.model_info, "params": {**params.to_dict(), "tta": tta}, **result}
         return await self._guarded(work)
 
 

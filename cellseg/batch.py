@@ -20,10 +20,8 @@ folder are never taken as inputs.
 
 from __future__ import annotations
 
-import csv
 import glob
 import hashlib
-import io
 import json
 import os
 import threading
@@ -35,19 +33,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from cellseg.formats import geojson_bytes, imagej_roi_zip, qupath_geojson
 from cellseg.imageio import read_image
-from cellseg.instances import confluence, instances_from_labels, label_png_bytes, measure_cells
+from cellseg.outputs import FORMATS, cells_csv, coco_document, image_record, per_image_files
 from cellseg.postprocess import PostprocessParams
 
 IMAGE_SUFFIXES = {".tif", ".tiff", ".png", ".jpg", ".jpeg"}
-FORMATS = ("labels", "csv", "coco", "rois", "geojson")
 DEFAULT_FORMATS = ("labels", "csv", "coco")
 # Per-image files of each per-image format: folder and suffix under --out.
 PER_IMAGE_FILES = {"labels": ("labels", ".png"), "rois": ("rois", ".zip"), "geojson": ("geojson", ".geojson")}
-CSV_FIELDS = ["image", "cell_id", "area", "centroid_x", "centroid_y", "bbox_x", "bbox_y", "bbox_width", "bbox_height",
-              "perimeter", "eccentricity", "major_axis_length", "minor_axis_length", "solidity", "orientation",
-              "mean_intensity"]
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -148,16 +141,8 @@ def image_outputs(path: Path, name: str, segment: Segmenter, formats: tuple[str,
     image, segment it, measure the cells, encode the record and the requested per-image files."""
     image = read_image(path)
     result = segment(image, path)
-    cells = measure_cells(result.labels, image)
-    record = {
-        "source": str(path), "name": name, "height": int(image.shape[0]), "width": int(image.shape[1]),
-        "count": int(result.labels.max()), "confluence": round(confluence(result.labels), 3),
-        "cells": cells, "instances": instances_from_labels(result.labels, result.scores),
-    }
-    encoders = {"labels": lambda: label_png_bytes(result.labels), "rois": lambda: imagej_roi_zip(result.labels),
-                "geojson": lambda: geojson_bytes(qupath_geojson(result.labels, cells))}
-    files = {fmt: encode() for fmt, encode in encoders.items() if fmt in formats}
-    return ImageOutputs(files, json.dumps(record).encode())
+    record = image_record(image, result.labels, result.scores, name, str(path))
+    return ImageOutputs(per_image_files(result.labels, record, formats), json.dumps(record).encode())
 
 
 def _guarded(path: Path, name: str, segment: Segmenter,
@@ -236,27 +221,13 @@ def parse_formats(text: str) -> tuple[str, ...]:
 
 def write_aggregates(out: Path, names: list[str], formats: tuple[str, ...] = DEFAULT_FORMATS) -> int:
     """cells.csv and instances.coco.json (as requested) from the records of `names` (in order)."""
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=CSV_FIELDS, extrasaction="ignore")
-    writer.writeheader()
-    images, annotations = [], []
-    for image_id, name in enumerate(names, start=1):
-        record = json.loads((out / "records" / f"{name}.json").read_text())
-        for cell in record["cells"]:
-            writer.writerow({"image": name, **cell})
-        images.append({"id": image_id, "file_name": Path(record["source"]).name, "source": record["source"],
-                       "label_file": f"labels/{name}.png", "height": record["height"], "width": record["width"]})
-        for inst in record["instances"]:
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": 1, "iscrowd": 0,
-                                "segmentation": inst["rle"], "area": inst["area"], "bbox": inst["bbox"],
-                                "score": inst["score"]})
+    records = [json.loads((out / "records" / f"{name}.json").read_text()) for name in names]
     if "csv" in formats:
-        atomic_write(out / "cells.csv", text.getvalue().encode())
-    coco = {"info": {"description": "cellseg segment"}, "images": images, "annotations": annotations,
-            "categories": [{"id": 1, "name": "cell"}]}
+        atomic_write(out / "cells.csv", cells_csv(records))
     if "coco" in formats:
+        coco = coco_document(records, [f"labels/{name}.png" for name in names])
         atomic_write(out / "instances.coco.json", json.dumps(coco).encode())
-    return len(annotations)
+    return sum(record["count"] for record in records)
 
 
 def run_job(inputs: list[str], out: Path, backend_factory: Callable[[], Backend], settings: dict,

@@ -66,3 +66,43 @@ def free_port() -> int:
 
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+
+MAX_PIXELS = 2_000_000  # the served service's small limits, so the 413 tests need no giant upload
+MAX_UPLOAD_BYTES = 3_000_000  # likewise for the byte limit (a LIVECell TIFF is 370 KB)
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory, model_path):
+    """(URL, log file) of a running `bentoml serve`, shared by the API and web page tests."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("local_server", REPO / "scripts" / "local_server.py")
+    local_server = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(local_server)
+    home = tmp_path_factory.mktemp("bentoml_home")
+    try:
+        proc, url = local_server.start_server(model_path, home, {"CELLSEG_MAX_PIXELS": str(MAX_PIXELS),
+                                                                 "CELLSEG_MAX_UPLOAD_BYTES": str(MAX_UPLOAD_BYTES)})
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    yield url, home / "serve.log"
+    local_server.stop_server(proc)
+
+
+@pytest.fixture(scope="session")
+def server(served):
+    return served[0]
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    from cellseg import Client
+
+    with Client(server) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def tif(demo_images):
+    return next(p for p in demo_images if p.suffix == ".tif")

@@ -1,0 +1,69 @@
+"""One image's result in the forms people and lab tools use, made in one place for the batch job,
+the service and the web page: a record (size, count, confluence, measurements, COCO RLE instances)
+and the files built from records (16-bit label PNG, CSV, COCO JSON, ImageJ ROI zip, QuPath GeoJSON).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from cellseg.formats import geojson_bytes, imagej_roi_zip, qupath_geojson
+from cellseg.instances import confluence, instances_from_labels, label_png_bytes, measure_cells
+
+FORMATS = ("labels", "csv", "coco", "rois", "geojson")
+CSV_FIELDS = ["image", "cell_id", "area", "centroid_x", "centroid_y", "bbox_x", "bbox_y", "bbox_width", "bbox_height",
+              "perimeter", "eccentricity", "major_axis_length", "minor_axis_length", "solidity", "orientation",
+              "mean_intensity", "score"]
+
+
+def image_record(image: np.ndarray, labels: np.ndarray, scores: np.ndarray | None, name: str, source: str) -> dict:
+    """Everything later outputs need from one segmented image, as plain JSON-able data."""
+    cells = measure_cells(labels, image)
+    if scores is not None:
+        for cell in cells:
+            cell["score"] = round(float(scores[cell["cell_id"] - 1]), 4)
+    return {"source": source, "name": name, "height": int(image.shape[0]), "width": int(image.shape[1]),
+            "count": int(labels.max()), "confluence": round(confluence(labels), 3),
+            "cells": cells, "instances": instances_from_labels(labels, scores)}
+
+
+def per_image_files(labels: np.ndarray, record: dict, formats: Iterable[str]) -> dict[str, bytes]:
+    """The requested per-image files (labels, rois, geojson) of one segmented image."""
+    encoders = {"labels": lambda: label_png_bytes(labels), "rois": lambda: imagej_roi_zip(labels),
+                "geojson": lambda: geojson_bytes(qupath_geojson(labels, record["cells"]))}
+    return {fmt: encoders[fmt]() for fmt in formats if fmt in encoders}
+
+
+def cells_csv(records: Iterable[dict]) -> bytes:
+    """One row per cell of every record, named by the record's `name`."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=CSV_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    for record in records:
+        for cell in record["cells"]:
+            writer.writerow({"image": record["name"], **cell})
+    return text.getvalue().encode()
+
+
+def coco_document(records: Iterable[dict], label_files: Iterable[str | None] | None = None) -> dict:
+    """COCO results/annotations (RLE masks, scores) of every record's cells, one image entry each."""
+    images, annotations = [], []
+    records = list(records)
+    label_files = list(label_files) if label_files is not None else [None] * len(records)
+    for image_id, (record, label_file) in enumerate(zip(records, label_files), start=1):
+        entry = {"id": image_id, "file_name": Path(record["source"]).name,
+                 "source": record["source"], "height": record["height"], "width": record["width"]}
+        if label_file:
+            entry["label_file"] = label_file
+        images.append(entry)
+        for inst in record["instances"]:
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": 1, "iscrowd": 0,
+                                "segmentation": inst["rle"], "area": inst["area"], "bbox": inst["bbox"],
+                                "score": inst["score"]})
+    return {"info": {"description": "cellseg segment"}, "images": images, "annotations": annotations,
+            "categories": [{"id": 1, "name": "cell"}]}

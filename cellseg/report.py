@@ -1,0 +1,67 @@
+"""One image's complete result for the web page: what it shows (rendered views, count, confluence,
+per-cell measurements) and every download it offers, from one segmentation, so what a person
+downloads is exactly what is on screen. Formats come from `cellseg.outputs`, as in batch jobs.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import PurePath
+
+import numpy as np
+from PIL import Image
+from skimage.segmentation import find_boundaries
+
+from cellseg.outputs import cells_csv, coco_document, image_record, per_image_files
+from cellseg.preprocess import normalize
+
+OUTLINE_RGBA = (255, 64, 0, 255)
+FILL_ALPHA = 110  # filled labels stay see-through, so the cell under them can be judged
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG", compress_level=1)  # fast: these are shown, not kept
+    return buffer.getvalue()
+
+
+def _data_url(data: bytes, media_type: str) -> str:
+    return f"data:{media_type};base64,{base64.b64encode(data).decode()}"
+
+
+def rendered_views(image: np.ndarray, labels: np.ndarray) -> dict[str, bytes]:
+    """PNGs a browser can show for any input (8/16-bit, TIFF): the image contrast-stretched to 8-bit
+    gray, and two transparent layers to put over it: cell outlines, and cells filled in colour."""
+    gray = (np.clip(normalize(image), 0, 1) * 255).astype(np.uint8)
+    outlines = np.zeros((*labels.shape, 4), np.uint8)
+    outlines[find_boundaries(labels, mode="inner")] = OUTLINE_RGBA
+    # a fixed colour per cell id; neighbours rarely share one among 4096 hues and brightnesses
+    palette = np.random.default_rng(0).integers(60, 256, size=(int(labels.max()) + 1, 4), dtype=np.uint8)
+    palette[:, 3] = FILL_ALPHA
+    palette[0] = 0
+    filled = palette[labels]
+    return {"image": _png(gray), "outlines": _png(outlines), "filled": _png(filled)}
+
+
+def page_report(image: np.ndarray, labels: np.ndarray, scores: np.ndarray | None, filename: str) -> dict:
+    """JSON for the web page: count, confluence, cells (measurements and score), views (PNG data URLs)
+    and downloads (name, media type and base64 bytes of the label PNG, CSV, COCO, ROI zip, GeoJSON)."""
+    stem = PurePath(filename).stem or "image"
+    record = image_record(image, labels, scores, name=stem, source=PurePath(filename).name or "image")
+    files = per_image_files(labels, record, ("labels", "rois", "geojson"))
+    downloads = {
+        "labels": (f"{stem}_labels.png", "image/png", files["labels"]),
+        "csv": (f"{stem}_cells.csv", "text/csv", cells_csv([record])),
+        "coco": (f"{stem}.coco.json", "application/json", json.dumps(coco_document([record])).encode()),
+        "rois": (f"{stem}_RoiSet.zip", "application/zip", files["rois"]),
+        "geojson": (f"{stem}.geojson", "application/geo+json", files["geojson"]),
+    }
+    return {
+        "name": stem, "width": record["width"], "height": record["height"],
+        "count": record["count"], "confluence": record["confluence"], "cells": record["cells"],
+        "views": {key: _data_url(png, "image/png") for key, png in rendered_views(image, labels).items()},
+        "downloads": {key: {"filename": name, "media_type": media, "base64": base64.b64encode(data).decode()}
+                      for key, (name, media, data) in downloads.items()},
+    }
