@@ -2,6 +2,7 @@
 
     python -m export --checkpoint runs/unet/best.pt --out models/livecell-unet.onnx [--int8]
     python -m export register --model models/livecell-unet.onnx
+    python -m export bioimageio --model models/livecell-unet.onnx --out dist/livecell-unet.bioimageio.zip
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "register":
         return register_main(argv[1:])
+    if argv and argv[0] == "bioimageio":
+        from export.bioimageio import main as bioimageio_main  # needs bioimageio.core
+
+        return bioimageio_main(argv[1:])
     if argv and argv[0] == "onnx":
         argv = argv[1:]
     return export_main(argv)

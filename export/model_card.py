@@ -72,7 +72,9 @@ def write_model_card(path: Path, onnx_path: Path, meta: dict, sha256: str, expor
     split = meta["data_split"]
     text = f"""# Model card: {meta['name']}
 
-`{onnx_path.name}` — {onnx_path.stat().st_size / 1e6:.1f} MB, fp32, sha256 `{sha256}`
+`{onnx_path.name}` — {onnx_path.stat().st_size / 1e6:.1f} MB, fp32, sha256 `{sha256}`.
+`{onnx_path.with_suffix('.safetensors').name}` — the same weights for PyTorch (the TorchScript of the
+bioimage.io package, `python -m export bioimageio`, is traced from them and checked against the ONNX file).
 
 ## What it does
 Instance segmentation of cells in label-free phase-contrast microscopy (LIVECell-style, ~0.6 µm/px,

@@ -18,7 +18,7 @@ from cellseg.onnx_model import METADATA_KEY, OnnxModel, sha256_file
 from cellseg.postprocess import PostprocessParams
 from cellseg.preprocess import SIZE_DIVISOR, normalize
 from export.model_card import write_model_card
-from train.model import WithSigmoid, load_checkpoint
+from train.model import WithSigmoid, load_checkpoint, save_weights
 
 INPUT_NAME, OUTPUT_NAME = "image", "probabilities"
 
@@ -151,6 +151,8 @@ def main(argv=None) -> int:
     set_metadata(args.out, metadata)
     if metrics:
         args.out.with_suffix(".metrics.json").write_text(json.dumps(metrics, indent=2))
+    # PyTorch weights beside the ONNX file: TorchScript (bioimage.io, QuPath, deepImageJ) is traced from them.
+    save_weights(model, config, args.out.with_suffix(".safetensors"))
     # The learning curve (loss and validation metrics per epoch) ships with the model as evidence.
     args.out.with_suffix(".history.json").write_text(json.dumps(checkpoint["history"], indent=1))
 

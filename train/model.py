@@ -89,3 +89,29 @@ def load_checkpoint(path, map_location="cpu") -> tuple[torch.nn.Module, dict]:
     model = build_model(cfg["encoder"], None, tuple(cfg["decoder_channels"]))
     model.load_state_dict(checkpoint["model"])
     return model.eval(), checkpoint
+
+
+def save_weights(model: torch.nn.Module, config: dict, path) -> None:
+    """The network's weights as safetensors (no pickle), with the architecture config in the metadata:
+    what TorchScript and other PyTorch formats are rebuilt from (`python -m export bioimageio`)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    arch = {k: config[k] for k in ("encoder", "decoder_channels")}
+    save_file(state, str(path), metadata={"format": "pt", "architecture": json.dumps(arch)})
+
+
+def load_weights(path) -> torch.nn.Module:
+    """Inverse of `save_weights`: the model (eval mode, logits)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        arch = json.loads(f.metadata()["architecture"])
+    model = build_model(arch["encoder"], None, tuple(arch["decoder_channels"]))
+    model.load_state_dict(load_file(str(path)))
+    return model.eval()

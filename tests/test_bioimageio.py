@@ -1,0 +1,78 @@
+"""The bioimage.io package: written by `python -m export bioimageio`, passing bioimageio.core's own
+test (both weight formats reproduce the test tensors), and predicting like the runtime on another image."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from cellseg.imageio import read_image
+from cellseg.preprocess import NORMALIZATION, normalize
+
+pytestmark = [pytest.mark.slow, pytest.mark.data]
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory, model_path, data_root):
+    pytest.importorskip("bioimageio.core", reason="bioimageio.core is not installed (see requirements.txt)")
+    from export.bioimageio import TEST_IMAGE, main
+
+    if not (data_root / TEST_IMAGE).is_file():
+        pytest.skip(f"the package's test image {TEST_IMAGE} is not in {data_root}")
+    if not model_path.with_suffix(".safetensors").is_file():
+        pytest.skip(f"no PyTorch weights beside {model_path}")
+    out = tmp_path_factory.mktemp("bioimageio") / "livecell-unet.bioimageio.zip"
+    assert main(["--model", str(model_path), "--out", str(out), "--no-test"]) == 0
+    return out
+
+
+def test_bioimageio_test_passes_offline(package):
+    """`bioimageio test` (bioimageio.core's CLI) on the package, with every HTTP(S) request sent to a
+    dead proxy: both weight formats must reproduce the test outputs without the network."""
+    cli = Path(sys.executable).with_name("bioimageio")
+    dead = "http://127.0.0.1:9"
+    env = {**os.environ, "HTTP_PROXY": dead, "HTTPS_PROXY": dead, "http_proxy": dead, "https_proxy": dead, "NO_PROXY": ""}
+    run = subprocess.run([str(cli), "test", str(package)], env=env, capture_output=True, text=True, timeout=600)
+    report = run.stdout + run.stderr
+    assert run.returncode == 0, report[-3000:]
+    for weights in ("onnx", "torchscript"):
+        assert f"Reproduce test outputs from test inputs ({weights})" in report
+
+
+def test_package_describes_the_model(package):
+    with zipfile.ZipFile(package) as z:
+        rdf = yaml.safe_load(z.read("rdf.yaml"))
+        names = set(z.namelist())
+    assert rdf["format_version"].startswith("0.5.") and rdf["type"] == "model"
+    assert rdf["license"] == "CC-BY-NC-4.0"
+    assert any(c.get("doi") == "10.1038/s41592-021-01249-6" for c in rdf["cite"])  # LIVECell
+    assert set(rdf["weights"]) == {"onnx", "torchscript"}
+    (pre,) = [step for step in rdf["inputs"][0]["preprocessing"] if step["id"] == "scale_range"]
+    assert (pre["kwargs"]["min_percentile"], pre["kwargs"]["max_percentile"]) == (NORMALIZATION["low"], NORMALIZATION["high"])
+    assert [a.get("id", a["type"]) for a in rdf["inputs"][0]["axes"]] == ["batch", "channel", "y", "x"]
+    assert rdf["outputs"][0]["axes"][1]["channel_names"] == ["foreground", "boundary", "distance"]
+    for file in (rdf["documentation"], rdf["covers"][0], rdf["inputs"][0]["test_tensor"], rdf["outputs"][0]["test_tensor"]):
+        assert file["source"] in names
+
+
+def test_package_predicts_like_the_runtime(package, onnx_model, demo_images):
+    """On an image that is not its test tensor, bioimageio.core (its preprocessing, then ONNX)
+    gives the runtime's maps: the package's normalisation is the runtime's."""
+    from bioimageio.core import create_prediction_pipeline, load_model_description, predict
+    from bioimageio.core.digest_spec import create_sample_for_model
+
+    png = next(p for p in demo_images if p.suffix == ".png")  # a Kaggle-Sartorius image, 704x520
+    raw = read_image(png)[:512, :704].astype(np.float32)
+    expected = onnx_model.predict(normalize(raw)[None, None])[0]
+    description = load_model_description(package)
+    sample = create_sample_for_model(description, inputs={"raw": raw[None, None]})
+    result = predict(model=create_prediction_pipeline(description, weight_format="onnx"), inputs=sample)
+    got = result.members["probabilities"].data.values[0]
+    np.testing.assert_allclose(got, expected, atol=1e-3)
