@@ -50,32 +50,65 @@ class PostprocessParams:
 def remove_small(labels: np.ndarray, min_size: int) -> np.ndarray:
     if min_size <= 0 or labels.max() == 0:
         return labels
-    sizes = np.bincount(labels.ravel())
-    small = sizes < min_size
-    small[0] = False
-    labels = labels.copy()
-    labels[small[labels]] = 0
-    return labels
+    keep = np.arange(labels.max() + 1, dtype=labels.dtype)
+    keep[np.bincount(labels.ravel()) < min_size] = 0
+    keep[0] = 0
+    return keep[labels]
+
+
+def border_means(labels: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(label a, label b > a, mean of `values` along their shared border) for every pair of touching
+    cells (8-connectivity; background excluded). The same border pixels and means as skimage's
+    `graph.rag_boundary`, whose RAG of Python objects costs about 5x more on a LIVECell image."""
+    eroded = ndi.minimum_filter(labels, size=3)  # = grey_erosion with a 3x3 square, by separable passes
+    dilated = ndi.maximum_filter(labels, size=3)
+    inner, outer = eroded != labels, dilated != labels
+    small = np.concatenate((eroded[inner], labels[outer]))
+    large = np.concatenate((labels[inner], dilated[outer]))
+    border_values = np.concatenate((values[inner], values[outer])).astype(np.float64)
+    cells = small > 0
+    keys = small[cells].astype(np.int64) * (int(labels.max()) + 1) + large[cells]
+    pairs, index = np.unique(keys, return_inverse=True)
+    means = np.bincount(index, border_values[cells]) / np.bincount(index)
+    first, second = np.divmod(pairs, int(labels.max()) + 1)
+    return first, second, means
 
 
 def merge_weak_borders(labels: np.ndarray, boundary: np.ndarray, threshold: float) -> np.ndarray:
-    """Merge touching cells whose shared border has a mean boundary probability below `threshold`
-    (skimage's region adjacency graph gives each border's mean)."""
-    import networkx as nx
-    from skimage import graph
+    """Merge touching cells whose shared border has a mean boundary probability below `threshold`;
+    chains of such cells become one cell, numbered by its smallest label."""
+    from scipy.sparse import coo_array
+    from scipy.sparse.csgraph import connected_components
 
     if threshold <= 0 or labels.max() < 2:
         return labels
-    rag = graph.rag_boundary(labels, boundary.astype(np.float64))
-    if 0 in rag:
-        rag.remove_node(0)  # background is not a cell to merge with
-    weak = nx.Graph((u, v) for u, v, data in rag.edges(data=True) if data["weight"] < threshold)
-    if weak.number_of_edges() == 0:
+    first, second, means = border_means(labels, boundary)
+    weak = means < threshold
+    if not weak.any():
         return labels
-    lut = np.arange(labels.max() + 1, dtype=np.int32)
-    for component in nx.connected_components(weak):
-        lut[list(component)] = min(component)
-    return lut[labels]
+    n = int(labels.max()) + 1
+    graph = coo_array((np.ones(int(weak.sum())), (first[weak], second[weak])), shape=(n, n))
+    _, component = connected_components(graph, directed=False)
+    smallest = np.full(component.max() + 1, n, dtype=np.int64)
+    np.minimum.at(smallest, component, np.arange(n))
+    return smallest[component].astype(labels.dtype)[labels]
+
+
+def seeded_watershed(elevation: np.ndarray, seeds: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """skimage's watershed of `elevation` from `seeds` within `mask`, flooding only what it must.
+
+    A seed pixel whose four neighbours all carry its label can only ever be its own seed's: the
+    flood never has to pass through it. Leaving these interiors out of the mask and painting them
+    back gives the same labels (the tests check it) for about half the priority-queue work, since
+    cell cores cover much of the foreground.
+    """
+    interior = seeds > 0
+    interior[1:] &= seeds[1:] == seeds[:-1]  # same label as the pixel above (image edges count as same)
+    interior[:-1] &= seeds[:-1] == seeds[1:]  # ... below
+    interior[:, 1:] &= seeds[:, 1:] == seeds[:, :-1]  # ... left
+    interior[:, :-1] &= seeds[:, :-1] == seeds[:, 1:]  # ... right
+    flooded = watershed(elevation, markers=np.where(interior, 0, seeds), mask=mask & ~interior)
+    return np.where(interior, seeds, flooded).astype(np.int32)
 
 
 def maps_to_labels(probs: np.ndarray, params: PostprocessParams = PostprocessParams()) -> np.ndarray:
@@ -91,7 +124,7 @@ def maps_to_labels(probs: np.ndarray, params: PostprocessParams = PostprocessPar
         core_score = ndi.gaussian_filter(core_score, params.seed_sigma)
     cores, n_cores = ndi.label((core_score > params.seed_threshold) & foreground)
     cores = remove_small(cores, params.min_seed_size)
-    labels = watershed(-probs[2], markers=cores, mask=foreground).astype(np.int32)
+    labels = seeded_watershed(-probs[2], cores, foreground)
     labels = merge_weak_borders(labels, probs[1], params.merge_threshold)
     orphans, n_orphans = ndi.label(foreground & (labels == 0))
     if n_orphans:

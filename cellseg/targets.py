@@ -54,8 +54,8 @@ def make_targets(labels: np.ndarray, boundary_width: int = BOUNDARY_WIDTH) -> np
 
 def relabel_sequential(labels: np.ndarray) -> np.ndarray:
     """Labels renumbered 1..N in order of first appearance of their value (0 stays 0)."""
-    values = np.unique(labels)
-    values = values[values != 0]
-    lut = np.zeros(int(labels.max()) + 1, dtype=np.int32)
-    lut[values] = np.arange(1, len(values) + 1, dtype=np.int32)
+    present = np.bincount(labels.ravel()) > 0  # linear time, where np.unique sorts
+    present[0] = False
+    lut = np.zeros(len(present), dtype=np.int32)
+    lut[present] = np.arange(1, int(present.sum()) + 1, dtype=np.int32)
     return lut[labels]

@@ -79,3 +79,84 @@ def test_weak_borders_merge_and_strong_ones_do_not():
     assert set(np.unique(merge_weak_borders(labels, boundary, 0.4))) == {0, 1, 2}
     # off by default
     assert merge_weak_borders(labels, np.zeros_like(boundary), 0.0) is labels
+
+
+# The fast paths below must give what the plain library calls give: skimage's watershed over the
+# whole mask, and merges read from skimage's region adjacency graph (kept here as the reference).
+
+def random_maps(seed: int, shape=(96, 128)) -> np.ndarray:
+    """Smooth random (foreground, boundary, distance) maps with many touching blobs."""
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(seed)
+    maps = np.stack([ndi.gaussian_filter(rng.random(shape), sigma) for sigma in (3, 1.5, 4)])
+    maps -= maps.min(axis=(1, 2), keepdims=True)
+    maps /= maps.max(axis=(1, 2), keepdims=True)
+    return maps.astype(np.float32)
+
+
+def reference_merge(labels: np.ndarray, boundary: np.ndarray, threshold: float) -> np.ndarray:
+    import networkx as nx
+    from skimage import graph
+
+    rag = graph.rag_boundary(labels, boundary.astype(np.float64))
+    if 0 in rag:
+        rag.remove_node(0)
+    weak = nx.Graph((u, v) for u, v, d in rag.edges(data=True) if d["weight"] < threshold)
+    lut = np.arange(labels.max() + 1, dtype=np.int32)
+    for component in nx.connected_components(weak):
+        lut[list(component)] = min(component)
+    return lut[labels]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_seeded_watershed_equals_skimage_watershed(seed):
+    from scipy import ndimage as ndi
+    from skimage.segmentation import watershed
+
+    from cellseg.postprocess import seeded_watershed
+
+    fg, _, dist = random_maps(seed)
+    mask = fg > 0.35
+    seeds, n = ndi.label((dist > 0.55) & mask)
+    assert n >= 3
+    expected = watershed(-dist, markers=seeds, mask=mask)
+    assert np.array_equal(seeded_watershed(-dist, seeds, mask), expected)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_border_merge_equals_skimage_rag(seed):
+    from scipy import ndimage as ndi
+    from skimage.segmentation import watershed
+
+    from cellseg.postprocess import merge_weak_borders
+
+    fg, boundary, dist = random_maps(seed)
+    labels = watershed(-dist, markers=ndi.label(dist > 0.5)[0], mask=fg > 0.3).astype(np.int32)
+    for threshold in (0.2, 0.4, 0.6):
+        expected = reference_merge(labels, boundary, threshold)
+        got = merge_weak_borders(labels, boundary, threshold)
+        assert np.array_equal(got, expected)
+    assert len(np.unique(merge_weak_borders(labels, boundary, 0.6))) < len(np.unique(labels))  # some merged
+
+
+def test_postprocessing_unchanged_on_real_maps(onnx_model, demo_images):
+    """The whole map-to-labels step equals the plain skimage version on real network outputs."""
+    from scipy import ndimage as ndi
+    from skimage.segmentation import watershed
+
+    from cellseg.imageio import read_image
+    from cellseg.inference import predict_maps
+    from cellseg.targets import relabel_sequential
+
+    params = onnx_model.default_params
+    for probs in predict_maps(onnx_model.predict, [read_image(p) for p in demo_images[:3]]):
+        foreground = probs[0] > params.fg_threshold
+        core = ndi.gaussian_filter(probs[2] * (1.0 - probs[1]), params.seed_sigma)
+        cores = remove_small(ndi.label((core > params.seed_threshold) & foreground)[0], params.min_seed_size)
+        labels = reference_merge(watershed(-probs[2], markers=cores, mask=foreground).astype(np.int32), probs[1],
+                                 params.merge_threshold)
+        orphans, n = ndi.label(foreground & (labels == 0))
+        labels = np.where(orphans > 0, orphans + labels.max(), labels) if n else labels
+        expected = relabel_sequential(remove_small(labels, params.min_size))
+        assert np.array_equal(maps_to_labels(probs, params), expected)
