@@ -2,6 +2,7 @@
 
     python -m export --checkpoint runs/unet/best.pt --out models/livecell-unet.onnx [--int8]
     python -m export register --model models/livecell-unet.onnx
+    python -m export int8 --model models/livecell-unet.onnx --out models/livecell-unet.int8.onnx
     python -m export bioimageio --model models/livecell-unet.onnx --out dist/livecell-unet.bioimageio.zip
 """
 
@@ -17,6 +18,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "register":
         return register_main(argv[1:])
+    if argv and argv[0] == "int8":
+        from export.int8 import main as int8_main
+
+        return int8_main(argv[1:])
     if argv and argv[0] == "bioimageio":
         from export.bioimageio import main as bioimageio_main  # needs bioimageio.core
 

@@ -58,11 +58,19 @@ def _sampling_text(training: dict) -> str:
 def _int8_text(int8: dict | None, fp32_metrics: dict | None) -> str:
     if not int8:
         return ""
-    text = f"\n## int8 variant\n`{int8['file']}` — {int8['mb']} MB, static QDQ quantisation, sha256 `{int8['sha256']}`.\n"
+    recipe = int8.get("recipe") or {}
+    how = ", ".join(f"{k} {v}" for k, v in recipe.items()) if recipe else "static QDQ"
+    text = (f"\n## int8 variant\n`{int8['file']}` — {int8['mb']} MB, static QDQ quantisation ({how}; "
+            f"`python -m export int8`, recipe chosen in docs/int8_comparison.json), sha256 `{int8['sha256']}`.\n")
     if int8.get("metrics") and fp32_metrics:
         q = int8["metrics"]
-        compared = ", ".join(f"{k} {q[k]:.3f} (fp32 {fp32_metrics[k]:.3f})" for k in ("foreground_iou", "ap50", "msa"))
-        text += f"Validation, same split and post-processing: {compared}.\n\n{_metrics_table(q)}\n"
+        compared = ", ".join(f"{k} {q[k]:.4f} (fp32 {fp32_metrics[k]:.4f})" for k in ("foreground_iou", "ap50", "msa"))
+        text += f"Validation, same split and post-processing: {compared}.\n"
+        from export.register import INT8_TOLERANCE, default_precision
+
+        chosen = default_precision(fp32_metrics, q)
+        text += (f"**Served by default: {chosen}** (int8 is the default where its AP50 and mSA are each within "
+                 f"{INT8_TOLERANCE} of fp32; `CELLSEG_PRECISION=fp32|int8` overrides).\n\n{_metrics_table(q)}\n")
     return text
 
 

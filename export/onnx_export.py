@@ -17,6 +17,7 @@ from cellseg.inference import predict_padded
 from cellseg.onnx_model import METADATA_KEY, OnnxModel, sha256_file
 from cellseg.postprocess import PostprocessParams
 from cellseg.preprocess import SIZE_DIVISOR, normalize
+from export.int8 import Int8Recipe, calibration_images, quantize
 from export.model_card import write_model_card
 from train.model import WithSigmoid, load_checkpoint, save_weights
 
@@ -103,23 +104,6 @@ def build_metadata(config: dict, checkpoint: dict, metrics: dict | None, split: 
     }
 
 
-def quantize_int8(fp32: Path, out: Path, images: list[np.ndarray]) -> None:
-    from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter([{INPUT_NAME: normalize(im)[None, None, :512, :704].astype(np.float32)} for im in images])
-
-        def get_next(self):
-            return next(self.batches, None)
-
-    prepared = out.with_suffix(".pre.onnx")
-    quant_pre_process(str(fp32), str(prepared))
-    quantize_static(str(prepared), str(out), Reader(), activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    prepared.unlink()
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     model, checkpoint = load_checkpoint(args.checkpoint)
@@ -159,10 +143,12 @@ def main(argv=None) -> int:
     int8_summary = None
     if args.int8:
         int8 = args.out.with_suffix(".int8.onnx")
-        quantize_int8(args.out, int8, images[:: max(1, len(images) // 8)][:8])
+        recipe = Int8Recipe()
+        quantize(args.out, int8, calibration_images(args.data, recipe.calibration_images), recipe)
         qmetrics = None if args.no_eval else evaluate_segmentations(
             samples, OnnxModel(int8).segment(images, PostprocessParams(**config["postprocess"])))
         int8_summary = {"file": int8.name, "mb": round(int8.stat().st_size / 1e6, 1), "sha256": sha256_file(int8),
+                        "recipe": recipe.to_dict(),
                         "metrics": qmetrics and {k: v for k, v in qmetrics.items() if k != "per_image"}}
         print(f"int8 model {int8} ({int8_summary['mb']} MB):")
         if qmetrics:

@@ -11,10 +11,28 @@ from cellseg.onnx_model import default_model_path, read_metadata, sha256_file
 
 MODEL_NAME = "livecell-unet"
 MODEL_FILE = "model.onnx"
+INT8_FILE = "model.int8.onnx"
+# int8 is served by default only when its validation AP50 and mSA are each within this of fp32's.
+INT8_TOLERANCE = 0.01
+METRIC_KEYS = ("foreground_iou", "ap", "ap50", "ap75", "msa", "count_error")
 
 
-def find_registered(sha256: str, name: str = MODEL_NAME):
-    """The stored model of this name whose file has this sha256, if any."""
+def variant_metrics(path: Path) -> dict:
+    """Validation metrics recorded beside an ONNX file (`<stem>.metrics.json`), else in its metadata."""
+    recorded = path.with_suffix(".metrics.json")
+    metrics = json.loads(recorded.read_text()) if recorded.is_file() else (read_metadata(path).get("metrics") or {})
+    return {k: metrics[k] for k in METRIC_KEYS if k in metrics}
+
+
+def default_precision(fp32: dict, int8: dict | None) -> str:
+    """'int8' where its AP50 and mSA are each within INT8_TOLERANCE of fp32's, else 'fp32'."""
+    if not int8 or not all(k in int8 and k in fp32 for k in ("ap50", "msa")):
+        return "fp32"
+    return "int8" if all(fp32[k] - int8[k] <= INT8_TOLERANCE for k in ("ap50", "msa")) else "fp32"
+
+
+def find_registered(sha256: str, name: str = MODEL_NAME, int8_sha256: str | None = None):
+    """The stored model of this name whose files have these sha256s, if any."""
     import bentoml
     from bentoml.exceptions import NotFound
 
@@ -23,21 +41,29 @@ def find_registered(sha256: str, name: str = MODEL_NAME):
     except NotFound:  # no model of that name yet
         return None
     for model in models:
-        if model.info.metadata.get("sha256") == sha256:
+        meta = model.info.metadata
+        stored_int8 = (meta.get("variants") or {}).get("int8", {}).get("sha256")
+        if meta.get("sha256") == sha256 and stored_int8 == int8_sha256:
             return model
     return None
 
 
-def register(path: Path, name: str = MODEL_NAME):
-    """Put `path` in the model store (idempotent: the same file returns the existing entry)."""
+def register(path: Path, name: str = MODEL_NAME, int8: Path | None = None):
+    """Put `path` (fp32) and its int8 variant, if any, in the model store as one model (idempotent:
+    the same files return the existing entry). Its metadata records which precision to serve by
+    default (`default_precision`); the service's CELLSEG_PRECISION overrides it."""
     import bentoml
 
     sha256 = sha256_file(path)
-    existing = find_registered(sha256, name)
+    int8_sha256 = sha256_file(int8) if int8 else None
+    existing = find_registered(sha256, name, int8_sha256)
     if existing is not None:
         return existing, False
     meta = read_metadata(path)
-    metrics = meta.get("metrics") or {}
+    fp32_metrics = variant_metrics(path)
+    variants = {"fp32": {"file": MODEL_FILE, "sha256": sha256, "metrics": fp32_metrics}}
+    if int8:
+        variants["int8"] = {"file": INT8_FILE, "sha256": int8_sha256, "metrics": variant_metrics(int8)}
     metadata = {
         "sha256": sha256,
         "file": MODEL_FILE,
@@ -45,23 +71,38 @@ def register(path: Path, name: str = MODEL_NAME):
         "postprocess": meta.get("postprocess"),
         "output_channels": meta.get("output_channels"),
         "input": meta.get("input"),
-        "metrics": {k: metrics[k] for k in ("foreground_iou", "ap", "ap50", "ap75", "msa", "count_error") if k in metrics},
+        "metrics": fp32_metrics,
         "license": meta.get("license"),
+        "variants": variants,
+        "default_precision": default_precision(fp32_metrics, variants.get("int8", {}).get("metrics")),
+        "int8_tolerance": INT8_TOLERANCE,
     }
     labels = {"task": "instance-segmentation", "dataset": "livecell", "format": "onnx",
               "architecture": "unet-" + str((meta.get("architecture") or {}).get("encoder", "unknown")),
               "license": "cc-by-nc-4.0"}
     with bentoml.models.create(name, labels=labels, metadata=metadata) as model:
         shutil.copyfile(path, model.path_of(MODEL_FILE))
+        if int8:
+            shutil.copyfile(int8, model.path_of(INT8_FILE))
     return bentoml.models.get(model.tag), True
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m export register", description=__doc__)
     p.add_argument("--model", type=Path, default=default_model_path(), help="ONNX file to register")
+    p.add_argument("--int8", type=Path, default=None,
+                   help="its int8 variant (default: <model>.int8.onnx beside it, if present)")
+    p.add_argument("--no-int8", action="store_true", help="register the fp32 model alone")
     p.add_argument("--name", default=MODEL_NAME)
     args = p.parse_args(argv)
-    model, created = register(args.model, args.name)
-    print(json.dumps({"tag": str(model.tag), "created": created, "sha256": model.info.metadata["sha256"],
+    int8 = None if args.no_int8 else (args.int8 or args.model.with_suffix(".int8.onnx"))
+    if int8 is not None and not int8.is_file():
+        if args.int8:
+            raise SystemExit(f"int8 model not found: {int8}")
+        int8 = None
+    model, created = register(args.model, args.name, int8)
+    meta = model.info.metadata
+    print(json.dumps({"tag": str(model.tag), "created": created, "sha256": meta["sha256"],
+                      "precisions": sorted(meta["variants"]), "default_precision": meta["default_precision"],
                       "path": model.path}))
     return 0

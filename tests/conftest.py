@@ -91,6 +91,25 @@ def served(tmp_path_factory, model_path):
 
 
 @pytest.fixture(scope="session")
+def served_model_path(model_path) -> Path:
+    """The ONNX file the served service runs: the int8 variant where registration makes it the default."""
+    from export.register import default_precision, variant_metrics
+
+    int8 = model_path.with_suffix(".int8.onnx")
+    if int8.is_file() and default_precision(variant_metrics(model_path), variant_metrics(int8)) == "int8":
+        return int8
+    return model_path
+
+
+@pytest.fixture(scope="session")
+def served_model(served_model_path):
+    """In-process twin of the served network: the server's answers must equal its answers."""
+    from cellseg.onnx_model import OnnxModel
+
+    return OnnxModel(served_model_path)
+
+
+@pytest.fixture(scope="session")
 def server(served):
     return served[0]
 

@@ -46,6 +46,31 @@ def test_register_is_idempotent_and_records_what_inference_needs(tmp_path, model
     meta = yaml.safe_load(open(os.path.join(first["path"], "model.yaml")))
     assert meta["labels"]["format"] == "onnx"
     assert {"sha256", "normalization", "postprocess", "output_channels", "input", "metrics"} <= set(meta["metadata"])
+    # both precisions are in the one model, with their files, checksums and validation metrics
+    from cellseg.onnx_model import sha256_file
+    from export.register import default_precision
+
+    variants = meta["metadata"]["variants"]
+    int8 = model_path.with_suffix(".int8.onnx")
+    assert set(variants) == ({"fp32", "int8"} if int8.is_file() else {"fp32"})
+    for variant in variants.values():
+        stored = os.path.join(first["path"], variant["file"])
+        assert sha256_file(stored) == variant["sha256"]
+        assert {"ap50", "msa"} <= set(variant["metrics"])
+    assert meta["metadata"]["default_precision"] == default_precision(
+        variants["fp32"]["metrics"], variants.get("int8", {}).get("metrics"))
+
+
+def test_int8_is_the_default_only_within_tolerance():
+    from export.register import INT8_TOLERANCE, default_precision
+
+    fp32 = {"ap50": 0.41, "msa": 0.17}
+    assert default_precision(fp32, {"ap50": 0.41 - INT8_TOLERANCE / 2, "msa": 0.17}) == "int8"
+    assert default_precision(fp32, {"ap50": 0.43, "msa": 0.18}) == "int8"  # better is fine
+    assert default_precision(fp32, {"ap50": 0.41 - 2 * INT8_TOLERANCE, "msa": 0.17}) == "fp32"
+    assert default_precision(fp32, {"ap50": 0.41, "msa": 0.17 - 2 * INT8_TOLERANCE}) == "fp32"
+    assert default_precision(fp32, None) == "fp32"
+    assert default_precision(fp32, {}) == "fp32"  # no measurement, no switch
 
 
 def test_model_file_is_verified_against_its_sha256(tmp_path, model_path):

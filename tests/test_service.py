@@ -21,8 +21,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.data]
 
 
 @pytest.fixture(scope="module")
-def local_labels(onnx_model, tif):
-    return onnx_model.segment([read_image(tif)])[0].labels
+def local_labels(served_model, tif):
+    """What the served variant (fp32 or int8) gives in process: the server must give the same."""
+    return served_model.segment([read_image(tif)])[0].labels
 
 
 def post(server, endpoint, files=None, data=None):
@@ -33,11 +34,12 @@ def assert_still_serving(server):
     assert httpx.get(f"{server}/readyz", timeout=10).status_code == 200
 
 
-def test_segment_matches_local_inference(client, tif, local_labels, model_path):
+def test_segment_matches_local_inference(client, tif, local_labels, served_model_path):
     result = client.segment(tif)
     assert result.count == local_labels.max() > 0
     np.testing.assert_array_equal(result.labels, local_labels)
-    assert result.model["name"] == "livecell-unet" and result.model["sha256"] == sha256_file(model_path)
+    assert result.model["name"] == "livecell-unet" and result.model["sha256"] == sha256_file(served_model_path)
+    assert result.model["precision"] == ("int8" if served_model_path.name.endswith(".int8.onnx") else "fp32")
     assert result.confluence == pytest.approx(100 * (local_labels > 0).mean(), abs=1e-3)
     cell = result.cells[0]
     assert cell.area == int((local_labels == cell.id).sum()) and len(cell.bbox) == 4 and 0 < cell.score <= 1
@@ -239,14 +241,14 @@ def test_builtin_endpoints(server):
     assert "bentoml_service_request_in_progress" in httpx.get(f"{server}/metrics", timeout=10).text
 
 
-def test_batch_job_against_server(server, demo_images, tmp_path, onnx_model):
+def test_batch_job_against_server(server, demo_images, tmp_path, served_model):
     from cellseg.cli import main
 
     out = tmp_path / "remote"
     assert main(["segment", *map(str, demo_images), "--out", str(out), "--server", server, "--quiet"]) == 0
     first = demo_images[0]
     labels = np.asarray(Image.open(out / "labels" / f"{first.stem}.png"))
-    np.testing.assert_array_equal(labels, onnx_model.segment([read_image(first)])[0].labels)
+    np.testing.assert_array_equal(labels, served_model.segment([read_image(first)])[0].labels)
 
 
 def test_parallel_batch_job_against_server_fails_no_good_image(server, demo_images, tmp_path):
@@ -266,14 +268,14 @@ def test_parallel_batch_job_against_server_fails_no_good_image(server, demo_imag
     assert len(list((out / "labels").glob("*.png"))) == 4 * len(demo_images)
 
 
-def test_mixed_sizes_and_tiled_images_match_local_inference(server, tif, onnx_model):
+def test_mixed_sizes_and_tiled_images_match_local_inference(server, tif, served_model):
     """Concurrent requests of different sizes (one large enough to be tiled) are batched together
     and each still equals local inference at its own resolution."""
     raw = read_image(tif).astype(np.uint8)
     crop = raw[:300, :451]
     large = np.tile(raw, (2, 2))[:1100, :1300]  # > 1024 px a side: tiled, and under the 2 MP test limit
     images = [raw, crop, large, crop, raw]
-    expected = {i: onnx_model.segment([im.astype(np.float32)])[0].labels for i, im in enumerate(images[:3])}
+    expected = {i: served_model.segment([im.astype(np.float32)])[0].labels for i, im in enumerate(images[:3])}
 
     def one(i):
         return i, post(server, "mask", files={"image": (f"{i}.png", png(images[i]), "image/png")})
@@ -287,8 +289,8 @@ def test_mixed_sizes_and_tiled_images_match_local_inference(server, tif, onnx_mo
         np.testing.assert_array_equal(labels, expected[{3: 1, 4: 0}.get(i, i)])
 
 
-def test_tta_through_the_service_matches_local_tta(client, tif, onnx_model):
-    expected = onnx_model.segment([read_image(tif)], tta=True)[0].labels
+def test_tta_through_the_service_matches_local_tta(client, tif, served_model):
+    expected = served_model.segment([read_image(tif)], tta=True)[0].labels
     np.testing.assert_array_equal(client.mask(tif, tta=True), expected)
     assert client.segment(tif, tta=True).params["tta"] is True
 

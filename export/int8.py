@@ -1,0 +1,118 @@
+"""Static int8 quantisation (QDQ) of the fp32 ONNX model, calibrated on real training images.
+
+    python -m export int8 --model models/livecell-unet.onnx --out models/livecell-unet.int8.onnx \
+        [--per-tensor] [--calibration-images 32] [--method minmax|percentile|entropy] [--keep-head-fp32]
+
+Calibration images come from the training split (never validation), whole images normalised as the
+runtime does, so activation ranges match what the served model sees.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from cellseg.data import default_data_root, load_split, subsample_per_type
+from cellseg.onnx_model import METADATA_KEY, read_metadata, sha256_file
+from cellseg.preprocess import normalize, pad_to, padded_size
+
+METHODS = ("minmax", "percentile", "entropy")
+
+
+@dataclass(frozen=True)
+class Int8Recipe:
+    # Defaults: the recipe docs/int8_comparison.json picked (scripts/compare_int8.py), the closest
+    # to fp32 on validation among the recipes as fast as per-tensor int8.
+    per_channel: bool = True  # one weight scale per output channel instead of per tensor
+    calibration_images: int = 32
+    method: str = "percentile"  # how activation ranges are chosen from the calibration histograms
+    keep_head_fp32: bool = False  # leave the first and last convolutions in fp32 (most sensitive)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def calibration_images(data: Path, count: int) -> list[np.ndarray]:
+    """`count` training images spread evenly over sources and cell types (fixed seed), normalised
+    and padded to a multiple of 32 as the runtime does."""
+    train = load_split(data, "train")
+    groups = len({(s.source, s.cell_type) for s in train})
+    chosen = subsample_per_type(train, -(-count // groups))
+    samples = [chosen[i] for i in np.unique(np.linspace(0, len(chosen) - 1, count).round().astype(int))]
+    arrays = []
+    for sample in samples:
+        x = normalize(sample.image())
+        arrays.append(pad_to(x, padded_size(x.shape[0]), padded_size(x.shape[1])))
+    return arrays
+
+
+def head_and_stem_nodes(model_path: Path) -> list[str]:
+    """Names of the first and the last Conv nodes of the graph."""
+    convs = [n.name for n in onnx.load(str(model_path)).graph.node if n.op_type == "Conv"]
+    return [convs[0], convs[-1]] if convs else []
+
+
+def quantize(fp32: Path, out: Path, images: list[np.ndarray], recipe: Int8Recipe = Int8Recipe()) -> None:
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    input_name = onnx.load(str(fp32), load_external_data=False).graph.input[0].name
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{input_name: x[None, None].astype(np.float32)} for x in images])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+              "entropy": CalibrationMethod.Entropy}[recipe.method]
+    prepared = out.with_suffix(".pre.onnx")
+    quant_pre_process(str(fp32), str(prepared))
+    try:
+        quantize_static(str(prepared), str(out), Reader(), activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, per_channel=recipe.per_channel, calibrate_method=method,
+                        nodes_to_exclude=head_and_stem_nodes(prepared) if recipe.keep_head_fp32 else None,
+                        extra_options={"CalibMovingAverage": False})
+    finally:
+        prepared.unlink(missing_ok=True)
+        for extra in out.parent.glob("augmented_model*.onnx"):
+            extra.unlink()
+    record_recipe(out, fp32, recipe)
+
+
+def record_recipe(int8: Path, fp32: Path, recipe: Int8Recipe) -> None:
+    """The fp32 model's metadata (post-processing defaults...) plus how the int8 file was made."""
+    metadata = {**read_metadata(fp32), "quantization": {"format": "QDQ static", **recipe.to_dict(),
+                                                         "fp32_sha256": sha256_file(fp32)}}
+    model = onnx.load(str(int8))
+    kept = [e for e in model.metadata_props if e.key != METADATA_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend([*kept, onnx.StringStringEntryProto(key=METADATA_KEY, value=json.dumps(metadata))])
+    onnx.save(model, str(int8))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m export int8", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, default=Path("models/livecell-unet.onnx"))
+    p.add_argument("--out", type=Path, default=Path("models/livecell-unet.int8.onnx"))
+    p.add_argument("--data", type=Path, default=default_data_root())
+    p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor (default: per channel)")
+    p.add_argument("--calibration-images", type=int, default=Int8Recipe.calibration_images)
+    p.add_argument("--method", choices=METHODS, default=Int8Recipe.method)
+    p.add_argument("--keep-head-fp32", action="store_true")
+    args = p.parse_args(argv)
+    recipe = Int8Recipe(not args.per_tensor, args.calibration_images, args.method, args.keep_head_fp32)
+    quantize(args.model, args.out, calibration_images(args.data, recipe.calibration_images), recipe)
+    print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB) with {recipe.to_dict()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
