@@ -4,8 +4,15 @@ request returns to its idle level instead of staying at the peak.
 glibc serves big blocks with mmap (returned to the system when freed) only above a threshold that it
 raises by itself, up to 32 MB, each time such a block is freed; after one 16-megapixel request, the
 arrays of later requests come from the heap and stay reserved there. It also keeps freed blocks in
-up to 8 arenas per core. Fixing the mmap threshold at 1 MiB, capping the arenas and trimming after
-work keeps the footprint near idle. Elsewhere (macOS, musl) these are no-ops.
+up to 8 arenas per core. Fixing the mmap threshold, capping the arenas and trimming after work keeps
+the footprint near idle. Elsewhere (macOS, musl) these are no-ops.
+
+The threshold is a trade: every mmap'd block is fresh memory that the kernel must fault in and zero
+on first touch. At 1 MiB, every LIVECell-size array pays that, and post-processing takes 1.5x as long;
+at 32 MiB (HEAP_UP_TO), arrays up to a 2-megapixel float32 map are reused from the heap, trimmed after
+each request, while a 16-megapixel request's maps still come from mmap and go straight back. The
+network process uses 1 MiB (MMAP_FROM_1MIB): ONNX Runtime's arena holds its working memory in large
+blocks and gives them back with munmap when it shrinks after a big call (cellseg.onnx_model).
 """
 
 from __future__ import annotations
@@ -26,7 +33,11 @@ except (OSError, AttributeError):  # not glibc
     _malloc_trim = _mallopt = None
 
 
-def configure_allocator(arenas: int = 2, mmap_threshold: int = 1 << 20) -> bool:
+HEAP_UP_TO = 32 << 20
+MMAP_FROM_1MIB = 1 << 20
+
+
+def configure_allocator(arenas: int = 2, mmap_threshold: int = HEAP_UP_TO) -> bool:
     """Cap glibc's malloc arenas, and serve every block over `mmap_threshold` bytes (image-sized
     arrays) with mmap, so that freeing it returns it to the system at once."""
     return bool(_mallopt and _mallopt(M_ARENA_MAX, arenas) and _mallopt(M_MMAP_THRESHOLD, mmap_threshold))

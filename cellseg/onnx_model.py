@@ -57,18 +57,33 @@ class OnnxModel:
     """The exported network: `predict` maps (N, 1, H, W) float32 to (N, 3, H, W) probabilities."""
 
     def __init__(self, path: str | Path | None = None, threads: int | None = None,
-                 providers: Sequence[str] | None = None):
+                 providers: Sequence[str] | None = None, arena_keep_pixels: int | None = None,
+                 spin: bool = True):
+        """`arena_keep_pixels`: ONNX Runtime keeps the memory of its activations between calls (its
+        arena), which makes a LIVECell image's network 1.7x faster than allocating it afresh each call
+        (docs/BENCHMARKS.md). A call with more pixels than this (a large image's tiles) gives the
+        arena's free memory back to the system when it ends, so one big request does not leave the
+        process at its peak. None: never give it back (batch jobs, evaluation).
+
+        `spin`: ONNX Runtime's worker threads busy-wait for the next call after each one. Where
+        other processes share the cores (the service's HTTP front doing post-processing), that
+        spinning takes their CPU: the service turns it off."""
         self.path = Path(path) if path else default_model_path()
         if not self.path.is_file():
             raise FileNotFoundError(f"ONNX model not found: {self.path}")
         options = ort.SessionOptions()
-        # Without the arena, memory taken for one large image goes back to the system afterwards
-        # instead of staying reserved for the life of the process.
-        options.enable_cpu_mem_arena = False
+        self.arena_keep_pixels = arena_keep_pixels
+        self._shrink = ort.RunOptions()
+        self._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         if threads:
             options.intra_op_num_threads = threads
+        if not spin:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(self.path), options, providers=list(providers or available_providers()))
         self.input_name = self.session.get_inputs()[0].name
+        self.output_name = self.session.get_outputs()[0].name
+        self.output_channels = int(self.session.get_outputs()[0].shape[1])
         meta = self.session.get_modelmeta().custom_metadata_map
         self.metadata: dict = json.loads(meta.get(METADATA_KEY, "{}"))
 
@@ -81,7 +96,17 @@ class OnnxModel:
         return PostprocessParams(**self.metadata.get("postprocess", {}))
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        n, _, height, width = batch.shape
+        shrink = self.arena_keep_pixels is not None and n * height * width > self.arena_keep_pixels
+        # The output goes straight into an array numpy owns: left in ONNX Runtime's arena, it would
+        # pin its block there and keep the arena from shrinking until the caller drops it.
+        output = np.empty((n, self.output_channels, height, width), dtype=np.float32)
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(self.input_name, batch)
+        binding.bind_output(self.output_name, "cpu", 0, np.float32, output.shape, output.ctypes.data)
+        self.session.run_with_iobinding(binding, self._shrink if shrink else None)
+        return output
 
     def segment(self, images: Sequence[np.ndarray], params: PostprocessParams | None = None,
                 batch_size: int = 4, tile_size: int = DEFAULT_TILE_SIZE, tta: bool = False) -> list[Segmentation]:

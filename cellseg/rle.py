@@ -53,10 +53,38 @@ def cell_windows(labels: np.ndarray):
 
 
 def labels_to_coco_rles(labels: np.ndarray) -> list[dict]:
-    """One COCO RLE per label 1..max(labels) (in label order; absent labels give empty masks)."""
+    """One COCO RLE per label 1..max(labels) (in label order; absent labels give empty masks).
+
+    The runs of every cell come from one pass over the image in COCO's column-major order; only
+    the compression of each cell's run lengths (pycocotools) is per cell. Same strings as
+    `encode_coco` on each cell's mask (the tests check it), about 4x faster than cell by cell."""
     height, width = labels.shape
-    return [encode_coco_window(local, *((w[0].start, w[1].start) if w else (0, 0)), height, width)
-            for _, w, local in cell_windows(labels)]
+    total = height * width
+    count = int(labels.max(initial=0))
+    flat = np.ascontiguousarray(labels.T).ravel()
+    changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    starts = np.r_[0, changes]
+    ends = np.r_[changes, total]
+    values = flat[starts]
+    cells = values > 0
+    starts, ends, values = starts[cells], ends[cells], values[cells]
+    order = np.argsort(values, kind="stable")  # by cell, runs kept in image order
+    starts, ends = starts[order], ends[order]
+    bounds = np.searchsorted(values[order], np.arange(1, count + 2))
+    rles = []
+    for cell in range(count):
+        first, last = bounds[cell], bounds[cell + 1]
+        s, e = starts[first:last], ends[first:last]
+        if s.size == 0:
+            counts = [total]
+        else:
+            zeros = s - np.r_[0, e[:-1]]
+            counts = np.column_stack([zeros, e - s]).ravel().tolist()
+            if e[-1] < total:  # pycocotools writes no zero-length trailing run
+                counts.append(int(total - e[-1]))
+        rle = mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width)
+        rles.append({"size": [height, width], "counts": rle["counts"].decode("ascii")})
+    return rles
 
 
 def coco_counts(rle: dict) -> np.ndarray:

@@ -26,7 +26,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import httpx  # noqa: E402
 
-from bench_inference import livecell_images, torch_predictor, write_report  # noqa: E402
+from bench_inference import livecell_images, machine_description, torch_predictor, write_report  # noqa: E402
 from cellseg.data import default_data_root  # noqa: E402
 from cellseg.imageio import read_image  # noqa: E402
 from cellseg.inference import segment_images  # noqa: E402
@@ -89,21 +89,29 @@ def main() -> int:
 
     paths = livecell_images(args.data, args.images)
     payloads = [(p.name, p.read_bytes()) for p in paths]
-    httpx.post(f"{args.url}/segment", files={"image": payloads[0]}, timeout=300).raise_for_status()  # warm-up
+    warm = httpx.post(f"{args.url}/segment", files={"image": payloads[0]}, timeout=300)
+    warm.raise_for_status()
+    # compare with the variant the server runs (fp32 or int8), side by side
+    precision = warm.json()["model"].get("precision", "fp32")
+    model_path = args.model.with_suffix(".int8.onnx") if precision == "int8" else args.model
     levels = [load_test(args.url, payloads, int(c), args.requests) for c in args.concurrency.split(",")]
     for level in levels:
         print(json.dumps(level), flush=True)
 
     images = [read_image(p) for p in paths]
-    model = OnnxModel(args.model)
+    model = OnnxModel(model_path)
     ort_ips = in_process(model.predict, images, model.default_params)
     torch_ips = in_process(torch_predictor(model, None, os.cpu_count() or 1), images, model.default_params)
     best_server = max(level["images_per_s"] for level in levels)
-    report = {"url": args.url, "images": len(images), "image_size": "704x520", "server": levels,
+    c1 = next((level for level in levels if level["concurrency"] == 1), None)
+    report = {"url": args.url, "machine": machine_description(), "precision": precision, "model": str(model_path),
+              "images": len(images), "image_size": "704x520", "server": levels,
               "in_process_images_per_s": {"onnxruntime": round(ort_ips, 2), "pytorch_eager": round(torch_ips, 2)},
               "ratios": {"onnxruntime_vs_pytorch_eager": round(ort_ips / torch_ips, 2),
                          "best_server_vs_in_process_onnxruntime": round(best_server / ort_ips, 2),
-                         "best_server_vs_pytorch_eager": round(best_server / torch_ips, 2)}}
+                         "best_server_vs_pytorch_eager": round(best_server / torch_ips, 2),
+                         # HTTP latency at concurrency 1 over the in-process end-to-end time per image
+                         "http_p50_c1_vs_in_process_end_to_end": c1 and round(c1["p50_ms"] / (1000 / ort_ips), 2)}}
     print(json.dumps({k: report[k] for k in ("in_process_images_per_s", "ratios")}))
     write_report(report, args.json)
     return 0

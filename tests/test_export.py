@@ -54,15 +54,18 @@ def test_onnxruntime_matches_pytorch_on_real_images(exported, data_root):
 
 def test_int8_quantisation_runs_and_stays_close(exported, data_root, tmp_path):
     from cellseg.data import load_split
-    from cellseg.onnx_model import OnnxModel
-    from cellseg.preprocess import normalize
-    from export.onnx_export import quantize_int8
+    from cellseg.onnx_model import OnnxModel, read_metadata
+    from cellseg.preprocess import normalize, pad_to
+    from export.int8 import Int8Recipe, quantize
 
     _, path = exported
     images = [s.image() for s in load_split(data_root, "val")[:2]]
+    calibration = [pad_to(normalize(im)[:256, :256], 256, 256) for im in images]
     int8 = tmp_path / "model.int8.onnx"
-    quantize_int8(path, int8, images)
+    quantize(path, int8, calibration, Int8Recipe(calibration_images=2))
     assert int8.stat().st_size < path.stat().st_size / 2
+    meta = read_metadata(int8)  # the fp32 model's metadata, plus how the int8 file was made
+    assert meta["quantization"]["per_channel"] is True and meta.items() >= read_metadata(path).items()
     batch = normalize(images[0])[None, None, :256, :256].astype(np.float32)
     fp32_out, int8_out = OnnxModel(path).predict(batch), OnnxModel(int8).predict(batch)
     assert int8_out.shape == fp32_out.shape

@@ -78,3 +78,30 @@ def test_window_encoding_and_run_decoding_equal_pycocotools():
         np.testing.assert_array_equal(coco_counts(big_rle).sum(), 10**6)
         assert encode_coco_window(big[y0 * 10 :, x0 * 10 :], y0 * 10, x0 * 10, 1000, 1000) == encode_coco(big)
     assert encode_coco_window(np.zeros((3, 3), bool), 1, 1, 8, 9) == encode_coco(np.zeros((8, 9), bool))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_all_cells_encoded_at_once_equal_pycocotools_per_cell(seed):
+    """Random labels with cells on every edge (runs that reach the bottom of one column and the top
+    of the next), ragged shapes and absent labels: one pass gives pycocotools' string per cell."""
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(seed)
+    h, w = int(rng.integers(20, 70)), int(rng.integers(20, 70))
+    labels = ndi.label(ndi.gaussian_filter(rng.random((h, w)), 2) > 0.5)[0].astype(np.int32)
+    labels[:, 0] = labels[:, 0].max() + 1  # a full left column: its runs join across columns
+    labels[labels == 2] = 0  # an absent label in the middle
+    rles = labels_to_coco_rles(labels)
+    assert len(rles) == labels.max()
+    for index, rle in enumerate(rles, start=1):
+        assert rle == encode_coco(labels == index)
+
+
+def test_instance_centroids_equal_pixel_means_on_both_paths(labels, monkeypatch):
+    from cellseg import instances
+
+    expected = [[round(float(np.nonzero(labels == i)[1].mean()), 2), round(float(np.nonzero(labels == i)[0].mean()), 2)]
+                for i in np.unique(labels[labels > 0])]
+    assert [r["centroid"] for r in instances.instances_from_labels(labels)] == expected
+    monkeypatch.setattr(instances, "COUNT_TABLE_LIMIT", 0)  # the per-pixel path, used for huge tables
+    assert [r["centroid"] for r in instances.instances_from_labels(labels)] == expected

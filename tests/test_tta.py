@@ -37,3 +37,14 @@ def test_tta_equals_plain_for_an_equivariant_network_and_averages_otherwise(synt
     averaged = predict_maps(left_biased, [image], tta=True)[0]
     assert predict_maps(left_biased, [image])[0][0].std() > 0.2
     np.testing.assert_allclose(averaged[0], 0.5, atol=0.02)
+
+
+def test_maps_travel_as_8_bit_codes_within_half_a_step():
+    from cellseg.inference import MAP_LEVELS, decode_maps, encode_maps
+
+    maps = np.random.default_rng(0).random((3, 17, 23)).astype(np.float32)
+    codes = encode_maps([maps])
+    assert codes[0].dtype == np.uint8 and codes[0].nbytes * 4 == maps.nbytes
+    back = decode_maps(codes)[0]
+    assert back.dtype == np.float32 and np.abs(back - maps).max() <= 0.5 / MAP_LEVELS + 1e-7
+    assert decode_maps(encode_maps([np.array([0.0, 1.0, 1.5, -0.2])]))[0].tolist() == [0.0, 1.0, 1.0, 0.0]
