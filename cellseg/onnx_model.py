@@ -60,7 +60,7 @@ class OnnxModel:
                  providers: Sequence[str] | None = None, arena_keep_pixels: int | None = None,
                  spin: bool = True):
         """`arena_keep_pixels`: ONNX Runtime keeps the memory of its activations between calls (its
-        arena), which makes a LIVECell image's network 1.7x faster than allocating it afresh each call
+        arena), which makes a LIVECell image's network about 2x faster than allocating it afresh each call
         (docs/BENCHMARKS.md). A call with more pixels than this (a large image's tiles) gives the
         arena's free memory back to the system when it ends, so one big request does not leave the
         process at its peak. None: never give it back (batch jobs, evaluation).

@@ -100,7 +100,10 @@ def seeded_watershed(elevation: np.ndarray, seeds: np.ndarray, mask: np.ndarray)
     A seed pixel whose four neighbours all carry its label can only ever be its own seed's: the
     flood never has to pass through it. Leaving these interiors out of the mask and painting them
     back gives the same labels (the tests check it) for about half the priority-queue work, since
-    cell cores cover much of the foreground.
+    cell cores cover much of the foreground. One caveat: where heights tie exactly (8-bit maps),
+    skimage's heap pops tied seed pixels in an order that depends on everything in it, so a few
+    border pixels between touching cells can go the other way (0.002% of pixels on the validation
+    split, AP50 -0.0002; docs/BENCHMARKS.md); neither order is more right than the other.
     """
     interior = seeds > 0
     interior[1:] &= seeds[1:] == seeds[:-1]  # same label as the pixel above (image edges count as same)
