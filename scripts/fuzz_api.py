@@ -2,7 +2,7 @@
 
     python scripts/fuzz_api.py --url http://127.0.0.1:3000 --max-examples 200
 
-Every operation that takes an image (/segment, /mask, /overlay, /rois, /geojson) gets schemathesis' generated junk
+Every operation that takes an image (/segment, /mask, /overlay, /rois, /geojson, /report) gets schemathesis' generated junk
 *and*, in about half of the cases, a real image (PNG or TIFF, 8- or 16-bit, several sizes, cut from
 the real LIVECell demo image), so that successful segmentations are exercised too. The checks: no
 server error (5xx), every status code documented, every response body, content type and header
@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 CHECKS = ("not_a_server_error,status_code_conformance,response_schema_conformance,"
           "content_type_conformance,response_headers_conformance")
-OPERATIONS = "^/(segment|mask|overlay|rois|geojson)$"
+OPERATIONS = "^/(segment|mask|overlay|rois|geojson|report)$"
 
 
 def real_images(data_root: Path) -> list[bytes]:
