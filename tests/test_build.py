@@ -89,3 +89,19 @@ def test_model_file_is_verified_against_its_sha256(tmp_path, model_path):
         fh.write(bytes([byte[0] ^ 0xFF]))
     with pytest.raises(ValueError, match="corrupt or replaced"):
         verify_sha256(copy, expected)
+
+
+def test_served_precision_is_the_recorded_default_unless_overridden(monkeypatch):
+    import service
+
+    meta = {"default_precision": "int8", "variants": {"fp32": {"file": "model.onnx", "sha256": "a"},
+                                                      "int8": {"file": "model.int8.onnx", "sha256": "b"}}}
+    monkeypatch.setattr(service, "PRECISION", None)
+    assert service.served_variant(meta) == {"precision": "int8", "file": "model.int8.onnx", "sha256": "b"}
+    monkeypatch.setattr(service, "PRECISION", "fp32")  # CELLSEG_PRECISION=fp32
+    assert service.served_variant(meta)["file"] == "model.onnx"
+    monkeypatch.setattr(service, "PRECISION", "int4")
+    with pytest.raises(ValueError, match="int4"):
+        service.served_variant(meta)
+    monkeypatch.setattr(service, "PRECISION", None)  # a model registered before variants existed
+    assert service.served_variant({"sha256": "a"}) == {"precision": "fp32", "file": "model.onnx", "sha256": "a"}
