@@ -25,6 +25,7 @@ def test_bentoml_build(tmp_path, model_path):
     bento = next(p for p in bentos if p.is_dir())
     src = bento / "src"
     assert (src / "service.py").is_file() and (src / "cellseg" / "inference.py").is_file()
+    assert (src / "cellseg" / "web" / "index.html").is_file()  # the /ui page works inside the container
     assert not (src / "train").exists() and not (src / "tests").exists()
     lines = (bento / "env" / "python" / "requirements.txt").read_text().lower().splitlines()
     packages = {line.split("==")[0].strip() for line in lines if line.strip() and not line.startswith("#")}
