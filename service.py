@@ -13,6 +13,7 @@ Run: `bentoml serve service:CellSegmentation` (after `python -m export register`
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import logging
 import os
@@ -177,7 +178,7 @@ class UNet:
 
 
 # The web page: one static HTML file (plain JavaScript and CSS, nothing from a CDN) that calls /report.
-WEB_PAGE = Path(__file__).with_name("cellseg") / "web" / "index.html"
+WEB_PAGE = importlib.resources.files("cellseg") / "web" / "index.html"
 web_ui = Starlette(routes=[Route("/", lambda request: HTMLResponse(WEB_PAGE.read_text(encoding="utf-8")))])
 
 

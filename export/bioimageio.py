@@ -49,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def test_tensors(model: OnnxModel, image_path: Path) -> tuple[np.ndarray, np.ndarray]:
+def reference_tensors(model: OnnxModel, image_path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(raw input (1, 1, H, W) float32, runtime output (1, 3, H, W)) for the package's test."""
     raw = read_image(image_path)[: TEST_SHAPE[0], : TEST_SHAPE[1]].astype(np.float32)
     if raw.shape != TEST_SHAPE:
@@ -227,7 +227,7 @@ def main(argv=None) -> int:
     if not image.is_file():
         raise SystemExit(f"test image not found: {image} (pass --image or set CELLSEG_DATA)")
     model = OnnxModel(args.model)
-    raw, output = test_tensors(model, image)
+    raw, output = reference_tensors(model, image)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         torchscript = workdir / "weights.torchscript.pt"
