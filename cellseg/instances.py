@@ -93,26 +93,31 @@ class TooManyCellsError(ValueError):
     """More cells than a 16-bit label image can number."""
 
 
+def png_bytes(array: np.ndarray, compress_level: int = 6) -> bytes:
+    """PNG of a uint8/uint16 array (gray, RGB or RGBA); compress_level 1 for pictures only shown."""
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG", compress_level=compress_level)
+    return buffer.getvalue()
+
+
+def display_gray(image: np.ndarray) -> np.ndarray:
+    """Any image as 8-bit gray for people to look at: normalised as the network sees it, clipped."""
+    return (np.clip(normalize(image), 0, 1) * 255).astype(np.uint8)
+
+
 def label_png_bytes(labels: np.ndarray) -> bytes:
     """16-bit grayscale PNG of a label image (0 = background, 1..N cells)."""
     if labels.max(initial=0) > MAX_LABEL_PNG:
         raise TooManyCellsError(f"{int(labels.max()):,} cells do not fit a 16-bit label PNG (at most {MAX_LABEL_PNG:,})")
-    buffer = io.BytesIO()
-    Image.fromarray(labels.astype(np.uint16)).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return png_bytes(labels.astype(np.uint16))
 
 
 def binary_png_bytes(labels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(((labels > 0) * 255).astype(np.uint8)).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return png_bytes(((labels > 0) * 255).astype(np.uint8))
 
 
 def overlay_png_bytes(image: np.ndarray, labels: np.ndarray, color=(255, 64, 0)) -> bytes:
     """The image (contrast-stretched to 8-bit) with each cell's outline drawn on it."""
-    gray = (np.clip(normalize(image), 0, 1) * 255).astype(np.uint8)
-    rgb = np.repeat(gray[..., None], 3, axis=2)
+    rgb = np.repeat(display_gray(image)[..., None], 3, axis=2)
     rgb[find_boundaries(labels, mode="inner")] = color
-    buffer = io.BytesIO()
-    Image.fromarray(rgb).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return png_bytes(rgb)

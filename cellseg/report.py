@@ -6,25 +6,21 @@ downloads is exactly what is on screen. Formats come from `cellseg.outputs`, as 
 from __future__ import annotations
 
 import base64
-import io
 import json
 from pathlib import PurePath
 
 import numpy as np
-from PIL import Image
 from skimage.segmentation import find_boundaries
 
+from cellseg.instances import display_gray, png_bytes
 from cellseg.outputs import cells_csv, coco_document, image_record, per_image_files
-from cellseg.preprocess import normalize
 
 OUTLINE_RGBA = (255, 64, 0, 255)
 FILL_ALPHA = 110  # filled labels stay see-through, so the cell under them can be judged
 
 
 def _png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG", compress_level=1)  # fast: these are shown, not kept
-    return buffer.getvalue()
+    return png_bytes(array, compress_level=1)  # fast: these are shown, not kept
 
 
 def _data_url(data: bytes, media_type: str) -> str:
@@ -34,7 +30,7 @@ def _data_url(data: bytes, media_type: str) -> str:
 def rendered_views(image: np.ndarray, labels: np.ndarray) -> dict[str, bytes]:
     """PNGs a browser can show for any input (8/16-bit, TIFF): the image contrast-stretched to 8-bit
     gray, and two transparent layers to put over it: cell outlines, and cells filled in colour."""
-    gray = (np.clip(normalize(image), 0, 1) * 255).astype(np.uint8)
+    gray = display_gray(image)
     outlines = np.zeros((*labels.shape, 4), np.uint8)
     outlines[find_boundaries(labels, mode="inner")] = OUTLINE_RGBA
     # a fixed colour per cell id; neighbours rarely share one among 4096 hues and brightnesses

@@ -26,6 +26,7 @@ import torch
 
 from cellseg.data import default_data_root
 from cellseg.imageio import read_image
+from cellseg.instances import display_gray
 from cellseg.onnx_model import OnnxModel
 from cellseg.preprocess import NORMALIZATION, SIZE_DIVISOR, normalize
 
@@ -74,7 +75,7 @@ def write_cover(raw: np.ndarray, output: np.ndarray, path: Path) -> None:
     """2:1 cover: the normalised image (left) and its foreground/boundary maps in colour (right)."""
     from PIL import Image
 
-    gray = (np.clip(normalize(raw), 0, 1) * 255).astype(np.uint8)
+    gray = display_gray(raw)
     side = min(gray.shape)
     gray = gray[:side, :side]
     probs = output[:, :side, :side]
