@@ -16,6 +16,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench_inference import write_report  # noqa: E402
+
 SETTINGS = {"issue 7: mmap from 1 MiB, arena off": (1 << 20, False), "now: mmap from 32 MiB, arena kept": (32 << 20, True)}
 
 CHILD = """
@@ -63,8 +67,7 @@ def main() -> int:
         results[name] = json.loads(out.strip().splitlines()[-1])
         print(name, results[name], flush=True)
     report = {"model": args.model, "image": "first LIVECell image (704x520)", "results": results}
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+    write_report(report, args.json)
     return 0
 
 

@@ -142,9 +142,10 @@ def timeit_once(fn) -> float:
 
 
 def write_report(report: dict, path: Path | None) -> None:
+    """A benchmark's JSON report, where --json asked for it (every bench script writes through here)."""
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2))
+        path.write_text(json.dumps(report, indent=2) + "\n")
 
 
 def run(args) -> dict:

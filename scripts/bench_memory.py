@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from local_server import start_server, stop_server  # noqa: E402
 
+from bench_inference import write_report  # noqa: E402
 from cellseg.data import default_data_root  # noqa: E402
 from cellseg.onnx_model import default_model_path  # noqa: E402
 
@@ -153,8 +154,7 @@ def main() -> int:
                          "memory_gb": round(psutil.virtual_memory().total / 2**30)}
     result["command"] = "python scripts/bench_memory.py " + " ".join(sys.argv[1:])
     print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    write_report(result, args.json)
     return 0
 
 

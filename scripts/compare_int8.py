@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from bench_inference import livecell_images, machine_description, timeit  # noqa: E402
+from bench_inference import livecell_images, machine_description, timeit, write_report  # noqa: E402
 from cellseg.data import default_data_root, load_split  # noqa: E402
 from cellseg.evaluate import evaluate_segmentations  # noqa: E402
 from cellseg.imageio import read_image  # noqa: E402
@@ -85,8 +85,7 @@ def main() -> int:
         print(name, json.dumps(row), flush=True)
     report = {"machine": machine_description(), "model": str(args.model), "split": "val", "images": len(samples),
               "tolerance": TOLERANCE, "postprocess": params.to_dict(), "rows": rows}
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+    write_report(report, args.json)
     return 0
 
 
