@@ -28,21 +28,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import numpy as np  # noqa: E402
-from scipy import ndimage as ndi  # noqa: E402
 
-from bench_inference import livecell_images, machine_description  # noqa: E402
+from bench_inference import livecell_images, machine_description, write_report  # noqa: E402
 from cellseg.data import default_data_root  # noqa: E402
 from cellseg.imageio import read_image  # noqa: E402
 from cellseg.inference import Segmentation, decode_maps, encode_maps, predict_padded  # noqa: E402
 from cellseg.instances import instances_from_labels  # noqa: E402
 from cellseg.onnx_model import OnnxModel  # noqa: E402
-from cellseg.postprocess import maps_to_labels, merge_weak_borders, remove_small, seeded_watershed  # noqa: E402
+from cellseg.postprocess import (  # noqa: E402
+    core_score,
+    finish_labels,
+    maps_to_labels,
+    merge_weak_borders,
+    seed_cores,
+    seeded_watershed,
+)
 from cellseg.preprocess import normalize  # noqa: E402
-from cellseg.targets import relabel_sequential  # noqa: E402
 
 
 def stages(image: np.ndarray, raw_maps: np.ndarray, params) -> dict[str, float]:
-    """Milliseconds of each stage, run in the order maps_to_labels runs them."""
+    """Milliseconds of each of maps_to_labels' stages (the same functions, in its order), with
+    normalisation before them and the service's per-cell work after."""
     times: dict[str, float] = {}
 
     def timed(name, fn, *args):
@@ -54,19 +60,11 @@ def stages(image: np.ndarray, raw_maps: np.ndarray, params) -> dict[str, float]:
     timed("normalise", normalize, image)
     probs = timed("8-bit maps", lambda: decode_maps(encode_maps([raw_maps]))[0])
     foreground = probs[0] > params.fg_threshold
-    core = timed("core score + smoothing", lambda: ndi.gaussian_filter(probs[2] * (1.0 - probs[1]), params.seed_sigma))
-    cores = timed("label cores", lambda: remove_small(ndi.label((core > params.seed_threshold) & foreground)[0],
-                                                      params.min_seed_size))
+    score = timed("core score + smoothing", core_score, probs, params.seed_sigma)
+    cores = timed("label cores", seed_cores, score, foreground, params)
     labels = timed("watershed", seeded_watershed, -probs[2], cores, foreground)
     labels = timed("boundary merge", merge_weak_borders, labels, probs[1], params.merge_threshold)
-
-    def finish(labels):
-        orphans, n = ndi.label(foreground & (labels == 0))
-        if n:
-            labels = np.where(orphans > 0, orphans + labels.max(), labels)
-        return relabel_sequential(remove_small(labels, params.min_size))
-
-    labels = timed("orphans, small cells, relabel", finish, labels)
+    labels = timed("orphans, small cells, relabel", finish_labels, labels, foreground, params.min_size)
     scores = timed("scores", lambda: Segmentation(labels, probs).scores())
     timed("RLE records (segment JSON)", instances_from_labels, labels, scores)
     return times
@@ -145,8 +143,7 @@ def main() -> int:
     report = {"machine": machine_description(), "model": str(args.model), "images": len(images),
               "repeats": args.repeats, "stage_ms_median": stage_ms, "per_image_ms": whole}
     print(json.dumps(report, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+    write_report(report, args.json)
     return 0
 
 
