@@ -8,8 +8,6 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
-from cellseg.targets import relabel_sequential
-
 
 @dataclass(frozen=True)
 class PostprocessParams:
@@ -62,10 +60,12 @@ def border_means(labels: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np
     `graph.rag_boundary`, whose RAG of Python objects costs about 5x more on a LIVECell image."""
     eroded = ndi.minimum_filter(labels, size=3)  # = grey_erosion with a 3x3 square, by separable passes
     dilated = ndi.maximum_filter(labels, size=3)
-    inner, outer = eroded != labels, dilated != labels
-    small = np.concatenate((eroded[inner], labels[outer]))
-    large = np.concatenate((labels[inner], dilated[outer]))
-    border_values = np.concatenate((values[inner], values[outer])).astype(np.float64)
+    inner = np.flatnonzero(eroded != labels)  # positions once, then gathers: cheaper than 6 boolean masks
+    outer = np.flatnonzero(dilated != labels)
+    flat, values = labels.ravel(), values.ravel()
+    small = np.concatenate((eroded.ravel()[inner], flat[outer]))
+    large = np.concatenate((flat[inner], dilated.ravel()[outer]))
+    border_values = values[np.concatenate((inner, outer))].astype(np.float64)
     cells = small > 0
     keys = small[cells].astype(np.int64) * (int(labels.max()) + 1) + large[cells]
     pairs, index = np.unique(keys, return_inverse=True)
@@ -149,4 +149,9 @@ def finish_labels(labels: np.ndarray, foreground: np.ndarray, min_size: int) -> 
     orphans, n_orphans = ndi.label(foreground & (labels == 0))
     if n_orphans:
         labels = np.where(orphans > 0, orphans + labels.max(), labels)
-    return relabel_sequential(remove_small(labels, min_size)).astype(np.int32)
+    # relabel_sequential(remove_small(labels, min_size)) as one table: one count and one gather, not two
+    keep = np.bincount(labels.ravel()) >= max(min_size, 1)
+    keep[0] = False
+    table = np.zeros(len(keep), dtype=np.int32)
+    table[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    return table[labels]
