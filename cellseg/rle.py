@@ -39,22 +39,30 @@ def labels_to_coco_rles(labels: np.ndarray) -> list[dict]:
     cells = values > 0
     starts, ends, values = starts[cells], ends[cells], values[cells]
     order = np.argsort(values, kind="stable")  # by cell, runs kept in image order
-    starts, ends = starts[order], ends[order]
-    bounds = np.searchsorted(values[order], np.arange(1, count + 2))
-    rles = []
+    starts, ends, cell_of_run = starts[order], ends[order], values[order]
+    bounds = np.searchsorted(cell_of_run, np.arange(1, count + 2))
+    # COCO counts alternate background and foreground run lengths, starting with background: for
+    # each run, the gap since the cell's previous run (or since pixel 0), then the run itself.
+    previous_end = np.r_[0, ends[:-1]]
+    previous_end[bounds[:-1][bounds[:-1] < len(ends)]] = 0  # each cell's first run starts counting at 0
+    counts = np.empty(2 * len(starts), dtype=np.int64)
+    counts[0::2], counts[1::2] = starts - previous_end, ends - starts
+    counts = counts.tolist()
+    objects = []
     for cell in range(count):
         first, last = bounds[cell], bounds[cell + 1]
-        s, e = starts[first:last], ends[first:last]
-        if s.size == 0:
-            counts = [total]
-        else:
-            zeros = s - np.r_[0, e[:-1]]
-            counts = np.column_stack([zeros, e - s]).ravel().tolist()
-            if e[-1] < total:  # pycocotools writes no zero-length trailing run
-                counts.append(int(total - e[-1]))
-        rle = mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width)
-        rles.append({"size": [height, width], "counts": rle["counts"].decode("ascii")})
-    return rles
+        if first == last:
+            objects.append({"size": [height, width], "counts": [total]})
+            continue
+        cell_counts = counts[2 * first : 2 * last]
+        if ends[last - 1] < total:  # pycocotools writes no zero-length trailing run
+            cell_counts.append(int(total - ends[last - 1]))
+        objects.append({"size": [height, width], "counts": cell_counts})
+    if not objects:
+        return []
+    # one call compresses every cell's counts to COCO's string form
+    return [{"size": [height, width], "counts": rle["counts"].decode("ascii")}
+            for rle in mask_utils.frPyObjects(objects, height, width)]
 
 
 def coco_counts(rle: dict) -> np.ndarray:
