@@ -88,8 +88,14 @@ MAP_LEVELS = 255
 
 
 def encode_maps(maps: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """Probability maps (float, 0..1) to uint8 codes."""
-    return [np.rint(np.clip(m, 0.0, 1.0) * MAP_LEVELS).astype(np.uint8) for m in maps]
+    """Probability maps (float, 0..1) to uint8 codes: round(clip(m, 0, 1) * 255), in one scratch array
+    per map (the network process allocates every array afresh, so temporaries cost page faults)."""
+    codes = []
+    for m in maps:
+        scratch = np.clip(m, 0.0, 1.0)
+        scratch *= MAP_LEVELS
+        codes.append(np.rint(scratch, out=scratch).astype(np.uint8))
+    return codes
 
 
 def decode_maps(codes: Sequence[np.ndarray]) -> list[np.ndarray]:

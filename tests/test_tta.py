@@ -48,3 +48,13 @@ def test_maps_travel_as_8_bit_codes_within_half_a_step():
     back = decode_maps(codes)[0]
     assert back.dtype == np.float32 and np.abs(back - maps).max() <= 0.5 / MAP_LEVELS + 1e-7
     assert decode_maps(encode_maps([np.array([0.0, 1.0, 1.5, -0.2])]))[0].tolist() == [0.0, 1.0, 1.0, 0.0]
+
+
+def test_codes_are_round_of_clipped_maps_times_255_for_any_float_type():
+    from cellseg.inference import encode_maps
+
+    rng = np.random.default_rng(1)
+    for dtype in (np.float16, np.float32, np.float64):
+        maps = (rng.random((3, 40, 50)) * 1.4 - 0.2).astype(dtype)
+        maps.flat[:4] = [0.5 / 255, 1.5 / 255, 254.5 / 255, 1.0]  # halfway cases: round half to even
+        np.testing.assert_array_equal(encode_maps([maps])[0], np.rint(np.clip(maps, 0.0, 1.0) * 255).astype(np.uint8))
