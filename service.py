@@ -36,9 +36,8 @@ from cellseg.imageio import ImageError, ImageTooLargeError, read_image
 from cellseg.inference import (
     Segmentation,
     decode_maps,
-    encode_maps,
     merge_outputs,
-    predict_padded,
+    predict_codes,
     split_image,
     tta_expand,
     tta_reduce,
@@ -170,9 +169,9 @@ class UNet:
     @bentoml.api(batchable=True, max_batch_size=8, max_latency_ms=60_000)
     def predict(self, pieces: list[np.ndarray]) -> list[np.ndarray]:
         """Normalised (h, w) float32 arrays -> (3, h, w) probabilities (foreground, boundary, distance)
-        as uint8 codes (cellseg.inference.encode_maps): a quarter of the bytes to send back."""
+        as uint8 codes (cellseg.inference.encode_map): a quarter of the bytes to send back."""
         try:
-            return encode_maps(predict_padded(self.model.predict, pieces))
+            return predict_codes(self.model.predict, pieces)
         finally:
             release_memory()  # the network's activations: freed, and given back to the system
 

@@ -56,14 +56,16 @@ def merge_outputs(outputs: Sequence[np.ndarray], plan: ImagePlan) -> np.ndarray:
     return stitch(list(outputs), plan.tiles, plan.height, plan.width)
 
 
-def predict_padded(predict: PredictFn, arrays: Sequence[np.ndarray],
-                   max_batch_pixels: int = MAX_BATCH_PIXELS) -> list[np.ndarray]:
+def predict_padded(predict: PredictFn, arrays: Sequence[np.ndarray], max_batch_pixels: int = MAX_BATCH_PIXELS,
+                   finish: Callable[[np.ndarray], np.ndarray] = np.ascontiguousarray) -> list[np.ndarray]:
     """Predict arrays of possibly different shapes: each is reflect-padded to a multiple of 32,
     arrays with the same padded shape run as one batch (of at most `max_batch_pixels`), outputs
     are cropped back.
 
     Padding each array only to its own size (not to the largest in the batch) keeps every result
-    independent of which other requests it was batched with.
+    independent of which other requests it was batched with. `finish` turns each cropped view
+    into the array kept: a copy by default, so the batch's full output is freed rather than kept
+    alive by views; `predict_codes` encodes it to 8 bits instead.
     """
     groups: dict[tuple[int, int], list[int]] = {}
     for i, a in enumerate(arrays):
@@ -75,8 +77,7 @@ def predict_padded(predict: PredictFn, arrays: Sequence[np.ndarray],
             chunk = members[start : start + per_call]
             batch = np.stack([pad_to(arrays[i], height, width) for i in chunk])[:, None].astype(np.float32)
             for i, probs in zip(chunk, predict(batch)):
-                # a copy, so the batch's full output array is freed rather than kept alive by views
-                outputs[i] = np.ascontiguousarray(probs[:, : arrays[i].shape[0], : arrays[i].shape[1]])
+                outputs[i] = finish(probs[:, : arrays[i].shape[0], : arrays[i].shape[1]])
     return outputs  # type: ignore[return-value]
 
 
@@ -87,15 +88,21 @@ def predict_padded(predict: PredictFn, arrays: Sequence[np.ndarray],
 MAP_LEVELS = 255
 
 
-def encode_maps(maps: Sequence[np.ndarray]) -> list[np.ndarray]:
+def encode_map(probs: np.ndarray) -> np.ndarray:
     """Probability maps (float, 0..1) to uint8 codes: round(clip(m, 0, 1) * 255), in one scratch array
-    per map (the network process allocates every array afresh, so temporaries cost page faults)."""
-    codes = []
-    for m in maps:
-        scratch = np.clip(m, 0.0, 1.0)
-        scratch *= MAP_LEVELS
-        codes.append(np.rint(scratch, out=scratch).astype(np.uint8))
-    return codes
+    (the network process allocates every array afresh, so temporaries cost page faults)."""
+    scratch = np.clip(probs, 0.0, 1.0)
+    scratch *= MAP_LEVELS
+    return np.rint(scratch, out=scratch).astype(np.uint8)
+
+
+def encode_maps(maps: Sequence[np.ndarray]) -> list[np.ndarray]:
+    return [encode_map(m) for m in maps]
+
+
+def predict_codes(predict: PredictFn, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """`predict_padded`, each output encoded to 8-bit codes straight from the batch's output."""
+    return predict_padded(predict, arrays, finish=encode_map)
 
 
 def decode_maps(codes: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -140,7 +147,7 @@ def predict_maps(
         pieces = tta_expand(pieces)
     outputs: list[np.ndarray] = []
     for start in range(0, len(pieces), batch_size):  # 8-bit maps, exactly as the service's network returns them
-        outputs += decode_maps(encode_maps(predict_padded(predict, pieces[start : start + batch_size])))
+        outputs += decode_maps(predict_codes(predict, pieces[start : start + batch_size]))
     if tta:
         outputs = tta_reduce(outputs)
     results, offset = [], 0
