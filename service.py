@@ -142,6 +142,20 @@ def upload_name(path: Path) -> str:
     return re.sub(r"^tmp[a-z0-9_]{8}", "", path.name) or "image"
 
 
+def json_response(answer: Any) -> Any:
+    """A JSON answer encoded here, as compact JSON. Handing BentoML the dict instead costs more per
+    request: it validates it with pydantic and derives the response's media type from a JSON schema it
+    builds anew each time. Other answers (PNG, zip, errors) pass through, and so does a dict that holds
+    NaN or infinity, which JSON cannot carry (BentoML writes them as null)."""
+    if not isinstance(answer, dict):
+        return answer
+    try:
+        body = json.dumps(answer, separators=(",", ":"), allow_nan=False)
+    except ValueError:
+        return answer
+    return Response(body.encode("utf-8"), media_type="application/json")
+
+
 def error_response(exc: Exception) -> JSONResponse:
     status = exc.status if isinstance(exc, RequestError) else 413 if isinstance(exc, ImageTooLargeError) else 400
     return JSONResponse({"error": str(exc), "status": status}, status_code=status)
@@ -197,6 +211,7 @@ class CellSegmentation:
                            "precision": variant["precision"]}
         # CPU-bound decode / watershed run in threads so the event loop keeps accepting requests.
         self.cpu = anyio.CapacityLimiter(max(2, os.cpu_count() or 2))
+        self.in_flight = 0  # requests being answered; memory is trimmed when the last one ends
 
     def _params(self, fg_threshold, seed_threshold, min_size) -> PostprocessParams:
         try:
@@ -241,14 +256,17 @@ class CellSegmentation:
         raise AssertionError("unreachable")
 
     async def _guarded(self, work) -> Any:
+        self.in_flight += 1
         try:
-            return await work()
+            return json_response(await work())
         except (RequestError, ImageError) as exc:
             response = error_response(exc)
             logger.warning("request refused (HTTP %d): %s", response.status_code, exc)  # the client's fault: no traceback
             return response
         finally:
-            release_memory()
+            self.in_flight -= 1
+            if self.in_flight == 0:  # trimming between the requests of a burst would only fault the pages in again
+                release_memory()
 
     @bentoml.api
     async def segment(self, image: Path, fg_threshold: FgThreshold = None, seed_threshold: SeedThreshold = None,

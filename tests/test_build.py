@@ -106,3 +106,18 @@ def test_served_precision_is_the_recorded_default_unless_overridden(monkeypatch)
         service.served_variant(meta)
     monkeypatch.setattr(service, "PRECISION", None)  # a model registered before variants existed
     assert service.served_variant({"sha256": "a"}) == {"precision": "fp32", "file": "model.onnx", "sha256": "a"}
+
+
+def test_json_answers_are_encoded_by_the_service_and_nan_falls_back_to_bentoml():
+    from starlette.responses import Response
+
+    import service
+
+    answer = {"count": 2, "cells": [{"id": 1, "rle": {"counts": "a1b"}}, {"id": 2, "score": 0.5}], "name": "é"}
+    response = service.json_response(answer)
+    assert isinstance(response, Response) and response.media_type == "application/json"
+    assert json.loads(response.body) == answer
+    png = Response(b"\x89PNG", media_type="image/png")
+    assert service.json_response(png) is png  # files and errors pass through
+    with_nan = {"eccentricity": float("nan")}
+    assert service.json_response(with_nan) is with_nan  # BentoML writes it as null; json.dumps would write NaN
