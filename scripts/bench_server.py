@@ -5,8 +5,14 @@ PyTorch eager on the same images in the same run.
     python scripts/bench_server.py --url http://localhost:3000 --requests 48
 
 For each concurrency (1, 4, 16): latency p50/p95 and images/s of `segment` (JSON) requests, and
-whether any request failed (a 503 would show here). Then the same images, one at a time,
-end to end in-process (ONNX Runtime, then PyTorch eager), as images/s and ratios.
+whether any request failed (a 503 would show here). Next to them, the same images one at a time, end
+to end in-process (ONNX Runtime), in the same round; `--rounds` rounds alternate the two, and the
+ratios use the medians. PyTorch eager runs once, at the end.
+
+Each client thread keeps one connection open, as the Python SDK (`cellseg.client.Client`) and
+browsers do. `--fresh-connections` opens a new HTTP client per request instead (`httpx.post`, as
+this script did before), whose set-up (an SSL context, even for plain HTTP) costs the client about
+20 ms of CPU per request, on the same cores as the server.
 """
 
 from __future__ import annotations
@@ -15,7 +21,9 @@ import argparse
 import json
 import os
 import re
+import statistics
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -46,11 +54,21 @@ def batch_sizes(url: str) -> tuple[float, float]:
     return found["count"], found["sum"]
 
 
-def load_test(url: str, payloads: list[tuple[str, bytes]], concurrency: int, requests: int) -> dict:
+def load_test(url: str, payloads: list[tuple[str, bytes]], concurrency: int, requests: int,
+              fresh_connections: bool = False) -> dict:
+    local = threading.local()  # one kept-alive client per thread
+
+    def post(**kwargs) -> httpx.Response:
+        if fresh_connections:
+            return httpx.post(f"{url}/segment", timeout=300, **kwargs)
+        if not hasattr(local, "client"):
+            local.client = httpx.Client(timeout=300)
+        return local.client.post(f"{url}/segment", **kwargs)
+
     def one(i: int):
         name, data = payloads[i % len(payloads)]
         t0 = time.perf_counter()
-        r = httpx.post(f"{url}/segment", files={"image": (name, data, "image/tiff")}, timeout=300)
+        r = post(files={"image": (name, data, "image/tiff")})
         return r.status_code, (time.perf_counter() - t0) * 1000
 
     count0, sum0 = batch_sizes(url)
@@ -60,7 +78,7 @@ def load_test(url: str, payloads: list[tuple[str, bytes]], concurrency: int, req
     wall = time.perf_counter() - t0
     count1, sum1 = batch_sizes(url)
     latencies = [ms for status, ms in results if status == 200]
-    return {"concurrency": concurrency, "requests": requests,
+    return {"concurrency": concurrency, "requests": requests, "fresh_connections": fresh_connections,
             "failed": sum(1 for status, _ in results if status != 200),
             "statuses": sorted({status for status, _ in results}),
             "p50_ms": round(percentile(latencies, 50), 1), "p95_ms": round(percentile(latencies, 95), 1),
@@ -84,6 +102,9 @@ def main() -> int:
     p.add_argument("--images", type=int, default=16, help="distinct LIVECell images to cycle through")
     p.add_argument("--requests", type=int, default=48, help="requests per concurrency level")
     p.add_argument("--concurrency", default="1,4,16")
+    p.add_argument("--rounds", type=int, default=3, help="in-process run + every level, repeated; medians are reported")
+    p.add_argument("--fresh-connections", action="store_true",
+                   help="a new HTTP client per request (the previous version of this benchmark)")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
 
@@ -94,24 +115,40 @@ def main() -> int:
     # compare with the variant the server runs (fp32 or int8), side by side
     precision = warm.json()["model"].get("precision", "fp32")
     model_path = args.model.with_suffix(".int8.onnx") if precision == "int8" else args.model
-    levels = [load_test(args.url, payloads, int(c), args.requests) for c in args.concurrency.split(",")]
-    for level in levels:
-        print(json.dumps(level), flush=True)
-
     images = [read_image(p) for p in paths]
     model = OnnxModel(model_path)
-    ort_ips = in_process(model.predict, images, model.default_params)
+    # Rounds alternate the in-process run and the server levels, so that a slow spell of a shared
+    # machine affects both sides; the ratios use the median of each over the rounds.
+    rounds = []
+    for round_index in range(args.rounds):
+        ort_ips = in_process(model.predict, images, model.default_params)
+        levels = [load_test(args.url, payloads, int(c), args.requests, args.fresh_connections)
+                  for c in args.concurrency.split(",")]
+        rounds.append({"in_process_onnxruntime_images_per_s": round(ort_ips, 2), "server": levels})
+        print(json.dumps({"round": round_index + 1, **rounds[-1]}), flush=True)
     torch_ips = in_process(torch_predictor(model, None, os.cpu_count() or 1), images, model.default_params)
+
+    ort_ips = statistics.median(r["in_process_onnxruntime_images_per_s"] for r in rounds)
+    levels = [{"concurrency": level["concurrency"], "requests": level["requests"] * len(rounds),
+               "fresh_connections": args.fresh_connections,
+               "failed": sum(r["server"][i]["failed"] for r in rounds),
+               **{key: round(statistics.median(r["server"][i][key] for r in rounds), 2)
+                  for key in ("p50_ms", "p95_ms", "images_per_s", "mean_batch_size")}}
+              for i, level in enumerate(rounds[0]["server"])]
     best_server = max(level["images_per_s"] for level in levels)
     c1 = next((level for level in levels if level["concurrency"] == 1), None)
     report = {"url": args.url, "machine": machine_description(), "precision": precision, "model": str(model_path),
-              "images": len(images), "image_size": "704x520", "server": levels,
+              "images": len(images), "image_size": "704x520", "rounds": len(rounds),
+              "server_median_over_rounds": levels, "per_round": rounds,
               "in_process_images_per_s": {"onnxruntime": round(ort_ips, 2), "pytorch_eager": round(torch_ips, 2)},
+              "in_process_end_to_end_ms": round(1000 / ort_ips, 1),
               "ratios": {"onnxruntime_vs_pytorch_eager": round(ort_ips / torch_ips, 2),
                          "best_server_vs_in_process_onnxruntime": round(best_server / ort_ips, 2),
                          "best_server_vs_pytorch_eager": round(best_server / torch_ips, 2),
                          # HTTP latency at concurrency 1 over the in-process end-to-end time per image
                          "http_p50_c1_vs_in_process_end_to_end": c1 and round(c1["p50_ms"] / (1000 / ort_ips), 2)}}
+    for level in levels:
+        print(json.dumps(level))
     print(json.dumps({k: report[k] for k in ("in_process_images_per_s", "ratios")}))
     write_report(report, args.json)
     return 0
