@@ -13,6 +13,7 @@ Run: `bentoml serve service:CellSegmentation` (after `python -m export register`
 
 from __future__ import annotations
 
+import asyncio
 import importlib.resources
 import json
 import logging
@@ -34,6 +35,7 @@ from starlette.routing import Route
 from cellseg.formats import imagej_roi_zip, qupath_geojson
 from cellseg.imageio import ImageError, ImageTooLargeError, read_image
 from cellseg.inference import (
+    ImagePlan,
     Segmentation,
     decode_maps,
     merge_outputs,
@@ -70,6 +72,7 @@ MAX_PIXELS = int(os.environ.get("CELLSEG_MAX_PIXELS", 16_000_000))
 # image even as uncompressed 16-bit RGB; the body is held in memory until it has been checked.
 MAX_UPLOAD_BYTES = int(os.environ.get("CELLSEG_MAX_UPLOAD_BYTES", 96 * 1024 * 1024))
 PREDICT_ATTEMPTS = 3
+IDLE_TRIM_SECONDS = 1.0  # free memory goes back to the system after this long without a request
 ORT_THREADS = int(os.environ.get("CELLSEG_ORT_THREADS", os.cpu_count() or 1))
 # Network calls of up to this many pixels keep ONNX Runtime's memory for the next call (about 2x faster);
 # larger ones give it back when they end. 800,000 holds two 704x520 images (padded to 704x544).
@@ -211,7 +214,8 @@ class CellSegmentation:
                            "precision": variant["precision"]}
         # CPU-bound decode / watershed run in threads so the event loop keeps accepting requests.
         self.cpu = anyio.CapacityLimiter(max(2, os.cpu_count() or 2))
-        self.in_flight = 0  # requests being answered; memory is trimmed when the last one ends
+        self.in_flight = 0  # requests being answered
+        self.idle_trim: asyncio.TimerHandle | None = None  # the pending trim once none is
 
     def _params(self, fg_threshold, seed_threshold, min_size) -> PostprocessParams:
         try:
@@ -230,16 +234,27 @@ class CellSegmentation:
 
     async def _segment(self, image: Path, params: PostprocessParams,
                        tta: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(raw image, labels, scores) for one upload."""
-        raw = await anyio.to_thread.run_sync(self._read, image, limiter=self.cpu)
-        pieces, plan = await anyio.to_thread.run_sync(split_image, raw, limiter=self.cpu)
-        if tta:  # the mirrored pieces are batched with everything else in flight
-            outputs = tta_reduce(decode_maps(await self._predict(tta_expand(pieces))))
-        else:
-            outputs = decode_maps(await self._predict(pieces))
-        probs = merge_outputs(outputs, plan)
-        labels = await anyio.to_thread.run_sync(maps_to_labels, probs, params, limiter=self.cpu)
-        return raw, labels, Segmentation(labels, probs).scores()
+        """(raw image, labels, scores) for one upload. The CPU work before and after the network runs
+        in one worker thread each, so the event loop only moves requests along."""
+        raw, pieces, plan = await anyio.to_thread.run_sync(self._read_and_split, image, limiter=self.cpu)
+        # with tta, the mirrored pieces are batched with everything else in flight
+        codes = await self._predict(tta_expand(pieces) if tta else pieces)
+        labels, scores = await anyio.to_thread.run_sync(self._cells, codes, plan, params, tta, limiter=self.cpu)
+        return raw, labels, scores
+
+    def _read_and_split(self, image: Path) -> tuple[np.ndarray, list[np.ndarray], ImagePlan]:
+        raw = self._read(image)
+        return (raw, *split_image(raw))
+
+    @staticmethod
+    def _cells(codes: list[np.ndarray], plan: ImagePlan, params: PostprocessParams,
+               tta: bool) -> tuple[np.ndarray, np.ndarray]:
+        """The network's 8-bit maps back to one probability map (un-mirrored, stitched), then cells
+        and their scores."""
+        outputs = decode_maps(codes)
+        probs = merge_outputs(tta_reduce(outputs) if tta else outputs, plan)
+        labels = maps_to_labels(probs, params)
+        return labels, Segmentation(labels, probs).scores()
 
     async def _predict(self, pieces: list[np.ndarray]) -> list[np.ndarray]:
         """Call the UNet service, retrying connection drops. Under bursts, a pooled keep-alive
@@ -257,6 +272,9 @@ class CellSegmentation:
 
     async def _guarded(self, work) -> Any:
         self.in_flight += 1
+        if self.idle_trim is not None:
+            self.idle_trim.cancel()
+            self.idle_trim = None
         try:
             return json_response(await work())
         except (RequestError, ImageError) as exc:
@@ -265,8 +283,11 @@ class CellSegmentation:
             return response
         finally:
             self.in_flight -= 1
-            if self.in_flight == 0:  # trimming between the requests of a burst would only fault the pages in again
-                release_memory()
+            # Memory goes back to the system once the service has been idle for a moment: trimming
+            # between the requests of a burst, or of one client's back-to-back calls, would only make
+            # the next request fault the same pages in again (about 10 ms of CPU per request).
+            if self.in_flight == 0:
+                self.idle_trim = asyncio.get_running_loop().call_later(IDLE_TRIM_SECONDS, release_memory)
 
     @bentoml.api
     async def segment(self, image: Path, fg_threshold: FgThreshold = None, seed_threshold: SeedThreshold = None,
