@@ -14,11 +14,15 @@ Run: `bentoml serve service:CellSegmentation` (after `python -m export register`
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import importlib.resources
 import json
 import logging
 import os
 import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -145,6 +149,34 @@ def upload_name(path: Path) -> str:
     return re.sub(r"^tmp[a-z0-9_]{8}", "", path.name) or "image"
 
 
+class StageClock:
+    """Where one request's time went, sent back as a Server-Timing header (browsers' developer tools
+    show it; scripts/bench_server.py reads it): decode (upload to normalised network inputs), network
+    (the call to the UNet service, batching wait and transfer included), cells (maps to labels and
+    scores), encode (the answer's format) and total."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.stages: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stages[name] = self.stages.get(name, 0.0) + (time.perf_counter() - t0) * 1000
+
+    def header(self) -> str:
+        total = (time.perf_counter() - self.start) * 1000
+        stages = {**self.stages, "encode": max(0.0, total - sum(self.stages.values())), "total": total}
+        return ", ".join(f"{name};dur={ms:.1f}" for name, ms in stages.items())
+
+
+# The clock of the request being answered (each request runs in its own asyncio task and context).
+REQUEST_CLOCK: contextvars.ContextVar[StageClock] = contextvars.ContextVar("request_clock")
+
+
 def json_response(answer: Any) -> Any:
     """A JSON answer encoded here, as compact JSON. Handing BentoML the dict instead costs more per
     request: it validates it with pydantic and derives the response's media type from a JSON schema it
@@ -236,10 +268,13 @@ class CellSegmentation:
                        tta: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(raw image, labels, scores) for one upload. The CPU work before and after the network runs
         in one worker thread each, so the event loop only moves requests along."""
-        raw, pieces, plan = await anyio.to_thread.run_sync(self._read_and_split, image, limiter=self.cpu)
-        # with tta, the mirrored pieces are batched with everything else in flight
-        codes = await self._predict(tta_expand(pieces) if tta else pieces)
-        labels, scores = await anyio.to_thread.run_sync(self._cells, codes, plan, params, tta, limiter=self.cpu)
+        clock = REQUEST_CLOCK.get(None) or StageClock()
+        with clock.stage("decode"):
+            raw, pieces, plan = await anyio.to_thread.run_sync(self._read_and_split, image, limiter=self.cpu)
+        with clock.stage("network"):  # with tta, the mirrored pieces are batched with everything else in flight
+            codes = await self._predict(tta_expand(pieces) if tta else pieces)
+        with clock.stage("cells"):
+            labels, scores = await anyio.to_thread.run_sync(self._cells, codes, plan, params, tta, limiter=self.cpu)
         return raw, labels, scores
 
     def _read_and_split(self, image: Path) -> tuple[np.ndarray, list[np.ndarray], ImagePlan]:
@@ -275,8 +310,13 @@ class CellSegmentation:
         if self.idle_trim is not None:
             self.idle_trim.cancel()
             self.idle_trim = None
+        clock = StageClock()
+        REQUEST_CLOCK.set(clock)
         try:
-            return json_response(await work())
+            answer = json_response(await work())
+            if isinstance(answer, Response):
+                answer.headers["Server-Timing"] = clock.header()
+            return answer
         except (RequestError, ImageError) as exc:
             response = error_response(exc)
             logger.warning("request refused (HTTP %d): %s", response.status_code, exc)  # the client's fault: no traceback

@@ -9,6 +9,11 @@ whether any request failed (a 503 would show here). Next to them, the same image
 to end in-process (ONNX Runtime), in the same round; `--rounds` rounds alternate the two, and the
 ratios use the medians. PyTorch eager runs once, at the end.
 
+At concurrency 1 the latency is taken apart with the service's own account of each request (its
+Server-Timing header: decode, network, cells, encode, total) and the network alone in process in
+the same round: what the call to the network process adds, and what lies outside the service
+(HTTP and the client).
+
 Each client thread keeps one connection open, as the Python SDK (`cellseg.client.Client`) and
 browsers do. `--fresh-connections` opens a new HTTP client per request instead (`httpx.post`, as
 this script did before), whose set-up (an SSL context, even for plain HTTP) costs the client about
@@ -37,8 +42,9 @@ import httpx  # noqa: E402
 from bench_inference import livecell_images, machine_description, torch_predictor, write_report  # noqa: E402
 from cellseg.data import default_data_root  # noqa: E402
 from cellseg.imageio import read_image  # noqa: E402
-from cellseg.inference import segment_images  # noqa: E402
+from cellseg.inference import predict_codes, segment_images  # noqa: E402
 from cellseg.onnx_model import OnnxModel, default_model_path  # noqa: E402
+from cellseg.preprocess import normalize  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -69,7 +75,7 @@ def load_test(url: str, payloads: list[tuple[str, bytes]], concurrency: int, req
         name, data = payloads[i % len(payloads)]
         t0 = time.perf_counter()
         r = post(files={"image": (name, data, "image/tiff")})
-        return r.status_code, (time.perf_counter() - t0) * 1000
+        return r.status_code, (time.perf_counter() - t0) * 1000, server_timing(r)
 
     count0, sum0 = batch_sizes(url)
     t0 = time.perf_counter()
@@ -77,13 +83,23 @@ def load_test(url: str, payloads: list[tuple[str, bytes]], concurrency: int, req
         results = list(pool.map(one, range(requests)))
     wall = time.perf_counter() - t0
     count1, sum1 = batch_sizes(url)
-    latencies = [ms for status, ms in results if status == 200]
+    latencies = [ms for status, ms, _ in results if status == 200]
+    stages = [timing for status, _, timing in results if status == 200 and timing]
     return {"concurrency": concurrency, "requests": requests, "fresh_connections": fresh_connections,
-            "failed": sum(1 for status, _ in results if status != 200),
-            "statuses": sorted({status for status, _ in results}),
+            "failed": sum(1 for status, _, _ in results if status != 200),
+            "statuses": sorted({status for status, _, _ in results}),
             "p50_ms": round(percentile(latencies, 50), 1), "p95_ms": round(percentile(latencies, 95), 1),
             "images_per_s": round(len(latencies) / wall, 2),
-            "mean_batch_size": round((sum1 - sum0) / max(count1 - count0, 1), 2)}
+            "mean_batch_size": round((sum1 - sum0) / max(count1 - count0, 1), 2),
+            # the service's own account of each request (its Server-Timing header), median per stage
+            "server_timing_p50_ms": {name: round(statistics.median(t[name] for t in stages), 1)
+                                     for name in (stages[0] if stages else {})}}
+
+
+def server_timing(response: httpx.Response) -> dict[str, float]:
+    """{stage: ms} from the service's Server-Timing header ({} where there is none)."""
+    header = response.headers.get("server-timing", "")
+    return {name: float(ms) for name, ms in re.findall(r"(\w+);dur=([\d.]+)", header)}
 
 
 def in_process(predict, images, params) -> float:
@@ -92,6 +108,18 @@ def in_process(predict, images, params) -> float:
     for image in images:
         segment_images(predict, [image], params)
     return len(images) / (time.perf_counter() - t0)
+
+
+def network_only_ms(predict, images) -> float:
+    """Median time of the network alone (padding and 8-bit codes included), in process, per image."""
+    inputs = [normalize(image) for image in images]
+    predict_codes(predict, inputs[:1])  # warm-up
+    times = []
+    for x in inputs:
+        t0 = time.perf_counter()
+        predict_codes(predict, [x])
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
 
 
 def main() -> int:
@@ -122,9 +150,11 @@ def main() -> int:
     rounds = []
     for round_index in range(args.rounds):
         ort_ips = in_process(model.predict, images, model.default_params)
+        network_ms = network_only_ms(model.predict, images)
         levels = [load_test(args.url, payloads, int(c), args.requests, args.fresh_connections)
                   for c in args.concurrency.split(",")]
-        rounds.append({"in_process_onnxruntime_images_per_s": round(ort_ips, 2), "server": levels})
+        rounds.append({"in_process_onnxruntime_images_per_s": round(ort_ips, 2),
+                       "in_process_network_only_ms": round(network_ms, 1), "server": levels})
         print(json.dumps({"round": round_index + 1, **rounds[-1]}), flush=True)
     torch_ips = in_process(torch_predictor(model, None, os.cpu_count() or 1), images, model.default_params)
 
@@ -137,11 +167,20 @@ def main() -> int:
               for i, level in enumerate(rounds[0]["server"])]
     best_server = max(level["images_per_s"] for level in levels)
     c1 = next((level for level in levels if level["concurrency"] == 1), None)
+    network_ms = statistics.median(r["in_process_network_only_ms"] for r in rounds)
+    c1_stages = c1 and [r["server"][levels.index(c1)]["server_timing_p50_ms"] for r in rounds]
+    if c1_stages and all(c1_stages):
+        # Concurrency 1, medians over the rounds: the client's latency taken apart with the service's
+        # own stage times, and its network stage set against the same network in process.
+        stages = {name: round(statistics.median(s[name] for s in c1_stages), 1) for name in c1_stages[0]}
+        c1["breakdown_ms"] = {**stages, "network_in_process": round(network_ms, 1),
+                              "network_call_overhead": round(stages["network"] - network_ms, 1),
+                              "outside_the_service": round(c1["p50_ms"] - stages["total"], 1)}
     report = {"url": args.url, "machine": machine_description(), "precision": precision, "model": str(model_path),
               "images": len(images), "image_size": "704x520", "rounds": len(rounds),
               "server_median_over_rounds": levels, "per_round": rounds,
               "in_process_images_per_s": {"onnxruntime": round(ort_ips, 2), "pytorch_eager": round(torch_ips, 2)},
-              "in_process_end_to_end_ms": round(1000 / ort_ips, 1),
+              "in_process_end_to_end_ms": round(1000 / ort_ips, 1), "in_process_network_only_ms": round(network_ms, 1),
               "ratios": {"onnxruntime_vs_pytorch_eager": round(ort_ips / torch_ips, 2),
                          "best_server_vs_in_process_onnxruntime": round(best_server / ort_ips, 2),
                          "best_server_vs_pytorch_eager": round(best_server / torch_ips, 2),

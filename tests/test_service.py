@@ -45,6 +45,21 @@ def test_segment_matches_local_inference(client, tif, local_labels, served_model
     assert cell.area == int((local_labels == cell.id).sum()) and len(cell.bbox) == 4 and 0 < cell.score <= 1
 
 
+def server_timing(response: httpx.Response) -> dict[str, float]:
+    return {name: float(dur) for name, dur in re.findall(r"(\w+);dur=([\d.]+)", response.headers["server-timing"])}
+
+
+def test_answers_say_where_their_time_went(server, tif):
+    """Server-Timing: decode, network, cells, encode and total, each measured, adding up to the total."""
+    data = tif.read_bytes()
+    for endpoint in ("segment", "mask"):
+        r = post(server, endpoint, files={"image": (tif.name, data, "image/tiff")})
+        stages = server_timing(r)
+        assert list(stages) == ["decode", "network", "cells", "encode", "total"], r.headers["server-timing"]
+        assert all(stages[name] > 0 for name in ("decode", "network", "cells", "total"))
+        assert sum(stages[n] for n in ("decode", "network", "cells", "encode")) == pytest.approx(stages["total"], abs=0.3)
+
+
 def test_raw_multipart_mask_overlay(server, tif, local_labels):
     with open(tif, "rb") as fh:
         data = fh.read()
