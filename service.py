@@ -196,7 +196,15 @@ def error_response(exc: Exception) -> JSONResponse:
     return JSONResponse({"error": str(exc), "status": status}, status_code=status)
 
 
-@bentoml.service(workers=1, traffic={"timeout": 300, "max_concurrency": 256})
+# BentoML (1.4.30 on) replaces its client session to a dependency every `max_requests` calls or
+# `max_age` seconds (defaults 100 and 300 s) by closing the old one while calls are still in flight on
+# it: those calls fail with "Server disconnected" (7 at once under 16 clients), and now and then one
+# hangs until the traffic timeout (a 504 after 300 s, seen in scripts/bench_server.py). The front and
+# the network process run side by side, so nothing is gained by new sessions: practically never.
+NO_SESSION_REFRESH = {"max_requests": 2**62, "max_age": 1e12}
+
+
+@bentoml.service(workers=1, traffic={"timeout": 300, "max_concurrency": 256}, runner_connection=NO_SESSION_REFRESH)
 class UNet:
     """The network on ONNX Runtime (CUDA provider where present, else CPU)."""
 
@@ -292,9 +300,9 @@ class CellSegmentation:
         return labels, Segmentation(labels, probs).scores()
 
     async def _predict(self, pieces: list[np.ndarray]) -> list[np.ndarray]:
-        """Call the UNet service, retrying connection drops. Under bursts, a pooled keep-alive
-        connection to it can be closed by its server just as it is reused (aiohttp raises
-        ServerDisconnectedError). The call is idempotent, so a retry is safe."""
+        """Call the UNet service, retrying connection drops (aiohttp's ServerDisconnectedError). Their
+        cause, BentoML's periodic session refresh, is switched off (NO_SESSION_REFRESH); the retry
+        stays for a network process that restarts. The call is idempotent, so a retry is safe."""
         for attempt in range(PREDICT_ATTEMPTS):
             try:
                 return await self.unet.to_async.predict(pieces)

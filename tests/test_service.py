@@ -121,6 +121,26 @@ def test_sixteen_concurrent_requests_succeed_and_are_batched(server, tif, local_
     assert count1 - count0 < 16, f"16 images ran in {count1 - count0} calls: nothing was batched"
 
 
+def test_hundreds_of_concurrent_calls_reach_the_network_without_a_dropped_connection(served, tif):
+    """BentoML's client to the network process replaced its session every 100 calls by closing the
+    old one under the calls still in flight: they failed with "Server disconnected" (retried, and
+    once in a while one hung until a 504). The service now keeps its session."""
+    url, log = served
+    image = read_image(tif)[:96, :128]
+    small = png(np.clip(image, 0, 255).astype(np.uint8))
+    log_start = log.stat().st_size
+
+    def one(i):
+        return post(url, "mask", files={"image": (f"small{i}.png", small, "image/png")}).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(one, range(240)))
+    assert statuses == [200] * 240
+    with open(log, "rb") as fh:
+        fh.seek(log_start)
+        assert b"connection to UNet dropped" not in fh.read()
+
+
 def png(array) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
