@@ -10,8 +10,9 @@ the footprint near idle. Elsewhere (macOS, musl) these are no-ops.
 The threshold is a trade: every mmap'd block is fresh memory that the kernel must fault in and zero
 on first touch. At 1 MiB, every LIVECell-size array pays that, and post-processing takes about 1.2x as
 long (scripts/bench_allocator.py);
-at 32 MiB (HEAP_UP_TO), arrays up to a 2-megapixel float32 map are reused from the heap, trimmed after
-each request, while a 16-megapixel request's maps still come from mmap and go straight back. The
+at 32 MiB (HEAP_UP_TO), arrays up to a 2-megapixel float32 map are reused from the heap, trimmed once
+the service has been idle for a second (trimming after every request made the next one fault the same
+pages in again), while a 16-megapixel request's maps still come from mmap and go straight back. The
 network process uses 1 MiB (MMAP_FROM_1MIB): ONNX Runtime's arena holds its working memory in large
 blocks and gives them back with munmap when it shrinks after a big call (cellseg.onnx_model).
 """

@@ -36,22 +36,48 @@ from cellseg.data import default_data_root  # noqa: E402
 from cellseg.onnx_model import default_model_path  # noqa: E402
 
 
-def process_rss(pid: int) -> dict[str, int]:
-    """Resident memory (bytes) of a process and each of its descendants, by a short role name."""
+def service_processes(pid: int) -> dict[str, list[psutil.Process]]:
+    """The `bentoml serve` process and its descendants, by a short role name (serve, UNet,
+    CellSegmentation)."""
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
         return {}
-    out: dict[str, int] = {}
+    roles: dict[str, list[psutil.Process]] = {}
     for proc in procs:
         try:
             cmdline = " ".join(proc.cmdline())
-            role = next((name for name in ("UNet", "CellSegmentation") if name in cmdline.split("service:")[-1]
-                         and "--worker" in cmdline), None) or ("serve" if proc.pid == pid else f"pid{proc.pid}")
-            out[role] = out.get(role, 0) + proc.memory_info().rss
         except psutil.NoSuchProcess:
-            pass
+            continue
+        role = next((name for name in ("UNet", "CellSegmentation") if name in cmdline.split("service:")[-1]
+                     and "--worker" in cmdline), None) or ("serve" if proc.pid == pid else f"pid{proc.pid}")
+        roles.setdefault(role, []).append(proc)
+    return roles
+
+
+def process_rss(pid: int) -> dict[str, int]:
+    """Resident memory (bytes) of a process and each of its descendants, by role."""
+    out: dict[str, int] = {}
+    for role, procs in service_processes(pid).items():
+        for proc in procs:
+            try:
+                out[role] = out.get(role, 0) + proc.memory_info().rss
+            except psutil.NoSuchProcess:
+                pass
+    return out
+
+
+def process_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU time (user + system, seconds) used so far by the service's processes, by role."""
+    out: dict[str, float] = {}
+    for role, procs in service_processes(pid).items():
+        for proc in procs:
+            try:
+                times = proc.cpu_times()
+                out[role] = out.get(role, 0.0) + times.user + times.system
+            except psutil.NoSuchProcess:
+                pass
     return out
 
 

@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import httpx  # noqa: E402
+from bench_memory import process_cpu_seconds  # noqa: E402
 
 from bench_inference import livecell_images, machine_description, torch_predictor, write_report  # noqa: E402
 from cellseg.data import default_data_root  # noqa: E402
@@ -61,7 +62,7 @@ def batch_sizes(url: str) -> tuple[float, float]:
 
 
 def load_test(url: str, payloads: list[tuple[str, bytes]], concurrency: int, requests: int,
-              fresh_connections: bool = False) -> dict:
+              fresh_connections: bool = False, server_pid: int | None = None) -> dict:
     local = threading.local()  # one kept-alive client per thread
 
     def post(**kwargs) -> httpx.Response:
@@ -78,10 +79,12 @@ def load_test(url: str, payloads: list[tuple[str, bytes]], concurrency: int, req
         return r.status_code, (time.perf_counter() - t0) * 1000, server_timing(r)
 
     count0, sum0 = batch_sizes(url)
+    cpu0 = process_cpu_seconds(server_pid) if server_pid else {}
     t0 = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         results = list(pool.map(one, range(requests)))
     wall = time.perf_counter() - t0
+    cpu1 = process_cpu_seconds(server_pid) if server_pid else {}
     count1, sum1 = batch_sizes(url)
     latencies = [ms for status, ms, _ in results if status == 200]
     stages = [timing for status, _, timing in results if status == 200 and timing]
@@ -93,7 +96,10 @@ def load_test(url: str, payloads: list[tuple[str, bytes]], concurrency: int, req
             "mean_batch_size": round((sum1 - sum0) / max(count1 - count0, 1), 2),
             # the service's own account of each request (its Server-Timing header), median per stage
             "server_timing_p50_ms": {name: round(statistics.median(t[name] for t in stages), 1)
-                                     for name in (stages[0] if stages else {})}}
+                                     for name in (stages[0] if stages else {})},
+            # with --server-pid: CPU milliseconds each of the service's processes spent per request
+            "cpu_ms_per_request": {role: round((cpu1[role] - cpu0.get(role, 0.0)) * 1000 / requests, 1)
+                                   for role in cpu1}}
 
 
 def server_timing(response: httpx.Response) -> dict[str, float]:
@@ -133,6 +139,8 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3, help="in-process run + every level, repeated; medians are reported")
     p.add_argument("--fresh-connections", action="store_true",
                    help="a new HTTP client per request (the previous version of this benchmark)")
+    p.add_argument("--server-pid", type=int, help="the `bentoml serve` process: report the CPU time that each of "
+                                                    "its processes spends per request")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
 
@@ -151,7 +159,7 @@ def main() -> int:
     for round_index in range(args.rounds):
         ort_ips = in_process(model.predict, images, model.default_params)
         network_ms = network_only_ms(model.predict, images)
-        levels = [load_test(args.url, payloads, int(c), args.requests, args.fresh_connections)
+        levels = [load_test(args.url, payloads, int(c), args.requests, args.fresh_connections, args.server_pid)
                   for c in args.concurrency.split(",")]
         rounds.append({"in_process_onnxruntime_images_per_s": round(ort_ips, 2),
                        "in_process_network_only_ms": round(network_ms, 1), "server": levels})
@@ -163,7 +171,10 @@ def main() -> int:
                "fresh_connections": args.fresh_connections,
                "failed": sum(r["server"][i]["failed"] for r in rounds),
                **{key: round(statistics.median(r["server"][i][key] for r in rounds), 2)
-                  for key in ("p50_ms", "p95_ms", "images_per_s", "mean_batch_size")}}
+                  for key in ("p50_ms", "p95_ms", "images_per_s", "mean_batch_size")},
+               "cpu_ms_per_request": {role: round(statistics.median(r["server"][i]["cpu_ms_per_request"][role]
+                                                                    for r in rounds), 1)
+                                      for role in level["cpu_ms_per_request"]}}
               for i, level in enumerate(rounds[0]["server"])]
     best_server = max(level["images_per_s"] for level in levels)
     c1 = next((level for level in levels if level["concurrency"] == 1), None)
