@@ -66,7 +66,7 @@ def _int8_text(int8: dict | None, fp32_metrics: dict | None) -> str:
         q = int8["metrics"]
         compared = ", ".join(f"{k} {q[k]:.4f} (fp32 {fp32_metrics[k]:.4f})" for k in ("foreground_iou", "ap50", "msa"))
         text += f"Validation, same split and post-processing: {compared}.\n"
-        from export.register import INT8_TOLERANCE, default_precision
+        from cellseg.variants import INT8_TOLERANCE, default_precision
 
         chosen = default_precision(fp32_metrics, q)
         text += (f"**Served by default: {chosen}** (int8 is the default where its AP50 and mSA are each within "

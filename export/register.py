@@ -8,29 +8,11 @@ import shutil
 from pathlib import Path
 
 from cellseg.onnx_model import default_model_path, read_metadata, sha256_file
+from cellseg.variants import INT8_TOLERANCE, default_precision, variant_metrics
 
 MODEL_NAME = "livecell-unet"
 MODEL_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
-# int8 is served by default only when its validation AP50 and mSA are each within this of fp32's.
-INT8_TOLERANCE = 0.01
-METRIC_KEYS = ("foreground_iou", "ap", "ap50", "ap75", "msa", "count_error")
-
-
-def variant_metrics(path: Path) -> dict:
-    """Validation metrics recorded beside an ONNX file (`<stem>.metrics.json`), else in its metadata."""
-    recorded = path.with_suffix(".metrics.json")
-    metrics = json.loads(recorded.read_text()) if recorded.is_file() else (read_metadata(path).get("metrics") or {})
-    return {k: metrics[k] for k in METRIC_KEYS if k in metrics}
-
-
-def default_precision(fp32: dict, int8: dict | None) -> str:
-    """'int8' where its AP50 and mSA are each within INT8_TOLERANCE of fp32's, else 'fp32'."""
-    if not int8 or not all(k in int8 and k in fp32 for k in ("ap50", "msa")):
-        return "fp32"
-    return "int8" if all(fp32[k] - int8[k] <= INT8_TOLERANCE for k in ("ap50", "msa")) else "fp32"
-
-
 def find_registered(sha256: str, name: str = MODEL_NAME, int8_sha256: str | None = None):
     """The stored model of this name whose files have these sha256s, if any."""
     import bentoml

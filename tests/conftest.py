@@ -92,13 +92,11 @@ def served(tmp_path_factory, model_path):
 
 @pytest.fixture(scope="session")
 def served_model_path(model_path) -> Path:
-    """The ONNX file the served service runs: the int8 variant where registration makes it the default."""
-    from export.register import default_precision, variant_metrics
+    """The ONNX file the served service and batch jobs run by default: the int8 variant where its
+    recorded accuracy makes it the default."""
+    from cellseg.variants import default_variant
 
-    int8 = model_path.with_suffix(".int8.onnx")
-    if int8.is_file() and default_precision(variant_metrics(model_path), variant_metrics(int8)) == "int8":
-        return int8
-    return model_path
+    return default_variant(model_path)
 
 
 @pytest.fixture(scope="session")

@@ -28,7 +28,7 @@ def run(inputs, out, *extra):
     return main(["segment", str(inputs), "--out", str(out), "--quiet", *extra])
 
 
-def test_batch_job_writes_everything_and_resumes(inputs, tmp_path, demo_images, onnx_model):
+def test_batch_job_writes_everything_and_resumes(inputs, tmp_path, demo_images, served_model):
     out = tmp_path / "out"
     assert run(inputs, out) == 3  # some inputs failed
     names = sorted(p.stem for p in demo_images)
@@ -36,13 +36,14 @@ def test_batch_job_writes_everything_and_resumes(inputs, tmp_path, demo_images, 
     errors = json.loads((out / "errors.json").read_text())
     assert [e["path"].endswith("broken.png") for e in errors] == [True]
 
-    # label PNGs are 16-bit and equal local inference
+    # label PNGs are 16-bit and equal local inference with the model the service runs by default
     from cellseg.imageio import read_image
 
     first = demo_images[0]
     labels = np.asarray(Image.open(out / "labels" / f"{first.stem}.png"))
     assert labels.dtype == np.uint16
-    np.testing.assert_array_equal(labels, onnx_model.segment([read_image(first)])[0].labels)
+    np.testing.assert_array_equal(labels, served_model.segment([read_image(first)])[0].labels)
+    assert json.loads((out / "job.json").read_text())["model_sha256"] == served_model.sha256
 
     rows = list(csv.DictReader(open(out / "cells.csv")))
     coco = json.loads((out / "instances.coco.json").read_text())

@@ -49,7 +49,7 @@ def test_register_is_idempotent_and_records_what_inference_needs(tmp_path, model
     assert {"sha256", "normalization", "postprocess", "output_channels", "input", "metrics"} <= set(meta["metadata"])
     # both precisions are in the one model, with their files, checksums and validation metrics
     from cellseg.onnx_model import sha256_file
-    from export.register import default_precision
+    from cellseg.variants import default_precision
 
     variants = meta["metadata"]["variants"]
     int8 = model_path.with_suffix(".int8.onnx")
@@ -63,7 +63,7 @@ def test_register_is_idempotent_and_records_what_inference_needs(tmp_path, model
 
 
 def test_int8_is_the_default_only_within_tolerance():
-    from export.register import INT8_TOLERANCE, default_precision
+    from cellseg.variants import INT8_TOLERANCE, default_precision
 
     fp32 = {"ap50": 0.41, "msa": 0.17}
     assert default_precision(fp32, {"ap50": 0.41 - INT8_TOLERANCE / 2, "msa": 0.17}) == "int8"
@@ -121,3 +121,26 @@ def test_json_answers_are_encoded_by_the_service_and_nan_falls_back_to_bentoml()
     assert service.json_response(png) is png  # files and errors pass through
     with_nan = {"eccentricity": float("nan")}
     assert service.json_response(with_nan) is with_nan  # BentoML writes it as null; json.dumps would write NaN
+
+
+def test_batch_jobs_default_to_the_precision_the_service_runs(tmp_path, model_path):
+    """`cellseg segment` without --model runs the int8 file where the rule picks it, as the service."""
+    import shutil
+
+    from cellseg.cli import build_parser
+    from cellseg.variants import INT8_TOLERANCE, default_precision, default_variant, variant_metrics
+
+    shipped_int8 = model_path.with_suffix(".int8.onnx")
+    expected = shipped_int8 if default_precision(variant_metrics(model_path),
+                                                 variant_metrics(shipped_int8)) == "int8" else model_path
+    assert build_parser().parse_args(["segment", "x.tif", "--out", "o"]).model == expected == default_variant(model_path)
+
+    fp32 = tmp_path / "m.onnx"
+    shutil.copy(model_path, fp32)
+    assert default_variant(fp32) == fp32  # no int8 sibling
+    shutil.copy(shipped_int8, tmp_path / "m.int8.onnx")
+    (tmp_path / "m.metrics.json").write_text(json.dumps({"ap50": 0.41, "msa": 0.17}))
+    (tmp_path / "m.int8.metrics.json").write_text(json.dumps({"ap50": 0.41 - INT8_TOLERANCE / 2, "msa": 0.17}))
+    assert default_variant(fp32) == tmp_path / "m.int8.onnx"
+    (tmp_path / "m.int8.metrics.json").write_text(json.dumps({"ap50": 0.41 - 2 * INT8_TOLERANCE, "msa": 0.17}))
+    assert default_variant(fp32) == fp32  # int8 loses too much: fp32 stays
