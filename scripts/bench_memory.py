@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -56,29 +57,26 @@ def service_processes(pid: int) -> dict[str, list[psutil.Process]]:
     return roles
 
 
-def process_rss(pid: int) -> dict[str, int]:
-    """Resident memory (bytes) of a process and each of its descendants, by role."""
-    out: dict[str, int] = {}
-    for role, procs in service_processes(pid).items():
-        for proc in procs:
-            try:
-                out[role] = out.get(role, 0) + proc.memory_info().rss
-            except psutil.NoSuchProcess:
-                pass
-    return out
-
-
-def process_cpu_seconds(pid: int) -> dict[str, float]:
-    """CPU time (user + system, seconds) used so far by the service's processes, by role."""
+def per_role(pid: int, measure: Callable[[psutil.Process], float]) -> dict[str, float]:
+    """`measure` of the service's processes, summed by role (a process that has exited counts 0)."""
     out: dict[str, float] = {}
     for role, procs in service_processes(pid).items():
         for proc in procs:
             try:
-                times = proc.cpu_times()
-                out[role] = out.get(role, 0.0) + times.user + times.system
+                out[role] = out.get(role, 0) + measure(proc)
             except psutil.NoSuchProcess:
                 pass
     return out
+
+
+def process_rss(pid: int) -> dict[str, int]:
+    """Resident memory (bytes) of a process and each of its descendants, by role."""
+    return per_role(pid, lambda proc: proc.memory_info().rss)
+
+
+def process_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU time (user + system, seconds) used so far by the service's processes, by role."""
+    return per_role(pid, lambda proc: sum(proc.cpu_times()[:2]))
 
 
 def tree_rss(pid: int) -> int:
