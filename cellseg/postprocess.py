@@ -8,6 +8,8 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
+from cellseg.targets import relabel_sequential
+
 
 @dataclass(frozen=True)
 class PostprocessParams:
@@ -149,9 +151,4 @@ def finish_labels(labels: np.ndarray, foreground: np.ndarray, min_size: int) -> 
     orphans, n_orphans = ndi.label(foreground & (labels == 0))
     if n_orphans:
         labels = np.where(orphans > 0, orphans + labels.max(), labels)
-    # relabel_sequential(remove_small(labels, min_size)) as one table: one count and one gather, not two
-    keep = np.bincount(labels.ravel()) >= max(min_size, 1)
-    keep[0] = False
-    table = np.zeros(len(keep), dtype=np.int32)
-    table[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
-    return table[labels]
+    return relabel_sequential(labels, min_size)

@@ -52,10 +52,11 @@ def make_targets(labels: np.ndarray, boundary_width: int = BOUNDARY_WIDTH) -> np
     return np.stack([foreground, boundary, normalized]).astype(np.float32)
 
 
-def relabel_sequential(labels: np.ndarray) -> np.ndarray:
-    """Labels renumbered 1..N in order of first appearance of their value (0 stays 0)."""
-    present = np.bincount(labels.ravel()) > 0  # linear time, where np.unique sorts
-    present[0] = False
-    lut = np.zeros(len(present), dtype=np.int32)
-    lut[present] = np.arange(1, int(present.sum()) + 1, dtype=np.int32)
+def relabel_sequential(labels: np.ndarray, min_size: int = 1) -> np.ndarray:
+    """Labels renumbered 1..N in the order of their values (0 stays 0); labels with fewer than
+    `min_size` pixels become 0 in the same pass (one count and one table lookup)."""
+    keep = np.bincount(labels.ravel()) >= max(min_size, 1)  # linear time, where np.unique sorts
+    keep[0] = False
+    lut = np.zeros(len(keep), dtype=np.int32)
+    lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
     return lut[labels]
