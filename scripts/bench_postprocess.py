@@ -29,7 +29,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import numpy as np  # noqa: E402
 
-from bench_inference import livecell_images, machine_description, write_report  # noqa: E402
+from bench_inference import livecell_images, machine_description, timeit, write_report  # noqa: E402
 from cellseg.data import default_data_root  # noqa: E402
 from cellseg.imageio import read_image  # noqa: E402
 from cellseg.inference import Segmentation, decode_maps, encode_maps, predict_padded  # noqa: E402
@@ -100,16 +100,6 @@ def compare_on_validation(model: OnnxModel, before, params, data: Path) -> dict:
             "now": scores(now), "before": scores(old)}
 
 
-def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1000)
-    return round(statistics.median(times), 1)
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=Path("models/livecell-unet.int8.onnx"))
@@ -131,11 +121,12 @@ def main() -> int:
                 per_stage.setdefault(name, []).append(ms)
     stage_ms = {name: round(statistics.median(v), 2) for name, v in per_stage.items()}
     rounded = [decode_maps(encode_maps([m]))[0] for m in maps]
-    whole = {"maps_to_labels (now)": median_ms(lambda: [maps_to_labels(m, params) for m in rounded], args.repeats) / len(maps)}
+    whole = {"maps_to_labels (now)": timeit(lambda: [maps_to_labels(m, params) for m in rounded],
+                                            args.repeats)["p50_ms"] / len(maps)}
     if args.before:
         before = load_module(args.before)
-        whole["maps_to_labels (before)"] = median_ms(lambda: [before.maps_to_labels(m, params) for m in rounded],
-                                                     args.repeats) / len(maps)
+        whole["maps_to_labels (before)"] = timeit(lambda: [before.maps_to_labels(m, params) for m in rounded],
+                                                  args.repeats)["p50_ms"] / len(maps)
         same = all(np.array_equal(before.maps_to_labels(m, params), maps_to_labels(m, params)) for m in rounded)
         whole["identical_labels"] = same
         if args.compare_val:

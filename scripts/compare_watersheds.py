@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,22 +25,12 @@ import numpy as np  # noqa: E402
 from scipy import ndimage as ndi  # noqa: E402
 from skimage.segmentation import watershed  # noqa: E402
 
-from bench_inference import livecell_images, machine_description, write_report  # noqa: E402
+from bench_inference import livecell_images, machine_description, timeit, write_report  # noqa: E402
 from cellseg.data import default_data_root  # noqa: E402
 from cellseg.imageio import read_image  # noqa: E402
 from cellseg.inference import predict_maps  # noqa: E402
 from cellseg.onnx_model import OnnxModel  # noqa: E402
 from cellseg.postprocess import core_score, seed_cores, seeded_watershed  # noqa: E402
-
-
-def median_ms(fn, repeats: int) -> tuple[np.ndarray, float]:
-    result = fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1000)
-    return result, statistics.median(times)
 
 
 def candidates(probs: np.ndarray, cores: np.ndarray, foreground: np.ndarray) -> dict:
@@ -111,8 +100,8 @@ def main() -> int:
         shares.append(largest_region_share(cores, foreground))
         reference = watershed(-probs[2], markers=cores, mask=foreground)
         for name, fn in candidates(probs, cores, foreground).items():
-            labels, ms = median_ms(fn, args.repeats)
-            times.setdefault(name, []).append(ms)
+            labels = fn()
+            times.setdefault(name, []).append(timeit(fn, args.repeats)["p50_ms"])
             differing.setdefault(name, []).append(float(np.mean(labels != reference)))
 
     def all_watersheds():
@@ -123,8 +112,8 @@ def main() -> int:
         with ThreadPoolExecutor(2) as pool:
             list(pool.map(lambda i: watershed(-maps[i][2], markers=seeds[i][0], mask=seeds[i][1]), range(len(maps))))
 
-    _, one_thread = median_ms(all_watersheds, args.repeats)
-    _, two_threads = median_ms(all_watersheds_two_threads, args.repeats)
+    one_thread = timeit(all_watersheds, args.repeats)["p50_ms"]
+    two_threads = timeit(all_watersheds_two_threads, args.repeats)["p50_ms"]
     report = {
         "machine": machine_description(), "model": str(args.model), "images": len(maps), "repeats": args.repeats,
         "ms_per_image": {name: round(statistics.mean(v), 1) for name, v in times.items()},
