@@ -95,11 +95,15 @@ def load_test(url: str, payloads: list[tuple[str, bytes]], concurrency: int, req
             "images_per_s": round(len(latencies) / wall, 2),
             "mean_batch_size": round((sum1 - sum0) / max(count1 - count0, 1), 2),
             # the service's own account of each request (its Server-Timing header), median per stage
-            "server_timing_p50_ms": {name: round(statistics.median(t[name] for t in stages), 1)
-                                     for name in (stages[0] if stages else {})},
+            "server_timing_p50_ms": medians(stages),
             # with --server-pid: CPU milliseconds each of the service's processes spent per request
             "cpu_ms_per_request": {role: round((cpu1[role] - cpu0.get(role, 0.0)) * 1000 / requests, 1)
                                    for role in cpu1}}
+
+
+def medians(dicts: list[dict], digits: int = 1) -> dict:
+    """Per key of the first dict, the median of its values over all of them ({} for none)."""
+    return {key: round(statistics.median(d[key] for d in dicts), digits) for key in dicts[0]} if dicts else {}
 
 
 def server_timing(response: httpx.Response) -> dict[str, float]:
@@ -167,15 +171,14 @@ def main() -> int:
     torch_ips = in_process(torch_predictor(model, None, os.cpu_count() or 1), images, model.default_params)
 
     ort_ips = statistics.median(r["in_process_onnxruntime_images_per_s"] for r in rounds)
-    levels = [{"concurrency": level["concurrency"], "requests": level["requests"] * len(rounds),
-               "fresh_connections": args.fresh_connections,
-               "failed": sum(r["server"][i]["failed"] for r in rounds),
-               **{key: round(statistics.median(r["server"][i][key] for r in rounds), 2)
-                  for key in ("p50_ms", "p95_ms", "images_per_s", "mean_batch_size")},
-               "cpu_ms_per_request": {role: round(statistics.median(r["server"][i]["cpu_ms_per_request"][role]
-                                                                    for r in rounds), 1)
-                                      for role in level["cpu_ms_per_request"]}}
-              for i, level in enumerate(rounds[0]["server"])]
+    levels = []
+    for i, level in enumerate(rounds[0]["server"]):
+        same = [r["server"][i] for r in rounds]  # this level in every round
+        levels.append({"concurrency": level["concurrency"], "requests": level["requests"] * len(rounds),
+                       "fresh_connections": args.fresh_connections, "failed": sum(s["failed"] for s in same),
+                       **medians([{key: s[key] for key in ("p50_ms", "p95_ms", "images_per_s", "mean_batch_size")}
+                                  for s in same], digits=2),
+                       "cpu_ms_per_request": medians([s["cpu_ms_per_request"] for s in same])})
     best_server = max(level["images_per_s"] for level in levels)
     c1 = next((level for level in levels if level["concurrency"] == 1), None)
     network_ms = statistics.median(r["in_process_network_only_ms"] for r in rounds)
@@ -183,7 +186,7 @@ def main() -> int:
     if c1_stages and all(c1_stages):
         # Concurrency 1, medians over the rounds: the client's latency taken apart with the service's
         # own stage times, and its network stage set against the same network in process.
-        stages = {name: round(statistics.median(s[name] for s in c1_stages), 1) for name in c1_stages[0]}
+        stages = medians(c1_stages)
         c1["breakdown_ms"] = {**stages, "network_in_process": round(network_ms, 1),
                               "network_call_overhead": round(stages["network"] - network_ms, 1),
                               "outside_the_service": round(c1["p50_ms"] - stages["total"], 1)}
