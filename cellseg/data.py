@@ -6,6 +6,8 @@ Accepted data roots (detected, in this order):
 - a LIVECell root: ``images/livecell_{train_val,test}_images/...`` + ``annotations/LIVECell/livecell_coco_{train,val,test}.json``
 - a Kaggle root: ``train.csv`` + ``train/<id>.png``
 - a folder holding ``livecell/`` and/or ``sartorius/`` roots (as ``../shared/data``)
+- a packed copy (``packed.json`` + ``images/``), written by ``scripts/pack_data.py`` to carry the
+  data where only a few tens of MB travel (a lent GPU machine); its images are JPEG copies
 """
 
 from __future__ import annotations
@@ -151,6 +153,24 @@ def read_kaggle(root: Path) -> list[Sample]:
     return samples
 
 
+PACKED_INDEX = "packed.json"
+
+
+def read_packed(root: Path) -> list[Sample]:
+    """Samples of a packed copy: the original ids, cell types and COCO RLEs, images as JPEG files."""
+    root = Path(root)
+    index = json.loads((root / PACKED_INDEX).read_text())
+    samples = []
+    for entry in index["samples"]:
+        def rles(entry=entry):
+            return [{"size": entry["size"], "counts": c.encode("ascii")} for c in entry["counts"]]
+
+        height, width = entry["size"]
+        samples.append(Sample(entry["id"], entry["source"], entry["cell_type"], root / entry["image"],
+                              int(height), int(width), rles))
+    return samples
+
+
 def _is_livecell_root(path: Path) -> bool:
     return (path / "annotations" / "LIVECell").is_dir()
 
@@ -165,6 +185,8 @@ def read_any(root: Path, livecell_splits: tuple[str, ...] = LIVECELL_SPLITS) -> 
     if not root.is_dir():
         raise FileNotFoundError(f"data root {root} does not exist (set --data or ${DATA_ENV})")
     samples: list[Sample] = []
+    if (root / PACKED_INDEX).is_file():
+        return read_packed(root)
     for candidate in (root, root / "livecell", root / "sartorius"):
         if _is_livecell_root(candidate):
             samples += read_livecell(candidate, livecell_splits)
@@ -221,5 +243,5 @@ def subsample_per_type(samples: list[Sample], n: int, seed: int = 0) -> list[Sam
     return [samples[i] for i in keep]
 
 
-__all__ = ["Sample", "read_livecell", "read_kaggle", "read_any", "load_split", "project_split",
+__all__ = ["Sample", "read_livecell", "read_kaggle", "read_packed", "read_any", "load_split", "project_split",
            "default_data_root", "encode_coco", "subsample_per_type"]

@@ -3,6 +3,7 @@
 import csv
 import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -95,3 +96,21 @@ def test_official_split_and_bad_split_names(data_root):
         load_split(data_root, "nonsense")
     with pytest.raises(FileNotFoundError):
         load_split(data_root / "does-not-exist", "val")
+
+
+def test_packed_copy_reads_back_as_the_original(data_root, tmp_path):
+    """scripts/pack_data.py: same ids, cell types and masks (exact RLEs); images within JPEG error."""
+    import importlib.util
+
+    from cellseg.data import read_any
+
+    spec = importlib.util.spec_from_file_location("pack_data", Path(__file__).parent.parent / "scripts" / "pack_data.py")
+    pack_data = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pack_data)
+    pack_data.pack(data_root, ["val"], tmp_path, quality=90)
+    originals, packed = load_split(data_root, "val"), load_split(tmp_path, "val")
+    assert [s.id for s in packed] == [s.id for s in originals] == [s.id for s in read_any(tmp_path)]
+    for a, b in zip(originals[:4] + originals[-2:], packed[:4] + packed[-2:]):
+        assert (a.source, a.cell_type, a.height, a.width) == (b.source, b.cell_type, b.height, b.width)
+        np.testing.assert_array_equal(a.labels(), b.labels())
+        assert np.abs(a.image() - b.image()).mean() < 3  # grey levels

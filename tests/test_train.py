@@ -89,3 +89,76 @@ def test_crops_follow_the_sampling_weights():
     uniform = CropDataset(images, labels, crop=32, length=3000, seed=1)
     counts = np.bincount([uniform.image_index(i) for i in range(3000)], minlength=3)
     assert counts.min() > 900
+
+
+def test_precision_follows_the_cpu():
+    from train.speed import choose_precision, cpu_has_native_bf16
+
+    assert cpu_has_native_bf16({"avx2", "avx512f", "avx512_bf16"})
+    assert cpu_has_native_bf16({"avx2", "amx_bf16"})
+    assert not cpu_has_native_bf16({"avx2", "avx512f"})  # bf16 emulated there: slower than fp32
+    assert choose_precision("auto", "cpu", {"avx2"}) == "fp32"
+    assert choose_precision("auto", "cpu", {"avx512_bf16"}) == "bf16"
+    assert choose_precision("fp32", "cpu", {"avx512_bf16"}) == "fp32"
+    assert choose_precision("bf16", "cpu", {"avx2"}) == "bf16"  # asked for explicitly
+
+
+def test_fast_step_matches_fp32():
+    """A channels_last + bf16-autocast step gives the fp32 NCHW loss and gradients within bf16's
+    precision, so the speed-up does not change what is learned."""
+    from train.__main__ import segmentation_loss
+    from train.model import build_model
+    from train.speed import autocast, to_layout
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", None, (32, 32, 16, 16, 8))
+    images = torch.randn(2, 1, 64, 64)
+    targets = (torch.rand(2, 3, 64, 64) > 0.5).float()
+
+    def step(channels_last: bool, precision: str):
+        net = to_layout(build_model("resnet18", None, (32, 32, 16, 16, 8)), channels_last)
+        net.load_state_dict(model.state_dict())
+        with autocast("cpu", precision):
+            logits = net(to_layout(images, channels_last))
+        loss = segmentation_loss(logits.float(), targets, 3.0)["total"]
+        loss.backward()
+        grad = torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
+        return loss.item(), grad
+
+    ref_loss, ref_grad = step(False, "fp32")
+    cl_loss, cl_grad = step(True, "fp32")
+    bf_loss, bf_grad = step(True, "bf16")
+    assert cl_loss == pytest.approx(ref_loss, rel=1e-4)
+    assert bf_loss == pytest.approx(ref_loss, rel=2e-2)
+    assert torch.nn.functional.cosine_similarity(bf_grad, ref_grad, dim=0) > 0.95
+
+
+def test_time_budget_and_warm_start(data_root, tmp_path):
+    """--minutes ends the run on time with the schedule decayed; --init-weights starts from given weights."""
+    from train.__main__ import main
+    from train.model import build_model, save_weights
+
+    torch.manual_seed(3)
+    start = build_model("resnet18", None, (16, 16, 8, 8, 8))
+    save_weights(start, {"encoder": "resnet18", "decoder_channels": [16, 16, 8, 8, 8]}, tmp_path / "start.safetensors")
+    args = ["--data", str(data_root), "--out", str(tmp_path / "run"), "--crop", "64", "--batch-size", "2",
+            "--steps-per-epoch", "2", "--warmup-steps", "1", "--decoder-channels", "16,16,8,8,8", "--workers", "0",
+            "--device", "cpu", "--max-images", "3", "--minutes", "0.02", "--lr", "0",
+            "--init-weights", str(tmp_path / "start.safetensors")]
+    assert main(args) == 0
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert 1 <= len(last["history"]) < 50 and last["train_seconds"] < 0.02 * 60 + 30
+    assert last["config"]["minutes"] == 0.02 and last["config"]["init_weights"].endswith("start.safetensors")
+    # With a zero learning rate the weights are exactly the ones the run started from (batch-norm
+    # statistics, which are not learned by the optimiser, move on).
+    for name, value in start.named_parameters():
+        torch.testing.assert_close(last["model"][name], value, msg=name)
+
+
+def test_budget_schedule_decays_with_time():
+    from train.__main__ import lr_factor
+
+    assert lr_factor(0, 100, 10) == pytest.approx(0.1)
+    assert lr_factor(50, 100, 10, progress=0.0) == pytest.approx(1.0)
+    assert lr_factor(50, 100, 10, progress=0.5) == pytest.approx(0.505)
+    assert lr_factor(50, 100, 10, progress=1.0) == pytest.approx(0.01)

