@@ -42,11 +42,27 @@ def _composition(ids: list[str]) -> str:
 
 def _encoder_text(training: dict) -> str:
     source = training.get("encoder_weights_source")
+    if training.get("init_weights"):
+        start = f", whose encoder started from ImageNet weights `{source['name']}`" if source else ""
+        return (f"warm-started from every weight of `{training['init_weights']}` (sha256 "
+                f"`{training.get('init_weights_sha256') or '?'}`: the previously shipped model of the same "
+                f"architecture{start}; docs/METRICS.md says how it was trained)")
     if not source:
         return "trained from random initialisation (`encoder_weights=None`)"
     return (f"initialised from ImageNet weights `{source['name']}`: {source.get('origin')} "
             f"(installed from the package index as `{source.get('pip', '?')}`, sha256 `{source.get('sha256', '?')}`, "
             f"licence {source.get('licence')}); the RGB stem summed to 1 channel as smp does")
+
+
+def _precision_text(training: dict) -> str:
+    return f" with {training['precision']} autocast" if training.get("precision") == "bf16" else ""
+
+
+def _data_text(training: dict) -> str:
+    if "packed" not in str(training.get("data") or ""):
+        return ""
+    return ("\nThe images travelled to that machine as JPEG copies (`scripts/pack_data.py`, masks exact); every "
+            "figure below is measured on the original images.")
 
 
 def _sampling_text(training: dict) -> str:
@@ -110,7 +126,8 @@ Training: {training['epochs']} epochs x {training['steps_per_epoch']} steps, bat
 brightness/contrast, noise, blur), drawn {_sampling_text(training)};
 BCE+Dice (foreground, boundary with positive weight) + BCE (distance),
 AdamW lr {training['lr']} with warm-up and cosine decay, seed {training['seed']}.
-Checkpoint: epoch {training['best_epoch']} of {training['epochs']}, {training['train_minutes']} min of training on a 2-core CPU.
+Checkpoint: epoch {training['best_epoch']} of {training['epochs']}, {training['train_minutes']} min of training on
+{training.get('device') or 'a 2-core CPU'}{_precision_text(training)}.{_data_text(training)}
 
 Command: `{training['command']}`
 

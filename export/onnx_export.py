@@ -40,6 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--min-seed-size", type=int, help="post-processing default stored in the metadata")
     p.add_argument("--seed-sigma", type=float, help="post-processing default stored in the metadata")
     p.add_argument("--merge-threshold", type=float, help="post-processing default stored in the metadata")
+    p.add_argument("--seed-peak", type=float, help="post-processing default stored in the metadata")
     p.add_argument("--card", type=Path, default=None, help="model card path (default: MODEL_CARD.md beside --out)")
     return p.parse_args(argv)
 
@@ -96,7 +97,8 @@ def build_metadata(config: dict, checkpoint: dict, metrics: dict | None, split: 
                          "decoder_channels": config["decoder_channels"]},
         "training": {k: config.get(k) for k in ("crop", "batch_size", "epochs", "steps_per_epoch", "lr", "weight_decay",
                                                 "seed", "encoder_weights", "encoder_weights_source", "balance",
-                                                "command")}
+                                                "init_weights", "init_weights_sha256", "minutes", "device",
+                                                "precision", "data", "command")}
         | {"train_minutes": round(checkpoint["train_seconds"] / 60, 1), "best_epoch": checkpoint["epoch"] + 1},
         "data_split": {"train": config["train_images"], "val": config["val_images"]},
         "metrics": {"split": split, **{k: v for k, v in (metrics or {}).items() if k != "per_image"}} if metrics else None,
@@ -110,7 +112,8 @@ def main(argv=None) -> int:
     config = checkpoint["config"]
     config["postprocess"] = PostprocessParams(**config["postprocess"]).with_overrides(
         fg_threshold=args.fg_threshold, seed_threshold=args.seed_threshold, min_size=args.min_size,
-        min_seed_size=args.min_seed_size, seed_sigma=args.seed_sigma, merge_threshold=args.merge_threshold).to_dict()
+        min_seed_size=args.min_seed_size, seed_sigma=args.seed_sigma, merge_threshold=args.merge_threshold,
+        seed_peak=args.seed_peak).to_dict()
     t0 = time.time()
     export_onnx(model, args.out, args.opset)
     onnx.checker.check_model(onnx.load(str(args.out)), full_check=True)

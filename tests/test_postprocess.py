@@ -145,6 +145,7 @@ def test_postprocessing_unchanged_on_real_maps(onnx_model, demo_images):
     maps: with 8-bit maps, equal heights tie and skimage's heap orders ties among the seeds it starts
     from differently, which moves a few border pixels; docs/BENCHMARKS.md measures that)."""
     from scipy import ndimage as ndi
+    from skimage.filters import apply_hysteresis_threshold
     from skimage.segmentation import watershed
 
     from cellseg.imageio import read_image
@@ -153,13 +154,57 @@ def test_postprocessing_unchanged_on_real_maps(onnx_model, demo_images):
     from cellseg.targets import relabel_sequential
 
     params = onnx_model.default_params
+    assert params.seed_peak > params.seed_threshold  # the shipped defaults use hysteresis seeds
     for probs in predict_padded(onnx_model.predict, [normalize(read_image(p)) for p in demo_images[:3]]):
         foreground = probs[0] > params.fg_threshold
         core = ndi.gaussian_filter(probs[2] * (1.0 - probs[1]), params.seed_sigma)
-        cores = remove_small(ndi.label((core > params.seed_threshold) & foreground)[0], params.min_seed_size)
+        seeds = (core > params.seed_threshold) & foreground
+        if params.seed_peak:
+            seeds = apply_hysteresis_threshold(np.where(foreground, core, 0), params.seed_threshold, params.seed_peak)
+        cores = remove_small(ndi.label(seeds)[0], params.min_seed_size)
         labels = reference_merge(watershed(-probs[2], markers=cores, mask=foreground).astype(np.int32), probs[1],
                                  params.merge_threshold)
         orphans, n = ndi.label(foreground & (labels == 0))
         labels = np.where(orphans > 0, orphans + labels.max(), labels) if n else labels
         expected = relabel_sequential(remove_small(labels, params.min_size))
         assert np.array_equal(maps_to_labels(probs, params), expected)
+
+
+def test_seed_peak_keeps_process_patches_from_seeding_cells_of_their_own():
+    """An astrocyte-like cell: a round body (core score peaking at 0.9) with a long thin process
+    whose score rises to 0.3 in a patch away from the body. With a plain threshold of 0.2 the patch
+    seeds a second cell; with seed_peak 0.5 it does not, and the watershed floods the process from
+    the body's seed, so the cell stays one."""
+    from cellseg.postprocess import PostprocessParams, maps_to_labels
+
+    h, w = 64, 128
+    yy, xx = np.mgrid[:h, :w]
+    body = (yy - 32) ** 2 + (xx - 24) ** 2 <= 14**2
+    process = (np.abs(yy - 32) <= 2) & (xx >= 24) & (xx < 120)
+    foreground = (body | process).astype(np.float32)
+    distance = np.zeros((h, w), np.float32)
+    distance[body] = (1 - np.sqrt((yy - 32) ** 2 + (xx - 24) ** 2) / 14)[body] * 0.9
+    distance[process & ~body] = 0.1
+    distance[process & (xx >= 80) & (xx < 100)] = 0.3  # a widening along the process
+    probs = np.stack([foreground, np.zeros_like(distance), distance])
+    plain = PostprocessParams(fg_threshold=0.5, seed_threshold=0.2, min_seed_size=3, seed_sigma=0, min_size=5)
+    assert maps_to_labels(probs, plain).max() == 2  # the defect: the process patch is a cell
+    labels = maps_to_labels(probs, plain.with_overrides(seed_peak=0.5))
+    assert labels.max() == 1 and (labels > 0).sum() == (body | process).sum()
+
+
+def test_seed_peak_keeps_every_real_cell():
+    from cellseg.postprocess import PostprocessParams, maps_to_labels
+
+    h, w = 64, 96
+    yy, xx = np.mgrid[:h, :w]
+    probs = np.zeros((3, h, w), np.float32)
+    for cx in (20, 48, 76):  # three touching round cells, each peaking at 0.8
+        r = np.sqrt((yy - 32) ** 2 + (xx - cx) ** 2)
+        inside = r <= 14
+        probs[0][inside] = 1
+        probs[2][inside] = np.maximum(probs[2][inside], (1 - r / 14)[inside] * 0.8)
+    params = PostprocessParams(fg_threshold=0.5, seed_threshold=0.2, seed_sigma=0, seed_peak=0.5)
+    assert maps_to_labels(probs, params).max() == 3
+    with pytest.raises(ValueError, match="seed_peak"):
+        params.with_overrides(seed_peak=1.0)

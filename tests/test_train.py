@@ -135,6 +135,7 @@ def test_fast_step_matches_fp32():
 
 def test_time_budget_and_warm_start(data_root, tmp_path):
     """--minutes ends the run on time with the schedule decayed; --init-weights starts from given weights."""
+    from cellseg.onnx_model import sha256_file
     from train.__main__ import main
     from train.model import build_model, save_weights
 
@@ -149,6 +150,8 @@ def test_time_budget_and_warm_start(data_root, tmp_path):
     last = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
     assert 1 <= len(last["history"]) < 50 and last["train_seconds"] < 0.02 * 60 + 30
     assert last["config"]["minutes"] == 0.02 and last["config"]["init_weights"].endswith("start.safetensors")
+    assert last["config"]["epochs"] == len(last["history"])  # the epochs the budget allowed, not a sentinel
+    assert last["config"]["init_weights_sha256"] == sha256_file(tmp_path / "start.safetensors")
     # With a zero learning rate the weights are exactly the ones the run started from (batch-norm
     # statistics, which are not learned by the optimiser, move on).
     for name, value in start.named_parameters():

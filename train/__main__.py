@@ -20,13 +20,14 @@ from tqdm import tqdm  # noqa: E402
 from cellseg.data import default_data_root, load_split  # noqa: E402
 from cellseg.evaluate import evaluate_segmentations, selection_score  # noqa: E402
 from cellseg.inference import segment_images  # noqa: E402
+from cellseg.onnx_model import sha256_file  # noqa: E402
 from cellseg.postprocess import PostprocessParams  # noqa: E402
 from cellseg.preprocess import NORMALIZATION  # noqa: E402
 from cellseg.targets import BOUNDARY_WIDTH, OUTPUT_CHANNELS  # noqa: E402
 from train.dataset import CropDataset, balanced_weights  # noqa: E402
 from train.model import DEFAULT_DECODER_CHANNELS, DEFAULT_ENCODER, build_model, load_weights  # noqa: E402
 from train.pretrained import PACKAGED_WEIGHTS, describe_weights  # noqa: E402
-from train.speed import autocast, choose_precision, to_layout  # noqa: E402
+from train.speed import autocast, choose_precision, describe_device, to_layout  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -146,6 +147,9 @@ def make_config(args: argparse.Namespace, train_ids: list[str], val_ids: list[st
         "warmup_steps": args.warmup_steps, "boundary_pos_weight": args.boundary_pos_weight,
         "select_metric": args.select_metric, "seed": args.seed, "minutes": args.minutes,
         "init_weights": str(args.init_weights) if args.init_weights else None,
+        "init_weights_sha256": sha256_file(args.init_weights) if args.init_weights else None,
+        "device": describe_device(args.device), "precision": choose_precision(args.precision, args.device),
+        "channels_last": args.channels_last, "data": str(args.data),
         "train_split": args.train_split, "val_split": args.val_split,
         "train_images": train_ids, "val_images": val_ids,
         "normalization": NORMALIZATION, "output_channels": list(OUTPUT_CHANNELS),
@@ -175,8 +179,9 @@ def main(argv=None) -> int:
     precision = choose_precision(args.precision, args.device)
     model = to_layout(model.to(args.device), args.channels_last)
     budget = config.get("minutes")
-    if budget:
-        config["epochs"] = 10_000  # the budget ends the run; the schedule follows the time spent
+    # With a budget, time ends the run and the schedule follows the time spent; config["epochs"] then
+    # records the epochs actually run.
+    max_epochs = 10_000 if budget else config["epochs"]
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
     total_steps = config["epochs"] * config["steps_per_epoch"]
     start_epoch, best, history, elapsed = 0, -1.0, [], 0.0
@@ -205,9 +210,11 @@ def main(argv=None) -> int:
           f"crops, sampling: {balance}, device: {args.device}, precision: {precision}, "
           f"channels_last: {args.channels_last}", flush=True)
 
-    for epoch in range(start_epoch, config["epochs"]):
+    for epoch in range(start_epoch, max_epochs):
         if budget and elapsed >= budget * 60:
             break
+        if budget:
+            config["epochs"] = epoch + 1
         t0 = step_started = time.time()
         dataset = CropDataset(train_images, train_labels, config["crop"],
                               config["steps_per_epoch"] * config["batch_size"], seed=config["seed"] * 10_000 + epoch,
@@ -217,7 +224,8 @@ def main(argv=None) -> int:
                                              prefetch_factor=4 if args.workers else None)
         model.train()
         running: dict[str, float] = {}
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config['epochs']}", mininterval=1 if sys.stderr.isatty() else 30)
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{'?' if budget else max_epochs}",
+                   mininterval=1 if sys.stderr.isatty() else 30)
         for images, targets in bar:
             images = to_layout(images.to(args.device, non_blocking=True), args.channels_last)
             targets = targets.to(args.device, non_blocking=True)

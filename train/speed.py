@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 import torch
@@ -24,6 +25,19 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
     except OSError:
         pass
     return set()
+
+
+def describe_device(device: str) -> str:
+    """'cuda (NVIDIA H200)' or 'cpu (AMD EPYC, 2 cores)': what the model card says a run ran on."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"cuda ({torch.cuda.get_device_name(torch.device(device))})"
+    name = "unknown CPU"
+    try:
+        name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"cpu ({name}, {os.cpu_count()} cores)"
 
 
 def cpu_has_native_bf16(flags: set[str] | None = None) -> bool:
