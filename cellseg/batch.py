@@ -2,7 +2,7 @@
 
 Outputs in --out DIR (--formats picks among labels, csv, coco, rois, geojson; default labels,csv,coco):
     labels/<name>.png      labels: 16-bit label image per input (0 = background, 1..N cells)
-    cells.csv              csv: one row per cell of every image (regionprops measurements)
+    cells.csv              csv: one row per cell of every image (regionprops definitions, cellseg.measure)
     instances.coco.json    coco: COCO detections/annotations of all cells (RLE masks, scores)
     rois/<name>.zip        rois: ImageJ/Fiji ROI set, one polygon per cell, named cell-<id>
     geojson/<name>.geojson geojson: QuPath detections with the cells' measurements
@@ -153,23 +153,45 @@ def _guarded(path: Path, name: str, segment: Segmenter,
         return path, exc
 
 
-def onnx_segmenter(model, params: PostprocessParams, tta: bool) -> Segmenter:
+def onnx_segmenter(model, params: PostprocessParams, tta: bool, network_lock: threading.Lock | None = None) -> Segmenter:
+    """Network then post-processing. With a `network_lock`, one image at a time is in the network
+    (ONNX Runtime already uses every core for it) while other threads read, post-process and encode."""
+    from cellseg.inference import Segmentation, predict_maps
+    from cellseg.postprocess import maps_to_labels
+
+    lock = network_lock or threading.Lock()
+
     def segment(image: np.ndarray, path: Path) -> Result:
-        seg = model.segment([image], params, batch_size=1, tta=tta)[0]
+        with lock:
+            maps = predict_maps(model.predict, [image], batch_size=1, tta=tta)[0]
+        seg = Segmentation(maps_to_labels(maps, params), maps)
         return Result(seg.labels, seg.scores())
     return segment
 
 
+# Images in flight in the local backend: while one is in the network, the others are read,
+# post-processed, measured and encoded, which would otherwise wait for it.
+LOCAL_PIPELINE_THREADS = 2
+
+
 def local_backend(model_path: Path | None, params: PostprocessParams, tta: bool = False,
-                  formats: tuple[str, ...] = DEFAULT_FORMATS) -> Backend:
-    """In this process, one image after another (ONNX Runtime uses every core for each)."""
+                  formats: tuple[str, ...] = DEFAULT_FORMATS, threads: int = LOCAL_PIPELINE_THREADS) -> Backend:
+    """In this process: the network takes one image at a time on every core, and `threads` images
+    are in flight so that reading, post-processing and encoding overlap with it. Results come back
+    in input order."""
     from cellseg.onnx_model import OnnxModel
 
-    segment = onnx_segmenter(OnnxModel(model_path), params, tta)
+    segment = onnx_segmenter(OnnxModel(model_path), params, tta, threading.Lock())
 
     def run(items):
-        for path, name in items:
-            yield _guarded(path, name, segment, formats)
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            pending = []
+            for path, name in items:
+                pending.append(pool.submit(_guarded, path, name, segment, formats))
+                if len(pending) > threads:  # a bounded window: a long job never queues every image
+                    yield pending.pop(0).result()
+            for future in pending:
+                yield future.result()
     return run
 
 

@@ -1,8 +1,10 @@
-"""Batch-job throughput: the local backend (one process, ONNX Runtime on every core) against Dask
-workers (`--dask local:N`, N workers x 1 thread), on the same images in one run, and the memory of
-each Dask worker.
+"""Batch-job throughput, all on the same images in one run: the same model reading and segmenting
+them in process one at a time (the ceiling), `cellseg segment` with its default outputs, with each
+optional format added (rois, geojson), and on Dask workers (`--dask local:N`, N workers x 1
+thread), with the memory of each Dask worker. LIVECell TIFFs first, then Sartorius PNGs (both
+704x520) up to --images.
 
-    python scripts/bench_dask.py --images 32 --workers 2 --json docs/bench_dask.json
+    python scripts/bench_dask.py --images 64 --workers 2 --json docs/bench_dask.json
 """
 
 from __future__ import annotations
@@ -26,11 +28,25 @@ from cellseg.data import default_data_root  # noqa: E402
 from cellseg.onnx_model import default_model_path  # noqa: E402
 
 
-def run_local(inputs: Path, out: Path, model: Path) -> float:
+def run_in_process(inputs: Path, model: Path) -> float:
+    """Read and segment every image one at a time with the model `cellseg segment` runs by default."""
+    from cellseg.imageio import read_image
+    from cellseg.onnx_model import OnnxModel
+    from cellseg.variants import default_variant
+
+    onnx_model = OnnxModel(default_variant(model))
+    t0 = time.perf_counter()
+    for path in sorted(inputs.iterdir()):
+        onnx_model.segment([read_image(path)])
+    return time.perf_counter() - t0
+
+
+def run_local(inputs: Path, out: Path, model: Path, formats: str = "labels,csv,coco") -> float:
     from cellseg.cli import main
 
     t0 = time.perf_counter()
-    assert main(["segment", str(inputs), "--out", str(out), "--model", str(model), "--quiet"]) == 0
+    assert main(["segment", str(inputs), "--out", str(out), "--model", str(model), "--formats", formats,
+                 "--quiet"]) == 0
     return time.perf_counter() - t0
 
 
@@ -55,22 +71,30 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=default_model_path())
     p.add_argument("--data", type=Path, default=default_data_root())
-    p.add_argument("--images", type=int, default=32)
+    p.add_argument("--images", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--json", type=Path)
     args = p.parse_args()
-    sources = sorted((args.data / "livecell" / "images").rglob("*.tif"))[: args.images]
+    sources = (sorted((args.data / "livecell" / "images").rglob("*.tif"))
+               + sorted((args.data / "sartorius" / "train").glob("*.png")))[: args.images]
     with tempfile.TemporaryDirectory() as tmp:
         inputs = Path(tmp) / "in"
         inputs.mkdir()
         for path in sources:
             shutil.copy(path, inputs / path.name)
+        in_process = run_in_process(inputs, args.model)
         local = run_local(inputs, Path(tmp) / "local", args.model)
+        with_formats = {fmt: run_local(inputs, Path(tmp) / f"local-{fmt}", args.model, f"labels,csv,coco,{fmt}")
+                        for fmt in ("rois", "geojson")}
         dask, worker_rss = run_dask(inputs, Path(tmp) / "dask", args.model, args.workers)
     n = len(sources)
     report = {
-        "machine": machine_description(), "images": n, "image_size": "704x520 LIVECell",
+        "machine": machine_description(), "images": n, "image_size": "704x520 (LIVECell TIFF, Sartorius PNG)",
+        "in_process_images_per_s": round(n / in_process, 2),
         "local_images_per_s": round(n / local, 2),
+        "local_vs_in_process": round(in_process / local, 2),
+        **{f"local_with_{fmt}_images_per_s": round(n / seconds, 2) for fmt, seconds in with_formats.items()},
+        **{f"{fmt}_ms_per_image": round(1000 * (seconds - local) / n, 1) for fmt, seconds in with_formats.items()},
         f"dask_local_{args.workers}_images_per_s": round(n / dask, 2),
         "dask_vs_local": round(local / dask, 2),
         "dask_worker_peak_rss_mb": [round(b / 2**20) for b in worker_rss],
