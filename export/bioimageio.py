@@ -216,6 +216,16 @@ def build_description(model_path: Path, workdir: Path, raw: np.ndarray, output: 
     )
 
 
+def refuse_output_over_inputs(out: Path, inputs: list[Path]) -> None:
+    """Stop before anything is written where --out is one of the inputs, or a folder holding one:
+    the package would overwrite the model, then read itself back while growing (13.8 GB in 5 minutes)."""
+    target = out.resolve()
+    for path in inputs:
+        source = path.resolve()
+        if target == source or target in source.parents:
+            raise SystemExit(f"--out {out} would overwrite the input {path}: choose another output path")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from bioimageio.spec import save_bioimageio_package
@@ -227,6 +237,7 @@ def main(argv=None) -> int:
     image = args.image or default_data_root() / TEST_IMAGE
     if not image.is_file():
         raise SystemExit(f"test image not found: {image} (pass --image or set CELLSEG_DATA)")
+    refuse_output_over_inputs(args.out, [args.model, weights, image])
     model = OnnxModel(args.model)
     raw, output = reference_tensors(model, image)
     with tempfile.TemporaryDirectory() as tmp:

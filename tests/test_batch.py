@@ -123,3 +123,19 @@ def test_lab_formats_from_the_batch_job(inputs, tmp_path, demo_images):
         assert len(rois) == len(features) == labels.max()
         assert features[0]["properties"]["objectType"] == "detection"
     assert run(inputs, out, "--formats", "rois,nonsense") == 2
+
+
+def test_a_failed_write_leaves_no_temp_file(tmp_path, monkeypatch):
+    """A full disk (ENOSPC at fsync) used to leave `.name.pid.tmp` files behind in every folder."""
+    import errno
+    import os
+
+    from cellseg.batch import atomic_write
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write(tmp_path / "records" / "a.json", b"{}")
+    assert list((tmp_path / "records").iterdir()) == []

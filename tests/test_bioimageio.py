@@ -76,3 +76,21 @@ def test_package_predicts_like_the_runtime(package, onnx_model, demo_images):
     result = predict(model=create_prediction_pipeline(description, weight_format="onnx"), inputs=sample)
     got = result.members["probabilities"].data.values[0]
     np.testing.assert_allclose(got, expected, atol=1e-3)
+
+
+@pytest.mark.parametrize("out", ["model", "folder"])
+def test_output_over_an_input_is_refused_before_writing(tmp_path, out, demo_images):
+    """--out equal to --model used to overwrite the model, then the package read itself back while
+    growing without end; an --out that is a folder holding an input would replace it too."""
+    import shutil
+
+    from export.bioimageio import main
+
+    model = tmp_path / "m.onnx"
+    shutil.copy(Path(__file__).parent.parent / "models" / "livecell-unet.onnx", model)
+    shutil.copy(Path(__file__).parent.parent / "models" / "livecell-unet.safetensors", tmp_path / "m.safetensors")
+    before = model.read_bytes()
+    target = model if out == "model" else tmp_path
+    with pytest.raises(SystemExit, match="would overwrite the input"):
+        main(["--model", str(model), "--out", str(target), "--image", str(demo_images[-1]), "--no-test"])
+    assert model.read_bytes() == before
