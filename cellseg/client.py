@@ -61,9 +61,20 @@ class SegmentResult:
 
     @classmethod
     def from_json(cls, data: dict) -> SegmentResult:
-        cells = [Cell(**{k: c[k] for k in ("id", "area", "bbox", "centroid", "score", "rle")}) for c in data["cells"]]
-        return cls(data["width"], data["height"], data["count"], data["confluence"], cells, data["model"],
-                   data.get("params", {}))
+        """The `segment` answer; an answer that is not one (missing keys, a cell whose RLE is not the
+        image's size, which would silently decode to empty labels) raises CellsegError."""
+        try:
+            cells = [Cell(**{k: c[k] for k in ("id", "area", "bbox", "centroid", "score", "rle")}) for c in data["cells"]]
+            result = cls(data["width"], data["height"], data["count"], data["confluence"], cells, data["model"],
+                         data.get("params", {}))
+        except (KeyError, TypeError) as exc:
+            raise CellsegError(f"the service's answer is not a segmentation (missing or malformed {exc})") from exc
+        for cell in cells:
+            size = cell.rle.get("size") if isinstance(cell.rle, dict) else None
+            if size != [result.height, result.width]:
+                raise CellsegError(f"cell {cell.id}'s mask is {size}, not the image's [height, width] = "
+                                   f"{[result.height, result.width]}: the answer is inconsistent")
+        return result
 
 
 def _error_from(exc: Exception) -> CellsegError:
@@ -80,6 +91,14 @@ def _error_from(exc: Exception) -> CellsegError:
         return CellsegError(message, body.get("status", status), detail)
     except (ValueError, AttributeError):
         return CellsegError(text, status if isinstance(status, int) else None)
+
+
+def _is_transport_error(exc: Exception) -> bool:
+    """Errors of the exchange itself (dropped or timed-out connections, an answer that cannot be
+    decoded), as opposed to mistakes in the caller's own arguments."""
+    import httpx
+
+    return isinstance(exc, (httpx.HTTPError, httpx.StreamError, UnicodeDecodeError, json.JSONDecodeError, KeyError))
 
 
 def wait_until_ready(url: str, timeout: float) -> None:
@@ -163,6 +182,9 @@ class Client:
         except Exception as exc:  # bentoml raises its own exception types per status
             if type(exc).__module__.startswith(("bentoml", "_bentoml")):
                 raise _error_from(exc) from exc
+            if _is_transport_error(exc):
+                raise CellsegError(f"{endpoint}: the connection to the service failed "
+                                   f"({type(exc).__name__}: {exc or 'no detail'})") from exc
             raise
         finally:
             if path.parent == Path(self._tmp.name):

@@ -373,3 +373,41 @@ def test_documented_answers_match_the_real_ones(server, tif):
             assert declared[media_type]["schema"].get("type") == "object" and isinstance(r.json(), dict), endpoint
         for status in ("400", "413", "415"):
             assert status in doc["paths"][f"/{endpoint}"]["post"]["responses"], (endpoint, status)
+
+
+@pytest.mark.parametrize("error", ["RemoteProtocolError", "ReadError", "ReadTimeout", "unicode", "key"])
+def test_client_turns_transport_errors_into_cellseg_errors(error, tmp_path):
+    """A dropped, timed-out or undecodable exchange used to escape as httpx/UnicodeDecodeError/KeyError;
+    the README promises CellsegError for every failure of a call."""
+    import tempfile
+
+    import httpx
+
+    from cellseg.client import CellsegError, Client
+
+    raised = {"RemoteProtocolError": httpx.RemoteProtocolError("Server disconnected"),
+              "ReadError": httpx.ReadError("connection reset"), "ReadTimeout": httpx.ReadTimeout("timed out"),
+              "unicode": UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"), "key": KeyError("cells")}
+
+    class Failing:
+        def segment(self, **kwargs):
+            raise raised[error]
+
+    client = Client.__new__(Client)  # no server: the transport is the fake above
+    client._client, client._tmp = Failing(), tempfile.TemporaryDirectory()
+    image = tmp_path / "x.png"
+    image.write_bytes(b"not used")
+    with pytest.raises(CellsegError, match="connection to the service failed"):
+        client.segment(image)
+
+
+def test_client_refuses_an_answer_whose_masks_are_not_the_image_size():
+    from cellseg.client import CellsegError, SegmentResult
+
+    cell = {"id": 1, "area": 4, "bbox": [0, 0, 2, 2], "centroid": [0.5, 0.5], "score": 0.9,
+            "rle": {"size": [10, 10], "counts": "0d1"}}
+    answer = {"width": 20, "height": 16, "count": 1, "confluence": 1.0, "cells": [cell], "model": {}}
+    with pytest.raises(CellsegError, match="not the image's"):
+        SegmentResult.from_json(answer)
+    with pytest.raises(CellsegError, match="not a segmentation"):
+        SegmentResult.from_json({"width": 20})
