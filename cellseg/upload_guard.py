@@ -93,6 +93,19 @@ class _Parts:
                 "on_part_data": on_part_data}
 
 
+def _canonical_content_type(scope: Scope) -> Scope:
+    """The scope with its Content-Type's media type in lower case. Media types are case-insensitive
+    (RFC 9110) and this guard accepts `MULTIPART/FORM-DATA`, but BentoML compares them as written
+    and parsed such a body as JSON ("Invalid JSON"). The boundary keeps its case: it is not."""
+    headers = []
+    for name, value in scope.get("headers", []):
+        if name.lower() == b"content-type":
+            media, _, rest = value.partition(b";")
+            value = media.strip().lower() + (b";" + rest if rest else b"")
+        headers.append((name, value))
+    return {**scope, "headers": headers}
+
+
 class UploadGuard:
     """Guard POSTs to `paths`: one file field `file_field`, at most `max_bytes` of body."""
 
@@ -114,7 +127,7 @@ class UploadGuard:
             logger.warning("rejected upload to %s: %s (HTTP %d)", scope.get("path"), exc, exc.status)
             await _send_json(send, exc.status, {"error": str(exc), "status": exc.status})
             return
-        await self.app(scope, _replay(body, receive), send)
+        await self.app(_canonical_content_type(scope), _replay(body, receive), send)
 
     async def _read_checked(self, scope: Scope, receive: Receive) -> bytes:
         headers = {k.decode("latin-1").lower(): v for k, v in scope.get("headers", [])}

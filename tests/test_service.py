@@ -411,3 +411,17 @@ def test_client_refuses_an_answer_whose_masks_are_not_the_image_size():
         SegmentResult.from_json(answer)
     with pytest.raises(CellsegError, match="not a segmentation"):
         SegmentResult.from_json({"width": 20})
+
+
+def test_media_type_in_capitals_is_accepted(server, tif):
+    """`MULTIPART/FORM-DATA` is the same media type (case-insensitive); it used to get "Invalid JSON"."""
+    import uuid
+
+    boundary = uuid.uuid4().hex
+    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{tif.name}"\r\n'
+            'Content-Type: image/tiff\r\n\r\n')
+    body = head.encode() + tif.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+    r = httpx.post(f"{server}/segment", content=body, timeout=120,
+                   headers={"Content-Type": f"MULTIPART/FORM-DATA; boundary={boundary}"})
+    assert r.status_code == 200, r.text
+    assert r.json()["count"] > 0
