@@ -157,13 +157,13 @@ def _guarded(path: Path, name: str, segment: Segmenter,
         return path, exc
 
 
-def onnx_segmenter(model, params: PostprocessParams, tta: bool, network_lock: threading.Lock | None = None) -> Segmenter:
-    """Network then post-processing. With a `network_lock`, one image at a time is in the network
-    (ONNX Runtime already uses every core for it) while other threads read, post-process and encode."""
+def onnx_segmenter(model, params: PostprocessParams, tta: bool) -> Segmenter:
+    """Network then post-processing. Threads sharing this segmenter take turns in the network (ONNX
+    Runtime already uses every core for one image) while the others read, post-process and encode."""
     from cellseg.inference import Segmentation, predict_maps
     from cellseg.postprocess import maps_to_labels
 
-    lock = network_lock or threading.Lock()
+    lock = threading.Lock()
 
     def segment(image: np.ndarray, path: Path) -> Result:
         with lock:
@@ -185,7 +185,7 @@ def local_backend(model_path: Path | None, params: PostprocessParams, tta: bool 
     in input order."""
     from cellseg.onnx_model import OnnxModel
 
-    segment = onnx_segmenter(OnnxModel(model_path), params, tta, threading.Lock())
+    segment = onnx_segmenter(OnnxModel(model_path), params, tta)
 
     def run(items):
         with ThreadPoolExecutor(max_workers=threads) as pool:

@@ -13,7 +13,6 @@ from cellseg.preprocess import normalize
 from cellseg.rle import labels_to_coco_rles, paint_coco
 
 MAX_LABEL_PNG = 65535  # labels are written as 16-bit PNG
-COUNT_TABLE_LIMIT = 4_000_000  # largest labels x rows table for centroids (32 MB); beyond, per-pixel sums
 
 
 def confluence(labels: np.ndarray) -> float:
@@ -44,18 +43,17 @@ def instances_from_labels(labels: np.ndarray, scores: np.ndarray | None = None) 
 
 
 def coordinate_sums(labels: np.ndarray, axis: int) -> np.ndarray:
-    """Per label 0..max, the sum of its pixels' row (axis 0) or column (axis 1) indices: a count of
-    each label per row (or column) times the index, instead of a weighted sum over every pixel
-    (5x faster; the table is small: labels x rows, else the weighted sum is used)."""
-    n = int(labels.max(initial=0)) + 1
-    size = labels.shape[axis]
-    index = np.arange(size)
-    if n * size > COUNT_TABLE_LIMIT:
+    """Per label 0..max, the sum of its pixels' row (axis 0) or column (axis 1) indices: from the
+    labels' counts per row (or column) where that table is small, else a weighted sum over pixels."""
+    from cellseg.measure import counts_per_line
+
+    table = counts_per_line(labels, axis)
+    if table is None:
+        n = int(labels.max(initial=0)) + 1
+        index = np.arange(labels.shape[axis])
         weights = np.broadcast_to(index[:, None] if axis == 0 else index[None, :], labels.shape)
         return np.bincount(labels.ravel(), weights=weights.ravel().astype(np.float64), minlength=n)
-    offsets = (index * n)[:, None] if axis == 0 else (index * n)[None, :]
-    table = np.bincount((labels + offsets).ravel(), minlength=n * size).reshape(size, n)
-    return (index @ table).astype(np.float64)
+    return (np.arange(labels.shape[axis]) @ table).astype(np.float64)
 
 
 def labels_from_instances(instances: list[dict], height: int, width: int) -> np.ndarray:

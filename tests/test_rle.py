@@ -104,10 +104,10 @@ def test_all_cells_encoded_at_once_equal_pycocotools_per_cell(seed):
 
 
 def test_instance_centroids_equal_pixel_means_on_both_paths(labels, monkeypatch):
-    from cellseg import instances
+    from cellseg import instances, measure
 
     expected = [[round(float(np.nonzero(labels == i)[1].mean()), 2), round(float(np.nonzero(labels == i)[0].mean()), 2)]
                 for i in np.unique(labels[labels > 0])]
     assert [r["centroid"] for r in instances.instances_from_labels(labels)] == expected
-    monkeypatch.setattr(instances, "COUNT_TABLE_LIMIT", 0)  # the per-pixel path, used for huge tables
+    monkeypatch.setattr(measure, "COUNT_TABLE_LIMIT", 0)  # the per-pixel path, used for huge tables
     assert [r["centroid"] for r in instances.instances_from_labels(labels)] == expected

@@ -215,7 +215,7 @@ def main(argv=None) -> int:
             break
         if budget:
             config["epochs"] = epoch + 1
-        t0 = step_started = time.time()
+        step_started = time.time()
         dataset = CropDataset(train_images, train_labels, config["crop"],
                               config["steps_per_epoch"] * config["batch_size"], seed=config["seed"] * 10_000 + epoch,
                               weights=weights)
@@ -240,7 +240,7 @@ def main(argv=None) -> int:
             for k, v in losses.items():
                 running[k] = 0.95 * running.get(k, v.item()) + 0.05 * v.item()
             bar.set_postfix(loss=f"{running['total']:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
-        elapsed += time.time() - t0
+        elapsed += time.time() - step_started
         metrics = validate(model, val_samples, val_images, args.device, precision)
         record = epoch_record(epoch, config, elapsed, running, metrics)
         history.append(record)

@@ -17,27 +17,26 @@ import torch
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
-def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+def cpuinfo_field(name: str, cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
+    """The first `name : value` of /proc/cpuinfo (None where there is no such file or field)."""
     try:
         for line in cpuinfo.read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
+            if line.split(":", 1)[0].strip() == name:
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return set()
+    return None
+
+
+def cpu_flags() -> set[str]:
+    return set((cpuinfo_field("flags") or "").split())
 
 
 def describe_device(device: str) -> str:
     """'cuda (NVIDIA H200)' or 'cpu (AMD EPYC, 2 cores)': what the model card says a run ran on."""
     if device.startswith("cuda") and torch.cuda.is_available():
         return f"cuda ({torch.cuda.get_device_name(torch.device(device))})"
-    name = "unknown CPU"
-    try:
-        name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"cpu ({name}, {os.cpu_count()} cores)"
+    return f"cpu ({cpuinfo_field('model name') or 'unknown CPU'}, {os.cpu_count()} cores)"
 
 
 def cpu_has_native_bf16(flags: set[str] | None = None) -> bool:
