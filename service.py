@@ -14,6 +14,7 @@ Run: `bentoml serve service:CellSegmentation` (after `python -m export register`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import importlib.resources
 import json
@@ -30,14 +31,16 @@ import aiohttp
 import anyio
 import bentoml
 import numpy as np
+from bentoml.exceptions import ServiceUnavailable
 from bentoml.validators import ContentType
 from pydantic import Field
 from starlette.applications import Starlette
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from cellseg.admission import Overloaded, PixelBudget, batch_without_wait_memory
 from cellseg.formats import imagej_roi_zip, qupath_geojson
-from cellseg.imageio import ImageError, ImageTooLargeError, read_image
+from cellseg.imageio import ImageError, ImageTooLargeError, declared_pixels, read_image
 from cellseg.inference import (
     ImagePlan,
     Segmentation,
@@ -57,7 +60,7 @@ from cellseg.instances import (
     measure_cells,
     overlay_png_bytes,
 )
-from cellseg.memory import MMAP_FROM_1MIB, configure_allocator, release_memory
+from cellseg.memory import MMAP_FROM_1MIB, configure_allocator, release_idle_memory, release_memory
 from cellseg.onnx_model import OnnxModel, available_providers, verify_sha256
 from cellseg.postprocess import PostprocessParams, maps_to_labels
 from cellseg.report import page_report
@@ -75,6 +78,14 @@ MAX_PIXELS = int(os.environ.get("CELLSEG_MAX_PIXELS", 16_000_000))
 # Largest accepted request body, enforced while it streams in (UploadGuard). 96 MiB holds a 16 MP
 # image even as uncompressed 16-bit RGB; the body is held in memory until it has been checked.
 MAX_UPLOAD_BYTES = int(os.environ.get("CELLSEG_MAX_UPLOAD_BYTES", 96 * 1024 * 1024))
+# After its first seconds, an upload must arrive at an average rate, or it gets a 408 (slow clients
+# would otherwise hold request slots indefinitely).
+UPLOAD_GRACE_S = float(os.environ.get("CELLSEG_UPLOAD_GRACE_S", 10))
+MIN_UPLOAD_BYTES_PER_S = float(os.environ.get("CELLSEG_MIN_UPLOAD_BYTES_PER_S", 32 * 1024))
+# Network pixels in work at once (TTA counts 4x); more waits in arrival order, up to QUEUE_TIMEOUT_S,
+# then gets a 503 with Retry-After. 32 MP is two 16 MP images: about 1.3 GB for the front at peak.
+PIXEL_BUDGET = int(os.environ.get("CELLSEG_PIXEL_BUDGET", 32_000_000))
+QUEUE_TIMEOUT_S = float(os.environ.get("CELLSEG_QUEUE_TIMEOUT_S", 120))
 PREDICT_ATTEMPTS = 3
 IDLE_TRIM_SECONDS = 1.0  # free memory goes back to the system after this long without a request
 ORT_THREADS = int(os.environ.get("CELLSEG_ORT_THREADS", os.cpu_count() or 1))
@@ -151,7 +162,8 @@ def upload_name(path: Path) -> str:
 
 class StageClock:
     """Where one request's time went, sent back as a Server-Timing header (browsers' developer tools
-    show it; scripts/bench_server.py reads it): decode (upload to normalised network inputs), network
+    show it; scripts/bench_server.py reads it): queue (waiting for the pixel budget: the image's size is
+    read from its header, the pixels wait), decode (upload to normalised network inputs), network
     (the call to the UNet service, batching wait and transfer included), cells (maps to labels and
     scores), encode (the answer's format) and total."""
 
@@ -175,6 +187,7 @@ class StageClock:
 
 # The clock of the request being answered (each request runs in its own asyncio task and context).
 REQUEST_CLOCK: contextvars.ContextVar[StageClock] = contextvars.ContextVar("request_clock")
+REQUEST_RESOURCES: contextvars.ContextVar[contextlib.AsyncExitStack] = contextvars.ContextVar("request_resources")
 
 
 def json_response(answer: Any) -> Any:
@@ -192,6 +205,9 @@ def json_response(answer: Any) -> Any:
 
 
 def error_response(exc: Exception) -> JSONResponse:
+    if isinstance(exc, Overloaded):
+        return JSONResponse({"error": str(exc), "status": 503, "retry_after_s": exc.retry_after_s}, status_code=503,
+                            headers={"Retry-After": str(exc.retry_after_s)})
     status = exc.status if isinstance(exc, RequestError) else 413 if isinstance(exc, ImageTooLargeError) else 400
     return JSONResponse({"error": str(exc), "status": status}, status_code=status)
 
@@ -202,6 +218,8 @@ def error_response(exc: Exception) -> JSONResponse:
 # hangs until the traffic timeout (a 504 after 300 s, seen in scripts/bench_server.py). The front and
 # the network process run side by side, so nothing is gained by new sessions: practically never.
 NO_SESSION_REFRESH = {"max_requests": 2**62, "max_age": 1e12}
+batch_without_wait_memory()  # before the network process builds its batcher: see cellseg/admission.py
+
 
 
 @bentoml.service(workers=1, traffic={"timeout": 300, "max_concurrency": 256}, runner_connection=NO_SESSION_REFRESH)
@@ -254,6 +272,7 @@ class CellSegmentation:
                            "precision": variant["precision"]}
         # CPU-bound decode / watershed run in threads so the event loop keeps accepting requests.
         self.cpu = anyio.CapacityLimiter(max(2, os.cpu_count() or 2))
+        self.budget = PixelBudget(PIXEL_BUDGET, QUEUE_TIMEOUT_S)
         self.in_flight = 0  # requests being answered
         self.idle_trim: asyncio.TimerHandle | None = None  # the pending trim once none is
 
@@ -277,6 +296,8 @@ class CellSegmentation:
         """(raw image, labels, scores) for one upload. The CPU work before and after the network runs
         in one worker thread each, so the event loop only moves requests along."""
         clock = REQUEST_CLOCK.get(None) or StageClock()
+        with clock.stage("queue"):
+            await self._admit(image, tta)
         with clock.stage("decode"):
             raw, pieces, plan = await anyio.to_thread.run_sync(self._read_and_split, image, limiter=self.cpu)
         with clock.stage("network"):  # with tta, the mirrored pieces are batched with everything else in flight
@@ -284,6 +305,13 @@ class CellSegmentation:
         with clock.stage("cells"):
             labels, scores = await anyio.to_thread.run_sync(self._cells, codes, plan, params, tta, limiter=self.cpu)
         return raw, labels, scores
+
+    async def _admit(self, image: Path, tta: bool) -> None:
+        """Wait for this image's pixels in the budget, held until the request is answered. The size
+        comes from the file's header, so nothing is decoded before the request is admitted."""
+        pixels = await anyio.to_thread.run_sync(declared_pixels, image, limiter=self.cpu)
+        cost = self.budget.capacity if pixels is None else pixels * (4 if tta else 1)
+        await REQUEST_RESOURCES.get().enter_async_context(self.budget.admit(cost))
 
     def _read_and_split(self, image: Path) -> tuple[np.ndarray, list[np.ndarray], ImagePlan]:
         raw = self._read(image)
@@ -306,6 +334,8 @@ class CellSegmentation:
         for attempt in range(PREDICT_ATTEMPTS):
             try:
                 return await self.unet.to_async.predict(pieces)
+            except ServiceUnavailable as exc:  # the network's batcher shed the call: a 503 for the client
+                raise Overloaded(f"the network is overloaded ({exc})", retry_after_s=10) from exc
             except aiohttp.ClientConnectionError as exc:
                 if attempt == PREDICT_ATTEMPTS - 1:
                     raise
@@ -321,21 +351,30 @@ class CellSegmentation:
         clock = StageClock()
         REQUEST_CLOCK.set(clock)
         try:
-            answer = json_response(await work())
+            async with contextlib.AsyncExitStack() as resources:  # what the request holds until answered
+                REQUEST_RESOURCES.set(resources)
+                answer = json_response(await work())
             if isinstance(answer, Response):
                 answer.headers["Server-Timing"] = clock.header()
             return answer
-        except (RequestError, ImageError) as exc:
-            response = error_response(exc)
-            logger.warning("request refused (HTTP %d): %s", response.status_code, exc)  # the client's fault: no traceback
-            return response
+        except TooManyCellsError as exc:
+            return self._refused(RequestError(f"{exc}: use /segment (one RLE mask per cell) or higher thresholds",
+                                              status=422))
+        except (RequestError, ImageError, Overloaded) as exc:
+            return self._refused(exc)
         finally:
             self.in_flight -= 1
             # Memory goes back to the system once the service has been idle for a moment: trimming
             # between the requests of a burst, or of one client's back-to-back calls, would only make
             # the next request fault the same pages in again (about 10 ms of CPU per request).
             if self.in_flight == 0:
-                self.idle_trim = asyncio.get_running_loop().call_later(IDLE_TRIM_SECONDS, release_memory)
+                self.idle_trim = asyncio.get_running_loop().call_later(IDLE_TRIM_SECONDS, release_idle_memory)
+
+    @staticmethod
+    def _refused(exc: Exception) -> JSONResponse:
+        response = error_response(exc)
+        logger.warning("request refused (HTTP %d): %s", response.status_code, exc)  # no traceback: not a defect
+        return response
 
     @bentoml.api
     async def segment(self, image: Path, fg_threshold: FgThreshold = None, seed_threshold: SeedThreshold = None,
@@ -422,8 +461,9 @@ def document_error_responses() -> None:
     """Declare the service's real error answers in the OpenAPI document BentoML generates.
 
     BentoML documents 400/404/500 for every API with its own body schema; this service answers
-    ``{"error": message, "status": code}`` with 400 (bad image or parameter), 413 (over a size limit),
-    415 (not a multipart upload) and 422 (/mask: too many cells for a 16-bit PNG). BentoML 1.4 has no
+    ``{"error": message, "status": code}`` with 400 (bad image or parameter), 408 (upload too slow),
+    413 (over a size limit), 415 (not a multipart upload), 422 (too many cells for a 16-bit label PNG)
+    and 503 (busy, with Retry-After). BentoML 1.4 has no
     public hook for per-API responses, so the shared table it builds them from is extended here,
     at import, before any document is generated.
     """
@@ -436,8 +476,10 @@ def document_error_responses() -> None:
         "status": Schema(type="integer", description="the HTTP status, repeated"),
     })
     answers = {400: "Bad request: not a usable image, or an invalid parameter",
+               408: "Upload too slow (under the minimum average rate after the grace period)",
                413: "Upload or image over the size limit", 415: "Not a multipart/form-data upload",
-               422: "Result does not fit the requested format"}
+               422: "Result does not fit the requested format (over 65,535 cells for a label PNG)",
+               503: "Busy: waited too long for its turn; retry after the Retry-After header's seconds"}
     for status, description in answers.items():
         bentoml_openapi.error_responses[status] = SpecResponse(
             description=description, content={"application/json": MediaType(schema=body)})
@@ -448,4 +490,5 @@ document_error_responses()
 # Checks every upload while it streams in, before BentoML parses it: size limit, one file field,
 # no text-as-URL (BentoML would download it), known and valid parameters. See cellseg/upload_guard.py.
 CellSegmentation.add_asgi_middleware(UploadGuard, paths=list(ENDPOINT_FIELDS), max_bytes=MAX_UPLOAD_BYTES,
-                                     check_fields=check_form_fields)
+                                     check_fields=check_form_fields, grace_s=UPLOAD_GRACE_S,
+                                     min_bytes_per_s=MIN_UPLOAD_BYTES_PER_S)

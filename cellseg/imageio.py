@@ -183,3 +183,18 @@ def read_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.
     gray = to_grayscale(arr)
     _check_size(*gray.shape, max_pixels)
     return gray
+
+
+def declared_pixels(path: str | Path) -> int | None:
+    """Width x height as the file's header declares them, without decoding a pixel (None when the
+    header cannot be read: decoding will then say what is wrong). For admitting work by its size."""
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(4) in _TIFF_MAGIC:
+                with tifffile.TiffFile(path) as tif:
+                    page = tif.pages.first
+                    return int(page.imagelength) * int(page.imagewidth)
+            with Image.open(path) as img:
+                return int(img.width) * int(img.height)
+    except Exception:  # any unreadable header: not this function's to report
+        return None

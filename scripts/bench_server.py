@@ -10,7 +10,7 @@ to end in-process (ONNX Runtime), in the same round; `--rounds` rounds alternate
 ratios use the medians. PyTorch eager runs once, at the end.
 
 At concurrency 1 the latency is taken apart with the service's own account of each request (its
-Server-Timing header: decode, network, cells, encode, total) and the network alone in process in
+Server-Timing header: queue, decode, network, cells, encode, total) and the network alone in process in
 the same round: what the call to the network process adds, and what lies outside the service
 (HTTP and the client).
 

@@ -70,6 +70,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 MAX_PIXELS = 2_000_000  # the served service's small limits, so the 413 tests need no giant upload
 MAX_UPLOAD_BYTES = 3_000_000  # likewise for the byte limit (a LIVECell TIFF is 370 KB)
+UPLOAD_GRACE_S = 3  # a trickling upload gets its 408 within seconds
 
 
 @pytest.fixture(scope="session")
@@ -83,7 +84,8 @@ def served(tmp_path_factory, model_path):
     home = tmp_path_factory.mktemp("bentoml_home")
     try:
         proc, url = local_server.start_server(model_path, home, {"CELLSEG_MAX_PIXELS": str(MAX_PIXELS),
-                                                                 "CELLSEG_MAX_UPLOAD_BYTES": str(MAX_UPLOAD_BYTES)})
+                                                                 "CELLSEG_MAX_UPLOAD_BYTES": str(MAX_UPLOAD_BYTES),
+                                                                 "CELLSEG_UPLOAD_GRACE_S": str(UPLOAD_GRACE_S)})
     except RuntimeError as exc:
         pytest.fail(str(exc))
     yield url, home / "serve.log"

@@ -1,5 +1,5 @@
 """Memory of the whole running service (issue 7.5): a LIVECell request stays small, a 16-megapixel
-request stays under 2.5 GB, and the memory goes back afterwards."""
+request stays under 2.5 GB, and the memory goes back afterwards, also after failed large uploads."""
 
 import importlib.util
 
@@ -10,8 +10,8 @@ from conftest import REPO
 pytestmark = [pytest.mark.slow, pytest.mark.data]
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_memory", REPO / "scripts" / "bench_memory.py")
+def load_bench(name: str = "bench_memory"):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -24,9 +24,14 @@ def test_service_memory_peaks_and_returns(tmp_path, model_path, data_root):
     proc, url = bench.start_server(model_path, tmp_path, {"CELLSEG_MAX_PIXELS": "16000000"})
     try:
         result = bench.measure(url, proc.pid, tif, big, clients=4, rounds=1)
+        # issue 18.7: failed large uploads kept their bytes in the front through idle (+720 MB for 8)
+        result["failed_uploads"] = load_bench("bench_burst").failed_uploads(url, proc.pid, clients=4, size=60_000_000)
     finally:
         bench.stop_server(proc)
     print({k: v for k, v in result.items()})
     assert result["one_704x520_peak_mb"] < 1024, result
     assert result["big_4000x4000_peak_mb"] < 2560, result
     assert result["idle_after_big_mb"] <= 1.2 * result["idle_mb"], result
+    failed = result["failed_uploads"]
+    assert failed["statuses"] == [400] * 4, failed
+    assert failed["front_idle_after_mb"] <= 1.1 * failed["front_idle_before_mb"], failed

@@ -50,14 +50,16 @@ def server_timing(response: httpx.Response) -> dict[str, float]:
 
 
 def test_answers_say_where_their_time_went(server, tif):
-    """Server-Timing: decode, network, cells, encode and total, each measured, adding up to the total."""
+    """Server-Timing: queue (waiting for the pixel budget), decode, network, cells, encode and total,
+    each measured, adding up to the total."""
     data = tif.read_bytes()
     for endpoint in ("segment", "mask"):
         r = post(server, endpoint, files={"image": (tif.name, data, "image/tiff")})
         stages = server_timing(r)
-        assert list(stages) == ["decode", "network", "cells", "encode", "total"], r.headers["server-timing"]
+        assert list(stages) == ["queue", "decode", "network", "cells", "encode", "total"], r.headers["server-timing"]
         assert all(stages[name] > 0 for name in ("decode", "network", "cells", "total"))
-        assert sum(stages[n] for n in ("decode", "network", "cells", "encode")) == pytest.approx(stages["total"], abs=0.3)
+        parts = ("queue", "decode", "network", "cells", "encode")
+        assert sum(stages[n] for n in parts) == pytest.approx(stages["total"], abs=0.3)
 
 
 def test_raw_multipart_mask_overlay(server, tif, local_labels):
@@ -425,3 +427,51 @@ def test_media_type_in_capitals_is_accepted(server, tif):
                    headers={"Content-Type": f"MULTIPART/FORM-DATA; boundary={boundary}"})
     assert r.status_code == 200, r.text
     assert r.json()["count"] > 0
+
+
+def test_odd_multipart_uploads_are_answered_not_500(served, tif):
+    """Issue 18.5: the guard let these through to BentoML, which answered 500 (or silently ignored
+    the extra file). Each is a JSON 400 now, without a traceback, or served where the upload is valid."""
+    server, log = served
+    tracebacks = log.read_text().count("Traceback")
+    data = tif.read_bytes()
+    refused = {
+        "extra file": {"files": [("image", (tif.name, data)), ("mask", ("b.tif", data))]},
+        "parameter as a file": {"files": [("image", (tif.name, data)), ("min_size", ("v.txt", b"20"))]},
+        "1,001 parts": {"files": [("image", (tif.name, data))], "data": {f"p{i}": "1" for i in range(1000)}},
+    }
+    for case, kwargs in refused.items():
+        r = httpx.post(f"{server}/segment", timeout=60, **kwargs)
+        assert r.status_code == 400 and r.json()["status"] == 400, (case, r.text)
+    japanese = "位相差顕微鏡で撮影した細胞の画像" * 5 + "実験ＡＢＣ" + ".tif"  # 85 characters, 255 UTF-8 bytes
+    r = post(server, "report", files={"image": (japanese, data, "image/tiff")})
+    assert r.status_code == 200 and japanese.startswith(r.json()["name"]) and len(r.json()["name"]) > 40, r.text[:300]
+    boundary = "cellsegboundary"
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="a.tif"\r\n'
+            f"Content-Type: image/tiff\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    r = httpx.post(f"{server}/mask", content=body, timeout=60,
+                   headers={"Content-Type": f"multipart/form-data; boundary={boundary}; charset=cp037"})
+    assert r.status_code == 200, r.text
+    assert log.read_text().count("Traceback") == tracebacks
+    assert_still_serving(server)
+
+
+def test_a_trickling_upload_gets_408_and_frees_its_slot(server):
+    """Issue 18.11: a client sending a byte every 3 s held its request for as long as it liked."""
+    import socket
+    import time
+
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"POST /segment HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                     b"Content-Length: 100000\r\n\r\n--b\r\n")
+        started, answer = time.monotonic(), b""
+        sock.settimeout(1.0)
+        while time.monotonic() - started < 20 and b"\r\n\r\n{" not in answer:
+            try:
+                answer += sock.recv(4096)
+            except TimeoutError:
+                sock.sendall(b"x")  # one more byte, as slowly as a slow-loris client
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b"too slow" in answer and time.monotonic() - started < 15
+    assert_still_serving(server)
