@@ -12,7 +12,11 @@ Outputs in --out DIR (--formats picks among labels, csv, coco, rois, geojson; de
 
 Every file is written atomically (temp file + rename) and an image counts as done only once its
 record exists, so a killed job resumes where it stopped: finished images are skipped, the rest
-are redone, and the aggregate CSV/COCO files are rebuilt from the records at the end. A re-run
+are redone, and the aggregate CSV/COCO files are rebuilt from the records at the end. A write that
+fails (disk full, quota, read-only folder, permissions) stops the job with exit status 4 and a
+message naming the file and the reason: no half-written file stays, finished images are kept, and
+the same command resumes once the cause is fixed. A bad input, by contrast, is reported in
+errors.json and skipped (exit status 3). A re-run
 with other settings (another model, other parameters) into the same folder is refused unless
 --overwrite is given, so one folder never mixes results of two settings. Files under the output
 folder are never taken as inputs.
@@ -20,6 +24,8 @@ folder are never taken as inputs.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import glob
 import hashlib
 import json
@@ -43,18 +49,34 @@ DEFAULT_FORMATS = ("labels", "csv", "coco")
 PER_IMAGE_FILES = {"labels": ("labels", ".png"), "rois": ("rois", ".zip"), "geojson": ("geojson", ".geojson")}
 
 
+class OutputWriteError(OSError):
+    """A file of the job's outputs could not be written (disk full, over quota, read-only, no
+    permission, I/O error). Its `filename` is the output file, not the temp file beside it."""
+
+
 def atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write `data` to `path` in one step: a temp file beside it, fsynced, then renamed over it.
+    Whatever stops the write (a full disk, a kill signal turned exception), the temp file is removed,
+    so no half-written file stays; an OSError comes out as an OutputWriteError naming `path`."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        _remove_quietly(tmp)
+        raise OutputWriteError(exc.errno, exc.strerror or str(exc), str(path)) from exc
     except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk or a kill mid-write leaves no half-written file behind
+        _remove_quietly(tmp)
         raise
+
+
+def _remove_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):  # the error that made us clean up is the one to report
+        path.unlink(missing_ok=True)
 
 
 class JobError(ValueError):
@@ -134,6 +156,36 @@ class JobReport:
     failed: list[dict] = field(default_factory=list)
 
 
+# What to do about a failed write, by errno; any other error: fix its cause.
+WRITE_ERROR_ADVICE = {
+    errno.ENOSPC: "free space on that disk",
+    errno.EDQUOT: "free space within your disk quota",
+    errno.EROFS: "make the output folder writable",
+    errno.EACCES: "make the output folder writable",
+    errno.EPERM: "make the output folder writable",
+    errno.EFBIG: "raise the file size limit (ulimit -f)",
+}
+
+
+class JobStopped(Exception):
+    """Writing an output failed, so the job stopped: every later image would have failed the same
+    way. The images finished before keep their outputs and records, so the same command resumes."""
+
+    def __init__(self, cause: OutputWriteError, report: JobReport, errors_json_error: OutputWriteError | None):
+        self.cause, self.report, self.errors_json_error = cause, report, errors_json_error
+        advice = WRITE_ERROR_ADVICE.get(cause.errno, "fix the cause")
+        if errors_json_error is None:
+            errors_note = "errors.json lists the inputs that failed"
+        else:
+            errors_note = f"errors.json could not be written either ({_lower_first(errors_json_error.strerror)})"
+        super().__init__(f"{_lower_first(cause.strerror)} writing {cause.filename}: {advice} and run the same "
+                         f"command again to resume (the images finished so far are kept; {errors_note})")
+
+
+def _lower_first(text: str | None) -> str:
+    return (text[:1].lower() + text[1:]) if text else "unknown error"
+
+
 # What a backend knows how to do to one raw image.
 Segmenter = Callable[[np.ndarray, Path], Result]
 # A backend: (input path, output name) pairs in, (path, outputs or the exception) out, in any order.
@@ -173,6 +225,17 @@ def onnx_segmenter(model, params: PostprocessParams, tta: bool) -> Segmenter:
     return segment
 
 
+@contextlib.contextmanager
+def _stopping_pool(threads: int) -> Iterator[ThreadPoolExecutor]:
+    """A thread pool that, when the job stops consuming results (a failed write, Ctrl-C), drops the
+    images not started yet and waits only for those in progress."""
+    pool = ThreadPoolExecutor(max_workers=threads)
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 # Images in flight in the local backend: while one is in the network, the others are read,
 # post-processed, measured and encoded, which would otherwise wait for it.
 LOCAL_PIPELINE_THREADS = 2
@@ -188,7 +251,7 @@ def local_backend(model_path: Path | None, params: PostprocessParams, tta: bool 
     segment = onnx_segmenter(OnnxModel(model_path), params, tta)
 
     def run(items):
-        with ThreadPoolExecutor(max_workers=threads) as pool:
+        with _stopping_pool(threads) as pool:
             pending = []
             for path, name in items:
                 pending.append(pool.submit(_guarded, path, name, segment, formats))
@@ -215,7 +278,7 @@ def server_backend(url: str, overrides: dict, concurrency: int, formats: tuple[s
         return Result(result.labels, np.array([c.score for c in result.cells], dtype=np.float32))
 
     def run(items):
-        with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        with _stopping_pool(concurrency) as pool:
             yield from pool.map(lambda item: _guarded(item[0], item[1], segment, formats), items)
     return run
 
@@ -261,32 +324,60 @@ def run_job(inputs: list[str], out: Path, backend_factory: Callable[[], Backend]
     """Segment every input into `out`: collect inputs, skip finished ones, run the rest through the
     backend, write each image's outputs as it arrives, then the aggregates. `settings` (model sha256
     or server, parameters) identify what the results depend on; they are recorded in job.json and
-    checked on every re-run."""
+    checked on every re-run. A failed write raises JobStopped once errors.json has been tried."""
     out = Path(out)
-    prepare_output(out, settings, overwrite)
-    paths, missing = collect_inputs(inputs, exclude=out)
-    names = output_names(paths)
-    report = JobReport(failed=list(missing))
-    todo = []
-    for path in paths:
-        if is_done(out, names[path], formats) and not overwrite:
-            report.skipped.append(names[path])
-        else:
-            todo.append(path)
-    if todo:
-        backend = backend_factory()
-        with tqdm(total=len(todo), desc="segmenting", unit="img", disable=not progress) as bar:
-            for path, outputs in backend([(p, names[p]) for p in todo]):
-                if isinstance(outputs, Exception):
-                    report.failed.append({"path": str(path), "error": str(outputs) or type(outputs).__name__})
-                else:
-                    try:
-                        write_image_outputs(out, names[path], outputs)
-                        report.done.append(names[path])
-                    except OSError as exc:
-                        report.failed.append({"path": str(path), "error": str(exc)})
-                bar.update()
-    finished = [names[p] for p in paths if is_done(out, names[p], formats)]
-    write_aggregates(out, finished, formats)
-    atomic_write(out / "errors.json", json.dumps(report.failed, indent=2).encode())
+    report = JobReport()
+    try:
+        prepare_output(out, settings, overwrite)
+        paths, missing = collect_inputs(inputs, exclude=out)
+        report.failed += missing
+        names = output_names(paths)
+        todo = []
+        for path in paths:
+            if is_done(out, names[path], formats) and not overwrite:
+                report.skipped.append(names[path])
+            else:
+                todo.append(path)
+        segment_images(out, todo, names, backend_factory, formats, report, progress)
+        write_aggregates(out, [names[p] for p in paths if is_done(out, names[p], formats)], formats)
+        write_errors(out, report.failed)
+    except OutputWriteError as exc:
+        raise JobStopped(exc, report, _try_write_errors(out, report.failed)) from exc
     return report
+
+
+def segment_images(out: Path, paths: list[Path], names: dict[Path, str], backend_factory: Callable[[], Backend],
+                   formats: tuple[str, ...], report: JobReport, progress: bool) -> None:
+    """Run `paths` through the backend and write each image's outputs as they arrive. A bad image is
+    reported and skipped; a failed write stops the job (OutputWriteError), since every later image
+    would fail alike, and the backend starts no further image."""
+    if not paths:
+        return
+    backend = backend_factory()
+    with tqdm(total=len(paths), desc="segmenting", unit="img", disable=not progress) as bar, \
+            contextlib.closing(backend([(p, names[p]) for p in paths])) as results:
+        for path, outputs in results:
+            if isinstance(outputs, Exception):
+                report.failed.append({"path": str(path), "error": str(outputs) or type(outputs).__name__})
+            else:
+                try:
+                    write_image_outputs(out, names[path], outputs)
+                except OutputWriteError as exc:
+                    report.failed.append({"path": str(path), "error": f"its outputs could not be written "
+                                                                      f"({exc.strerror}: {exc.filename})"})
+                    raise
+                report.done.append(names[path])
+            bar.update()
+
+
+def write_errors(out: Path, failed: list[dict]) -> None:
+    atomic_write(out / "errors.json", json.dumps(failed, indent=2).encode())
+
+
+def _try_write_errors(out: Path, failed: list[dict]) -> OutputWriteError | None:
+    """errors.json after a failed write, as far as the disk allows: None, or why it could not be written."""
+    try:
+        write_errors(out, failed)
+    except OutputWriteError as exc:
+        return exc
+    return None
