@@ -12,7 +12,10 @@ Outputs in --out DIR (--formats picks among labels, csv, coco, rois, geojson; de
 
 Every file is written atomically (temp file + rename) and an image counts as done only once its
 record exists, so a killed job resumes where it stopped: finished images are skipped, the rest
-are redone, and the aggregate CSV/COCO files are rebuilt from the records at the end. A write that
+are redone, and the aggregate CSV/COCO files are rebuilt from the records at the end. --formats is
+not a setting: a format asked for later (or a deleted per-image file) is made from the records of
+the images already done, without running the network again (a record holds every cell's mask, from
+which the label image is rebuilt exactly). A write that
 fails (disk full, quota, read-only folder, permissions) stops the job with exit status 4 and a
 message naming the file and the reason: no half-written file stays, finished images are kept, and
 the same command resumes once the cause is fixed. A bad input, by contrast, is reported in
@@ -40,6 +43,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cellseg.imageio import read_image
+from cellseg.instances import labels_from_instances
 from cellseg.outputs import FORMATS, cells_csv, coco_document, image_record, per_image_files
 from cellseg.postprocess import PostprocessParams
 
@@ -151,8 +155,9 @@ class ImageOutputs:
 
 @dataclass
 class JobReport:
-    done: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
+    done: list[str] = field(default_factory=list)  # segmented in this run
+    completed: list[str] = field(default_factory=list)  # done before; per-image formats added from their records
+    skipped: list[str] = field(default_factory=list)  # done before, with every requested file
     failed: list[dict] = field(default_factory=list)
 
 
@@ -288,16 +293,35 @@ def per_image_path(out: Path, fmt: str, name: str) -> Path:
     return out / folder / f"{name}{suffix}"
 
 
+def record_path(out: Path, name: str) -> Path:
+    return out / "records" / f"{name}.json"
+
+
 def write_image_outputs(out: Path, name: str, outputs: ImageOutputs) -> None:
-    for fmt, data in outputs.files.items():
+    write_per_image_files(out, name, outputs.files)
+    atomic_write(record_path(out, name), outputs.record_json)  # last: marks the image done
+
+
+def write_per_image_files(out: Path, name: str, files: dict[str, bytes]) -> None:
+    for fmt, data in files.items():
         atomic_write(per_image_path(out, fmt, name), data)
-    atomic_write(out / "records" / f"{name}.json", outputs.record_json)  # last: marks the image done
+
+
+def missing_formats(out: Path, name: str, formats: tuple[str, ...]) -> tuple[str, ...]:
+    """The requested per-image formats whose file `name` lacks."""
+    return tuple(fmt for fmt in formats if fmt in PER_IMAGE_FILES and not per_image_path(out, fmt, name).is_file())
 
 
 def is_done(out: Path, name: str, formats: tuple[str, ...] = DEFAULT_FORMATS) -> bool:
-    """The record and every requested per-image file exist (asking for a new format redoes images)."""
-    wanted = [per_image_path(out, fmt, name) for fmt in formats if fmt in PER_IMAGE_FILES]
-    return (out / "records" / f"{name}.json").is_file() and all(p.is_file() for p in wanted)
+    """The record and every requested per-image file exist."""
+    return record_path(out, name).is_file() and not missing_formats(out, name, formats)
+
+
+def files_from_record(record: dict, formats: tuple[str, ...]) -> dict[str, bytes]:
+    """Per-image files of an image segmented before, from its record alone: the label image is
+    rebuilt from the cells' RLE masks (exactly: cells keep their ids), so the network does not run."""
+    labels = labels_from_instances(record["instances"], record["height"], record["width"])
+    return per_image_files(labels, record, formats)
 
 
 def parse_formats(text: str) -> tuple[str, ...]:
@@ -310,7 +334,7 @@ def parse_formats(text: str) -> tuple[str, ...]:
 
 def write_aggregates(out: Path, names: list[str], formats: tuple[str, ...] = DEFAULT_FORMATS) -> int:
     """cells.csv and instances.coco.json (as requested) from the records of `names` (in order)."""
-    records = [json.loads((out / "records" / f"{name}.json").read_text()) for name in names]
+    records = [json.loads(record_path(out, name).read_text()) for name in names]
     if "csv" in formats:
         atomic_write(out / "cells.csv", cells_csv(records))
     if "coco" in formats:
@@ -332,18 +356,40 @@ def run_job(inputs: list[str], out: Path, backend_factory: Callable[[], Backend]
         paths, missing = collect_inputs(inputs, exclude=out)
         report.failed += missing
         names = output_names(paths)
-        todo = []
+        to_segment, to_complete = [], []
         for path in paths:
-            if is_done(out, names[path], formats) and not overwrite:
-                report.skipped.append(names[path])
+            if overwrite or not record_path(out, names[path]).is_file():
+                to_segment.append(path)
+            elif missing_formats(out, names[path], formats):
+                to_complete.append(path)
             else:
-                todo.append(path)
-        segment_images(out, todo, names, backend_factory, formats, report, progress)
+                report.skipped.append(names[path])
+        to_segment += complete_from_records(out, to_complete, names, formats, report, progress)
+        segment_images(out, to_segment, names, backend_factory, formats, report, progress)
         write_aggregates(out, [names[p] for p in paths if is_done(out, names[p], formats)], formats)
         write_errors(out, report.failed)
     except OutputWriteError as exc:
         raise JobStopped(exc, report, _try_write_errors(out, report.failed)) from exc
     return report
+
+
+def complete_from_records(out: Path, paths: list[Path], names: dict[Path, str], formats: tuple[str, ...],
+                          report: JobReport, progress: bool) -> list[Path]:
+    """Give images segmented before the per-image files they lack (a format asked for later, a
+    deleted file), made from their records. Returns those whose record cannot give them (unreadable,
+    or from a version without the needed fields): they are segmented again."""
+    unusable = []
+    for path in tqdm(paths, desc="adding formats", unit="img", disable=not progress):
+        name = names[path]
+        try:
+            record = json.loads(record_path(out, name).read_text())
+            files = files_from_record(record, missing_formats(out, name, formats))
+        except (OSError, ValueError, KeyError, TypeError):  # segmenting again makes a record that can
+            unusable.append(path)
+            continue
+        write_per_image_files(out, name, files)
+        report.completed.append(name)
+    return unusable
 
 
 def segment_images(out: Path, paths: list[Path], names: dict[Path, str], backend_factory: Callable[[], Backend],

@@ -112,8 +112,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def print_summary(report: JobReport, out: Path) -> None:
-    print(f"{len(report.done)} segmented, {len(report.skipped)} already done (skipped), {len(report.failed)} failed; "
-          f"outputs in {out}")
+    completed = (f"{len(report.completed)} done before and given the missing formats from their records "
+                 "(not segmented again), " if report.completed else "")
+    print(f"{len(report.done)} segmented, {completed}{len(report.skipped)} already done (skipped), "
+          f"{len(report.failed)} failed; outputs in {out}")
     for failure in report.failed:
         print(f"  FAILED {failure['path']}: {failure['error']}", file=sys.stderr)
 

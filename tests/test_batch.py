@@ -56,11 +56,12 @@ def test_batch_job_writes_everything_and_resumes(inputs, tmp_path, demo_images, 
 
     # resume: delete one output; only that image is redone, nothing is lost or duplicated
     victim = out / "labels" / f"{names[1]}.png"
+    victim_bytes = victim.read_bytes()
     victim.unlink()
     before = {p.name: p.stat().st_mtime_ns for p in (out / "labels").glob("*.png")}
     assert run(inputs, out) == 3
     after = {p.name: p.stat().st_mtime_ns for p in (out / "labels").glob("*.png")}
-    assert victim.name in after
+    assert victim.read_bytes() == victim_bytes  # remade from the image's record, exactly
     assert {k: v for k, v in after.items() if k != victim.name} == before
     assert len(list(csv.DictReader(open(out / "cells.csv")))) == len(rows)
 
@@ -256,6 +257,35 @@ def test_a_failed_aggregate_write_is_reported_not_a_traceback(small_inputs, tmp_
     assert run(small_inputs, out) == 0
     assert network_calls == []
     assert len(list(csv.DictReader(open(out / "cells.csv")))) == 8 * 3
+
+
+def test_a_format_asked_for_later_comes_from_the_records_without_the_network(small_inputs, tmp_path, network_calls,
+                                                                            capsys):
+    """Issue 19.4: asking for a format later re-segmented every image ("4 segmented, 0 already done")."""
+    import io
+    import zipfile
+
+    out = tmp_path / "out"
+    assert run(small_inputs, out, "--formats", "labels,csv") == 0
+    assert len(network_calls) == 8
+    capsys.readouterr()
+    assert run(small_inputs, out, "--formats", "labels,csv,rois") == 0
+    assert len(network_calls) == 8  # not one more
+    assert "0 segmented, 8 done before and given the missing formats" in capsys.readouterr().out
+    for image in small_inputs.glob("*.png"):
+        rois = zipfile.ZipFile(io.BytesIO((out / "rois" / f"{image.stem}.zip").read_bytes())).namelist()
+        assert rois == ["cell-00001.roi", "cell-00002.roi", "cell-00003.roi"]
+
+    # no label images the first time: the records alone give them, exactly, and the GeoJSON
+    csv_only = tmp_path / "csv-only"
+    assert run(small_inputs, csv_only, "--formats", "csv") == 0
+    network_calls.clear()
+    assert run(small_inputs, csv_only, "--formats", "csv,labels,geojson") == 0
+    assert network_calls == []
+    for image in small_inputs.glob("*.png"):
+        labels = np.asarray(Image.open(csv_only / "labels" / f"{image.stem}.png"))
+        np.testing.assert_array_equal(labels, fake_labels((64, 80)))
+        assert len(json.loads((csv_only / "geojson" / f"{image.stem}.geojson").read_text())["features"]) == 3
 
 
 def test_an_unwritable_out_stops_before_any_image(small_inputs, tmp_path, network_calls, monkeypatch, capsys):
