@@ -8,7 +8,8 @@ Outputs in --out DIR (--formats picks among labels, csv, coco, rois, geojson; de
     geojson/<name>.geojson geojson: QuPath detections with the cells' measurements
     records/<name>.json    always: per-image record (source, size, count, confluence, cells, instances)
     errors.json            inputs that could not be processed in the last run, with the reason
-    job.json               the job's settings: model sha256 (or server URL) and post-processing parameters
+    job.json               the job's settings: model sha256, post-processing parameters, tta (and server URL;
+                           with --server, the model and parameters the server reports it used)
 
 Every file is written atomically (temp file + rename) and an image counts as done only once its
 record exists, so a killed job resumes where it stopped: finished images are skipped, the rest
@@ -265,6 +266,28 @@ def local_backend(model_path: Path | None, params: PostprocessParams, tta: bool 
             for future in pending:
                 yield future.result()
     return run
+
+
+def server_settings(url: str, overrides: dict) -> dict:
+    """What a server job's results depend on, as the server reports them: the sha256 of the model it
+    serves and every post-processing parameter it applies (its model's defaults with `overrides`),
+    and tta. Asked once, with a small synthetic image, before the job: the `segment` answer says
+    which model and parameters made it. So job.json holds what a local job's holds, and a re-run
+    against a server that now serves another model or other defaults is refused like any change of
+    settings. Raises CellsegError where the server cannot be reached or refuses the parameters."""
+    from cellseg.client import Client
+
+    probe = np.random.default_rng(0).integers(0, 256, size=(64, 64), dtype=np.uint8)
+    with Client(url) as client:
+        answer = client.segment(probe, **overrides)
+    settings = {"server": url.rstrip("/"), "model_sha256": answer.model.get("sha256"),
+                "tta": bool(overrides.get("tta", False))}
+    if answer.params:
+        settings["params"] = {k: v for k, v in answer.params.items() if k != "tta"}
+    else:  # a server whose answers do not say: what was sent is all there is to record
+        settings["params"] = {k: v for k, v in overrides.items() if k != "tta"}
+        settings["params_note"] = "as sent (the rest are the server's defaults); the server did not report its own"
+    return settings
 
 
 def server_backend(url: str, overrides: dict, concurrency: int, formats: tuple[str, ...] = DEFAULT_FORMATS) -> Backend:

@@ -70,7 +70,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from cellseg.batch import JobStopped, local_backend, parse_formats, run_job, server_backend
+    from cellseg.batch import JobStopped, local_backend, parse_formats, run_job, server_backend, server_settings
 
     formats = parse_formats(args.formats)
 
@@ -83,7 +83,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         if args.tta:
             overrides["tta"] = True
         factory = lambda: server_backend(args.server, overrides, args.concurrency, formats)  # noqa: E731
-        settings = {"server": args.server.rstrip("/"), "params": overrides}
+        settings = server_settings(args.server, overrides)
     else:
         from cellseg.onnx_model import read_metadata, sha256_file
 

@@ -288,6 +288,55 @@ def test_a_format_asked_for_later_comes_from_the_records_without_the_network(sma
         assert len(json.loads((csv_only / "geojson" / f"{image.stem}.geojson").read_text())["features"]) == 3
 
 
+class FakeService:
+    """A cellseg.client.Client whose service is not there: `segment` answers fake_labels and, as the
+    real service does, the model and every parameter it used (its defaults with what was sent)."""
+
+    defaults = {"fg_threshold": 0.5, "seed_threshold": 0.4, "min_size": 20}
+
+    def __init__(self, url: str, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def close(self):
+        pass
+
+    def segment(self, image, fg_threshold=None, seed_threshold=None, min_size=None, tta=None):
+        from cellseg.client import SegmentResult
+        from cellseg.imageio import read_image
+        from cellseg.instances import instances_from_labels
+
+        height, width = (image if isinstance(image, np.ndarray) else read_image(image)).shape[:2]
+        labels = fake_labels((height, width))
+        sent = {"fg_threshold": fg_threshold, "seed_threshold": seed_threshold, "min_size": min_size}
+        params = {**self.defaults, **{k: v for k, v in sent.items() if v is not None}, "tta": bool(tta)}
+        cells = instances_from_labels(labels, np.full(labels.max(), 0.8))
+        return SegmentResult.from_json({"width": width, "height": height, "count": len(cells), "confluence": 10.0,
+                                        "cells": cells, "model": {"name": "fake", "sha256": "f" * 64},
+                                        "params": params})
+
+
+def test_a_server_job_records_the_parameters_the_server_used(small_inputs, tmp_path, monkeypatch, capsys):
+    """Issue 19.4: job.json of a --server job held {"params": {}, "server": ...}: no parameters, no tta."""
+    import cellseg.client
+
+    monkeypatch.setattr(cellseg.client, "Client", FakeService)
+    out, url = tmp_path / "out", "http://cellseg.example:3000/"
+    assert run(small_inputs, out, "--server", url, "--tta", "--min-size", "30") == 0
+    assert json.loads((out / "job.json").read_text()) == {
+        "server": "http://cellseg.example:3000", "model_sha256": "f" * 64, "tta": True,
+        "params": {"fg_threshold": 0.5, "seed_threshold": 0.4, "min_size": 30}}
+    assert run(small_inputs, out, "--server", url, "--tta", "--min-size", "30") == 0  # the same job: resumes
+    capsys.readouterr()
+    assert run(small_inputs, out, "--server", url, "--tta") == 2  # the server's min_size, 20, is another setting
+    assert "other settings (params" in capsys.readouterr().err
+
+
 def test_an_unwritable_out_stops_before_any_image(small_inputs, tmp_path, network_calls, monkeypatch, capsys):
     out = tmp_path / "out"
     with monkeypatch.context() as patch:
