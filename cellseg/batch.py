@@ -16,14 +16,14 @@ record exists, so a killed job resumes where it stopped: finished images are ski
 are redone, and the aggregate CSV/COCO files are rebuilt from the records at the end. --formats is
 not a setting: a format asked for later (or a deleted per-image file) is made from the records of
 the images already done, without running the network again (a record holds every cell's mask, from
-which the label image is rebuilt exactly). A write that
-fails (disk full, quota, read-only folder, permissions) stops the job with exit status 4 and a
-message naming the file and the reason: no half-written file stays, finished images are kept, and
-the same command resumes once the cause is fixed. A bad input, by contrast, is reported in
-errors.json and skipped (exit status 3). A re-run
-with other settings (another model, other parameters) into the same folder is refused unless
---overwrite is given, so one folder never mixes results of two settings. Files under the output
-folder are never taken as inputs.
+which the label image is rebuilt exactly). A re-run with other settings (another model, other
+parameters) into the same folder is refused unless --overwrite is given, so one folder never mixes
+results of two settings. Files under the output folder are never taken as inputs.
+
+A bad input is reported in errors.json and skipped (exit status 3). A write that fails (disk full,
+quota, read-only folder, permissions) stops the job instead, since every later image would fail
+too: exit status 4 and one message naming the file and the reason. No half-written file stays,
+finished images are kept, and the same command resumes once the cause is fixed.
 """
 
 from __future__ import annotations
@@ -281,7 +281,7 @@ def server_settings(url: str, overrides: dict) -> dict:
     with Client(url) as client:
         answer = client.segment(probe, **overrides)
     settings = {"server": url.rstrip("/"), "model_sha256": answer.model.get("sha256"),
-                "tta": bool(overrides.get("tta", False))}
+                "tta": bool(answer.params.get("tta", overrides.get("tta", False)))}
     if answer.params:
         settings["params"] = {k: v for k, v in answer.params.items() if k != "tta"}
     else:  # a server whose answers do not say: what was sent is all there is to record
