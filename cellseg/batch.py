@@ -8,18 +8,28 @@ Outputs in --out DIR (--formats picks among labels, csv, coco, rois, geojson; de
     geojson/<name>.geojson geojson: QuPath detections with the cells' measurements
     records/<name>.json    always: per-image record (source, size, count, confluence, cells, instances)
     errors.json            inputs that could not be processed in the last run, with the reason
-    job.json               the job's settings: model sha256 (or server URL) and post-processing parameters
+    job.json               the job's settings: model sha256, post-processing parameters, tta (and server URL;
+                           with --server, the model and parameters the server reports it used)
 
 Every file is written atomically (temp file + rename) and an image counts as done only once its
 record exists, so a killed job resumes where it stopped: finished images are skipped, the rest
-are redone, and the aggregate CSV/COCO files are rebuilt from the records at the end. A re-run
-with other settings (another model, other parameters) into the same folder is refused unless
---overwrite is given, so one folder never mixes results of two settings. Files under the output
-folder are never taken as inputs.
+are redone, and the aggregate CSV/COCO files are rebuilt from the records at the end. --formats is
+not a setting: a format asked for later (or a deleted per-image file) is made from the records of
+the images already done, without running the network again (a record holds every cell's mask, from
+which the label image is rebuilt exactly). A re-run with other settings (another model, other
+parameters) into the same folder is refused unless --overwrite is given, so one folder never mixes
+results of two settings. Files under the output folder are never taken as inputs.
+
+A bad input is reported in errors.json and skipped (exit status 3). A write that fails (disk full,
+quota, read-only folder, permissions) stops the job instead, since every later image would fail
+too: exit status 4 and one message naming the file and the reason. No half-written file stays,
+finished images are kept, and the same command resumes once the cause is fixed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import glob
 import hashlib
 import json
@@ -34,6 +44,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cellseg.imageio import read_image
+from cellseg.instances import labels_from_instances
 from cellseg.outputs import FORMATS, cells_csv, coco_document, image_record, per_image_files
 from cellseg.postprocess import PostprocessParams
 
@@ -43,18 +54,34 @@ DEFAULT_FORMATS = ("labels", "csv", "coco")
 PER_IMAGE_FILES = {"labels": ("labels", ".png"), "rois": ("rois", ".zip"), "geojson": ("geojson", ".geojson")}
 
 
+class OutputWriteError(OSError):
+    """A file of the job's outputs could not be written (disk full, over quota, read-only, no
+    permission, I/O error). Its `filename` is the output file, not the temp file beside it."""
+
+
 def atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write `data` to `path` in one step: a temp file beside it, fsynced, then renamed over it.
+    Whatever stops the write (a full disk, a kill signal turned exception), the temp file is removed,
+    so no half-written file stays; an OSError comes out as an OutputWriteError naming `path`."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        _remove_quietly(tmp)
+        raise OutputWriteError(exc.errno, exc.strerror or str(exc), str(path)) from exc
     except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk or a kill mid-write leaves no half-written file behind
+        _remove_quietly(tmp)
         raise
+
+
+def _remove_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):  # the error that made us clean up is the one to report
+        path.unlink(missing_ok=True)
 
 
 class JobError(ValueError):
@@ -129,9 +156,40 @@ class ImageOutputs:
 
 @dataclass
 class JobReport:
-    done: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
+    done: list[str] = field(default_factory=list)  # segmented in this run
+    completed: list[str] = field(default_factory=list)  # done before; per-image formats added from their records
+    skipped: list[str] = field(default_factory=list)  # done before, with every requested file
     failed: list[dict] = field(default_factory=list)
+
+
+# What to do about a failed write, by errno; any other error: fix its cause.
+WRITE_ERROR_ADVICE = {
+    errno.ENOSPC: "free space on that disk",
+    errno.EDQUOT: "free space within your disk quota",
+    errno.EROFS: "make the output folder writable",
+    errno.EACCES: "make the output folder writable",
+    errno.EPERM: "make the output folder writable",
+    errno.EFBIG: "raise the file size limit (ulimit -f)",
+}
+
+
+class JobStopped(Exception):
+    """Writing an output failed, so the job stopped: every later image would have failed the same
+    way. The images finished before keep their outputs and records, so the same command resumes."""
+
+    def __init__(self, cause: OutputWriteError, report: JobReport, errors_json_error: OutputWriteError | None):
+        self.cause, self.report, self.errors_json_error = cause, report, errors_json_error
+        advice = WRITE_ERROR_ADVICE.get(cause.errno, "fix the cause")
+        if errors_json_error is None:
+            errors_note = "errors.json lists the inputs that failed"
+        else:
+            errors_note = f"errors.json could not be written either ({_lower_first(errors_json_error.strerror)})"
+        super().__init__(f"{_lower_first(cause.strerror)} writing {cause.filename}: {advice} and run the same "
+                         f"command again to resume (the images finished so far are kept; {errors_note})")
+
+
+def _lower_first(text: str | None) -> str:
+    return (text[:1].lower() + text[1:]) if text else "unknown error"
 
 
 # What a backend knows how to do to one raw image.
@@ -173,6 +231,17 @@ def onnx_segmenter(model, params: PostprocessParams, tta: bool) -> Segmenter:
     return segment
 
 
+@contextlib.contextmanager
+def _stopping_pool(threads: int) -> Iterator[ThreadPoolExecutor]:
+    """A thread pool that, when the job stops consuming results (a failed write, Ctrl-C), drops the
+    images not started yet and waits only for those in progress."""
+    pool = ThreadPoolExecutor(max_workers=threads)
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 # Images in flight in the local backend: while one is in the network, the others are read,
 # post-processed, measured and encoded, which would otherwise wait for it.
 LOCAL_PIPELINE_THREADS = 2
@@ -188,7 +257,7 @@ def local_backend(model_path: Path | None, params: PostprocessParams, tta: bool 
     segment = onnx_segmenter(OnnxModel(model_path), params, tta)
 
     def run(items):
-        with ThreadPoolExecutor(max_workers=threads) as pool:
+        with _stopping_pool(threads) as pool:
             pending = []
             for path, name in items:
                 pending.append(pool.submit(_guarded, path, name, segment, formats))
@@ -197,6 +266,28 @@ def local_backend(model_path: Path | None, params: PostprocessParams, tta: bool 
             for future in pending:
                 yield future.result()
     return run
+
+
+def server_settings(url: str, overrides: dict) -> dict:
+    """What a server job's results depend on, as the server reports them: the sha256 of the model it
+    serves and every post-processing parameter it applies (its model's defaults with `overrides`),
+    and tta. Asked once, with a small synthetic image, before the job: the `segment` answer says
+    which model and parameters made it. So job.json holds what a local job's holds, and a re-run
+    against a server that now serves another model or other defaults is refused like any change of
+    settings. Raises CellsegError where the server cannot be reached or refuses the parameters."""
+    from cellseg.client import Client
+
+    probe = np.random.default_rng(0).integers(0, 256, size=(64, 64), dtype=np.uint8)
+    with Client(url) as client:
+        answer = client.segment(probe, **overrides)
+    settings = {"server": url.rstrip("/"), "model_sha256": answer.model.get("sha256"),
+                "tta": bool(answer.params.get("tta", overrides.get("tta", False)))}
+    if answer.params:
+        settings["params"] = {k: v for k, v in answer.params.items() if k != "tta"}
+    else:  # a server whose answers do not say: what was sent is all there is to record
+        settings["params"] = {k: v for k, v in overrides.items() if k != "tta"}
+        settings["params_note"] = "as sent (the rest are the server's defaults); the server did not report its own"
+    return settings
 
 
 def server_backend(url: str, overrides: dict, concurrency: int, formats: tuple[str, ...] = DEFAULT_FORMATS) -> Backend:
@@ -215,7 +306,7 @@ def server_backend(url: str, overrides: dict, concurrency: int, formats: tuple[s
         return Result(result.labels, np.array([c.score for c in result.cells], dtype=np.float32))
 
     def run(items):
-        with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        with _stopping_pool(concurrency) as pool:
             yield from pool.map(lambda item: _guarded(item[0], item[1], segment, formats), items)
     return run
 
@@ -225,16 +316,35 @@ def per_image_path(out: Path, fmt: str, name: str) -> Path:
     return out / folder / f"{name}{suffix}"
 
 
+def record_path(out: Path, name: str) -> Path:
+    return out / "records" / f"{name}.json"
+
+
 def write_image_outputs(out: Path, name: str, outputs: ImageOutputs) -> None:
-    for fmt, data in outputs.files.items():
+    write_per_image_files(out, name, outputs.files)
+    atomic_write(record_path(out, name), outputs.record_json)  # last: marks the image done
+
+
+def write_per_image_files(out: Path, name: str, files: dict[str, bytes]) -> None:
+    for fmt, data in files.items():
         atomic_write(per_image_path(out, fmt, name), data)
-    atomic_write(out / "records" / f"{name}.json", outputs.record_json)  # last: marks the image done
+
+
+def missing_formats(out: Path, name: str, formats: tuple[str, ...]) -> tuple[str, ...]:
+    """The requested per-image formats whose file `name` lacks."""
+    return tuple(fmt for fmt in formats if fmt in PER_IMAGE_FILES and not per_image_path(out, fmt, name).is_file())
 
 
 def is_done(out: Path, name: str, formats: tuple[str, ...] = DEFAULT_FORMATS) -> bool:
-    """The record and every requested per-image file exist (asking for a new format redoes images)."""
-    wanted = [per_image_path(out, fmt, name) for fmt in formats if fmt in PER_IMAGE_FILES]
-    return (out / "records" / f"{name}.json").is_file() and all(p.is_file() for p in wanted)
+    """The record and every requested per-image file exist."""
+    return record_path(out, name).is_file() and not missing_formats(out, name, formats)
+
+
+def files_from_record(record: dict, formats: tuple[str, ...]) -> dict[str, bytes]:
+    """Per-image files of an image segmented before, from its record alone: the label image is
+    rebuilt from the cells' RLE masks (exactly: cells keep their ids), so the network does not run."""
+    labels = labels_from_instances(record["instances"], record["height"], record["width"])
+    return per_image_files(labels, record, formats)
 
 
 def parse_formats(text: str) -> tuple[str, ...]:
@@ -247,7 +357,7 @@ def parse_formats(text: str) -> tuple[str, ...]:
 
 def write_aggregates(out: Path, names: list[str], formats: tuple[str, ...] = DEFAULT_FORMATS) -> int:
     """cells.csv and instances.coco.json (as requested) from the records of `names` (in order)."""
-    records = [json.loads((out / "records" / f"{name}.json").read_text()) for name in names]
+    records = [json.loads(record_path(out, name).read_text()) for name in names]
     if "csv" in formats:
         atomic_write(out / "cells.csv", cells_csv(records))
     if "coco" in formats:
@@ -261,32 +371,82 @@ def run_job(inputs: list[str], out: Path, backend_factory: Callable[[], Backend]
     """Segment every input into `out`: collect inputs, skip finished ones, run the rest through the
     backend, write each image's outputs as it arrives, then the aggregates. `settings` (model sha256
     or server, parameters) identify what the results depend on; they are recorded in job.json and
-    checked on every re-run."""
+    checked on every re-run. A failed write raises JobStopped once errors.json has been tried."""
     out = Path(out)
-    prepare_output(out, settings, overwrite)
-    paths, missing = collect_inputs(inputs, exclude=out)
-    names = output_names(paths)
-    report = JobReport(failed=list(missing))
-    todo = []
-    for path in paths:
-        if is_done(out, names[path], formats) and not overwrite:
-            report.skipped.append(names[path])
-        else:
-            todo.append(path)
-    if todo:
-        backend = backend_factory()
-        with tqdm(total=len(todo), desc="segmenting", unit="img", disable=not progress) as bar:
-            for path, outputs in backend([(p, names[p]) for p in todo]):
-                if isinstance(outputs, Exception):
-                    report.failed.append({"path": str(path), "error": str(outputs) or type(outputs).__name__})
-                else:
-                    try:
-                        write_image_outputs(out, names[path], outputs)
-                        report.done.append(names[path])
-                    except OSError as exc:
-                        report.failed.append({"path": str(path), "error": str(exc)})
-                bar.update()
-    finished = [names[p] for p in paths if is_done(out, names[p], formats)]
-    write_aggregates(out, finished, formats)
-    atomic_write(out / "errors.json", json.dumps(report.failed, indent=2).encode())
+    report = JobReport()
+    try:
+        prepare_output(out, settings, overwrite)
+        paths, missing = collect_inputs(inputs, exclude=out)
+        report.failed += missing
+        names = output_names(paths)
+        to_segment, to_complete = [], []
+        for path in paths:
+            if overwrite or not record_path(out, names[path]).is_file():
+                to_segment.append(path)
+            elif missing_formats(out, names[path], formats):
+                to_complete.append(path)
+            else:
+                report.skipped.append(names[path])
+        to_segment += complete_from_records(out, to_complete, names, formats, report, progress)
+        segment_images(out, to_segment, names, backend_factory, formats, report, progress)
+        write_aggregates(out, [names[p] for p in paths if is_done(out, names[p], formats)], formats)
+        write_errors(out, report.failed)
+    except OutputWriteError as exc:
+        raise JobStopped(exc, report, _try_write_errors(out, report.failed)) from exc
     return report
+
+
+def complete_from_records(out: Path, paths: list[Path], names: dict[Path, str], formats: tuple[str, ...],
+                          report: JobReport, progress: bool) -> list[Path]:
+    """Give images segmented before the per-image files they lack (a format asked for later, a
+    deleted file), made from their records. Returns those whose record cannot give them (unreadable,
+    or from a version without the needed fields): they are segmented again."""
+    unusable = []
+    for path in tqdm(paths, desc="adding formats", unit="img", disable=not progress):
+        name = names[path]
+        try:
+            record = json.loads(record_path(out, name).read_text())
+            files = files_from_record(record, missing_formats(out, name, formats))
+        except (OSError, ValueError, KeyError, TypeError):  # segmenting again makes a record that can
+            unusable.append(path)
+            continue
+        write_per_image_files(out, name, files)
+        report.completed.append(name)
+    return unusable
+
+
+def segment_images(out: Path, paths: list[Path], names: dict[Path, str], backend_factory: Callable[[], Backend],
+                   formats: tuple[str, ...], report: JobReport, progress: bool) -> None:
+    """Run `paths` through the backend and write each image's outputs as they arrive. A bad image is
+    reported and skipped; a failed write stops the job (OutputWriteError), since every later image
+    would fail alike, and the backend starts no further image."""
+    if not paths:
+        return
+    backend = backend_factory()
+    with tqdm(total=len(paths), desc="segmenting", unit="img", disable=not progress) as bar, \
+            contextlib.closing(backend([(p, names[p]) for p in paths])) as results:
+        for path, outputs in results:
+            if isinstance(outputs, Exception):
+                report.failed.append({"path": str(path), "error": str(outputs) or type(outputs).__name__})
+            else:
+                try:
+                    write_image_outputs(out, names[path], outputs)
+                except OutputWriteError as exc:
+                    report.failed.append({"path": str(path), "error": f"its outputs could not be written "
+                                                                      f"({exc.strerror}: {exc.filename})"})
+                    raise
+                report.done.append(names[path])
+            bar.update()
+
+
+def write_errors(out: Path, failed: list[dict]) -> None:
+    atomic_write(out / "errors.json", json.dumps(failed, indent=2).encode())
+
+
+def _try_write_errors(out: Path, failed: list[dict]) -> OutputWriteError | None:
+    """errors.json after a failed write, as far as the disk allows: None, or why it could not be written."""
+    try:
+        write_errors(out, failed)
+    except OutputWriteError as exc:
+        return exc
+    return None

@@ -7,13 +7,25 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cellseg.data import default_data_root
 from cellseg.onnx_model import default_model_path
 from cellseg.postprocess import PostprocessParams
 from cellseg.variants import default_variant
 
+if TYPE_CHECKING:
+    from cellseg.batch import JobReport
+
+EXIT_USAGE = 2
 EXIT_SOME_FAILED = 3
+EXIT_WRITE_FAILED = 4  # an output could not be written (disk full, permissions): the job stopped, resumable
+EXIT_STATUSES = """exit status:
+  0  every input was segmented (or was already done)
+  2  usage error: bad option, unusable --out, other settings than --out's results, server unreachable
+  3  some inputs failed (listed on stderr and in errors.json); the others are done
+  4  an output could not be written (disk full, quota, read-only, permissions): the job stopped;
+     finished images are kept, so fix the cause and run the same command again to resume"""
 POSTPROCESS_KEYS = ("fg_threshold", "seed_threshold", "min_size")
 
 
@@ -58,7 +70,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from cellseg.batch import local_backend, parse_formats, run_job, server_backend
+    from cellseg.batch import JobStopped, local_backend, parse_formats, run_job, server_backend, server_settings
 
     formats = parse_formats(args.formats)
 
@@ -71,7 +83,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         if args.tta:
             overrides["tta"] = True
         factory = lambda: server_backend(args.server, overrides, args.concurrency, formats)  # noqa: E731
-        settings = {"server": args.server.rstrip("/"), "params": overrides}
+        settings = server_settings(args.server, overrides)
     else:
         from cellseg.onnx_model import read_metadata, sha256_file
 
@@ -88,13 +100,24 @@ def cmd_segment(args: argparse.Namespace) -> int:
             factory = lambda: local_backend(args.model, params, args.tta, formats)  # noqa: E731
         # The backend is not a setting: local and Dask runs give the same bytes and may share a folder.
         settings = {"model_sha256": sha256, "params": params.to_dict(), "tta": args.tta}
-    report = run_job(args.inputs, args.out, factory, settings, overwrite=args.overwrite, progress=not args.quiet,
-                     formats=formats)
-    print(f"{len(report.done)} segmented, {len(report.skipped)} already done (skipped), {len(report.failed)} failed; "
-          f"outputs in {args.out}")
+    try:
+        report = run_job(args.inputs, args.out, factory, settings, overwrite=args.overwrite, progress=not args.quiet,
+                         formats=formats)
+    except JobStopped as stopped:
+        print_summary(stopped.report, args.out)
+        print(f"cellseg segment: error: {stopped}", file=sys.stderr)
+        return EXIT_WRITE_FAILED
+    print_summary(report, args.out)
+    return EXIT_SOME_FAILED if report.failed else 0
+
+
+def print_summary(report: JobReport, out: Path) -> None:
+    completed = (f"{len(report.completed)} done before and given the missing formats from their records "
+                 "(not segmented again), " if report.completed else "")
+    print(f"{len(report.done)} segmented, {completed}{len(report.skipped)} already done (skipped), "
+          f"{len(report.failed)} failed; outputs in {out}")
     for failure in report.failed:
         print(f"  FAILED {failure['path']}: {failure['error']}", file=sys.stderr)
-    return EXIT_SOME_FAILED if report.failed else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_evaluate)
 
     sg = sub.add_parser("segment", help="segment image files, folders or globs into label images + tables",
-                        description=__import__("cellseg.batch").batch.__doc__,
+                        description=__import__("cellseg.batch").batch.__doc__, epilog=EXIT_STATUSES,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     sg.add_argument("inputs", nargs="+", help="image files (TIFF/PNG/JPEG), folders (searched recursively) or globs")
     sg.add_argument("--out", type=Path, required=True, help="output folder")
@@ -149,4 +172,4 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (FileNotFoundError, ValueError, CellsegError) as exc:
         print(f"cellseg {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE

@@ -1,16 +1,18 @@
-"""The batch job on real demo images: every output, bad files reported, resume redoes only what is missing."""
+"""The batch job on real demo images: every output, bad files reported, resume redoes only what is missing.
+With a fake network on synthetic images: failed writes (a full disk) and formats added later."""
 
 import csv
+import errno
 import json
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from cellseg.cli import main
-
-pytestmark = pytest.mark.data
 
 
 @pytest.fixture
@@ -28,6 +30,7 @@ def run(inputs, out, *extra):
     return main(["segment", str(inputs), "--out", str(out), "--quiet", *extra])
 
 
+@pytest.mark.data
 def test_batch_job_writes_everything_and_resumes(inputs, tmp_path, demo_images, served_model):
     out = tmp_path / "out"
     assert run(inputs, out) == 3  # some inputs failed
@@ -53,21 +56,24 @@ def test_batch_job_writes_everything_and_resumes(inputs, tmp_path, demo_images, 
 
     # resume: delete one output; only that image is redone, nothing is lost or duplicated
     victim = out / "labels" / f"{names[1]}.png"
+    victim_bytes = victim.read_bytes()
     victim.unlink()
     before = {p.name: p.stat().st_mtime_ns for p in (out / "labels").glob("*.png")}
     assert run(inputs, out) == 3
     after = {p.name: p.stat().st_mtime_ns for p in (out / "labels").glob("*.png")}
-    assert victim.name in after
+    assert victim.read_bytes() == victim_bytes  # remade from the image's record, exactly
     assert {k: v for k, v in after.items() if k != victim.name} == before
     assert len(list(csv.DictReader(open(out / "cells.csv")))) == len(rows)
 
 
+@pytest.mark.data
 def test_missing_input_is_reported_not_fatal(tmp_path, demo_images):
     out = tmp_path / "out"
     assert main(["segment", str(demo_images[0]), str(tmp_path / "nope*.tif"), "--out", str(out), "--quiet"]) == 3
     assert len(list((out / "labels").glob("*.png"))) == 1
 
 
+@pytest.mark.data
 def test_rerun_with_other_settings_is_refused_unless_overwrite(inputs, tmp_path, capsys):
     """Issue 7.6: a re-run with --min-size 5000 into the same --out kept the old results."""
     out = tmp_path / "out"
@@ -84,6 +90,7 @@ def test_rerun_with_other_settings_is_refused_unless_overwrite(inputs, tmp_path,
     assert after["count"] < before["count"] and all(c["area"] >= 5000 for c in after["cells"])
 
 
+@pytest.mark.data
 def test_outputs_inside_the_input_folder_are_never_inputs(inputs):
     out = inputs / "results"
     assert run(inputs, out) == 3
@@ -93,6 +100,7 @@ def test_outputs_inside_the_input_folder_are_never_inputs(inputs):
     assert all("results" not in e["path"] for e in json.loads((out / "errors.json").read_text()))
 
 
+@pytest.mark.data
 def test_unusable_out_and_unreachable_server_fail_fast_with_exit_2(inputs, tmp_path, capsys):
     """Issues 7.7 and 7.8: both were found late, with a traceback and exit 1."""
     import time
@@ -107,6 +115,7 @@ def test_unusable_out_and_unreachable_server_fail_fast_with_exit_2(inputs, tmp_p
     assert time.monotonic() - start < 15
 
 
+@pytest.mark.data
 def test_lab_formats_from_the_batch_job(inputs, tmp_path, demo_images):
     """ImageJ ROI sets and QuPath GeoJSON next to the label images; adding a format later redoes only that."""
     import io
@@ -127,9 +136,6 @@ def test_lab_formats_from_the_batch_job(inputs, tmp_path, demo_images):
 
 def test_a_failed_write_leaves_no_temp_file(tmp_path, monkeypatch):
     """A full disk (ENOSPC at fsync) used to leave `.name.pid.tmp` files behind in every folder."""
-    import errno
-    import os
-
     from cellseg.batch import atomic_write
 
     def full_disk(fd):
@@ -139,3 +145,243 @@ def test_a_failed_write_leaves_no_temp_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         atomic_write(tmp_path / "records" / "a.json", b"{}")
     assert list((tmp_path / "records").iterdir()) == []
+
+
+# Jobs with a fake network (synthetic images, square cells, no model run): write failures and formats.
+
+def fake_labels(shape: tuple[int, ...]) -> np.ndarray:
+    """Three rectangular cells, whatever the image: what a network might find, in no time."""
+    labels = np.zeros(shape[:2], dtype=np.int32)
+    labels[2:12, 3:15] = 1
+    labels[20:40, 30:52] = 2
+    labels[45:60, 5:25] = 3
+    return labels
+
+
+@pytest.fixture
+def network_calls(monkeypatch) -> list:
+    """The local backend with the fake network in place of the model; the list collects one path per call."""
+    import cellseg.batch
+    import cellseg.onnx_model
+
+    calls = []
+
+    def fake_onnx_segmenter(model, params, tta):
+        def segment(image, path):
+            calls.append(path)
+            labels = fake_labels(image.shape)
+            return cellseg.batch.Result(labels, np.linspace(0.9, 0.7, labels.max()).astype(np.float32))
+        return segment
+
+    monkeypatch.setattr(cellseg.batch, "onnx_segmenter", fake_onnx_segmenter)
+    monkeypatch.setattr(cellseg.onnx_model, "OnnxModel", lambda *args, **kwargs: None)
+    return calls
+
+
+@pytest.fixture
+def small_inputs(tmp_path) -> Path:
+    """Eight small synthetic 8-bit images."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (64, 80), dtype=np.uint8)).save(folder / f"img{i}.png")
+    return folder
+
+
+class FullDisk:
+    """Writes fail at fsync, as on a full file system, once the files fsynced so far hold more than
+    `free` bytes, or for every file whose name contains `failing_name`. The error is `error` (an errno)."""
+
+    def __init__(self, monkeypatch, free: int | None = None, failing_name: str | None = None,
+                 error: int = errno.ENOSPC):
+        self.free, self.failing_name, self.error, self.used = free, failing_name, error, 0
+        self.real_fsync = os.fsync
+        monkeypatch.setattr(os, "fsync", self.fsync)
+
+    def fsync(self, fd: int) -> None:
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        self.used += os.fstat(fd).st_size
+        if (self.free is not None and self.used > self.free) or (self.failing_name and self.failing_name in name):
+            raise OSError(self.error, os.strerror(self.error))
+        self.real_fsync(fd)
+
+
+def temp_files(out: Path) -> list[Path]:
+    return [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_a_full_disk_stops_the_job_cleanly_and_the_same_command_resumes(small_inputs, tmp_path, network_calls,
+                                                                        monkeypatch, capsys):
+    """Issue 18.8: a full disk failed every later image one by one, then ended in a traceback (exit 1)."""
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        FullDisk(patch, free=6_000)  # job.json and the first image or two fit
+        assert run(small_inputs, out) == 4
+    err = capsys.readouterr().err
+    assert "no space left on device writing" in err and str(out) in err
+    assert "run the same command again to resume" in err
+    assert "Traceback" not in err
+    assert temp_files(out) == []
+    done = sorted(p.stem for p in (out / "records").glob("*.json"))
+    assert 0 < len(done) < 8
+    assert len(network_calls) <= len(done) + 4  # stopped: no image started after the failure but those in flight
+    for name in done:  # what was finished is whole and kept
+        assert json.loads((out / "records" / f"{name}.json").read_text())["count"] == 3
+        assert Image.open(out / "labels" / f"{name}.png").size == (80, 64)
+    assert "errors.json" in err  # the disk stays full: said that it could not be written either
+
+    network_calls.clear()
+    assert run(small_inputs, out) == 0  # space again: the same command finishes the job
+    assert len(network_calls) == 8 - len(done)
+    assert len(list((out / "records").glob("*.json"))) == 8
+    assert len(list(csv.DictReader(open(out / "cells.csv")))) == 8 * 3
+    assert json.loads((out / "errors.json").read_text()) == []
+    assert temp_files(out) == []
+
+
+@pytest.mark.parametrize("error, advice", [(errno.ENOSPC, "free space"), (errno.EROFS, "writable")])
+def test_a_failed_aggregate_write_is_reported_not_a_traceback(small_inputs, tmp_path, network_calls, monkeypatch,
+                                                              capsys, error, advice):
+    """Issue 18.8: the traceback came from write_aggregates. Every image is done: the re-run only rebuilds cells.csv."""
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        FullDisk(patch, failing_name="cells.csv", error=error)
+        assert run(small_inputs, out) == 4
+    err = capsys.readouterr().err
+    assert f"{os.strerror(error).lower()} writing {out / 'cells.csv'}" in err and advice in err
+    assert temp_files(out) == [] and not (out / "cells.csv").exists()
+    assert json.loads((out / "errors.json").read_text()) == []  # best effort: here it could be written
+    assert "errors.json lists the inputs that failed" in err
+    network_calls.clear()
+    assert run(small_inputs, out) == 0
+    assert network_calls == []
+    assert len(list(csv.DictReader(open(out / "cells.csv")))) == 8 * 3
+
+
+def test_a_format_asked_for_later_comes_from_the_records_without_the_network(small_inputs, tmp_path, network_calls,
+                                                                            capsys):
+    """Issue 19.4: asking for a format later re-segmented every image ("4 segmented, 0 already done")."""
+    import io
+    import zipfile
+
+    out = tmp_path / "out"
+    assert run(small_inputs, out, "--formats", "labels,csv") == 0
+    assert len(network_calls) == 8
+    capsys.readouterr()
+    assert run(small_inputs, out, "--formats", "labels,csv,rois") == 0
+    assert len(network_calls) == 8  # not one more
+    assert "0 segmented, 8 done before and given the missing formats" in capsys.readouterr().out
+    for image in small_inputs.glob("*.png"):
+        rois = zipfile.ZipFile(io.BytesIO((out / "rois" / f"{image.stem}.zip").read_bytes())).namelist()
+        assert rois == ["cell-00001.roi", "cell-00002.roi", "cell-00003.roi"]
+
+    # no label images the first time: the records alone give them, exactly, and the GeoJSON
+    csv_only = tmp_path / "csv-only"
+    assert run(small_inputs, csv_only, "--formats", "csv") == 0
+    network_calls.clear()
+    assert run(small_inputs, csv_only, "--formats", "csv,labels,geojson") == 0
+    assert network_calls == []
+    for image in small_inputs.glob("*.png"):
+        labels = np.asarray(Image.open(csv_only / "labels" / f"{image.stem}.png"))
+        np.testing.assert_array_equal(labels, fake_labels((64, 80)))
+        assert len(json.loads((csv_only / "geojson" / f"{image.stem}.geojson").read_text())["features"]) == 3
+
+
+class FakeService:
+    """A cellseg.client.Client whose service is not there: `segment` answers fake_labels and, as the
+    real service does, the model and every parameter it used (its defaults with what was sent)."""
+
+    defaults = {"fg_threshold": 0.5, "seed_threshold": 0.4, "min_size": 20}
+
+    def __init__(self, url: str, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def close(self):
+        pass
+
+    def segment(self, image, fg_threshold=None, seed_threshold=None, min_size=None, tta=None):
+        from cellseg.client import SegmentResult
+        from cellseg.imageio import read_image
+        from cellseg.instances import instances_from_labels
+
+        height, width = (image if isinstance(image, np.ndarray) else read_image(image)).shape[:2]
+        labels = fake_labels((height, width))
+        sent = {"fg_threshold": fg_threshold, "seed_threshold": seed_threshold, "min_size": min_size}
+        params = {**self.defaults, **{k: v for k, v in sent.items() if v is not None}, "tta": bool(tta)}
+        cells = instances_from_labels(labels, np.full(labels.max(), 0.8))
+        return SegmentResult.from_json({"width": width, "height": height, "count": len(cells), "confluence": 10.0,
+                                        "cells": cells, "model": {"name": "fake", "sha256": "f" * 64},
+                                        "params": params})
+
+
+def test_a_server_job_records_the_parameters_the_server_used(small_inputs, tmp_path, monkeypatch, capsys):
+    """Issue 19.4: job.json of a --server job held {"params": {}, "server": ...}: no parameters, no tta."""
+    import cellseg.client
+
+    monkeypatch.setattr(cellseg.client, "Client", FakeService)
+    out, url = tmp_path / "out", "http://cellseg.example:3000/"
+    assert run(small_inputs, out, "--server", url, "--tta", "--min-size", "30") == 0
+    assert json.loads((out / "job.json").read_text()) == {
+        "server": "http://cellseg.example:3000", "model_sha256": "f" * 64, "tta": True,
+        "params": {"fg_threshold": 0.5, "seed_threshold": 0.4, "min_size": 30}}
+    assert run(small_inputs, out, "--server", url, "--tta", "--min-size", "30") == 0  # the same job: resumes
+    capsys.readouterr()
+    assert run(small_inputs, out, "--server", url, "--tta") == 2  # the server's min_size, 20, is another setting
+    assert "other settings (params" in capsys.readouterr().err
+
+
+def test_an_unwritable_out_stops_before_any_image(small_inputs, tmp_path, network_calls, monkeypatch, capsys):
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        FullDisk(patch, failing_name="job.json", error=errno.EACCES)
+        assert run(small_inputs, out) == 4
+    err = capsys.readouterr().err
+    assert f"permission denied writing {out / 'job.json'}: make the output folder writable" in err
+    assert network_calls == [] and temp_files(out) == []
+
+
+def test_a_real_file_size_limit_in_a_subprocess(small_inputs, tmp_path):
+    """A real write failure from the kernel (RLIMIT_FSIZE: EFBIG, no root needed), in a separate process
+    with the fake network: every per-image file fits the limit, the aggregate CSV does not."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    for image in list(small_inputs.glob("*.png")):  # 16 images: the CSV is well over the size of a record
+        shutil.copy(image, small_inputs / f"copy-{image.name}")
+    out = tmp_path / "out"
+    child = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import test_batch, cellseg.batch, cellseg.onnx_model
+from cellseg.cli import main
+
+def fake_onnx_segmenter(model, params, tta):
+    return lambda image, path: cellseg.batch.Result(test_batch.fake_labels(image.shape), None)
+
+cellseg.batch.onnx_segmenter = fake_onnx_segmenter
+cellseg.onnx_model.OnnxModel = lambda *args, **kwargs: None
+sys.exit(main(["segment", {str(small_inputs)!r}, "--out", {str(out)!r}, "--quiet", "--formats", "labels,csv"]))
+"""
+    limit = 2_500  # bytes per file: a record is 1.6 kB, the CSV of 16 images 4 kB
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, not a signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "PYTHONDONTWRITEBYTECODE": "1"}
+    done = subprocess.run([sys.executable, "-c", child], preexec_fn=limit_file_size, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 4, done.stderr
+    assert f"writing {out / 'cells.csv'}" in done.stderr and "Traceback" not in done.stderr
+    assert max(p.stat().st_size for p in (out / "records").glob("*.json")) < limit
+    assert len(list((out / "records").glob("*.json"))) == 16
+    assert temp_files(out) == [] and not (out / "cells.csv").exists()

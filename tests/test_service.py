@@ -286,6 +286,10 @@ def test_batch_job_against_server(server, demo_images, tmp_path, served_model):
     first = demo_images[0]
     labels = np.asarray(Image.open(out / "labels" / f"{first.stem}.png"))
     np.testing.assert_array_equal(labels, served_model.segment([read_image(first)])[0].labels)
+    # issue 19.4: job.json holds the model and every parameter the server used, as a local job's does
+    job = json.loads((out / "job.json").read_text())
+    assert job == {"server": server.rstrip("/"), "model_sha256": served_model.sha256,
+                   "params": served_model.default_params.to_dict(), "tta": False}
 
 
 def test_parallel_batch_job_against_server_fails_no_good_image(server, demo_images, tmp_path):
