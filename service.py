@@ -419,7 +419,8 @@ class CellSegmentation:
     @bentoml.api
     async def rois(self, image: Path, fg_threshold: FgThreshold = None, seed_threshold: SeedThreshold = None,
                    min_size: MinSize = None, tta: Tta = False) -> ZipFile:
-        """ImageJ/Fiji ROI set: a .zip of .roi polygons, one per cell, named cell-<id> (open with Fiji's ROI Manager)."""
+        """ImageJ/Fiji ROI set: a .zip of .roi files, one per cell, named cell-00042 (its label id): a polygon, or a
+        composite ROI for a cell of several pieces or with holes (open with Fiji's ROI Manager)."""
         async def work():
             _, labels, _ = await self._segment(image, self._params(fg_threshold, seed_threshold, min_size), tta)
             data = await anyio.to_thread.run_sync(imagej_roi_zip, labels, limiter=self.cpu)
@@ -430,8 +431,9 @@ class CellSegmentation:
     @bentoml.api
     async def geojson(self, image: Path, fg_threshold: FgThreshold = None, seed_threshold: SeedThreshold = None,
                       min_size: MinSize = None, tta: Tta = False) -> dict:
-        """QuPath GeoJSON (as JSON): a FeatureCollection of detections, one Polygon per cell, with each
-        cell's measurements. Save it as cells.geojson and drag it onto the image in QuPath."""
+        """QuPath GeoJSON (as JSON): a FeatureCollection of detections, one per cell (a Polygon with its holes, or a
+        MultiPolygon for a cell of several pieces), with each cell's measurements. Save it as cells.geojson and
+        drag it onto the image in QuPath."""
         async def work():
             raw, labels, _ = await self._segment(image, self._params(fg_threshold, seed_threshold, min_size), tta)
 

@@ -4,9 +4,27 @@ QuPath GeoJSON FeatureCollection (geometry by `shapely`).
 Coordinates: both ImageJ and QuPath put the origin at the top-left *corner* of the first pixel, so
 pixel (row r, column c) covers x in [c, c+1), y in [r, r+1) and its centre is (c + 0.5, r + 0.5).
 Outlines are traced through pixel centres (`skimage.measure.find_contours` at level 0.5 on the cell's
-mask) and shifted by half a pixel into that frame: filling a polygon by pixel centres, as ImageJ,
-QuPath and `skimage.draw.polygon2mask` do, gives back the cell's pixels (IoU >= 0.95 for cells of 20
-pixels or more; the tests check it).
+mask) and shifted by half a pixel into that frame.
+
+Every piece and every hole of a cell is kept. A cell's pixels may form several pieces: pieces are
+4-connected (pixels touching only at a corner belong to different pieces), which is how
+`find_contours` separates them by default (`fully_connected="low"`: background is 8-connected,
+foreground 4-connected). A hole is background, or another cell, enclosed by the cell. Each boundary
+between the cell and the rest is one closed ring; rings never touch (each crossing between a pixel
+centre of the cell and one outside belongs to exactly one ring), so filling the rings by pixel centres
+with the even-odd rule gives back exactly the cell's pixels, and so do ImageJ and QuPath, which fill
+by pixel centres (`tests/test_formats.py` checks it on synthetic cells, on every annotated LIVECell
+cell and on a fixed sample of the Sartorius images).
+
+- QuPath GeoJSON: a `Polygon` per cell, with an interior ring per hole; a `MultiPolygon` (one polygon
+  per piece) for a cell of several pieces. Exterior rings run counter-clockwise and holes clockwise
+  (RFC 7946, in x/y coordinates). Every geometry is valid by construction (rings never touch; the
+  tests check shapely's `is_valid`), as QuPath requires.
+- ImageJ ROI set: one ROI per cell, named `cell-<id>` with the label id zero-padded to five digits
+  (`cell-00042`). A cell of one piece without holes is a polygon ROI (type POLYGON, sub-pixel
+  vertices); any other cell is one composite ROI (ImageJ's shape ROI: every ring as a closed path,
+  filled with the even-odd rule), which ImageJ measures and fills as the cell. (`roifile` reads a
+  composite ROI's rings with `coordinates(multi=True)`; without it, only the longest.)
 """
 
 from __future__ import annotations
@@ -14,45 +32,97 @@ from __future__ import annotations
 import io
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+import shapely
 from scipy import ndimage as ndi
+from shapely.geometry import MultiPolygon, Polygon
 from skimage.measure import find_contours
 
+if TYPE_CHECKING:
+    from roifile import ImagejRoi
+
 PIXEL_CENTRE = 0.5  # shift from array indices (pixel centres) to corner-origin image coordinates
+ROI_NAME_DIGITS = 5  # cell-00042: names sort in label order, and the label id is the number
+
+# ImageJ path segment codes (java.awt.geom.PathIterator), as a composite ROI stores them
+SEG_MOVETO, SEG_LINETO, SEG_CLOSE = 0, 1, 4
 
 
-def cell_outlines(labels: np.ndarray) -> dict[int, np.ndarray]:
-    """Per cell id, its outer outline as an (N, 2) array of (x, y) vertices in corner-origin image
-    coordinates (closed: the last vertex repeats the first). Where a cell has several pieces, the
-    outline of the largest one is given."""
-    outlines: dict[int, np.ndarray] = {}
+def cell_rings(labels: np.ndarray) -> dict[int, list[np.ndarray]]:
+    """Per cell id, every boundary ring of its mask (outer edges of its pieces and edges of its holes)
+    as closed (N, 2) arrays of (x, y) vertices in corner-origin image coordinates."""
+    rings: dict[int, list[np.ndarray]] = {}
     for cell_id, window in enumerate(ndi.find_objects(labels), start=1):
         if window is None:
             continue
-        # one pixel of background around the cell, so its contour closes
+        # one pixel of background around the cell, so every contour closes
         mask = np.pad(labels[window] == cell_id, 1).astype(np.float32)
-        contours = find_contours(mask, 0.5)
-        if not contours:
-            continue
-        contour = max(contours, key=lambda c: _area(c))
-        rows = contour[:, 0] + window[0].start - 1
-        cols = contour[:, 1] + window[1].start - 1
-        outlines[cell_id] = np.column_stack([cols + PIXEL_CENTRE, rows + PIXEL_CENTRE])
-    return outlines
+        offset = np.array([window[1].start, window[0].start]) - 1 + PIXEL_CENTRE
+        rings[cell_id] = [contour[:, ::-1] + offset for contour in find_contours(mask, 0.5)]
+    return rings
 
 
-def _area(contour: np.ndarray) -> float:
-    y, x = contour[:, 0], contour[:, 1]
-    return 0.5 * abs(float(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))))
+def cell_outlines(labels: np.ndarray) -> dict[int, Polygon | MultiPolygon]:
+    """Per cell id, its outline as a valid shapely geometry in corner-origin image coordinates: a
+    Polygon (with a hole per enclosed region) or, for a cell of several pieces, a MultiPolygon."""
+    ids, geometries = [], []
+    for cell_id, rings in cell_rings(labels).items():
+        ids.append(cell_id)
+        geometries.append(Polygon(rings[0]) if len(rings) == 1 else _nest(rings))
+    oriented = shapely.orient_polygons(np.array(geometries, dtype=object))  # GeoJSON's orientation
+    return dict(zip(ids, oriented))
+
+
+def _nest(rings: list[np.ndarray]) -> Polygon | MultiPolygon:
+    """The region the rings enclose with the even-odd rule, as polygons with holes. Rings never touch,
+    so one vertex tells whether a ring lies inside another; a ring inside an even number of others is
+    a piece's outer edge, one inside an odd number is a hole of the innermost ring around it."""
+    filled = np.array([Polygon(ring) for ring in rings], dtype=object)
+    first_x, first_y = np.array([ring[0] for ring in rings]).T
+    inside = shapely.contains_xy(filled[:, None], first_x[None, :], first_y[None, :])  # [outer, inner]
+    depth = inside.sum(axis=0)
+    pieces = []
+    for shell in np.flatnonzero(depth % 2 == 0):
+        holes = [rings[h] for h in np.flatnonzero(inside[shell] & (depth == depth[shell] + 1))]
+        pieces.append(Polygon(rings[shell], holes))
+    return pieces[0] if len(pieces) == 1 else MultiPolygon(pieces)
+
+
+def _imagej_roi(cell_id: int, outline: Polygon | MultiPolygon) -> ImagejRoi:
+    """A polygon ROI for a cell of one piece without holes, else a composite (shape) ROI."""
+    from roifile import ROI_OPTIONS, ROI_TYPE, ImagejRoi
+
+    name = f"cell-{cell_id:0{ROI_NAME_DIGITS}d}"
+    if isinstance(outline, Polygon) and not outline.interiors:
+        roi = ImagejRoi.frompoints(np.asarray(outline.exterior.coords)[:-1], name=name)
+        roi.roitype = ROI_TYPE.POLYGON  # frompoints says FREEHAND; the outline is a polygon
+        return roi
+    rings = shapely.get_rings(shapely.get_parts(outline))
+    path = np.concatenate([_closed_path(np.asarray(ring.coords)[:-1]) for ring in rings])
+    left, top, right, bottom = outline.bounds
+    # ImageJ's RoiDecoder reads a composite ROI as type RECT with a path of shape_roi_size floats
+    return ImagejRoi(roitype=ROI_TYPE.RECT, name=name, shape_roi_size=path.size, multi_coordinates=path,
+                     options=ROI_OPTIONS.OVERLAY_BACKGROUNDS | ROI_OPTIONS.OVERLAY_LABELS,
+                     left=int(np.floor(left)), top=int(np.floor(top)),
+                     right=int(np.ceil(right)), bottom=int(np.ceil(bottom)))
+
+
+def _closed_path(vertices: np.ndarray) -> np.ndarray:
+    """One closed sub-path as ImageJ stores it: MOVETO x y, LINETO x y..., CLOSE."""
+    codes = np.full((len(vertices), 1), SEG_LINETO, np.float32)
+    codes[0] = SEG_MOVETO
+    segments = np.hstack([codes, vertices.astype(np.float32)]).ravel()
+    return np.append(segments, np.float32(SEG_CLOSE))
 
 
 def imagej_roi_zip(labels: np.ndarray) -> bytes:
-    """An ImageJ/Fiji ROI set (.zip of .roi files, one polygon per cell, named by cell id)."""
-    from roifile import ImagejRoi, roiwrite
+    """An ImageJ/Fiji ROI set (.zip of .roi files, one per cell, named by cell id; see the module
+    docstring for polygon and composite ROIs)."""
+    from roifile import roiwrite
 
-    rois = [ImagejRoi.frompoints(points[:-1], name=f"cell-{cell_id:05d}")
-            for cell_id, points in cell_outlines(labels).items()]
+    rois = [_imagej_roi(cell_id, outline) for cell_id, outline in cell_outlines(labels).items()]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "rois.zip"
         if rois:
@@ -65,22 +135,19 @@ def imagej_roi_zip(labels: np.ndarray) -> bytes:
 
 
 def qupath_geojson(labels: np.ndarray, measurements: list[dict] | None = None, classification: str = "Cell") -> dict:
-    """A GeoJSON FeatureCollection of detections, as QuPath imports it: one Polygon per cell with
-    `objectType: "detection"`, a classification, and the cell's measurements."""
-    from shapely.geometry import Polygon, mapping
+    """A GeoJSON FeatureCollection of detections, as QuPath imports it: one Polygon (with holes) or
+    MultiPolygon (one polygon per piece) per cell with `objectType: "detection"`, a classification,
+    and the cell's measurements."""
+    from shapely.geometry import mapping
 
     by_id = {int(m["cell_id"]): m for m in measurements or []}
     features = []
-    for cell_id, points in cell_outlines(labels).items():
-        polygon = Polygon(points)
-        if not polygon.is_valid:  # a self-touching outline: repaired, keeping its largest part
-            repaired = polygon.buffer(0)
-            polygon = max(getattr(repaired, "geoms", [repaired]), key=lambda g: g.area)
+    for cell_id, outline in cell_outlines(labels).items():
         values = {k: v for k, v in by_id.get(cell_id, {}).items() if isinstance(v, (int, float)) and k != "cell_id"}
         features.append({
             "type": "Feature",
             "id": f"cell-{cell_id}",
-            "geometry": mapping(polygon),
+            "geometry": mapping(outline),
             "properties": {"objectType": "detection", "name": f"cell {cell_id}",
                            "classification": {"name": classification, "color": [255, 110, 0]},
                            "measurements": values, "cell_id": cell_id},
