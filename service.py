@@ -83,9 +83,12 @@ MAX_UPLOAD_BYTES = int(os.environ.get("CELLSEG_MAX_UPLOAD_BYTES", 96 * 1024 * 10
 UPLOAD_GRACE_S = float(os.environ.get("CELLSEG_UPLOAD_GRACE_S", 10))
 MIN_UPLOAD_BYTES_PER_S = float(os.environ.get("CELLSEG_MIN_UPLOAD_BYTES_PER_S", 32 * 1024))
 # Network pixels in work at once (TTA counts 4x); more waits in arrival order, up to QUEUE_TIMEOUT_S,
-# then gets a 503 with Retry-After. 32 MP is two 16 MP images: about 1.3 GB for the front at peak.
-PIXEL_BUDGET = int(os.environ.get("CELLSEG_PIXEL_BUDGET", 32_000_000))
-QUEUE_TIMEOUT_S = float(os.environ.get("CELLSEG_QUEUE_TIMEOUT_S", 120))
+# then gets a 503 with Retry-After. At 32 MP (two 16 MP images at once) eight concurrent 16 MP reports
+# peaked at 2.7 GB for the whole service (scripts/bench_burst.py); the network runs one call at a time
+# anyway, so one 16 MP image at a time costs little speed and keeps a pod within its memory. The queue
+# timeout leaves an admitted request time to finish within the 300 s traffic timeout.
+PIXEL_BUDGET = int(os.environ.get("CELLSEG_PIXEL_BUDGET", 16_000_000))
+QUEUE_TIMEOUT_S = float(os.environ.get("CELLSEG_QUEUE_TIMEOUT_S", 180))
 PREDICT_ATTEMPTS = 3
 IDLE_TRIM_SECONDS = 1.0  # free memory goes back to the system after this long without a request
 ORT_THREADS = int(os.environ.get("CELLSEG_ORT_THREADS", os.cpu_count() or 1))

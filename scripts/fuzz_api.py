@@ -9,6 +9,9 @@ server error (5xx), every status code documented, every response body, content t
 conforming to the document. The service may refuse a schema-valid request (junk bytes are a valid
 "binary string" but not an image), so schemathesis' positive-data-acceptance check is not run.
 
+Then hand-made hostile multipart uploads (`hostile_multipart`: extra and nameless parts, 1,000
+parts, long and Japanese file names, a charset, capitals) that must get answers below 500.
+
 Used by tests/test_service.py with a bounded case count; this file is also the hooks module
 (SCHEMATHESIS_HOOKS=fuzz_api, with scripts/ on PYTHONPATH).
 """
@@ -86,6 +89,44 @@ def run(url: str, max_examples: int, seed: int | None = None) -> subprocess.Comp
     return subprocess.run(command, env=env, capture_output=True, text=True)
 
 
+def hostile_multipart(image: bytes) -> dict[str, tuple[dict[str, str], bytes]]:
+    """Uploads a schema-driven fuzzer does not write: odd multipart structure, names and headers
+    (issue 18.5). Name -> (headers, body). Each must get an answer below 500."""
+    def body(*parts: bytes, boundary: str = "fuzz") -> bytes:
+        return b"".join(b"--" + boundary.encode() + b"\r\n" + part + b"\r\n" for part in parts) + \
+            b"--" + boundary.encode() + b"--\r\n"
+
+    def file_part(name: str, filename: str, data: bytes) -> bytes:
+        return (f'Content-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+                "Content-Type: application/octet-stream\r\n\r\n").encode() + data
+
+    image_part = file_part("image", "cells.tif", image)
+    multipart = {"Content-Type": "multipart/form-data; boundary=fuzz"}
+    return {
+        "extra file part": (multipart, body(image_part, file_part("mask", "b.tif", image))),
+        "parameter as a file": (multipart, body(image_part, file_part("min_size", "v.txt", b"20"))),
+        "part without a name": (multipart, body(image_part, b"Content-Disposition: form-data\r\n\r\n7")),
+        "1,000 parts": (multipart, body(image_part, *[b'Content-Disposition: form-data; name="x"\r\n\r\n1'] * 1000)),
+        "300-byte file name": (multipart, body(file_part("image", "c" * 296 + ".tif", image))),
+        "85-character Japanese file name": (multipart, body(file_part("image", "細胞画像" * 20 + "実験.tif", image))),
+        "charset=cp037": ({"Content-Type": "multipart/form-data; boundary=fuzz; charset=cp037"}, body(image_part)),
+        "media type in capitals": ({"Content-Type": "MULTIPART/FORM-DATA; boundary=fuzz"}, body(image_part)),
+        "quoted boundary": ({"Content-Type": 'multipart/form-data; boundary="fuzz"'}, body(image_part)),
+    }
+
+
+def run_hostile(url: str, image: bytes, endpoints: tuple[str, ...] = ("segment", "report")) -> dict[str, int]:
+    """Status per hostile upload and endpoint ("segment: extra file part" -> 400)."""
+    import httpx
+
+    statuses = {}
+    for endpoint in endpoints:
+        for name, (headers, content) in hostile_multipart(image).items():
+            r = httpx.post(f"{url.rstrip('/')}/{endpoint}", headers=headers, content=content, timeout=300)
+            statuses[f"{endpoint}: {name}"] = r.status_code
+    return statuses
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default="http://127.0.0.1:3000")
@@ -94,7 +135,14 @@ def main() -> int:
     args = p.parse_args()
     result = run(args.url, args.max_examples, args.seed)
     print(result.stdout[-20000:], result.stderr[-5000:], sep="\n")
-    return result.returncode
+    from cellseg.data import default_data_root
+
+    demo = sorted((default_data_root() / "demo").glob("*.tif"))
+    hostile = run_hostile(args.url, demo[0].read_bytes()) if demo else {}
+    for name, status in hostile.items():
+        print(f"{status}  {name}")
+    server_errors = [name for name, status in hostile.items() if status >= 500]
+    return result.returncode or (1 if server_errors else 0)
 
 
 if __name__ == "__main__":

@@ -336,8 +336,9 @@ def test_tta_through_the_service_matches_local_tta(client, tif, served_model):
     assert client.segment(tif, tta=True).params["tta"] is True
 
 
-def test_fuzzing_finds_no_server_error_and_no_schema_break(server):
-    """Issue 7.9: schemathesis against the served OpenAPI document, junk and real images mixed."""
+def test_fuzzing_finds_no_server_error_and_no_schema_break(server, tif):
+    """Issue 7.9: schemathesis against the served OpenAPI document, junk and real images mixed; then
+    the hand-made hostile multipart uploads of issue 18.5."""
     pytest.importorskip("schemathesis")
     import importlib.util
 
@@ -348,6 +349,8 @@ def test_fuzzing_finds_no_server_error_and_no_schema_break(server):
     assert result.returncode == 0, result.stdout[-6000:]
     generated = int(re.search(r"(\d+) generated", result.stdout).group(1))
     assert generated >= 100 and re.search(rf"{generated} passed", result.stdout), result.stdout[-3000:]
+    hostile = fuzz.run_hostile(server, tif.read_bytes(), endpoints=("segment",))
+    assert len(hostile) >= 9 and all(status < 500 for status in hostile.values()), hostile
     assert_still_serving(server)
 
 
