@@ -376,3 +376,36 @@ def test_two_annotations_for_one_image_are_an_error(tmp_path):
     (tmp_path / "a.geojson").write_text("[]")
     with pytest.raises(AnnotationError, match=r"a\.png has 2 annotations"):
         read_annotated([tmp_path])
+
+
+# --- cellseg evaluate --data ---------------------------------------------------------------------------
+
+
+def test_evaluate_on_a_folder_of_lab_annotations(model_path, synthetic_gray, tmp_path, capsys):
+    from scipy import ndimage as ndi
+
+    from cellseg.cli import main
+
+    folder = tmp_path / "lab" / "discs"
+    folder.mkdir(parents=True)
+    Image.fromarray(synthetic_gray).save(folder / "a.png")
+    labels, _ = ndi.label(synthetic_gray > 120)
+    (folder / "a_masks.png").write_bytes(label_png_bytes(labels.astype(np.int32)))
+    out = tmp_path / "metrics.json"
+    assert main(["evaluate", "--model", str(model_path), "--data", str(tmp_path / "lab"), "--json", str(out),
+                 "--quiet"]) == 0
+    result = json.loads(out.read_text())
+    assert result["n_images"] == 1 and result["n_cells"] == 3 and list(result["per_source"]) == ["lab"]
+    assert list(result["per_cell_type"]) == ["discs"] and result["annotations"]["per_format"] == {"label-mask": 1}
+    assert "annotations: 1 image (1 label-mask), 3 cells" in capsys.readouterr().out
+    assert main(["evaluate", "--model", str(model_path), "--data", str(tmp_path / "lab"), "--split", "val"]) == 2
+    assert "--split" in capsys.readouterr().err
+
+
+@pytest.mark.data
+def test_evaluate_reads_data_roots_as_before(data_root):
+    from cellseg.cli import evaluation_samples
+    from cellseg.data import load_split
+
+    samples, report = evaluation_samples(data_root, None)  # no --split: the project's validation split
+    assert report is None and [s.id for s in samples] == [s.id for s in load_split(data_root, "val")]
