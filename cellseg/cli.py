@@ -79,7 +79,7 @@ def evaluation_samples(data: Path, split: str | None) -> tuple[list, AnnotationS
     from cellseg.annotations import is_data_root, scan_annotated
     from cellseg.data import load_split
 
-    if Path(data).is_dir() and is_data_root(Path(data)):
+    if not Path(data).exists() or is_data_root(Path(data)):  # a missing path: read_any's error says how to set it
         return load_split(data, split or "val"), None
     if split not in (None, "all"):
         raise ValueError(f"--split {split} names images of the LIVECell/Kaggle data; {data} is read as a lab's "
