@@ -15,6 +15,7 @@ from cellseg.postprocess import PostprocessParams
 from cellseg.variants import default_variant
 
 if TYPE_CHECKING:
+    from cellseg.annotations import AnnotationScan
     from cellseg.batch import JobReport
 
 EXIT_USAGE = 2
@@ -44,13 +45,13 @@ def postprocess_params(args: argparse.Namespace, defaults: PostprocessParams) ->
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from cellseg.data import load_split, subsample_per_type
+    from cellseg.data import subsample_per_type
     from cellseg.evaluate import evaluate_segmentations, format_table
     from cellseg.onnx_model import OnnxModel
 
     model = OnnxModel(args.model)
     params = postprocess_params(args, model.default_params)
-    samples = load_split(args.data, args.split)
+    samples, annotations = evaluation_samples(args.data, args.split)
     if args.per_type:
         samples = subsample_per_type(samples, args.per_type)
     t0 = time.time()
@@ -58,15 +59,34 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for sample in tqdm(samples, desc="evaluating", unit="img", disable=args.quiet):
         segs += model.segment([sample.image()], params, batch_size=args.batch_size, tta=args.tta)
     result = evaluate_segmentations(samples, segs)
-    result.update({"model": str(args.model), "model_sha256": model.sha256, "data": str(args.data), "split": args.split,
+    split = args.split or ("all" if annotations else "val")
+    result.update({"model": str(args.model), "model_sha256": model.sha256, "data": str(args.data), "split": split,
                    "postprocess": params.to_dict(), "tta": args.tta, "per_type": args.per_type,
                    "seconds": round(time.time() - t0, 1)})
+    if annotations:
+        result["annotations"] = annotations.as_dict()
     print(format_table(result))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))
         print(f"wrote {args.json}")
     return 0
+
+
+def evaluation_samples(data: Path, split: str | None) -> tuple[list, AnnotationScan | None]:
+    """Samples to evaluate on: a split of a LIVECell/Kaggle data root (default `val`), or every image of a
+    lab's annotations (a folder or file that `cellseg.annotations` reads), with the report of what was read."""
+    from cellseg.annotations import is_data_root, scan_annotated
+    from cellseg.data import load_split
+
+    if not Path(data).exists() or is_data_root(Path(data)):  # a missing path: read_any's error says how to set it
+        return load_split(data, split or "val"), None
+    if split not in (None, "all"):
+        raise ValueError(f"--split {split} names images of the LIVECell/Kaggle data; {data} is read as a lab's "
+                         "annotations, all of which are evaluated: leave --split out")
+    scan = scan_annotated([data])
+    print(scan.summary())
+    return scan.samples, scan
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
@@ -128,9 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ev.add_argument("--model", type=Path, default=default_model_path(), help="ONNX model file")
     ev.add_argument("--data", type=Path, default=default_data_root(),
-                    help="data root: LIVECell layout, Kaggle layout, or a folder holding livecell/ and sartorius/")
-    ev.add_argument("--split", default="val",
-                    help="train | val (the project's split) | all | livecell-train | livecell-val | livecell-test")
+                    help="data root: LIVECell layout, Kaggle layout, or a folder holding livecell/ and sartorius/; "
+                         "or a lab's annotations: a folder or file of images with label masks, ImageJ ROI sets, "
+                         "QuPath GeoJSON or COCO JSON (README: 'Annotations a lab already has')")
+    ev.add_argument("--split",
+                    help="for a data root: train | val (the project's split; the default) | all | livecell-train | "
+                         "livecell-val | livecell-test. A lab's annotations are evaluated whole")
     ev.add_argument("--json", type=Path, help="write all metrics (overall, per cell type, per image) here")
     ev.add_argument("--batch-size", type=int, default=4)
     ev.add_argument("--per-type", type=int, help="evaluate at most N images of each cell type (fixed seed)")
