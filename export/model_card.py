@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+from cellseg.onnx_model import sha256_file
+
 METRIC_ROWS = ("foreground_iou", "dice", "pixel_accuracy", "ap", "ap50", "ap75", "msa", "count_error")
 
 
@@ -159,5 +161,50 @@ inherit the non-commercial terms (CC BY-NC 4.0). Attribute LIVECell when you use
 LIVECell is represented by 11 training images of 6 cell types (the full LIVECell download has 5,239):
 expect lower accuracy on LIVECell cell types absent from training (BV2, SH-SY5Y) and on other
 microscopes or magnifications. Not for clinical use.
+"""
+    path.write_text(text)
+
+
+def write_finetune_card(path: Path, results: dict, fp32: Path, int8: Path) -> None:
+    """The card of a model fine-tuned on a lab's images: before/after on the images held back, how
+    long it trained, the thresholds picked and the command, so the lab can judge and repeat it."""
+    rows = [("base model, its thresholds", results["before"]), ("fine-tuned, fp32", results["after"]["fp32"]),
+            ("fine-tuned, int8", results["after"]["int8"])]
+    table = "| model | AP50 | AP75 | mSA | foreground IoU | count error |\n|---|---|---|---|---|---|\n" + "\n".join(
+        f"| {name} | {m.get('ap50', float('nan')):.3f} | {m.get('ap75', float('nan')):.3f} | "
+        f"{m.get('msa', float('nan')):.3f} | {m.get('foreground_iou', float('nan')):.3f} | "
+        f"{m.get('count_error', float('nan')):.2f} |" for name, m in rows)
+    training = results["training"]
+    held = results["held_back"]
+    text = f"""# Model card: {results['name']}
+
+Fine-tuned from `{Path(results['base']).name}` (sha256 `{results['base_sha256']}`) on a lab's own annotated
+images with `python -m train finetune`.
+
+- `{fp32.name}`: fp32 ONNX, sha256 `{sha256_file(fp32)}`; thresholds and provenance in its metadata (`cellseg`).
+- `{int8.name}`: int8 (static QDQ, calibrated on the training images), sha256 `{sha256_file(int8)}`;
+  it loses {results['int8_loss']['ap50']:+.3f} AP50 and {results['int8_loss']['msa']:+.3f} mSA against fp32 on the images below.
+
+## Data
+- trained on {len(results['images'])} images: {', '.join(f'`{i}`' for i in results['images'])}
+- measured on {f"{len(held)} held-back images: " + ', '.join(f'`{i}`' for i in held) if held else
+               "the training images (fewer than three images: none could be held back, so the figures are optimistic)"}
+
+## Before and after ({'held-back' if held else 'training'} images, `cellseg.evaluate`)
+{table}
+
+Thresholds picked on the training images (never on the held-back ones): `{results['postprocess']}`
+(the base model's: `{results['base_postprocess']}`).
+
+## Training
+{training['steps']} steps of {training['batch_size']} x {training['crop']}² crops in {training['train_minutes']} min
+(budget {training['minutes']} min) on {training['device']}, precision {training['precision']}, peak learning rate
+{training['lr']}, seed {training['seed']}; {results['minutes_total']} min in all with measuring and export.
+
+Command: `{training['command']}`
+
+## Licence
+Fine-tuned from weights trained on LIVECell (CC BY-NC 4.0, Sartorius) and the Kaggle Sartorius images:
+the weights are for non-commercial use only, as the base model's.
 """
     path.write_text(text)

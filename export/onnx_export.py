@@ -16,7 +16,8 @@ from cellseg.evaluate import evaluate_segmentations, format_table
 from cellseg.inference import predict_padded
 from cellseg.onnx_model import METADATA_KEY, OnnxModel, sha256_file
 from cellseg.postprocess import PostprocessParams
-from cellseg.preprocess import SIZE_DIVISOR, normalize
+from cellseg.preprocess import NORMALIZATION, SIZE_DIVISOR, normalize
+from cellseg.targets import BOUNDARY_WIDTH, OUTPUT_CHANNELS
 from export.int8 import Int8Recipe, calibration_images, quantize
 from export.model_card import write_model_card
 from train.model import WithSigmoid, load_checkpoint, save_weights
@@ -83,18 +84,44 @@ def set_metadata(path: Path, metadata: dict) -> None:
     onnx.save(model, str(path))
 
 
-def build_metadata(config: dict, checkpoint: dict, metrics: dict | None, split: str) -> dict:
+LICENSE = "Weights trained on LIVECell (CC BY-NC 4.0, Sartorius): non-commercial use only."
+
+
+def io_metadata(name: str, postprocess: dict, architecture: dict) -> dict:
+    """What every exported model says about itself: inputs, outputs, normalisation, channels,
+    post-processing defaults and architecture (what the runtime reads)."""
     return {
-        "name": "livecell-unet",
+        "name": name,
         "input": {"name": INPUT_NAME, "shape": ["batch", 1, "height", "width"], "dtype": "float32",
                   "size_divisor": SIZE_DIVISOR, "layout": "NCHW, grayscale"},
         "output": {"name": OUTPUT_NAME, "shape": ["batch", 3, "height", "width"], "activation": "sigmoid"},
+        "normalization": NORMALIZATION,
+        "output_channels": list(OUTPUT_CHANNELS),
+        "boundary_width": BOUNDARY_WIDTH,
+        "postprocess": postprocess,
+        "architecture": {"type": "smp.Unet", "encoder": architecture["encoder"],
+                         "decoder_channels": list(architecture["decoder_channels"])},
+    }
+
+
+def finetune_metadata(name: str, base: Path, postprocess: dict, architecture: dict, images: list[str],
+                      held_back: list[str], training: dict) -> dict:
+    """Metadata of a model fine-tuned on a lab's images (`python -m train finetune`): where it came
+    from (the base weights' sha256), on which images, and the thresholds picked for them."""
+    return {**io_metadata(name, postprocess, architecture),
+            "finetune": {"base": base.name, "base_sha256": sha256_file(base), "images": images,
+                         "held_back": held_back},
+            "training": training, "metrics": None,
+            "license": LICENSE + " Fine-tuned from those weights: the same terms apply."}
+
+
+def build_metadata(config: dict, checkpoint: dict, metrics: dict | None, split: str) -> dict:
+    return {
+        **io_metadata("livecell-unet", config["postprocess"], config),
+        # as recorded by the run that trained the weights
         "normalization": config["normalization"],
         "output_channels": config["output_channels"],
         "boundary_width": config["boundary_width"],
-        "postprocess": config["postprocess"],
-        "architecture": {"type": "smp.Unet", "encoder": config["encoder"],
-                         "decoder_channels": config["decoder_channels"]},
         "training": {k: config.get(k) for k in ("crop", "batch_size", "epochs", "steps_per_epoch", "lr", "weight_decay",
                                                 "seed", "encoder_weights", "encoder_weights_source", "balance",
                                                 "init_weights", "init_weights_sha256", "minutes", "device",
@@ -102,7 +129,7 @@ def build_metadata(config: dict, checkpoint: dict, metrics: dict | None, split: 
         | {"train_minutes": round(checkpoint["train_seconds"] / 60, 1), "best_epoch": checkpoint["epoch"] + 1},
         "data_split": {"train": config["train_images"], "val": config["val_images"]},
         "metrics": {"split": split, **{k: v for k, v in (metrics or {}).items() if k != "per_image"}} if metrics else None,
-        "license": "Weights trained on LIVECell (CC BY-NC 4.0, Sartorius): non-commercial use only.",
+        "license": LICENSE,
     }
 
 

@@ -24,12 +24,16 @@ def free_port() -> int:
 
 
 def start_server(model: Path, home: Path, env: dict[str, str] | None = None,
-                 ready_timeout: float = 180) -> tuple[subprocess.Popen, str]:
+                 ready_timeout: float = 180, name: str | None = None) -> tuple[subprocess.Popen, str]:
     """(process, URL) of `bentoml serve service:CellSegmentation` with `model` registered in a
-    BentoML store under `home`; its log is `home/serve.log`. Raises RuntimeError if it never gets ready."""
+    BentoML store under `home` (as `name`, served as `name:latest`, when given); its log is
+    `home/serve.log`. Raises RuntimeError if it never gets ready."""
     env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true", **(env or {})}
-    subprocess.run([sys.executable, "-m", "export", "register", "--model", str(model)], env=env, cwd=ROOT,
-                   check=True, capture_output=True)
+    register = [sys.executable, "-m", "export", "register", "--model", str(model)]
+    if name:
+        register += ["--name", name]
+        env["CELLSEG_MODEL_TAG"] = f"{name}:latest"
+    subprocess.run(register, env=env, cwd=ROOT, check=True, capture_output=True)
     port = free_port()
     with open(home / "serve.log", "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "service:CellSegmentation", "--port",

@@ -15,7 +15,6 @@ the best settings and the per-type figures of the winner; pass them to
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import sys
 from pathlib import Path
@@ -25,10 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tqdm import tqdm  # noqa: E402
 
 from cellseg.data import default_data_root, load_split, subsample_per_type  # noqa: E402
-from cellseg.evaluate import evaluate_segmentations, format_table, selection_score  # noqa: E402
+from cellseg.evaluate import evaluate_segmentations, format_table  # noqa: E402
 from cellseg.inference import Segmentation, predict_maps  # noqa: E402
 from cellseg.onnx_model import OnnxModel, default_model_path  # noqa: E402
 from cellseg.postprocess import PostprocessParams, maps_to_labels  # noqa: E402
+from cellseg.tuning import params_grid, rank_params  # noqa: E402
 
 
 def main() -> int:
@@ -59,24 +59,10 @@ def main() -> int:
     maps = [predict_maps(model.predict, [s.image()], tta=args.tta)[0] for s in tqdm(samples, desc="network")]
     floats = lambda text: [float(v) for v in text.split(",")]  # noqa: E731
     ints = lambda text: [int(v) for v in text.split(",")]  # noqa: E731
-    grid = list(itertools.product(floats(args.fg), floats(args.seed), floats(args.sigma), ints(args.min_seed),
-                                  ints(args.min_size), floats(args.merge), floats(args.peak)))
-    results: list[tuple[PostprocessParams, dict]] = []
-    for fg, seed, sigma, min_seed, min_size, merge, peak in tqdm(grid, desc="post-processing grid"):
-        params = PostprocessParams(fg_threshold=fg, seed_threshold=seed, min_size=min_size, min_seed_size=min_seed,
-                                   seed_sigma=sigma, merge_threshold=merge, seed_peak=peak).validate()
-        segs = [Segmentation(maps_to_labels(m, params), m) for m in maps]
-        r = evaluate_segmentations(samples, segs, groups=("per_source", "per_cell_type"), overall=False)
-        results.append((params, {
-            "fg_threshold": fg, "seed_threshold": seed, "seed_sigma": sigma, "min_seed_size": min_seed,
-            "min_size": min_size, "merge_threshold": merge, "seed_peak": peak, "score": round(selection_score(r), 4),
-            **{f"{source}_{k}": round(m[k], 4) for source, m in r["per_source"].items()
-               for k in ("foreground_iou", "ap50", "msa")},
-            **{f"type_{name}_msa": round(m["msa"], 4) for name, m in r["per_cell_type"].items()}}))
-    def lowest_type_msa(row: dict) -> float:
-        return min(v for k, v in row.items() if k.startswith("type_"))
-
-    results.sort(key=lambda pair: (lowest_type_msa(pair[1]) < args.min_type_msa, -pair[1]["score"]))
+    grid = params_grid(PostprocessParams(), fg_threshold=floats(args.fg), seed_threshold=floats(args.seed),
+                       seed_sigma=floats(args.sigma), min_seed_size=ints(args.min_seed), min_size=ints(args.min_size),
+                       merge_threshold=floats(args.merge), seed_peak=floats(args.peak))
+    results = rank_params(samples, maps, grid, args.min_type_msa)
     rows = [row for _, row in results]
     print(f"{'fg':>5} {'seed':>5} {'sigma':>5} {'mseed':>5} {'min':>4} {'merge':>5} {'peak':>5} {'score':>7}  "
           "per source AP50/mSA, lowest type mSA")

@@ -1,10 +1,9 @@
-"""Train the LIVECell U-Net: `python -m train --help`."""
+"""Train the LIVECell U-Net: `python -m train --help`; adapt it to a lab's cells: `python -m train finetune --help`."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -12,9 +11,7 @@ from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from cellseg.data import default_data_root, load_split  # noqa: E402
@@ -25,6 +22,7 @@ from cellseg.postprocess import PostprocessParams  # noqa: E402
 from cellseg.preprocess import NORMALIZATION  # noqa: E402
 from cellseg.targets import BOUNDARY_WIDTH, OUTPUT_CHANNELS  # noqa: E402
 from train.dataset import CropDataset, balanced_weights  # noqa: E402
+from train.loop import lr_factor, segmentation_loss, torch_predictor  # noqa: E402
 from train.model import DEFAULT_DECODER_CHANNELS, DEFAULT_ENCODER, build_model, load_weights  # noqa: E402
 from train.pretrained import PACKAGED_WEIGHTS, describe_weights  # noqa: E402
 from train.speed import autocast, choose_precision, describe_device, to_layout  # noqa: E402
@@ -74,46 +72,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    prob = torch.sigmoid(logits)
-    inter = (prob * target).sum(dim=(1, 2))
-    return 1 - ((2 * inter + 1) / (prob.sum(dim=(1, 2)) + target.sum(dim=(1, 2)) + 1)).mean()
-
-
-def segmentation_loss(logits: torch.Tensor, targets: torch.Tensor, boundary_pos_weight: float) -> dict:
-    fg, bd, dist = logits[:, 0], logits[:, 1], logits[:, 2]
-    pos_weight = torch.tensor(boundary_pos_weight, device=logits.device)
-    parts = {
-        "fg": F.binary_cross_entropy_with_logits(fg, targets[:, 0]) + soft_dice_loss(fg, targets[:, 0]),
-        # Boundaries are a thin minority class: up-weighted so they come out sharp, not blurry.
-        "boundary": F.binary_cross_entropy_with_logits(bd, targets[:, 1], pos_weight=pos_weight)
-        + soft_dice_loss(bd, targets[:, 1]),
-        # BCE against soft targets is minimised at the target value: a bounded regression.
-        "distance": F.binary_cross_entropy_with_logits(dist, targets[:, 2]),
-    }
-    parts["total"] = sum(parts.values())
-    return parts
-
-
-def lr_factor(step: int, total: int, warmup: int, progress: float | None = None) -> float:
-    """Linear warm-up, then cosine decay to 1% over the steps (or over `progress` in 0..1 when given:
-    the share of a time budget spent)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if progress is None:
-        progress = (step - warmup) / max(1, total - warmup)
-    return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def torch_predictor(model: torch.nn.Module, device: str, precision: str = "fp32"):
-    @torch.no_grad()
-    def predict(batch: np.ndarray) -> np.ndarray:
-        with autocast(device, precision):
-            logits = model(torch.from_numpy(batch).to(device))
-        return torch.sigmoid(logits.float()).cpu().numpy()
-    return predict
-
-
 def validate(model, samples, images, device, precision: str = "fp32") -> dict:
     model.eval()
     batch_size = 8 if device.startswith("cuda") else 2
@@ -159,6 +117,11 @@ def make_config(args: argparse.Namespace, train_ids: list[str], val_ids: list[st
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "finetune":  # python -m train finetune ANNOTATED... --out DIR
+        from train.finetune import main as finetune_main
+
+        return finetune_main(argv[1:])
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False) if args.resume else None

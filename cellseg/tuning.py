@@ -1,0 +1,50 @@
+"""Choosing post-processing settings on annotated images: the network runs once per image, only the
+watershed is redone for each candidate. Used by scripts/tune_postprocess.py (the shipped defaults) and
+by `python -m train finetune` (a lab's own cells). Always on training images, never on the images a
+result is reported on.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from cellseg.data import Sample
+from cellseg.evaluate import evaluate_segmentations, selection_score
+from cellseg.inference import Segmentation
+from cellseg.postprocess import PostprocessParams, maps_to_labels
+
+
+def params_grid(base: PostprocessParams, **values: Iterable) -> list[PostprocessParams]:
+    """Every combination of the given values (field name -> candidates) on top of `base`."""
+    names = list(values)
+    return [base.with_overrides(**dict(zip(names, combo))).validate()
+            for combo in itertools.product(*(list(values[n]) for n in names))]
+
+
+def score_params(samples: Sequence[Sample], maps: Sequence[np.ndarray], params: PostprocessParams) -> dict:
+    """One row: the settings, the selection score (mean over sources of (AP50 + mSA) / 2) and the
+    per-source and per-cell-type figures."""
+    segs = [Segmentation(maps_to_labels(m, params), m) for m in maps]
+    r = evaluate_segmentations(samples, segs, groups=("per_source", "per_cell_type"), overall=False)
+    return {**params.to_dict(), "score": round(selection_score(r), 4),
+            **{f"{source}_{k}": round(m[k], 4) for source, m in r["per_source"].items()
+               for k in ("foreground_iou", "ap50", "msa")},
+            **{f"type_{name}_msa": round(m["msa"], 4) for name, m in r["per_cell_type"].items()}}
+
+
+def lowest_type_msa(row: dict) -> float:
+    return min(v for k, v in row.items() if k.startswith("type_"))
+
+
+def rank_params(samples: Sequence[Sample], maps: Sequence[np.ndarray], grid: Sequence[PostprocessParams],
+                min_type_msa: float = 0.0, progress: bool = True) -> list[tuple[PostprocessParams, dict]]:
+    """Every candidate with its row, best first: settings where every cell type reaches `min_type_msa`
+    come first, then by score."""
+    rows = [(params, score_params(samples, maps, params))
+            for params in tqdm(grid, desc="post-processing grid", disable=not progress)]
+    rows.sort(key=lambda pair: (lowest_type_msa(pair[1]) < min_type_msa, -pair[1]["score"]))
+    return rows

@@ -1,0 +1,104 @@
+"""`python -m train finetune`: a lab's annotated images in, a model that registers, serves and
+evaluates out."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+
+pytest.importorskip("torch")
+
+
+def fake_samples(n: int):
+    from cellseg.data import Sample
+
+    return [Sample(f"lab:{i}.png", "lab", "demo", REPO / f"{i}.png", 64, 64, list) for i in range(n)]
+
+
+@pytest.mark.parametrize("n, held", [(1, 0), (2, 0), (3, 1), (9, 1), (10, 2), (25, 5)])
+def test_one_image_in_five_is_held_back_at_least_one_from_three(n, held):
+    from train.finetune import split_held_back
+
+    split = split_held_back(fake_samples(n), seed=0)
+    assert len(split.held_back) == held and len(split.train) == n - held
+    assert {s.id for s in split.train}.isdisjoint(s.id for s in split.held_back)
+    assert split_held_back(fake_samples(n), seed=0).held_back == split.held_back  # seeded
+    assert split.measured_on == (split.held_back or split.train)
+
+
+def test_holding_back_every_image_is_refused():
+    from train.finetune import FinetuneError, split_held_back
+
+    with pytest.raises(FinetuneError, match="no image to train on"):
+        split_held_back(fake_samples(2), seed=0, hold_out=2)
+
+
+def test_no_usable_image_is_a_clear_refusal(tmp_path):
+    (tmp_path / "notes.txt").write_text("no images here")
+    run = subprocess.run([sys.executable, "-m", "train", "finetune", str(tmp_path), "--out", str(tmp_path / "out")],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert "no annotated image" in run.stderr and str(tmp_path) in run.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_a_two_minute_finetune_registers_serves_and_evaluates(tmp_path, data_root):
+    """Issue 15: two small real images, under two minutes of training, through every way of serving."""
+    import httpx
+    from skimage.segmentation import relabel_sequential
+
+    from cellseg.data import load_split
+    from cellseg.instances import label_png_bytes, png_bytes
+
+    annotated = tmp_path / "annotated"
+    annotated.mkdir()
+    samples = [s for s in load_split(data_root, "val") if s.source == "livecell"][:2]
+    for sample in samples:  # 256x256 corners of real LIVECell images and their true cells
+        stem = sample.id.split(":")[-1].removesuffix(".tif")
+        image = np.clip(sample.image()[:256, :256], 0, 255).astype(np.uint8)
+        (annotated / f"{stem}.png").write_bytes(png_bytes(image))
+        labels = relabel_sequential(sample.labels()[:256, :256])[0]
+        (annotated / f"{stem}_masks.png").write_bytes(label_png_bytes(labels))
+    out = tmp_path / "model"
+    run = subprocess.run([sys.executable, "-m", "train", "finetune", str(annotated), "--out", str(out),
+                          "--minutes", "0.3", "--name", "lab-demo", "--crop", "128", "--batch-size", "4"],
+                         cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    for name in ("model.onnx", "model.int8.onnx", "metrics.json", "MODEL_CARD.md", "model.metrics.json"):
+        assert (out / name).is_file(), name
+    results = json.loads((out / "metrics.json").read_text())
+    assert results["images"] and results["measured_on"].startswith("training images")  # 2 images: none held back
+    assert {"ap50", "msa"} <= set(results["before"]) and {"fp32", "int8"} <= set(results["after"])
+    from cellseg.onnx_model import OnnxModel
+
+    model = OnnxModel(out / "model.onnx")
+    assert model.metadata["name"] == "lab-demo"
+    assert model.metadata["postprocess"] == results["postprocess"]
+    assert len(model.metadata["finetune"]["base_sha256"]) == 64
+
+    evaluated = subprocess.run([sys.executable, "-m", "cellseg", "evaluate", "--model", str(out / "model.onnx"),
+                                "--data", str(annotated), "--json", str(tmp_path / "eval.json")],
+                               cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert "msa" in json.loads((tmp_path / "eval.json").read_text())
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from local_server import start_server, stop_server
+
+    proc, url = start_server(out / "model.onnx", tmp_path / "home", name="lab-demo")
+    try:
+        with open(annotated / f"{stem}.png", "rb") as fh:
+            answer = httpx.post(f"{url}/segment", files={"image": ("x.png", fh.read())}, timeout=120)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["model"]["name"] == "lab-demo"
+        assert answer.json()["params"]["fg_threshold"] == results["postprocess"]["fg_threshold"]
+    finally:
+        stop_server(proc)

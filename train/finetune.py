@@ -1,0 +1,300 @@
+"""Adapt the model to a lab's own cells from a few annotated images.
+
+    python -m train finetune ANNOTATED... --out DIR [--base MODEL] [--minutes N] [--name NAME]
+
+ANNOTATED: image files or folders with their annotations in any format `cellseg.annotations` reads
+(label masks `X_masks.png`, Fiji ROI sets `X_RoiSet.zip`, QuPath `X.geojson`, COCO json, the
+LIVECell and Kaggle layouts). The run:
+
+1. holds back part of the images (one in five, at least one, when there are three or more) and
+   measures the base model on them: the "before";
+2. trains the base weights on the rest for a wall-clock budget (`--minutes`), on the GPU when there is
+   one; a checkpoint is written every minute, so `--resume` continues a stopped run within its budget;
+3. picks post-processing thresholds for these cells on the training images (never the held-back ones);
+4. exports `DIR/model.onnx` (fp32, with the thresholds and where it came from in its metadata) and
+   `DIR/model.int8.onnx`, measures both on the held-back images (the "after") and writes
+   `DIR/metrics.json` and `DIR/MODEL_CARD.md`.
+
+`python -m export register --model DIR/model.onnx --name NAME` then puts it in the BentoML store, and
+`cellseg segment --model DIR/model.onnx` runs it in batch jobs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import numpy as np  # noqa: E402
+import onnx  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from cellseg.annotations import AnnotationError, scan_annotated  # noqa: E402
+from cellseg.data import Sample  # noqa: E402
+from cellseg.evaluate import evaluate_segmentations, format_table  # noqa: E402
+from cellseg.inference import Segmentation, predict_maps  # noqa: E402
+from cellseg.onnx_model import OnnxModel, read_metadata, sha256_file  # noqa: E402
+from cellseg.postprocess import PostprocessParams, maps_to_labels  # noqa: E402
+from cellseg.preprocess import SIZE_DIVISOR, normalize, pad_to, padded_size  # noqa: E402
+from cellseg.tuning import params_grid, rank_params  # noqa: E402
+from export.int8 import Int8Recipe, quantize  # noqa: E402
+from export.model_card import write_finetune_card  # noqa: E402
+from export.onnx_export import export_onnx, finetune_metadata, parity_check, set_metadata  # noqa: E402
+from train.dataset import CropDataset  # noqa: E402
+from train.loop import lr_factor, segmentation_loss, torch_predictor  # noqa: E402
+from train.model import load_weights, save_weights  # noqa: E402
+from train.speed import autocast, choose_precision, describe_device, to_layout  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_BASE = REPO / "models" / "livecell-unet.safetensors"
+CHECKPOINT = "finetune.pt"
+SUMMARY_KEYS = ("ap50", "ap75", "msa", "foreground_iou", "count_error")
+# Thresholds tried on the training images: the two that decide what is a cell and where one cell ends
+# (foreground, seed), and the hysteresis peak that stops thin processes seeding cells of their own.
+THRESHOLD_GRID = {"fg_threshold": (0.5, 0.6, 0.7), "seed_threshold": (0.2, 0.3, 0.4, 0.5), "seed_peak": (0.0, 0.35, 0.5)}
+
+
+class FinetuneError(ValueError):
+    """The run cannot start: no usable image, or a resume that does not match."""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m train finetune", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("annotated", nargs="+", type=Path, metavar="ANNOTATED",
+                   help="annotated images: files or folders (label masks, Fiji ROI sets, QuPath GeoJSON, COCO)")
+    p.add_argument("--out", type=Path, required=True, help="folder for the model, its metrics and card")
+    p.add_argument("--base", type=Path, default=DEFAULT_BASE,
+                   help="weights to start from (.safetensors; default: the shipped model's)")
+    p.add_argument("--minutes", type=float, default=10.0, help="training time budget, wall clock (default 10)")
+    p.add_argument("--name", default="cellseg-finetuned", help="model name (metadata, model store, page)")
+    p.add_argument("--hold-out", type=int, default=None,
+                   help="images held back to measure before/after (default: one in five, at least one when "
+                        "there are three or more images, none below three)")
+    p.add_argument("--crop", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (a third of training's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
+    p.add_argument("--threads", type=int, default=max(1, os.cpu_count() or 1))
+    p.add_argument("--resume", action="store_true", help=f"continue from DIR/{CHECKPOINT} within its budget")
+    return p.parse_args(argv)
+
+
+@dataclass
+class Split:
+    train: list[Sample]
+    held_back: list[Sample]
+
+    @property
+    def measured_on(self) -> list[Sample]:
+        """Where before/after is measured: the held-back images, or the training ones when none is."""
+        return self.held_back or self.train
+
+
+def split_held_back(samples: list[Sample], seed: int, hold_out: int | None = None) -> Split:
+    """A seeded choice of images held back from training to measure the result on."""
+    count = hold_out if hold_out is not None else (max(1, len(samples) // 5) if len(samples) >= 3 else 0)
+    if count >= len(samples):
+        raise FinetuneError(f"--hold-out {count} leaves no image to train on ({len(samples)} images)")
+    order = np.random.default_rng(seed).permutation(len(samples))
+    held = sorted(int(i) for i in order[:count])
+    return Split([s for i, s in enumerate(samples) if i not in held], [samples[i] for i in held])
+
+
+def base_postprocess(base: Path) -> PostprocessParams:
+    """The base model's post-processing defaults: from the ONNX file beside its weights, if any."""
+    onnx_file = base.with_suffix(".onnx")
+    stored = read_metadata(onnx_file).get("postprocess") if onnx_file.is_file() else None
+    return PostprocessParams(**stored) if stored else PostprocessParams()
+
+
+def measure(predict, samples: list[Sample], images: list[np.ndarray], params: PostprocessParams) -> dict:
+    maps = predict_maps(predict, images)
+    return evaluate_segmentations(samples, [Segmentation(maps_to_labels(m, params), m) for m in maps])
+
+
+def summary(metrics: dict) -> dict:
+    return {k: round(float(metrics[k]), 4) for k in SUMMARY_KEYS if k in metrics}
+
+
+def train_for_budget(model: torch.nn.Module, split: Split, args: argparse.Namespace, out: Path) -> dict:
+    """Train until the wall-clock budget is spent, checkpointing every minute. Returns the state."""
+    precision = choose_precision(args.precision, args.device)
+    model = to_layout(model.to(args.device), channels_last=args.device.startswith("cuda"))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+    state = {"step": 0, "train_seconds": 0.0, "loss": None}
+    checkpoint_path = out / CHECKPOINT
+    if args.resume:
+        saved = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        state = saved["state"]
+        print(f"resumed at step {state['step']}, {state['train_seconds'] / 60:.1f} of {args.minutes} minutes spent")
+    budget = args.minutes * 60
+    warmup = 20
+    images = [s.image() for s in split.train]
+    labels = [s.labels() for s in split.train]
+    model.train()
+    bar = tqdm(total=round(budget), initial=min(round(state["train_seconds"]), round(budget)), unit="s",
+               desc="fine-tuning", bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s {postfix}")
+    last_saved = time.monotonic()
+    while state["train_seconds"] < budget:
+        # 50 steps per round of fresh crops: a seed per round keeps a resumed run on the same sequence
+        dataset = CropDataset(images, labels, args.crop, 50 * args.batch_size, seed=args.seed * 100_003 + state["step"])
+        loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=0, drop_last=True)
+        for batch, targets in loader:
+            started = time.monotonic()
+            for group in optimizer.param_groups:
+                group["lr"] = args.lr * lr_factor(state["step"], 0, warmup, state["train_seconds"] / budget)
+            with autocast(args.device, precision):
+                logits = model(to_layout(batch.to(args.device), args.device.startswith("cuda")))
+            losses = segmentation_loss(logits.float(), targets.to(args.device), boundary_pos_weight=3.0)
+            optimizer.zero_grad(set_to_none=True)
+            losses["total"].backward()
+            optimizer.step()
+            loss = losses["total"].item()
+            state["loss"] = loss if state["loss"] is None else 0.9 * state["loss"] + 0.1 * loss
+            state["step"] += 1
+            spent = time.monotonic() - started
+            state["train_seconds"] += spent
+            bar.update(min(spent, budget - bar.n))
+            bar.set_postfix_str(f"step {state['step']}, loss {state['loss']:.3f}, "
+                                f"{max(0.0, budget - state['train_seconds']) / 60:.1f} min left", refresh=False)
+            if time.monotonic() - last_saved > 60 or state["train_seconds"] >= budget:
+                save_checkpoint(checkpoint_path, model, optimizer, state)
+                last_saved = time.monotonic()
+            if state["train_seconds"] >= budget:
+                break
+    bar.close()
+    save_checkpoint(checkpoint_path, model, optimizer, state)
+    model.eval()
+    return state
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, optimizer, state: dict) -> None:
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state},
+               path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)  # a kill never leaves half a checkpoint
+
+
+def pick_thresholds(model, split: Split, base: PostprocessParams, device: str) -> tuple[PostprocessParams, list]:
+    """The best thresholds on the training images (network once, watershed per candidate)."""
+    maps = predict_maps(torch_predictor(model, device), [s.image() for s in split.train])
+    ranked = rank_params(split.train, maps, params_grid(base, **THRESHOLD_GRID), progress=True)
+    return ranked[0][0], [row for _, row in ranked[:5]]
+
+
+def calibration_arrays(samples: list[Sample], count: int) -> list[np.ndarray]:
+    """Up to `count` normalised, padded images for int8 calibration (the user's training images)."""
+    arrays = []
+    for sample in samples[:count]:
+        x = normalize(sample.image())
+        arrays.append(pad_to(x, padded_size(x.shape[0], SIZE_DIVISOR), padded_size(x.shape[1], SIZE_DIVISOR)))
+    return arrays
+
+
+def export_models(model, out: Path, metadata: dict, split: Split) -> tuple[Path, Path, float]:
+    fp32 = out / "model.onnx"
+    export_onnx(model.cpu(), fp32, opset=18)
+    onnx.checker.check_model(onnx.load(str(fp32)), full_check=True)
+    diff = parity_check(model.cpu(), OnnxModel(fp32), [s.image() for s in split.measured_on[:2]])
+    if diff > 1e-3:
+        raise SystemExit(f"parity check failed: max |onnxruntime - pytorch| = {diff} > 1e-3")
+    set_metadata(fp32, {**metadata, "parity_max_abs_diff": diff})
+    save_weights(model, {"encoder": metadata["architecture"]["encoder"],
+                         "decoder_channels": metadata["architecture"]["decoder_channels"]},
+                 out / "model.safetensors")
+    int8 = out / "model.int8.onnx"
+    quantize(fp32, int8, calibration_arrays(split.train, Int8Recipe().calibration_images))
+    return fp32, int8, diff
+
+
+def read_usable(paths: list[Path]) -> list[Sample]:
+    scan = scan_annotated(paths)
+    print(scan.summary(), flush=True)
+    samples = scan.samples
+    if not samples:
+        raise FinetuneError(f"no annotated image found in {', '.join(map(str, paths))}: give images with their "
+                            "label masks (X_masks.png), Fiji ROI sets (X_RoiSet.zip) or QuPath GeoJSON (X.geojson)")
+    return samples
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    command = "python -m train finetune " + " ".join(sys.argv[2:] if argv is None else argv)
+    try:
+        samples = read_usable(args.annotated)
+        split = split_held_back(samples, args.seed, args.hold_out)
+        if args.resume and not (args.out / CHECKPOINT).is_file():
+            raise FinetuneError(f"--resume: no {CHECKPOINT} in {args.out}")
+        if not args.base.is_file():
+            raise FinetuneError(f"base weights not found: {args.base}")
+    except (FinetuneError, AnnotationError, OSError, ValueError) as exc:
+        print(f"python -m train finetune: error: {exc}", file=sys.stderr)
+        return 2
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    print(f"{len(samples)} annotated images: training on {len(split.train)}, measuring on "
+          f"{len(split.held_back)} held back{'' if split.held_back else ' (none: measured on the training images)'}; "
+          f"{args.minutes} minutes on {describe_device(args.device)}", flush=True)
+
+    base_params = base_postprocess(args.base)
+    measured = split.measured_on
+    measured_images = [s.image() for s in measured]
+    model = load_weights(args.base)
+    before = measure(torch_predictor(model, "cpu"), measured, measured_images, base_params)
+    print("before (base model, its thresholds):\n" + format_table(before), flush=True)
+
+    state = train_for_budget(model, split, args, args.out)
+    params, tuning = pick_thresholds(model, split, base_params, args.device)
+    print(f"thresholds picked on the {len(split.train)} training images: {params.to_dict()}", flush=True)
+    model = model.cpu().float()
+    metadata = finetune_metadata(
+        name=args.name, base=args.base, postprocess=params.to_dict(), architecture=read_architecture(args.base),
+        images=[s.id for s in split.train], held_back=[s.id for s in split.held_back],
+        training={"minutes": args.minutes, "train_minutes": round(state["train_seconds"] / 60, 2),
+                  "steps": state["step"], "batch_size": args.batch_size, "crop": args.crop, "lr": args.lr,
+                  "seed": args.seed, "device": describe_device(args.device),
+                  "precision": choose_precision(args.precision, args.device), "command": command})
+    fp32, int8, diff = export_models(model, args.out, metadata, split)
+    after = {name: measure(OnnxModel(path).predict, measured, measured_images, params)
+             for name, path in (("fp32", fp32), ("int8", int8))}
+    print("after (fine-tuned fp32):\n" + format_table(after["fp32"]), flush=True)
+    results = {
+        "name": args.name, "base": str(args.base), "base_sha256": sha256_file(args.base),
+        "measured_on": "held_back" if split.held_back else "training images (fewer than 3 images: none held back)",
+        "images": metadata["finetune"]["images"], "held_back": metadata["finetune"]["held_back"],
+        "before": summary(before), "after": {k: summary(v) for k, v in after.items()},
+        "int8_loss": {k: round(after["fp32"][k] - after["int8"][k], 4) for k in ("ap50", "msa")},
+        "postprocess": params.to_dict(), "base_postprocess": base_params.to_dict(), "threshold_candidates": tuning,
+        "training": metadata["training"], "parity_max_abs_diff": diff,
+        "minutes_total": round((time.time() - started) / 60, 1), "command": command,
+    }
+    (args.out / "metrics.json").write_text(json.dumps(results, indent=2))
+    # what `python -m export register` and batch jobs read to pick the precision to serve
+    for path, metrics in ((fp32, after["fp32"]), (int8, after["int8"])):
+        path.with_suffix(".metrics.json").write_text(json.dumps(
+            {k: v for k, v in metrics.items() if k != "per_image"}, indent=2))
+    write_finetune_card(args.out / "MODEL_CARD.md", results, fp32, int8)
+    print(f"wrote {fp32}, {int8}, {args.out / 'metrics.json'}, {args.out / 'MODEL_CARD.md'} "
+          f"in {results['minutes_total']} min; register with: "
+          f"python -m export register --model {fp32} --name {args.name}", flush=True)
+    return 0
+
+
+def read_architecture(weights: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        return json.loads(f.metadata()["architecture"])
