@@ -17,6 +17,13 @@ from cellseg.outputs import cells_csv, coco_document, image_record, per_image_fi
 
 OUTLINE_RGBA = (255, 64, 0, 255)
 FILL_ALPHA = 110  # filled labels stay see-through, so the cell under them can be judged
+# The unit of each per-cell measurement, for the page's labels. Measurements are in pixels; a pixel
+# size (µm per px) would change the values and these units together, in one place, and the page
+# shows whatever the report names. Fields not listed have none: cell_id, eccentricity and solidity
+# (ratios), mean_intensity (the image's own gray values) and score (a probability).
+CELL_UNITS = {"area": "px²", "centroid_x": "px", "centroid_y": "px", "bbox_x": "px", "bbox_y": "px",
+              "bbox_width": "px", "bbox_height": "px", "perimeter": "px", "major_axis_length": "px",
+              "minor_axis_length": "px", "orientation": "rad"}
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -42,8 +49,9 @@ def rendered_views(image: np.ndarray, labels: np.ndarray) -> dict[str, bytes]:
 
 
 def page_report(image: np.ndarray, labels: np.ndarray, scores: np.ndarray | None, filename: str) -> dict:
-    """JSON for the web page: count, confluence, cells (measurements and score), views (PNG data URLs)
-    and downloads (name, media type and base64 bytes of the label PNG, CSV, COCO, ROI zip, GeoJSON)."""
+    """JSON for the web page: count, confluence, cells (measurements and score), units (of the cells'
+    measurements), views (PNG data URLs) and downloads (name, media type and base64 bytes of the label
+    PNG, CSV, COCO, ROI zip, GeoJSON)."""
     stem = PurePath(filename).stem or "image"
     record = image_record(image, labels, scores, name=stem, source=PurePath(filename).name or "image")
     files = per_image_files(labels, record, ("labels", "rois", "geojson"))
@@ -57,6 +65,7 @@ def page_report(image: np.ndarray, labels: np.ndarray, scores: np.ndarray | None
     return {
         "name": stem, "width": record["width"], "height": record["height"],
         "count": record["count"], "confluence": record["confluence"], "cells": record["cells"],
+        "units": dict(CELL_UNITS),
         "views": {key: _data_url(png, "image/png") for key, png in rendered_views(image, labels).items()},
         "downloads": {key: {"filename": name, "media_type": media, "base64": base64.b64encode(data).decode()}
                       for key, (name, media, data) in downloads.items()},

@@ -30,6 +30,9 @@ def test_report_downloads_match_labels():
 
     assert (report["count"], report["width"], report["height"], report["name"]) == (2, 120, 90, "well_A1")
     assert [c["score"] for c in report["cells"]] == [0.9, 0.75]
+    # the page labels measurements with these units: each names a measurement the cells have
+    assert report["units"]["area"] == "px²" and report["units"]["perimeter"] == "px"
+    assert set(report["units"]) <= set(report["cells"][0])
     assert np.array_equal(np.array(Image.open(io.BytesIO(decode(report, "labels")))), labels)
     rows = list(csv.DictReader(io.StringIO(decode(report, "csv").decode())))
     assert [(r["image"], int(r["cell_id"]), int(r["area"])) for r in rows] == [

@@ -1,5 +1,6 @@
 """The web page (/ui) in a real headless Chromium, against the real service: upload, overlay, count,
-re-run with other parameters, table, downloads, and a bad file's error on the page."""
+re-run with other parameters, table with units, downloads, a refused file's error with nothing of
+the previous image left beside it, and the page on a phone's width."""
 
 from __future__ import annotations
 
@@ -39,10 +40,22 @@ def browser():
 
 
 @pytest.fixture
-def page(browser, served):
-    context = browser.new_context(viewport={"width": 1440, "height": 900}, accept_downloads=True)
+def console() -> list[str]:
+    """The page's console messages; Chromium logs every failed request there (a favicon's 404 too)."""
+    return []
+
+
+def open_page(browser, served, console, width: int, height: int):
+    context = browser.new_context(viewport={"width": width, "height": height}, accept_downloads=True)
     page = context.new_page()
+    page.on("console", lambda message: console.append(message.text))
     page.goto(f"{served[0]}/ui")
+    return context, page
+
+
+@pytest.fixture
+def page(browser, served, console):
+    context, page = open_page(browser, served, console, 1440, 900)
     yield page
     context.close()
 
@@ -58,9 +71,10 @@ def wait_for_result(page, before: int) -> int:
     return int(page.text_content("#count"))
 
 
-def test_page_segments_reruns_downloads_and_reports_errors(page, served, tif, client, tmp_path):
+def test_page_segments_reruns_downloads_and_reports_errors(page, served, tif, client, tmp_path, console):
     page.set_input_files("#file", str(tif))
     count = wait_for_result(page, 0)
+    assert not [message for message in console if "404" in message]  # no /favicon.ico request, nor any other
 
     # the page's count is the API's for the same image and (default) parameters
     assert count == client.segment(tif).count > 0
@@ -74,6 +88,18 @@ def test_page_segments_reruns_downloads_and_reports_errors(page, served, tif, cl
     from PIL import Image
 
     assert Image.open(shot).size == (1440, 900)
+
+    # units of the pixel measurements, axis titles, help for the parameters and the score, a readable model
+    assert "px²" in page.text_content("#cells th[data-key=area]")
+    assert "px" in page.text_content("#cells th[data-key=perimeter]")
+    assert page.text_content("#median-area").endswith("px²")
+    histogram = page.text_content("#histogram")
+    assert "cell area (px²)" in histogram and "number of cells" in histogram
+    assert "mean foreground probability" in page.get_attribute("#cells th[data-key=score]", "title")
+    for name in ("fg_threshold", "seed_threshold", "min_size", "tta"):
+        help_id = page.get_attribute(f"#{name}", "aria-describedby")
+        assert help_id and page.text_content(f"#{help_id}").strip()
+    assert page.text_content("#model").startswith("Model: LIVECell U-Net · int8 · weights ")
 
     # sortable table: area ascending, then descending
     page.click("#cells th[data-key=area]")
@@ -107,23 +133,88 @@ def test_page_segments_reruns_downloads_and_reports_errors(page, served, tif, cl
     table_ids = sorted(int(i) for i in page.locator("#cells tbody tr td:nth-child(1)").all_text_contents())
     assert sorted(int(r["cell_id"]) for r in rows) == table_ids
 
-    # a text file: the server's message on the page, and the page still works
+    # a text file: the server's message on the page, nothing of the previous image left beside it
+    # (count, table, downloads, picture), and no Run again that would send the refused file again
     bad = tmp_path / "notes.txt"
     bad.write_text("these are not pixels")
     page.set_input_files("#file", str(bad))
     page.wait_for_selector("#error:not(.hidden)", timeout=30_000)
     assert "not a recognised image" in page.text_content("#error")
     assert "notes.txt" in page.text_content("#error")
+    assert_no_result_shown(page)
+    # ...and the page still works
     before = results_shown(page)
     page.set_input_files("#file", str(tif))
     assert wait_for_result(page, before) == new_count
     assert not page.is_visible("#error")
 
 
+def assert_no_result_shown(page) -> None:
+    assert page.text_content("#count") == "–" and page.text_content("#median-area") == "–"
+    assert page.locator("#cells tbody tr").count() == 0
+    assert page.locator("#downloads a[href]").count() == 0 and not page.is_visible("#downloads")
+    assert not page.is_visible("#view-image") and not page.is_visible("#view-outlines")
+    assert page.is_disabled("#run")
+
+
+def test_image_over_the_limit_clears_the_previous_result(page, tif, tmp_path):
+    """A refused upload (here a 413: more pixels than the server takes) leaves no earlier result on screen."""
+    from PIL import Image
+
+    from conftest import MAX_PIXELS
+
+    page.set_input_files("#file", str(tif))
+    wait_for_result(page, 0)
+    assert page.is_enabled("#run") and page.locator("#downloads a[href]").count() == 5
+    huge = tmp_path / "huge.png"
+    side = int(MAX_PIXELS**0.5) + 10
+    Image.new("L", (side, side)).save(huge)  # a few kB of PNG, over the pixel limit
+    page.set_input_files("#file", str(huge))
+    page.wait_for_selector("#error:not(.hidden)", timeout=30_000)
+    assert "huge.png" in page.text_content("#error")
+    assert "HTTP 413" in page.text_content("#status-text")
+    assert_no_result_shown(page)
+
+
+def test_page_fits_a_phone(browser, served, tif, console):
+    """At a phone's 390 px: no sideways scrolling; Fit fits the image to the width; the histogram
+    fits; the table scrolls inside its own box."""
+    context, page = open_page(browser, served, console, 390, 844)
+    try:
+        page.set_input_files("#file", str(tif))
+        wait_for_result(page, 0)
+        page.wait_for_function("document.querySelector('#view-image').complete")
+
+        def boxes() -> dict:
+            return page.evaluate("""() => {
+                const right = (selector) => document.querySelector(selector).getBoundingClientRect().right;
+                return {page: document.documentElement.scrollWidth, window: window.innerWidth,
+                        viewer: document.querySelector('#viewer').clientWidth,
+                        image: document.querySelector('#view-image').getBoundingClientRect().width,
+                        rights: ['#viewer', '#histogram', '#table-wrap', '#params', 'header'].map(right)};
+            }""")
+
+        fitted = boxes()
+        assert fitted["window"] == 390 and fitted["page"] <= 390
+        assert max(fitted["rights"]) <= 390
+        assert fitted["viewer"] - 2 <= fitted["image"] <= fitted["viewer"]  # fitted to the width: about 50%
+        # zoomed to 100% the image scrolls inside the viewer, not the page; Fit brings it back
+        page.evaluate("""() => { const zoom = document.querySelector('#zoom');
+                                 zoom.value = 0; zoom.dispatchEvent(new Event('input')); }""")
+        assert page.text_content("#zoom-text") == "100%" and boxes()["page"] <= 390
+        page.click("#fit")
+        assert boxes() == fitted
+        # the table is wider than a phone: it scrolls sideways within its box
+        assert page.evaluate("(w => w.scrollWidth > w.clientWidth)(document.querySelector('#table-wrap'))")
+    finally:
+        context.close()
+
+
 def test_ui_is_self_contained(served):
     """Works offline and in the container: nothing loaded from another host."""
     import httpx
 
-    html = httpx.get(f"{served[0]}/ui/", timeout=10).text
+    # the SVG namespace (in the inline icon) names a namespace: nothing is fetched from it
+    html = httpx.get(f"{served[0]}/ui/", timeout=10).text.replace("http://www.w3.org/2000/svg", "")
     assert "<script>" in html and "report" in html
     assert "http://" not in html and "https://" not in html and "//cdn" not in html
