@@ -157,6 +157,14 @@ def served_variant(metadata: dict) -> dict:
     return {"precision": precision, **variants[precision]}
 
 
+def model_card_figures(metadata: dict, variant: dict) -> dict:
+    """The served variant's AP50 and mSA from its model card, and the images they were measured on
+    (the page shows them beside the model's name)."""
+    metrics = variant.get("metrics") or {}
+    return {**{k: round(float(metrics[k]), 3) for k in ("ap50", "msa") if k in metrics},
+            "measured_on": metadata.get("metrics_on", "validation split")}
+
+
 def upload_name(path: Path) -> str:
     """The file name the client sent. BentoML stores an upload as a NamedTemporaryFile whose suffix is
     that name (tempfile's 'tmp' + 8 random characters, then the name); the web page's test checks it."""
@@ -272,7 +280,7 @@ class CellSegmentation:
         self.defaults = PostprocessParams(**info.metadata.get("postprocess", {}))
         variant = served_variant(info.metadata)
         self.model_info = {"name": info.tag.name, "version": info.tag.version, "sha256": variant["sha256"],
-                           "precision": variant["precision"]}
+                           "precision": variant["precision"], "metrics": model_card_figures(info.metadata, variant)}
         # CPU-bound decode / watershed run in threads so the event loop keeps accepting requests.
         self.cpu = anyio.CapacityLimiter(max(2, os.cpu_count() or 2))
         self.budget = PixelBudget(PIXEL_BUDGET, QUEUE_TIMEOUT_S)

@@ -30,6 +30,16 @@ def find_registered(sha256: str, name: str = MODEL_NAME, int8_sha256: str | None
     return None
 
 
+def metrics_measured_on(meta: dict) -> str:
+    """Which images a model's recorded figures come from, in words."""
+    finetune = meta.get("finetune")
+    if finetune:
+        held = finetune.get("held_back") or []
+        return f"{len(held)} held-back images" if held else "its training images"
+    split = (meta.get("metrics") or {}).get("split", "val")
+    return "validation split" if split == "val" else f"{split} split"
+
+
 def register(path: Path, name: str = MODEL_NAME, int8: Path | None = None):
     """Put `path` (fp32) and its int8 variant, if any, in the model store as one model (idempotent:
     the same files return the existing entry). Its metadata records which precision to serve by
@@ -58,6 +68,7 @@ def register(path: Path, name: str = MODEL_NAME, int8: Path | None = None):
         "variants": variants,
         "default_precision": default_precision(fp32_metrics, variants.get("int8", {}).get("metrics")),
         "int8_tolerance": INT8_TOLERANCE,
+        "metrics_on": metrics_measured_on(meta),
     }
     labels = {"task": "instance-segmentation", "dataset": "livecell", "format": "onnx",
               "architecture": "unet-" + str((meta.get("architecture") or {}).get("encoder", "unknown")),

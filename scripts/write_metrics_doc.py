@@ -3,6 +3,7 @@
     python scripts/write_metrics_doc.py --val docs/eval_val.json --train docs/eval_train.json \
         --before docs/eval_val_before.json --tta docs/eval_val_tta.json --int8 docs/eval_val_int8.json \
         --encoders docs/encoder_comparison.json --history models/livecell-unet.history.json \
+        --fewshot-target docs/fewshot_astro_target.json --fewshot docs/fewshot_astro.json docs/fewshot_shsy5y.json \
         --notes docs/metrics_notes.md --out docs/METRICS.md
 """
 
@@ -103,6 +104,38 @@ def curve(history: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def fewshot_section(paths: list[Path], target: Path | None) -> str:
+    """Fine-tuning on a lab's own images: the issue 15 target run and the few-shot curves
+    (scripts/fewshot.py), before and after on other images of the same type."""
+    text = """
+## Fine-tuning on a lab's own images
+
+`python -m train finetune` on k images of one cell type, written as a lab would hand them over
+(`X.png` + `X_masks.png`), nothing held back; measured on other images of that type from the
+training split (the base model trained on those, so its "before" is if anything flattering).
+Thresholds: each model's own (the fine-tuned ones picked on their k training images).
+"""
+    runs = ([("target", json.loads(target.read_text()))] if target else []) + \
+        [("curve", json.loads(path.read_text())) for path in paths]
+    for kind, result in runs:
+        b = result["before"]
+        title = "Target run (issue 15)" if kind == "target" else f"Few-shot curve: {result['type']}"
+        text += f"""
+### {title}: {result['type']}, measured on {len(result['test_images'])} other images
+
+Command: `{result['command']}` ({result['machine']})
+
+| k images | minutes in all | AP50 before → after (int8) | mSA before → after (int8) | AP75 after | count error |
+|---|---|---|---|---|---|
+"""
+        for run in result["runs"]:
+            a, q = run["after_fp32"], run["after_int8"]
+            text += (f"| {run['k']} | {run['minutes_total']} | {b['ap50']:.3f} → **{a['ap50']:.3f}** ({q['ap50']:.3f}) | "
+                     f"{b['msa']:.3f} → **{a['msa']:.3f}** ({q['msa']:.3f}) | {a['ap75']:.3f} | "
+                     f"{b['count_error']:.2f} → {a['count_error']:.2f} |\n")
+    return text
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--val", type=Path, required=True)
@@ -114,6 +147,8 @@ def main() -> int:
     p.add_argument("--tta", type=Path, help="evaluation with test-time augmentation")
     p.add_argument("--int8", type=Path, help="evaluation of the int8 variant")
     p.add_argument("--encoders", type=Path, help="JSON {encoder: history} of the same-budget encoder comparison")
+    p.add_argument("--fewshot", type=Path, nargs="*", default=[], help="scripts/fewshot.py outputs (curves)")
+    p.add_argument("--fewshot-target", type=Path, help="scripts/fewshot.py output of the issue 15 target run")
     args = p.parse_args()
     val = json.loads(args.val.read_text())
     history = json.loads(args.history.read_text())
@@ -188,6 +223,8 @@ Metric definitions: `cellseg/evaluate.py` (COCO AP/AP50/AP75 with pycocotools, m
 read at 2000 detections; mSA = mean over IoU 0.50..0.95 of TP/(TP+FP+FN) per image; count_error =
 mean |predicted - true| / true cell count; foreground IoU / Dice / pixel accuracy per image, averaged).
 """
+    if args.fewshot or args.fewshot_target:
+        text += fewshot_section(args.fewshot, args.fewshot_target)
     if args.notes:
         text += "\n" + args.notes.read_text()
     args.out.parent.mkdir(parents=True, exist_ok=True)

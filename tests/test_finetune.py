@@ -99,6 +99,9 @@ def test_a_two_minute_finetune_registers_serves_and_evaluates(tmp_path, data_roo
             answer = httpx.post(f"{url}/segment", files={"image": ("x.png", fh.read())}, timeout=120)
         assert answer.status_code == 200, answer.text
         assert answer.json()["model"]["name"] == "lab-demo"
+        figures = answer.json()["model"]["metrics"]  # what the page shows beside the name
+        assert figures["measured_on"] == "its training images" and figures["msa"] == pytest.approx(
+            results["after"][answer.json()["model"]["precision"]]["msa"], abs=1e-3)
         assert answer.json()["params"]["fg_threshold"] == results["postprocess"]["fg_threshold"]
     finally:
         stop_server(proc)

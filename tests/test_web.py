@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 import shutil
 
 import pytest
@@ -100,6 +101,7 @@ def test_page_segments_reruns_downloads_and_reports_errors(page, served, tif, cl
         help_id = page.get_attribute(f"#{name}", "aria-describedby")
         assert help_id and page.text_content(f"#{help_id}").strip()
     assert page.text_content("#model").startswith("Model: LIVECell U-Net · int8 · weights ")
+    assert re.search(r"AP50 0\.\d\d, mSA 0\.\d\d on validation split$", page.text_content("#model"))  # the card's figures
 
     # sortable table: area ascending, then descending
     page.click("#cells th[data-key=area]")

@@ -84,6 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false",
+                   help="keep NCHW layout (channels_last with bf16 is about 2x faster on CPUs, docs/BENCHMARKS.md)")
     p.add_argument("--threads", type=int, default=max(1, os.cpu_count() or 1))
     p.add_argument("--resume", action="store_true", help=f"continue from DIR/{CHECKPOINT} within its budget")
     return p.parse_args(argv)
@@ -129,7 +131,7 @@ def summary(metrics: dict) -> dict:
 def train_for_budget(model: torch.nn.Module, split: Split, args: argparse.Namespace, out: Path) -> dict:
     """Train until the wall-clock budget is spent, checkpointing every minute. Returns the state."""
     precision = choose_precision(args.precision, args.device)
-    model = to_layout(model.to(args.device), channels_last=args.device.startswith("cuda"))
+    model = to_layout(model.to(args.device), args.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     state = {"step": 0, "train_seconds": 0.0, "loss": None}
     checkpoint_path = out / CHECKPOINT
@@ -145,7 +147,8 @@ def train_for_budget(model: torch.nn.Module, split: Split, args: argparse.Namesp
     labels = [s.labels() for s in split.train]
     model.train()
     bar = tqdm(total=round(budget), initial=min(round(state["train_seconds"]), round(budget)), unit="s",
-               desc="fine-tuning", bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s {postfix}")
+               desc="fine-tuning", bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s {postfix}",
+               mininterval=1 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s
     last_saved = time.monotonic()
     while state["train_seconds"] < budget:
         # 50 steps per round of fresh crops: a seed per round keeps a resumed run on the same sequence
@@ -156,7 +159,7 @@ def train_for_budget(model: torch.nn.Module, split: Split, args: argparse.Namesp
             for group in optimizer.param_groups:
                 group["lr"] = args.lr * lr_factor(state["step"], 0, warmup, state["train_seconds"] / budget)
             with autocast(args.device, precision):
-                logits = model(to_layout(batch.to(args.device), args.device.startswith("cuda")))
+                logits = model(to_layout(batch.to(args.device), args.channels_last))
             losses = segmentation_loss(logits.float(), targets.to(args.device), boundary_pos_weight=3.0)
             optimizer.zero_grad(set_to_none=True)
             losses["total"].backward()
