@@ -1,6 +1,8 @@
 """One image's result in the forms people and lab tools use, made in one place for the batch job,
-the service and the web page: a record (size, count, confluence, measurements, COCO RLE instances)
-and the files built from records (16-bit label PNG, CSV, COCO JSON, ImageJ ROI zip, QuPath GeoJSON).
+the service and the web page: a record (size, pixel size, count, confluence, measurements, COCO RLE
+instances) and the files built from records (16-bit label PNG, CSV, COCO JSON, ImageJ ROI zip, QuPath
+GeoJSON). Measurements are in pixels; where the image's pixel size is known (cellseg.pixelsize), µm
+values are added beside them, and the record's `pixel_size` says which size and where it came from.
 """
 
 from __future__ import annotations
@@ -14,20 +16,27 @@ import numpy as np
 
 from cellseg.formats import geojson_bytes, imagej_roi_zip, qupath_geojson
 from cellseg.instances import confluence, instances_from_labels, label_png_bytes, measure_cells
+from cellseg.pixelsize import PHYSICAL_UNITS, PixelSize, add_physical_measurements
 
 FORMATS = ("labels", "csv", "coco", "rois", "geojson")
 CSV_FIELDS = ["image", "cell_id", "area", "centroid_x", "centroid_y", "bbox_x", "bbox_y", "bbox_width", "bbox_height",
               "perimeter", "eccentricity", "major_axis_length", "minor_axis_length", "solidity", "orientation",
               "mean_intensity", "score"]
+# Columns added after the pixel ones when any image of the CSV has a known pixel size: its cells in µm,
+# and the size used (empty for an image without one).
+PHYSICAL_CSV_FIELDS = [*PHYSICAL_UNITS, "pixel_size_x_um", "pixel_size_y_um"]
 
 
-def image_record(image: np.ndarray, labels: np.ndarray, scores: np.ndarray | None, name: str, source: str) -> dict:
-    """Everything later outputs need from one segmented image, as plain JSON-able data."""
-    cells = measure_cells(labels, image)
+def image_record(image: np.ndarray, labels: np.ndarray, scores: np.ndarray | None, name: str, source: str,
+                 pixel_size: PixelSize | None = None) -> dict:
+    """Everything later outputs need from one segmented image, as plain JSON-able data. `pixel_size`
+    is {"x_um", "y_um", "source"} or None (other outputs, e.g. time-lapse summaries, rely on that form)."""
+    cells = add_physical_measurements(measure_cells(labels, image), pixel_size)
     if scores is not None:
         for cell in cells:
             cell["score"] = round(float(scores[cell["cell_id"] - 1]), 4)
     return {"source": source, "name": name, "height": int(image.shape[0]), "width": int(image.shape[1]),
+            "pixel_size": pixel_size.to_dict() if pixel_size else None,
             "count": int(labels.max()), "confluence": round(confluence(labels), 3),
             "cells": cells, "instances": instances_from_labels(labels, scores)}
 
@@ -40,13 +49,20 @@ def per_image_files(labels: np.ndarray, record: dict, formats: Iterable[str]) ->
 
 
 def cells_csv(records: Iterable[dict]) -> bytes:
-    """One row per cell of every record, named by the record's `name`."""
+    """One row per cell of every record, named by the record's `name`; the µm columns and the pixel
+    size used follow the pixel columns when any record has a pixel size (records of earlier versions
+    have no `pixel_size` key: no size)."""
+    records = list(records)
+    physical = any(record.get("pixel_size") for record in records)
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=CSV_FIELDS, extrasaction="ignore")
+    writer = csv.DictWriter(text, fieldnames=CSV_FIELDS + (PHYSICAL_CSV_FIELDS if physical else []),
+                            extrasaction="ignore")
     writer.writeheader()
     for record in records:
+        size = record.get("pixel_size") or {}
         for cell in record["cells"]:
-            writer.writerow({"image": record["name"], **cell})
+            writer.writerow({"image": record["name"], **cell,
+                             "pixel_size_x_um": size.get("x_um"), "pixel_size_y_um": size.get("y_um")})
     return text.getvalue().encode()
 
 

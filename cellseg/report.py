@@ -1,6 +1,7 @@
 """One image's complete result for the web page: what it shows (rendered views, count, confluence,
-per-cell measurements) and every download it offers, from one segmentation, so what a person
-downloads is exactly what is on screen. Formats come from `cellseg.outputs`, as in batch jobs.
+per-cell measurements, the pixel size used) and every download it offers, from one segmentation, so
+what a person downloads is exactly what is on screen. Formats come from `cellseg.outputs`, as in batch
+jobs.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from skimage.segmentation import find_boundaries
 
 from cellseg.instances import display_gray, png_bytes
 from cellseg.outputs import cells_csv, coco_document, image_record, per_image_files
+from cellseg.pixelsize import PHYSICAL_UNITS, PixelSize
 
 OUTLINE_RGBA = (255, 64, 0, 255)
 FILL_ALPHA = 110  # filled labels stay see-through, so the cell under them can be judged
-# The unit of each per-cell measurement, for the page's labels. Measurements are in pixels; a pixel
-# size (µm per px) would change the values and these units together, in one place, and the page
-# shows whatever the report names. Fields not listed have none: cell_id, eccentricity and solidity
-# (ratios), mean_intensity (the image's own gray values) and score (a probability).
+# The unit of each per-cell measurement, for the page's labels. Measurements are in pixels; where a
+# pixel size is known, the µm ones beside them (area_um2, perimeter_um, ...) are named too, with
+# PHYSICAL_UNITS, and the page shows those. Fields not listed have none: cell_id, eccentricity and
+# solidity (ratios), mean_intensity (the image's own gray values) and score (a probability).
 CELL_UNITS = {"area": "px²", "centroid_x": "px", "centroid_y": "px", "bbox_x": "px", "bbox_y": "px",
               "bbox_width": "px", "bbox_height": "px", "perimeter": "px", "major_axis_length": "px",
               "minor_axis_length": "px", "orientation": "rad"}
@@ -48,12 +50,15 @@ def rendered_views(image: np.ndarray, labels: np.ndarray) -> dict[str, bytes]:
     return {"image": _png(gray), "outlines": _png(outlines), "filled": _png(filled)}
 
 
-def page_report(image: np.ndarray, labels: np.ndarray, scores: np.ndarray | None, filename: str) -> dict:
-    """JSON for the web page: count, confluence, cells (measurements and score), units (of the cells'
+def page_report(image: np.ndarray, labels: np.ndarray, scores: np.ndarray | None, filename: str,
+                pixel_size: PixelSize | None = None) -> dict:
+    """JSON for the web page: count, confluence, cells (measurements and score; in µm too where
+    `pixel_size` is known), pixel_size ({x_um, y_um, source} or None), units (of the cells'
     measurements), views (PNG data URLs) and downloads (name, media type and base64 bytes of the label
     PNG, CSV, COCO, ROI zip, GeoJSON)."""
     stem = PurePath(filename).stem or "image"
-    record = image_record(image, labels, scores, name=stem, source=PurePath(filename).name or "image")
+    record = image_record(image, labels, scores, name=stem, source=PurePath(filename).name or "image",
+                          pixel_size=pixel_size)
     files = per_image_files(labels, record, ("labels", "rois", "geojson"))
     downloads = {
         "labels": (f"{stem}_labels.png", "image/png", files["labels"]),
@@ -65,7 +70,8 @@ def page_report(image: np.ndarray, labels: np.ndarray, scores: np.ndarray | None
     return {
         "name": stem, "width": record["width"], "height": record["height"],
         "count": record["count"], "confluence": record["confluence"], "cells": record["cells"],
-        "units": dict(CELL_UNITS),
+        "pixel_size": record["pixel_size"],
+        "units": {**CELL_UNITS, **(PHYSICAL_UNITS if pixel_size else {})},
         "views": {key: _data_url(png, "image/png") for key, png in rendered_views(image, labels).items()},
         "downloads": {key: {"filename": name, "media_type": media, "base64": base64.b64encode(data).decode()}
                       for key, (name, media, data) in downloads.items()},
