@@ -2,14 +2,17 @@
 
 Outputs in --out DIR (--formats picks among labels, csv, coco, rois, geojson; default labels,csv,coco):
     labels/<name>.png      labels: 16-bit label image per input (0 = background, 1..N cells)
-    cells.csv              csv: one row per cell of every image (regionprops definitions, cellseg.measure)
+    cells.csv              csv: one row per cell of every image (regionprops definitions, cellseg.measure);
+                           in µm too (area_um2, perimeter_um, axes, the size used) when an image's pixel size
+                           is known: --pixel-size, else the image's metadata (cellseg/pixelsize.py)
     instances.coco.json    coco: COCO detections/annotations of all cells (RLE masks, scores)
     rois/<name>.zip        rois: ImageJ/Fiji ROI set, one polygon per cell, named cell-<id>
     geojson/<name>.geojson geojson: QuPath detections with the cells' measurements
-    records/<name>.json    always: per-image record (source, size, count, confluence, cells, instances)
+    records/<name>.json    always: per-image record (source, size, pixel_size, count, confluence, cells, instances)
     errors.json            inputs that could not be processed in the last run, with the reason
-    job.json               the job's settings: model sha256, post-processing parameters, tta (and server URL;
-                           with --server, the model and parameters the server reports it used)
+    job.json               the job's settings: model sha256, post-processing parameters, tta, pixel_size (the
+                           --pixel-size given, or null: each image's metadata) (and server URL; with --server,
+                           the model and parameters the server reports it used)
 
 Every file is written atomically (temp file + rename) and an image counts as done only once its
 record exists, so a killed job resumes where it stopped: finished images are skipped, the rest
@@ -46,6 +49,7 @@ from tqdm import tqdm
 from cellseg.imageio import read_image
 from cellseg.instances import labels_from_instances
 from cellseg.outputs import FORMATS, cells_csv, coco_document, image_record, per_image_files
+from cellseg.pixelsize import PixelSize, read_pixel_size
 from cellseg.postprocess import PostprocessParams
 
 IMAGE_SUFFIXES = {".tif", ".tiff", ".png", ".jpg", ".jpeg"}
@@ -88,6 +92,15 @@ class JobError(ValueError):
     """The job cannot start: its output folder is unusable or holds results of other settings."""
 
 
+# Settings that came after jobs were first recorded, with the value a job.json without them meant:
+# a job of an earlier version read no pixel size, as a job without --pixel-size reads none of its own.
+SETTINGS_ADDED_LATER = {"pixel_size": None}
+
+
+def _comparable(settings: dict) -> dict:
+    return {**SETTINGS_ADDED_LATER, **settings}
+
+
 def prepare_output(out: Path, settings: dict, overwrite: bool) -> None:
     """Create `out` and record the job's settings there, refusing to mix settings in one folder."""
     try:
@@ -96,7 +109,7 @@ def prepare_output(out: Path, settings: dict, overwrite: bool) -> None:
         raise JobError(f"cannot create the output folder {out}: {exc.strerror or exc}") from exc
     job_file = out / "job.json"
     if job_file.is_file() and not overwrite:
-        recorded = json.loads(job_file.read_text())
+        recorded, settings = _comparable(json.loads(job_file.read_text())), _comparable(settings)
         if recorded != settings:
             changed = sorted(k for k in set(recorded) | set(settings) if recorded.get(k) != settings.get(k))
             raise JobError(f"{out} holds results made with other settings ({', '.join(changed)}: "
@@ -198,19 +211,22 @@ Segmenter = Callable[[np.ndarray, Path], Result]
 Backend = Callable[[list[tuple[Path, str]]], Iterator[tuple[Path, "ImageOutputs | Exception"]]]
 
 
-def image_outputs(path: Path, name: str, segment: Segmenter, formats: tuple[str, ...] = DEFAULT_FORMATS) -> ImageOutputs:
+def image_outputs(path: Path, name: str, segment: Segmenter, formats: tuple[str, ...] = DEFAULT_FORMATS,
+                  pixel_size: PixelSize | None = None) -> ImageOutputs:
     """The per-image step every backend runs (in process, in threads, on Dask workers): read the
-    image, segment it, measure the cells, encode the record and the requested per-image files."""
+    image, segment it, measure the cells (in µm too with `pixel_size`, the one given for the job,
+    or else the image's own from its metadata), encode the record and the requested per-image files."""
     image = read_image(path)
     result = segment(image, path)
-    record = image_record(image, result.labels, result.scores, name, str(path))
+    size = pixel_size or read_pixel_size(path)
+    record = image_record(image, result.labels, result.scores, name, str(path), pixel_size=size)
     return ImageOutputs(per_image_files(result.labels, record, formats), json.dumps(record).encode())
 
 
-def _guarded(path: Path, name: str, segment: Segmenter,
-             formats: tuple[str, ...] = DEFAULT_FORMATS) -> tuple[Path, ImageOutputs | Exception]:
+def _guarded(path: Path, name: str, segment: Segmenter, formats: tuple[str, ...] = DEFAULT_FORMATS,
+             pixel_size: PixelSize | None = None) -> tuple[Path, ImageOutputs | Exception]:
     try:
-        return path, image_outputs(path, name, segment, formats)
+        return path, image_outputs(path, name, segment, formats, pixel_size)
     except Exception as exc:  # noqa: BLE001  (one bad image must not end the job)
         return path, exc
 
@@ -248,7 +264,8 @@ LOCAL_PIPELINE_THREADS = 2
 
 
 def local_backend(model_path: Path | None, params: PostprocessParams, tta: bool = False,
-                  formats: tuple[str, ...] = DEFAULT_FORMATS, threads: int = LOCAL_PIPELINE_THREADS) -> Backend:
+                  formats: tuple[str, ...] = DEFAULT_FORMATS, threads: int = LOCAL_PIPELINE_THREADS,
+                  pixel_size: PixelSize | None = None) -> Backend:
     """In this process: the network takes one image at a time on every core, and `threads` images
     are in flight so that reading, post-processing and encoding overlap with it. Results come back
     in input order."""
@@ -260,7 +277,7 @@ def local_backend(model_path: Path | None, params: PostprocessParams, tta: bool 
         with _stopping_pool(threads) as pool:
             pending = []
             for path, name in items:
-                pending.append(pool.submit(_guarded, path, name, segment, formats))
+                pending.append(pool.submit(_guarded, path, name, segment, formats, pixel_size))
                 if len(pending) > threads:  # a bounded window: a long job never queues every image
                     yield pending.pop(0).result()
             for future in pending:
@@ -290,8 +307,10 @@ def server_settings(url: str, overrides: dict) -> dict:
     return settings
 
 
-def server_backend(url: str, overrides: dict, concurrency: int, formats: tuple[str, ...] = DEFAULT_FORMATS) -> Backend:
-    """Segment through a running service; `overrides` are the post-processing parameters to send."""
+def server_backend(url: str, overrides: dict, concurrency: int, formats: tuple[str, ...] = DEFAULT_FORMATS,
+                   pixel_size: PixelSize | None = None) -> Backend:
+    """Segment through a running service; `overrides` are the post-processing parameters to send.
+    Cells are measured here, from the labels the service sends, so the pixel size never travels."""
     from cellseg.client import Client
 
     Client(url).close()  # fails fast, with a clear CellsegError, where the server cannot be reached
@@ -307,7 +326,7 @@ def server_backend(url: str, overrides: dict, concurrency: int, formats: tuple[s
 
     def run(items):
         with _stopping_pool(concurrency) as pool:
-            yield from pool.map(lambda item: _guarded(item[0], item[1], segment, formats), items)
+            yield from pool.map(lambda item: _guarded(item[0], item[1], segment, formats, pixel_size), items)
     return run
 
 

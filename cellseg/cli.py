@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from cellseg.data import default_data_root
 from cellseg.onnx_model import default_model_path
+from cellseg.pixelsize import SOURCE_GIVEN_CLI, PixelSize, parse_pixel_size
 from cellseg.postprocess import PostprocessParams
 from cellseg.variants import default_variant
 
@@ -93,6 +94,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from cellseg.batch import JobStopped, local_backend, parse_formats, run_job, server_backend, server_settings
 
     formats = parse_formats(args.formats)
+    pixel_size = args.pixel_size  # None: each image's own, from its metadata
 
     if args.server and args.dask:
         raise ValueError("--dask runs the model on Dask workers and --server on a service: choose one")
@@ -102,7 +104,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         postprocess_params(args, PostprocessParams())  # validate here rather than once per image remotely
         if args.tta:
             overrides["tta"] = True
-        factory = lambda: server_backend(args.server, overrides, args.concurrency, formats)  # noqa: E731
+        factory = lambda: server_backend(args.server, overrides, args.concurrency, formats, pixel_size)  # noqa: E731
         settings = server_settings(args.server, overrides)
     else:
         from cellseg.onnx_model import read_metadata, sha256_file
@@ -115,11 +117,14 @@ def cmd_segment(args: argparse.Namespace) -> int:
         if args.dask:
             from cellseg.dask_backend import dask_backend
 
-            factory = lambda: dask_backend(args.dask, args.model, sha256, params, args.tta, formats)  # noqa: E731
+            factory = lambda: dask_backend(args.dask, args.model, sha256, params, args.tta, formats,  # noqa: E731
+                                           pixel_size)
         else:
-            factory = lambda: local_backend(args.model, params, args.tta, formats)  # noqa: E731
+            factory = lambda: local_backend(args.model, params, args.tta, formats, pixel_size=pixel_size)  # noqa: E731
         # The backend is not a setting: local and Dask runs give the same bytes and may share a folder.
         settings = {"model_sha256": sha256, "params": params.to_dict(), "tta": args.tta}
+    # A given size changes every µm value; metadata sizes are recorded per image, in the records.
+    settings["pixel_size"] = pixel_size.to_dict() if pixel_size else None
     try:
         report = run_job(args.inputs, args.out, factory, settings, overwrite=args.overwrite, progress=not args.quiet,
                          formats=formats)
@@ -138,6 +143,13 @@ def print_summary(report: JobReport, out: Path) -> None:
           f"{len(report.failed)} failed; outputs in {out}")
     for failure in report.failed:
         print(f"  FAILED {failure['path']}: {failure['error']}", file=sys.stderr)
+
+
+def pixel_size_argument(text: str) -> PixelSize:
+    try:
+        return parse_pixel_size(text, SOURCE_GIVEN_CLI)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--formats", default="labels,csv,coco",
                     help="outputs to write, comma-separated: labels (16-bit PNG), csv (cells.csv), coco "
                          "(instances.coco.json), rois (ImageJ/Fiji ROI sets), geojson (QuPath detections)")
+    sg.add_argument("--pixel-size", type=pixel_size_argument, metavar="UM",
+                    help="µm per pixel, for every image: one number (square pixels) or X,Y. Overrides the images' "
+                         "metadata; without it, each image's own size is read from its metadata (OME-TIFF, ImageJ, "
+                         "TIFF resolution in cm) where it has one. cells.csv and the records then add µm values")
     sg.add_argument("--overwrite", action="store_true",
                     help="redo every image, also those with outputs (needed to change settings in an existing --out)")
     sg.add_argument("--quiet", action="store_true", help="no progress bar")

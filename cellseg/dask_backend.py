@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from cellseg.batch import DEFAULT_FORMATS, Backend, ImageOutputs, Segmenter, _guarded, onnx_segmenter
+from cellseg.pixelsize import PixelSize
 from cellseg.postprocess import PostprocessParams
 
 TASKS_PER_THREAD = 2
@@ -43,8 +44,8 @@ def _worker_segmenter(model_path: str, sha256: str, params: dict, tta: bool) -> 
 
 
 def _task(path: Path, name: str, model_path: str, sha256: str, params: dict, tta: bool,
-          formats: tuple[str, ...]) -> tuple[Path, ImageOutputs | Exception]:
-    return _guarded(path, name, _worker_segmenter(model_path, sha256, params, tta), formats)
+          formats: tuple[str, ...], pixel_size: PixelSize | None = None) -> tuple[Path, ImageOutputs | Exception]:
+    return _guarded(path, name, _worker_segmenter(model_path, sha256, params, tta), formats, pixel_size)
 
 
 def connect(address: str):
@@ -65,7 +66,7 @@ def connect(address: str):
 
 
 def dask_backend(address: str, model_path: Path, sha256: str, params: PostprocessParams, tta: bool = False,
-                 formats: tuple[str, ...] = DEFAULT_FORMATS) -> Backend:
+                 formats: tuple[str, ...] = DEFAULT_FORMATS, pixel_size: PixelSize | None = None) -> Backend:
     client, cluster = connect(address)
 
     def run(items: list[tuple[Path, str]]) -> Iterator[tuple[Path, ImageOutputs | Exception]]:
@@ -76,7 +77,7 @@ def dask_backend(address: str, model_path: Path, sha256: str, params: Postproces
 
         def submit(item: tuple[Path, str]):
             future = client.submit(_task, item[0], item[1], str(Path(model_path).resolve()), sha256,
-                                   params.to_dict(), tta, formats, pure=False)
+                                   params.to_dict(), tta, formats, pixel_size, pure=False)
             paths[future.key] = item[0]
             return future
 

@@ -330,7 +330,7 @@ def test_a_server_job_records_the_parameters_the_server_used(small_inputs, tmp_p
     assert run(small_inputs, out, "--server", url, "--tta", "--min-size", "30") == 0
     assert json.loads((out / "job.json").read_text()) == {
         "server": "http://cellseg.example:3000", "model_sha256": "f" * 64, "tta": True,
-        "params": {"fg_threshold": 0.5, "seed_threshold": 0.4, "min_size": 30}}
+        "params": {"fg_threshold": 0.5, "seed_threshold": 0.4, "min_size": 30}, "pixel_size": None}
     assert run(small_inputs, out, "--server", url, "--tta", "--min-size", "30") == 0  # the same job: resumes
     capsys.readouterr()
     assert run(small_inputs, out, "--server", url, "--tta") == 2  # the server's min_size, 20, is another setting
@@ -385,3 +385,79 @@ sys.exit(main(["segment", {str(small_inputs)!r}, "--out", {str(out)!r}, "--quiet
     assert max(p.stat().st_size for p in (out / "records").glob("*.json")) < limit
     assert len(list((out / "records").glob("*.json"))) == 16
     assert temp_files(out) == [] and not (out / "cells.csv").exists()
+
+
+@pytest.fixture
+def calibrated_inputs(tmp_path) -> Path:
+    """Two ImageJ TIFFs at 0.65 µm per pixel and one PNG without a pixel size."""
+    import tifffile
+
+    folder = tmp_path / "calibrated"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        tifffile.imwrite(folder / f"{name}.tif", rng.integers(0, 255, (64, 80), dtype=np.uint8), imagej=True,
+                         resolution=(1 / 0.65, 1 / 0.65), metadata={"unit": "micron"})
+    Image.fromarray(rng.integers(0, 255, (64, 80), dtype=np.uint8)).save(folder / "c.png")
+    return folder
+
+
+def records(out: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted((out / "records").glob("*.json"))}
+
+
+def test_pixel_sizes_from_metadata_and_given_reach_the_csv_records_and_job(calibrated_inputs, tmp_path, network_calls,
+                                                                          capsys):
+    """Issue 19: areas in µm². Without --pixel-size each image's metadata gives its size; --pixel-size
+    overrides it for every image and is a setting of the job, like the model's parameters."""
+    out = tmp_path / "out"
+    assert run(calibrated_inputs, out, "--formats", "csv,geojson") == 0
+    assert json.loads((out / "job.json").read_text())["pixel_size"] is None
+    found = records(out)
+    assert found["a"]["pixel_size"] == {"x_um": 0.65, "y_um": 0.65, "source": "ImageJ metadata"}
+    assert found["c"]["pixel_size"] is None and "area_um2" not in found["c"]["cells"][0]
+    rows = list(csv.DictReader(open(out / "cells.csv")))
+    assert {r["image"]: (r["area_um2"] != "") for r in rows} == {"a": True, "b": True, "c": False}
+    for row in rows:
+        assert list(row)[:len(CSV_PIXEL_COLUMNS)] == CSV_PIXEL_COLUMNS  # the pixel columns as before
+        if row["image"] != "c":
+            assert float(row["area_um2"]) == pytest.approx(int(row["area"]) * 0.65**2, rel=1e-5)
+            assert float(row["perimeter_um"]) == pytest.approx(float(row["perimeter"]) * 0.65, rel=1e-5)
+            assert row["pixel_size_x_um"] == row["pixel_size_y_um"] == "0.65"
+    measurements = json.loads((out / "geojson" / "a.geojson").read_text())["features"][0]["properties"]["measurements"]
+    assert measurements["area_um2"] == pytest.approx(measurements["area"] * 0.65**2, rel=1e-5)
+
+    # another size is another setting: refused, as any other change, until --overwrite
+    capsys.readouterr()
+    assert run(calibrated_inputs, out, "--formats", "csv,geojson", "--pixel-size", "0.5,0.25") == 2
+    assert "other settings (pixel_size" in capsys.readouterr().err
+    assert run(calibrated_inputs, out, "--formats", "csv,geojson", "--pixel-size", "0.5,0.25", "--overwrite") == 0
+    assert json.loads((out / "job.json").read_text())["pixel_size"] == {
+        "x_um": 0.5, "y_um": 0.25, "source": "given (--pixel-size)"}
+    assert {r["pixel_size"]["source"] for r in records(out).values()} == {"given (--pixel-size)"}
+    rows = list(csv.DictReader(open(out / "cells.csv")))
+    assert all(float(r["area_um2"]) == pytest.approx(int(r["area"]) * 0.5 * 0.25) for r in rows)
+    network_calls.clear()
+    assert run(calibrated_inputs, out, "--formats", "csv,geojson", "--pixel-size", "0.5,0.25") == 0  # same: resumes
+    assert network_calls == []
+
+
+CSV_PIXEL_COLUMNS = ["image", "cell_id", "area", "centroid_x", "centroid_y", "bbox_x", "bbox_y", "bbox_width",
+                     "bbox_height", "perimeter", "eccentricity", "major_axis_length", "minor_axis_length", "solidity",
+                     "orientation", "mean_intensity", "score"]
+
+
+def test_a_job_of_an_earlier_version_resumes_and_a_bad_pixel_size_is_a_usage_error(small_inputs, tmp_path,
+                                                                                   network_calls, capsys):
+    out = tmp_path / "out"
+    assert run(small_inputs, out) == 0
+    job = json.loads((out / "job.json").read_text())
+    del job["pixel_size"]  # written before pixel sizes existed: it read none, as a job without --pixel-size
+    (out / "job.json").write_text(json.dumps(job))
+    network_calls.clear()
+    assert run(small_inputs, out) == 0 and network_calls == []
+    for bad in ("0", "-1", "abc", "1,2,3", "nan"):
+        with pytest.raises(SystemExit) as exit_:
+            run(small_inputs, out, "--pixel-size", bad)
+        assert exit_.value.code == 2
+        assert "argument --pixel-size: pixel" in capsys.readouterr().err
