@@ -62,6 +62,15 @@ from cellseg.instances import (
 )
 from cellseg.memory import MMAP_FROM_1MIB, configure_allocator, release_idle_memory, release_memory
 from cellseg.onnx_model import OnnxModel, available_providers, verify_sha256
+from cellseg.pixelsize import (
+    MAX_UM,
+    MIN_UM,
+    SOURCE_GIVEN_FIELD,
+    PixelSize,
+    add_physical_measurements,
+    given_pixel_size,
+    read_pixel_size,
+)
 from cellseg.postprocess import PostprocessParams, maps_to_labels
 from cellseg.report import page_report
 from cellseg.upload_guard import UploadGuard
@@ -106,10 +115,16 @@ SeedThreshold = Annotated[float | None, Field(default=None, ge=0, le=1,
 MinSize = Annotated[int | None, Field(default=None, ge=0, le=1_000_000, description="drop cells smaller than this (px)")]
 Tta = Annotated[bool, Field(default=False, description="test-time augmentation: average over 4 mirrorings "
                                                         "(about 4x the network time)")]
+# Where measurements are answered, the pixel size that turns them into µm: given, or else the image's own.
+PixelSizeUm = Annotated[float | None, Field(default=None, ge=MIN_UM, le=MAX_UM,
+                                            description="µm per pixel (square pixels); overrides the image's metadata "
+                                                        "(OME-TIFF, ImageJ, TIFF resolution in cm). Measurements then "
+                                                        "add µm values (area_um2, ...)")]
 POSTPROCESS_FIELDS = ("fg_threshold", "seed_threshold", "min_size")
 COMMON_FIELDS = (*POSTPROCESS_FIELDS, "tta")
-ENDPOINT_FIELDS = {"/segment": COMMON_FIELDS, "/overlay": COMMON_FIELDS, "/mask": (*COMMON_FIELDS, "binary"),
-                   "/rois": COMMON_FIELDS, "/geojson": COMMON_FIELDS, "/report": COMMON_FIELDS}
+MEASURING_FIELDS = (*COMMON_FIELDS, "pixel_size")
+ENDPOINT_FIELDS = {"/segment": MEASURING_FIELDS, "/overlay": COMMON_FIELDS, "/mask": (*COMMON_FIELDS, "binary"),
+                   "/rois": COMMON_FIELDS, "/geojson": MEASURING_FIELDS, "/report": MEASURING_FIELDS}
 PngFile = Annotated[Path, ContentType("image/png")]
 ZipFile = Annotated[Path, ContentType("application/zip")]
 
@@ -145,6 +160,8 @@ def check_form_fields(path: str, fields: dict[str, str]) -> None:
     for name in ("binary", "tta"):
         if name in values and not isinstance(values[name], bool):
             raise ValueError(f"{name} must be true or false, got {fields[name]!r}")
+    if "pixel_size" in values:
+        given_pixel_size(values["pixel_size"])  # a number, finite, within MIN_UM .. MAX_UM µm per pixel
     PostprocessParams().with_overrides(**{k: values.get(k) for k in POSTPROCESS_FIELDS})  # ranges
 
 
@@ -317,6 +334,15 @@ class CellSegmentation:
             labels, scores = await anyio.to_thread.run_sync(self._cells, codes, plan, params, tta, limiter=self.cpu)
         return raw, labels, scores
 
+    async def _pixel_size(self, image: Path, given: float | None) -> PixelSize | None:
+        """The size the request gave, else the one the image's metadata states (header only), else None."""
+        if given is not None:
+            try:
+                return given_pixel_size(given, source=SOURCE_GIVEN_FIELD)
+            except ValueError as exc:
+                raise RequestError(str(exc)) from exc
+        return await anyio.to_thread.run_sync(read_pixel_size, image, limiter=self.cpu)
+
     async def _admit(self, image: Path, tta: bool) -> None:
         """Wait for this image's pixels in the budget, held until the request is answered. The size
         comes from the file's header, so nothing is decoded before the request is admitted."""
@@ -389,17 +415,21 @@ class CellSegmentation:
 
     @bentoml.api
     async def segment(self, image: Path, fg_threshold: FgThreshold = None, seed_threshold: SeedThreshold = None,
-                      min_size: MinSize = None, tta: Tta = False) -> dict:
+                      min_size: MinSize = None, tta: Tta = False, pixel_size: PixelSizeUm = None) -> dict:
         """Cells as JSON: count, confluence (% of pixels covered) and per cell id, area, bbox [x, y, w, h],
-        centroid [x, y], score and COCO RLE mask; plus the model's name, version and sha256."""
+        centroid [x, y], score and COCO RLE mask; plus the model's name, version and sha256. Where a pixel
+        size is known (the pixel_size field, else the image's metadata) each cell adds area_um2, and
+        pixel_size says which size and from where ({x_um, y_um, source}, or null)."""
         async def work():
             params = self._params(fg_threshold, seed_threshold, min_size)
+            size = await self._pixel_size(image, pixel_size)
             raw, labels, scores = await self._segment(image, params, tta)
             cells = await anyio.to_thread.run_sync(instances_from_labels, labels, scores, limiter=self.cpu)
             return {"model": self.model_info, "width": int(raw.shape[1]), "height": int(raw.shape[0]),
                     "count": len(cells), "confluence": round(confluence(labels), 3),
                     "params": {**params.to_dict(), "tta": tta},
-                    "cells": cells}
+                    "pixel_size": size.to_dict() if size else None,
+                    "cells": add_physical_measurements(cells, size)}
         return await self._guarded(work)
 
     @bentoml.api
@@ -441,15 +471,17 @@ class CellSegmentation:
 
     @bentoml.api
     async def geojson(self, image: Path, fg_threshold: FgThreshold = None, seed_threshold: SeedThreshold = None,
-                      min_size: MinSize = None, tta: Tta = False) -> dict:
+                      min_size: MinSize = None, tta: Tta = False, pixel_size: PixelSizeUm = None) -> dict:
         """QuPath GeoJSON (as JSON): a FeatureCollection of detections, one per cell (a Polygon with its holes, or a
-        MultiPolygon for a cell of several pieces), with each cell's measurements. Save it as cells.geojson and
-        drag it onto the image in QuPath."""
+        MultiPolygon for a cell of several pieces), with each cell's measurements (in µm too where a pixel size is
+        known). Save it as cells.geojson and drag it onto the image in QuPath."""
         async def work():
-            raw, labels, _ = await self._segment(image, self._params(fg_threshold, seed_threshold, min_size), tta)
+            params = self._params(fg_threshold, seed_threshold, min_size)
+            size = await self._pixel_size(image, pixel_size)
+            raw, labels, _ = await self._segment(image, params, tta)
 
             def collect() -> dict:
-                return qupath_geojson(labels, measure_cells(labels, raw))
+                return qupath_geojson(labels, add_physical_measurements(measure_cells(labels, raw), size))
 
             return await anyio.to_thread.run_sync(collect, limiter=self.cpu)
         return await self._guarded(work)
@@ -457,15 +489,18 @@ class CellSegmentation:
 
     @bentoml.api
     async def report(self, image: Path, fg_threshold: FgThreshold = None, seed_threshold: SeedThreshold = None,
-                     min_size: MinSize = None, tta: Tta = False) -> dict:
+                     min_size: MinSize = None, tta: Tta = False, pixel_size: PixelSizeUm = None) -> dict:
         """Everything the web page (/ui) shows and offers, from one segmentation: count, confluence,
-        per-cell measurements (area, centroid, perimeter, eccentricity, score...), the image rendered
-        to 8-bit PNG with transparent outline and filled-cell layers, and base64 downloads: label PNG,
-        CSV, COCO JSON, ImageJ ROI zip and QuPath GeoJSON."""
+        per-cell measurements (area, centroid, perimeter, eccentricity, score...; in µm too where a pixel
+        size is known, and pixel_size says which and from where), their units, the image rendered to
+        8-bit PNG with transparent outline and filled-cell layers, and base64 downloads: label PNG, CSV,
+        COCO JSON, ImageJ ROI zip and QuPath GeoJSON."""
         async def work():
             params = self._params(fg_threshold, seed_threshold, min_size)
+            size = await self._pixel_size(image, pixel_size)
             raw, labels, scores = await self._segment(image, params, tta)
-            result = await anyio.to_thread.run_sync(page_report, raw, labels, scores, upload_name(image), limiter=self.cpu)
+            result = await anyio.to_thread.run_sync(page_report, raw, labels, scores, upload_name(image), size,
+                                                    limiter=self.cpu)
             return {"model": self.model_info, "params": {**params.to_dict(), "tta": tta}, **result}
         return await self._guarded(work)
 

@@ -5,6 +5,8 @@
         result = client.segment("cells.tif")          # path, NumPy array or PIL image
         print(result.count, result.confluence)
         labels = result.labels                          # (H, W) int32, 0 = background
+        # areas in µm² too: the image's own pixel size (TIFF metadata), or the one given here
+        print(client.segment("cells.png", pixel_size=0.65).cells[0].area_um2)
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class Cell:
     centroid: list[float]  # [x, y]
     score: float
     rle: dict  # COCO RLE of the cell's mask
+    area_um2: float | None = None  # where the pixel size is known (SegmentResult.pixel_size)
 
 
 @dataclass
@@ -50,6 +53,7 @@ class SegmentResult:
     cells: list[Cell]
     model: dict  # name, version, sha256
     params: dict
+    pixel_size: dict | None = None  # {x_um, y_um, source} the areas in µm² used, or None: areas in pixels only
     _labels: np.ndarray | None = field(default=None, repr=False)
 
     @property
@@ -64,9 +68,10 @@ class SegmentResult:
         """The `segment` answer; an answer that is not one (missing keys, a cell whose RLE is not the
         image's size, which would silently decode to empty labels) raises CellsegError."""
         try:
-            cells = [Cell(**{k: c[k] for k in ("id", "area", "bbox", "centroid", "score", "rle")}) for c in data["cells"]]
+            cells = [Cell(**{k: c[k] for k in ("id", "area", "bbox", "centroid", "score", "rle")},
+                          area_um2=c.get("area_um2")) for c in data["cells"]]
             result = cls(data["width"], data["height"], data["count"], data["confluence"], cells, data["model"],
-                         data.get("params", {}))
+                         data.get("params", {}), data.get("pixel_size"))
         except (KeyError, TypeError) as exc:
             raise CellsegError(f"the service's answer is not a segmentation (missing or malformed {exc})") from exc
         for cell in cells:
@@ -191,9 +196,11 @@ class Client:
                 path.unlink(missing_ok=True)
 
     def segment(self, image, fg_threshold: float | None = None, seed_threshold: float | None = None,
-                min_size: int | None = None, tta: bool | None = None) -> SegmentResult:
+                min_size: int | None = None, tta: bool | None = None, pixel_size: float | None = None) -> SegmentResult:
+        """Cells of the image. `pixel_size` (µm per pixel) overrides the size in the image's metadata;
+        where either is known, every cell has `area_um2` and `result.pixel_size` says which size was used."""
         data = self._call("segment", image, fg_threshold=fg_threshold, seed_threshold=seed_threshold,
-                          min_size=min_size, tta=tta)
+                          min_size=min_size, tta=tta, pixel_size=pixel_size)
         return SegmentResult.from_json(data)
 
     def _file(self, endpoint: str, image, **kwargs) -> bytes:
@@ -220,10 +227,11 @@ class Client:
                           tta=tta)
 
     def geojson(self, image, fg_threshold: float | None = None, seed_threshold: float | None = None,
-                min_size: int | None = None, tta: bool | None = None) -> dict:
-        """QuPath GeoJSON FeatureCollection of the cells (one detection per cell, with measurements)."""
+                min_size: int | None = None, tta: bool | None = None, pixel_size: float | None = None) -> dict:
+        """QuPath GeoJSON FeatureCollection of the cells (one detection per cell, with measurements; in µm
+        too where `pixel_size` is given or the image's metadata has one)."""
         return self._call("geojson", image, fg_threshold=fg_threshold, seed_threshold=seed_threshold, min_size=min_size,
-                          tta=tta)
+                          tta=tta, pixel_size=pixel_size)
 
     def overlay(self, image, fg_threshold: float | None = None, seed_threshold: float | None = None,
                 min_size: int | None = None, tta: bool | None = None) -> np.ndarray:
