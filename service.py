@@ -335,7 +335,8 @@ class CellSegmentation:
         return raw, labels, scores
 
     async def _pixel_size(self, image: Path, given: float | None) -> PixelSize | None:
-        """The size the request gave, else the one the image's metadata states (header only), else None."""
+        """The size the request gave, else the one the image's metadata states (header only), else None.
+        Asked once the image has been admitted and decoded: a hostile header is then already refused."""
         if given is not None:
             try:
                 return given_pixel_size(given, source=SOURCE_GIVEN_FIELD)
@@ -422,8 +423,8 @@ class CellSegmentation:
         pixel_size says which size and from where ({x_um, y_um, source}, or null)."""
         async def work():
             params = self._params(fg_threshold, seed_threshold, min_size)
-            size = await self._pixel_size(image, pixel_size)
             raw, labels, scores = await self._segment(image, params, tta)
+            size = await self._pixel_size(image, pixel_size)
             cells = await anyio.to_thread.run_sync(instances_from_labels, labels, scores, limiter=self.cpu)
             return {"model": self.model_info, "width": int(raw.shape[1]), "height": int(raw.shape[0]),
                     "count": len(cells), "confluence": round(confluence(labels), 3),
@@ -477,8 +478,8 @@ class CellSegmentation:
         known). Save it as cells.geojson and drag it onto the image in QuPath."""
         async def work():
             params = self._params(fg_threshold, seed_threshold, min_size)
-            size = await self._pixel_size(image, pixel_size)
             raw, labels, _ = await self._segment(image, params, tta)
+            size = await self._pixel_size(image, pixel_size)
 
             def collect() -> dict:
                 return qupath_geojson(labels, add_physical_measurements(measure_cells(labels, raw), size))
@@ -497,8 +498,8 @@ class CellSegmentation:
         COCO JSON, ImageJ ROI zip and QuPath GeoJSON."""
         async def work():
             params = self._params(fg_threshold, seed_threshold, min_size)
-            size = await self._pixel_size(image, pixel_size)
             raw, labels, scores = await self._segment(image, params, tta)
+            size = await self._pixel_size(image, pixel_size)
             result = await anyio.to_thread.run_sync(page_report, raw, labels, scores, upload_name(image), size,
                                                     limiter=self.cpu)
             return {"model": self.model_info, "params": {**params.to_dict(), "tta": tta}, **result}
