@@ -369,6 +369,40 @@ def test_lab_formats_from_the_service(client, server, tif, local_labels):
     assert len(r.json()["features"]) == local_labels.max()
 
 
+def test_pixel_size_from_the_image_or_the_field_gives_square_micrometres(client, server, tif, local_labels, tmp_path):
+    """Issue 19: labs report areas in µm². An ImageJ TIFF's own size, or the pixel_size field over it,
+    gives every cell's area_um2 (= area x size²) in segment, report and geojson; the answers say which
+    size they used and where from; an image without one keeps pixels only."""
+    calibrated = tmp_path / "calibrated.tif"
+    tifffile.imwrite(calibrated, tifffile.imread(tif), imagej=True, resolution=(1 / 0.65, 1 / 0.65),
+                     metadata={"unit": "micron"})
+    own = client.segment(calibrated)
+    np.testing.assert_array_equal(own.labels, local_labels)
+    assert own.pixel_size == {"x_um": 0.65, "y_um": 0.65, "source": "ImageJ metadata"}
+    assert all(c.area_um2 == pytest.approx(c.area * 0.65**2, rel=1e-5) for c in own.cells)
+    given = client.segment(calibrated, pixel_size=0.5)
+    assert given.pixel_size == {"x_um": 0.5, "y_um": 0.5, "source": "given (pixel_size field)"}
+    assert all(c.area_um2 == pytest.approx(c.area * 0.25, rel=1e-5) for c in given.cells)
+    plain = client.segment(tif)
+    assert plain.pixel_size is None and all(c.area_um2 is None for c in plain.cells)
+
+    report = post(server, "report", files={"image": (calibrated.name, calibrated.read_bytes())}).json()
+    assert report["pixel_size"]["source"] == "ImageJ metadata"
+    assert (report["units"]["area_um2"], report["units"]["area"]) == ("µm²", "px²")
+    assert report["cells"][0]["area_um2"] == pytest.approx(report["cells"][0]["area"] * 0.65**2, rel=1e-5)
+    features = client.geojson(tif, pixel_size=2)["features"]
+    assert len(features) == local_labels.max()
+    assert all(f["properties"]["measurements"]["area_um2"] == 4 * f["properties"]["measurements"]["area"]
+               for f in features)
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "abc"])
+def test_an_invalid_pixel_size_gets_400(server, tif, value):
+    for endpoint in ("segment", "report", "geojson"):
+        r = post(server, endpoint, files={"image": (tif.name, tif.read_bytes())}, data={"pixel_size": value})
+        assert r.status_code == 400 and "pixel_size must be" in r.json()["error"], r.text
+
+
 def test_documented_answers_match_the_real_ones(server, tif):
     """Each image operation answers a real image with the media type its OpenAPI entry declares, and
     a JSON answer is declared as an object (fuzzing found /geojson declared as a binary string)."""
@@ -420,6 +454,41 @@ def test_client_refuses_an_answer_whose_masks_are_not_the_image_size():
         SegmentResult.from_json(answer)
     with pytest.raises(CellsegError, match="not a segmentation"):
         SegmentResult.from_json({"width": 20})
+
+
+def test_client_sends_pixel_size_and_reads_areas_in_square_micrometres(tmp_path):
+    """Issue 19: `pixel_size=` goes to the service like `min_size`; the answer's µm² areas and the
+    size used come back on the result."""
+    import tempfile
+
+    from cellseg.client import Client
+
+    sent = []
+    cell = {"id": 1, "area": 4, "bbox": [0, 0, 2, 2], "centroid": [0.5, 0.5], "score": 0.9,
+            "rle": {"size": [16, 20], "counts": "0d1"}, "area_um2": 1.69}
+    size = {"x_um": 0.65, "y_um": 0.65, "source": "given (pixel_size field)"}
+
+    class Recording:
+        def segment(self, **kwargs):
+            sent.append(("segment", kwargs))
+            return {"width": 20, "height": 16, "count": 1, "confluence": 1.0, "cells": [cell], "model": {},
+                    "pixel_size": size}
+
+        def geojson(self, **kwargs):
+            sent.append(("geojson", kwargs))
+            return {"type": "FeatureCollection", "features": []}
+
+    client = Client.__new__(Client)  # no server: the transport is the fake above
+    client._client, client._tmp = Recording(), tempfile.TemporaryDirectory()
+    image = tmp_path / "x.png"
+    image.write_bytes(b"not used")
+    result = client.segment(image, min_size=30, pixel_size=0.65)
+    client.geojson(image, pixel_size=0.65)
+    client.segment(image)
+    assert [(endpoint, kwargs.get("pixel_size")) for endpoint, kwargs in sent] == [
+        ("segment", 0.65), ("geojson", 0.65), ("segment", None)]
+    assert "pixel_size" not in sent[2][1]  # not sent at all: the server reads the image's own
+    assert result.pixel_size == size and result.cells[0].area_um2 == 1.69
 
 
 def test_media_type_in_capitals_is_accepted(server, tif):
