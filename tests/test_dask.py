@@ -77,3 +77,28 @@ def test_bad_cluster_specs_are_usage_errors(inputs, tmp_path, capsys):
     assert "at least 1" in capsys.readouterr().err
     assert main(["segment", str(inputs), "--out", str(tmp_path / "b"), "--dask", "local",
                  "--server", "http://127.0.0.1:1", "--quiet"]) == 2
+
+
+def test_a_given_pixel_size_reaches_the_workers_records(tmp_path, monkeypatch):
+    """Issue 19: --pixel-size travels with each task; a worker's record carries it (no cluster needed)."""
+    import numpy as np
+
+    import cellseg.dask_backend
+    from cellseg.batch import Result
+    from cellseg.pixelsize import parse_pixel_size
+
+    def fake_segmenter(*args):
+        def segment(image, path):
+            labels = np.zeros(image.shape, np.int32)
+            labels[4:14, 4:24] = 1
+            return Result(labels, np.array([0.9], np.float32))
+        return segment
+
+    monkeypatch.setattr(cellseg.dask_backend, "_worker_segmenter", fake_segmenter)
+    image = tmp_path / "a.png"
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(image)
+    size = parse_pixel_size("0.5,0.25")
+    _, outputs = cellseg.dask_backend._task(image, "a", "model.onnx", "0" * 64, {}, False, ("geojson",), size)
+    record = json.loads(outputs.record_json)
+    assert record["pixel_size"] == {"x_um": 0.5, "y_um": 0.25, "source": "given (--pixel-size)"}
+    assert record["cells"][0]["area_um2"] == 200 * 0.125
