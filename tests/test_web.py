@@ -151,6 +151,54 @@ def test_page_segments_reruns_downloads_and_reports_errors(page, served, tif, cl
     assert not page.is_visible("#error")
 
 
+def test_page_shows_square_micrometres_and_says_which_pixel_size(page, client, tif, tmp_path):
+    """Issue 19: labs report areas in µm². An ImageJ TIFF's own size fills the pixel-size field and
+    the table, median and histogram switch to µm²; a typed size overrides it; without one, pixels."""
+    import tifffile
+
+    calibrated = tmp_path / "calibrated.tif"
+    tifffile.imwrite(calibrated, tifffile.imread(tif), imagej=True, resolution=(1 / 0.65, 1 / 0.65),
+                     metadata={"unit": "micron"})
+    page.set_input_files("#file", str(calibrated))
+    wait_for_result(page, 0)
+    assert page.text_content("#pixel-size-note") == "Pixel size 0.65 µm (from ImageJ metadata)."
+    assert page.input_value("#pixel_size") == "0.65"
+    assert "µm²" in page.text_content("#cells th[data-key=area]")
+    assert "µm" in page.text_content("#cells th[data-key=perimeter]")
+    assert page.text_content("#median-area").endswith("µm²")
+    assert "cell area (µm²)" in page.text_content("#histogram")
+    expected = sorted(c.area_um2 for c in client.segment(calibrated).cells)
+    page.click("#cells th[data-key=area]")  # ascending
+    shown = [float(a) for a in page.locator("#cells tbody tr td:nth-child(2)").all_text_contents()]
+    assert shown == pytest.approx(expected)
+
+    # a typed size overrides the image's
+    before = results_shown(page)
+    page.fill("#pixel_size", "0.5")
+    page.click("#run")
+    wait_for_result(page, before)
+    assert page.text_content("#pixel-size-note") == "Pixel size 0.5 µm (given in the pixel size field)."
+    shown = [float(a) for a in page.locator("#cells tbody tr td:nth-child(2)").all_text_contents()]
+    assert shown == pytest.approx(sorted(c.area * 0.25 for c in client.segment(tif).cells))
+
+    # emptied, on an image without a size: pixels, and the page says so
+    before = results_shown(page)
+    page.fill("#pixel_size", "")
+    page.set_input_files("#file", str(tif))
+    wait_for_result(page, before)
+    assert page.text_content("#pixel-size-note").startswith("Sizes in pixels: no pixel size known")
+    assert "px²" in page.text_content("#cells th[data-key=area]") and page.text_content("#median-area").endswith("px²")
+    # the image's own size goes with its image: the next image does not inherit it
+    before = results_shown(page)
+    page.set_input_files("#file", str(calibrated))
+    wait_for_result(page, before)
+    assert page.input_value("#pixel_size") == "0.65"
+    before = results_shown(page)
+    page.set_input_files("#file", str(tif))
+    wait_for_result(page, before)
+    assert page.input_value("#pixel_size") == "" and "µm" not in page.text_content("#cells thead")
+
+
 def assert_no_result_shown(page) -> None:
     assert page.text_content("#count") == "–" and page.text_content("#median-area") == "–"
     assert page.locator("#cells tbody tr").count() == 0
