@@ -289,7 +289,7 @@ def test_batch_job_against_server(server, demo_images, tmp_path, served_model):
     # issue 19.4: job.json holds the model and every parameter the server used, as a local job's does
     job = json.loads((out / "job.json").read_text())
     assert job == {"server": server.rstrip("/"), "model_sha256": served_model.sha256,
-                   "params": served_model.default_params.to_dict(), "tta": False}
+                   "params": served_model.default_params.to_dict(), "tta": False, "pixel_size": None}
 
 
 def test_parallel_batch_job_against_server_fails_no_good_image(server, demo_images, tmp_path):
