@@ -8,6 +8,8 @@ float) or colour layout (grayscale, RGB, RGBA) of the input.
 from __future__ import annotations
 
 import io
+import math
+import struct
 from pathlib import Path
 from typing import Union
 
@@ -86,11 +88,154 @@ def _decode_tiff(data: bytes, max_pixels: int) -> np.ndarray:
             if samples > 4:
                 raise ImageError(f"TIFF has {samples} samples per pixel; expected gray, RGB or RGBA")
             _check_size(int(page.imagelength), int(page.imagewidth), max_pixels, decoded_bytes=int(page.nbytes))
-            return np.asarray(page.asarray())
+            workers = _check_tiff_segments(page, data, max_pixels * MAX_BYTES_PER_PIXEL)
+            return np.asarray(page.asarray(maxworkers=workers))
     except ImageError:
         raise
     except Exception as exc:  # tifffile raises many types for corrupt files
         raise ImageError(f"could not decode TIFF (truncated or corrupt?): {exc}") from exc
+
+
+# --- TIFF: every buffer tifffile allocates, bounded from the header before it allocates it ---
+#
+# tifffile decodes a page strip by strip or tile by tile (its "segments"): for each it allocates
+# the segment's declared shape (tile length x tile width x samples x bytes per sample; a strip is
+# rows per strip, clamped to the image, x image width), hands that buffer to the codec, then copies
+# the segment into the output array; several segments at once when it decodes with threads. The
+# pixel and byte limits above bound the output array only: a 64x64 image declaring one 49152x49152
+# tile once made the service allocate 4.6 GB. The rules, all checked from the header:
+# - a tile may extend at most TILE_OVERHANG px past its image (a real writer pads the image to a
+#   multiple of its tile size, and tiles of small images are at most 1024 px: OME pyramids use
+#   512-1024); the 49152x49152 tile of a 64x64 image is the tell-tale of the bomb;
+# - one segment may not take more bytes to decode than the whole image may (max_pixels x
+#   MAX_BYTES_PER_PIXEL), so a 64 MP 16-bit image in one strip (128 MB) still decodes, and the
+#   segments decoded at once may not together either (fewer threads), so a decode needs at most
+#   twice the decoded-byte limit;
+# - only codecs whose output size tifffile fixes from the segment's shape, and JPEG, whose frame
+#   header is checked against the segment (JPEG 2000, PNG, WebP... in a TIFF decode to the size
+#   their own header declares).
+
+TILE_OVERHANG = 1024
+# Codecs tifffile hands an output buffer of the segment's size (checked: a stream that inflates to
+# more is an error, not a bigger buffer).
+_SHAPE_BOUNDED_CODECS = {1: "uncompressed", 5: "LZW", 8: "Deflate", 32946: "Deflate", 32773: "PackBits",
+                         34925: "LZMA", 50000: "Zstd"}
+_JPEG = 7
+_ACCEPTED_CODECS = ", ".join(dict.fromkeys(_SHAPE_BOUNDED_CODECS.values())) + " or JPEG"
+
+
+def _check_tiff_segments(page: tifffile.TiffPage, data: bytes, byte_limit: int) -> int:
+    """Refuse a page whose strips or tiles would make the decoder allocate more than `byte_limit`
+    (see above); return how many segments may be decoded at once within it."""
+    compression = int(page.compression)
+    if compression not in _SHAPE_BOUNDED_CODECS and compression != _JPEG:
+        raise ImageError(f"TIFF compression {_codec_name(compression)} is not accepted: "
+                         f"send {_ACCEPTED_CODECS}")
+    if page.dtype is None:
+        return 1  # tifffile decodes nothing: it answers an empty array, refused as not 2-D
+    if page.is_tiled:
+        _check_tile_fits_image(page)
+    for bytecount in page.databytecounts:
+        if bytecount > len(data):
+            raise ImageError(f"corrupt TIFF: a {_segment_kind(page)} declares {int(bytecount):,} bytes "
+                             f"in a {len(data):,}-byte file")
+    segment_bytes = _segment_decode_bytes(page, len(data))
+    if segment_bytes > byte_limit:
+        rows, columns, samples = _segment_shape(page)
+        raise ImageTooLargeError(
+            f"one TIFF {_segment_kind(page)} ({columns}x{rows} px, {samples} sample(s) of "
+            f"{page.bitspersample} bits) would take {segment_bytes:,} bytes to decode, "
+            f"over the limit of {byte_limit:,}")
+    if compression == _JPEG:
+        _check_jpeg_frames(page, data)
+    return max(1, min(tifffile.TIFF.MAXWORKERS, byte_limit // max(segment_bytes, 1)))
+
+
+def _codec_name(compression: int) -> str:
+    try:
+        return f"{tifffile.COMPRESSION(compression).name} ({compression})"
+    except ValueError:
+        return str(compression)
+
+
+def _segment_kind(page: tifffile.TiffPage) -> str:
+    return "tile" if page.is_tiled else "strip"
+
+
+def _segment_shape(page: tifffile.TiffPage) -> tuple[int, int, int]:
+    """Rows, columns and samples of the buffer tifffile allocates for one strip or tile."""
+    samples = int(page.samplesperpixel) if page.planarconfig == 1 else 1  # planar: one sample a segment
+    if page.is_tiled:
+        return int(page.tilelength) * int(page.tiledepth), int(page.tilewidth), samples
+    # tifffile clamps rows per strip to the image: 2**32-1 ("one strip") is common and harmless
+    return min(int(page.rowsperstrip), int(page.imagelength)), int(page.imagewidth), samples
+
+
+def _segment_decode_bytes(page: tifffile.TiffPage, file_size: int) -> int:
+    """Bytes tifffile allocates to decode the largest strip or tile: the decoded segment, or the
+    bytes read for it if more (uncompressed data is used as read), times the unpacking of packed
+    samples (1-, 2-, 4-, 12-, 24-bit...: every packed value of the buffer is unpacked)."""
+    rows, columns, samples = _segment_shape(page)
+    itemsize = page.dtype.itemsize
+    bits = page.bitspersample
+    smallest_bits = min(bits) if isinstance(bits, tuple) else int(bits)
+    unpacking = max(1, math.ceil(8 * itemsize / max(smallest_bits, 1)))
+    largest_read = min(max(page.databytecounts, default=0), file_size)
+    return max(rows * columns * samples * itemsize, largest_read) * unpacking
+
+
+def _check_tile_fits_image(page: tifffile.TiffPage) -> None:
+    width, length, depth = int(page.imagewidth), int(page.imagelength), int(page.imagedepth)
+    tile_width, tile_length, tile_depth = int(page.tilewidth), int(page.tilelength), int(page.tiledepth)
+    if tile_width > width + TILE_OVERHANG or tile_length > length + TILE_OVERHANG or tile_depth > depth:
+        planes = f", {tile_depth} planes deep," if tile_depth > 1 else ""
+        raise ImageTooLargeError(
+            f"TIFF declares {tile_width}x{tile_length} tiles{planes} for a {width}x{length} image: "
+            f"a tile may extend at most {TILE_OVERHANG} px past its image")
+
+
+def _check_jpeg_frames(page: tifffile.TiffPage, data: bytes) -> None:
+    """A JPEG segment decodes to the size its own frame header (SOF) declares, not to the tile's:
+    each must fit its segment."""
+    rows, columns, samples = _segment_shape(page)
+    streams = [bytes(page.jpegtables or b""), bytes(page.jpegheader or b"")]
+    streams += [data[offset:offset + count] for offset, count in zip(page.dataoffsets, page.databytecounts)]
+    for stream in streams:
+        frame = _jpeg_frame(stream)
+        if frame is not None and (frame[0] > rows or frame[1] > columns or frame[2] > samples):
+            raise ImageTooLargeError(
+                f"a JPEG {_segment_kind(page)} of this TIFF declares a {frame[1]}x{frame[0]} frame of "
+                f"{frame[2]} component(s), larger than its {columns}x{rows} {_segment_kind(page)} "
+                f"of {samples} sample(s)")
+
+
+# SOF0..SOF15 but DHT (C4), JPG (C8) and DAC (CC), which share the range
+_JPEG_FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def _jpeg_frame(stream: bytes) -> tuple[int, int, int] | None:
+    """(rows, columns, components) of a JPEG stream's frame header, found as libjpeg finds it
+    (marker by marker, skipping stray bytes); None when the header ends (scan data, end of image)
+    without one."""
+    position = 0
+    while True:
+        position = stream.find(b"\xff", position)
+        if position < 0 or position + 1 >= len(stream):
+            return None
+        marker = stream[position + 1]
+        if marker in (0x00, 0xFF):  # a stuffed or fill byte, not a marker
+            position += 1
+        elif marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            position += 2
+        elif marker in (0xD9, 0xDA):  # end of image, start of scan: no frame header came first
+            return None
+        elif marker in _JPEG_FRAME_MARKERS:
+            if position + 10 > len(stream):
+                return None
+            rows, columns, components = struct.unpack_from(">HHB", stream, position + 5)
+            return rows, columns, components
+        else:
+            position += 2 + int.from_bytes(stream[position + 2:position + 4], "big")
 
 
 _PIL_BYTES_PER_BAND = {"I": 4, "F": 4, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
