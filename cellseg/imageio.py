@@ -11,7 +11,7 @@ import io
 import math
 import struct
 from pathlib import Path
-from typing import Union
+from typing import NamedTuple, Union
 
 import numpy as np
 import tifffile
@@ -78,6 +78,7 @@ def _single_page(tif: tifffile.TiffFile) -> tifffile.TiffPage:
 
 
 def _decode_tiff(data: bytes, max_pixels: int) -> np.ndarray:
+    _check_tiff_directories(data)
     try:
         with tifffile.TiffFile(io.BytesIO(data)) as tif:
             page = _single_page(tif)
@@ -94,6 +95,96 @@ def _decode_tiff(data: bytes, max_pixels: int) -> np.ndarray:
         raise
     except Exception as exc:  # tifffile raises many types for corrupt files
         raise ImageError(f"could not decode TIFF (truncated or corrupt?): {exc}") from exc
+
+
+# --- TIFF: the header itself, checked before tifffile reads it ---
+#
+# When it opens a file, tifffile reads every entry of the first directory (IFD), and of the
+# second when asked whether there is one; some values (strip and tile offsets and byte counts, bits
+# per sample...) become Python tuples of ~36 bytes per 2- or 4-byte number, and nothing stops
+# thousands of entries from pointing at one array (a 4 MB file of a million offsets took 138 MB).
+# Counting pages follows the chain of directories, and a loop of 100 or more directories never ends
+# (a 600 KB file grew the service by 50 MB a second). So, before tifffile: those two directories
+# may not declare more bytes of values than the file holds (values never overlap in a real file),
+# nor more than MAX_TIFF_NUMBERS numbers; the chain may not loop nor run past MAX_TIFF_PAGES.
+
+MAX_TIFF_NUMBERS = 1 << 20  # a 64 MP image in 16x16 tiles has 250,000 offsets and as many byte counts
+MAX_TIFF_PAGES = 1000
+_TIFF_MAX_ENTRIES = 4096  # tifffile's own limit: a directory with more ends the chain
+_TIFF_TYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4,
+                    16: 8, 17: 8, 18: 8}
+_TIFF_BYTE_TYPES = {1, 2, 6, 7}  # BYTE, ASCII, SBYTE, UNDEFINED: read as bytes or text, not numbers
+_TIFF_RATIONALS = {5, 10}  # two numbers each
+
+
+class _TiffLayout(NamedTuple):
+    """Classic TIFF or BigTIFF, in either byte order."""
+    byteorder: str
+    offset: str  # struct code of offsets and value counts
+    entry_count: str  # struct code of a directory's number of entries
+    entry_size: int
+    inline_size: int  # values this small sit in their entry, not elsewhere in the file
+
+    @classmethod
+    def of(cls, data: bytes) -> _TiffLayout:
+        byteorder = "<" if data[:2] == b"II" else ">"
+        if data[2:4] in (b"+\x00", b"\x00+"):
+            return cls(byteorder, "Q", "Q", 20, 8)
+        return cls(byteorder, "I", "H", 12, 4)
+
+    def read(self, data: bytes, code: str, position: int) -> int | None:
+        """The number at `position`, None past the end of the file."""
+        fmt = self.byteorder + code
+        if position < 0 or position + struct.calcsize(fmt) > len(data):
+            return None
+        return struct.unpack_from(fmt, data, position)[0]
+
+
+def _check_tiff_directories(data: bytes) -> None:
+    layout = _TiffLayout.of(data)
+    directories = _tiff_directory_offsets(data, layout)
+    if len(directories) > MAX_TIFF_PAGES:
+        raise ImageError(f"multi-page TIFF (more than {MAX_TIFF_PAGES:,} pages): send one 2-D image per file")
+    for offset in directories[:2]:
+        _check_tiff_directory_values(data, layout, offset)
+
+
+def _tiff_directory_offsets(data: bytes, layout: _TiffLayout) -> list[int]:
+    """Where the file's directories start, following the chain as tifffile does (it stops at a
+    zero offset, one past the file, or an unreadable directory), up to one past MAX_TIFF_PAGES."""
+    offsets: list[int] = []
+    offset = layout.read(data, layout.offset, 4 if layout.offset == "I" else 8) or 0
+    while 0 < offset < len(data) and len(offsets) <= MAX_TIFF_PAGES:
+        if offset in offsets:  # tifffile misses loops of 100+
+            raise ImageError("corrupt TIFF: its chain of image directories loops back on itself")
+        entries = layout.read(data, layout.entry_count, offset)
+        if entries is None or entries > _TIFF_MAX_ENTRIES:
+            break
+        offsets.append(offset)
+        next_offset = offset + struct.calcsize(layout.entry_count) + entries * layout.entry_size
+        offset = layout.read(data, layout.offset, next_offset) or 0
+    return offsets
+
+
+def _check_tiff_directory_values(data: bytes, layout: _TiffLayout, offset: int) -> None:
+    entries = layout.read(data, layout.entry_count, offset) or 0
+    first_entry = offset + struct.calcsize(layout.entry_count)
+    value_bytes = numbers = 0
+    for position in range(first_entry, first_entry + entries * layout.entry_size, layout.entry_size):
+        kind = layout.read(data, "H", position + 2)
+        count = layout.read(data, layout.offset, position + 4)
+        if kind is None or count is None:
+            break  # a directory cut short by the end of the file: tifffile refuses it
+        size = count * _TIFF_TYPE_SIZES.get(kind, 1)
+        value_bytes += size if size > layout.inline_size else 0
+        if kind not in _TIFF_BYTE_TYPES:
+            numbers += count * (2 if kind in _TIFF_RATIONALS else 1)
+    if value_bytes > len(data):
+        raise ImageError(f"corrupt TIFF: an image directory declares {value_bytes:,} bytes of values "
+                         f"in a {len(data):,}-byte file")
+    if numbers > MAX_TIFF_NUMBERS:
+        raise ImageTooLargeError(f"TIFF image directory holds {numbers:,} numbers (strip or tile offsets, "
+                                 f"byte counts...), over the limit of {MAX_TIFF_NUMBERS:,}")
 
 
 # --- TIFF: every buffer tifffile allocates, bounded from the header before it allocates it ---

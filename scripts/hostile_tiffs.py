@@ -103,6 +103,36 @@ def bilevel_overlong_strip(strip_bytes: int = 2 << 20) -> bytes:
     return replace_first_segment(small, bytes(strip_bytes))
 
 
+def directory_bomb(entries: int = 500, values: int = 10_000, code: int = 273) -> bytes:
+    """A 64x64 8-bit TIFF written by hand whose directory also holds `entries` copies of tag
+    `code` (StripOffsets: read into a tuple as soon as the file is opened), each declaring the
+    same array of `values` distinct LONGs: tifffile builds a tuple of ints for every entry."""
+    base = {256: (4, 1, 64), 257: (4, 1, 64), 258: (3, 1, 8), 259: (3, 1, 1), 262: (3, 1, 1),
+            273: (4, 1, 0), 277: (3, 1, 1), 278: (4, 1, 64), 279: (4, 1, 4096)}
+    table = 8 + 2 + 12 * (len(base) + entries) + 4
+    pixels = table + 4 * values
+    base[273] = (4, 1, pixels)
+    rows = [(tag, *base[tag]) for tag in sorted(base)] + [(code, 4, values, table)] * entries
+    directory = struct.pack("<H", len(rows)) + b"".join(
+        struct.pack("<HHII", tag, kind, count, value) if kind == 4
+        else struct.pack("<HHIHH", tag, kind, count, value, 0) for tag, kind, count, value in rows)
+    distinct = (np.arange(values, dtype="<u4") + 2**30).tobytes()  # not the small ints Python shares
+    return b"II*\x00" + struct.pack("<I", 8) + directory + struct.pack("<I", 0) + distinct + bytes(4096)
+
+
+def looped_directories(pages: int = 150) -> bytes:
+    """A `pages`-page TIFF whose last directory points back at the first: tifffile only looks for
+    loops once, at its 100th page, so counting the pages of a longer loop never ends."""
+    import tifffile
+
+    data = bytearray(tiff(np.zeros((pages, 16, 16), np.uint8)))
+    with tifffile.TiffFile(io.BytesIO(bytes(data))) as tif:
+        first, last = tif.pages[0].offset, tif.pages[-1].offset
+    entries = struct.unpack_from("<H", data, last)[0]
+    struct.pack_into("<I", data, last + 2 + 12 * entries, first)
+    return bytes(data)
+
+
 def hostile_tiffs() -> dict[str, bytes]:
     """Name -> file, one for each way a TIFF header can ask for a buffer its image does not need."""
     gray = np.zeros((64, 64), np.uint8)
@@ -121,6 +151,9 @@ def hostile_tiffs() -> dict[str, bytes]:
         "png_tile_holding_8192_png": png_in_tiff(8192),
         "strip_bytecount_4_gb": patch_tags(tiff(gray, compression="zlib"), {279: 4_000_000_000}),
         "samples_per_pixel_65535": patch_tags(tiff(gray), {277: 65535}),
+        "one_offset_array_read_500_times": directory_bomb(500, 10_000),
+        "2_million_strip_byte_counts": directory_bomb(1, 2_000_000, code=279),
+        "directories_looping_after_150_pages": looped_directories(150),
     }
 
 

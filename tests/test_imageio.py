@@ -199,19 +199,49 @@ HOSTILE_REFUSALS = {
     "png_tile_holding_8192_png": (ImageError, "compression PNG .* is not accepted"),
     "strip_bytecount_4_gb": (ImageError, "strip declares 4,000,000,000 bytes in a 282-byte file"),
     "samples_per_pixel_65535": (ImageError, "65535 samples per pixel"),
+    "one_offset_array_read_500_times": (ImageError, "declares 20,000,000 bytes of values in a 50,218-byte file"),
+    "2_million_strip_byte_counts": (ImageTooLargeError, "holds 2,000,009 numbers"),
+    "directories_looping_after_150_pages": (ImageError, "directories loops back"),
 }
 
 
 @pytest.mark.parametrize("name", sorted(HOSTILE_REFUSALS))
-def test_tiff_headers_asking_for_huge_buffers_are_refused_before_allocating(name, hostile_tiffs):
+def test_tiff_headers_asking_for_huge_buffers_are_refused_before_allocating(name, hostile_tiffs, tmp_path):
     """A 303-byte TIFF declaring one 49152x49152 16-bit tile for its 64x64 image made tifffile
     allocate 4.6 GB (the issue's 4.7 MB file, whose tile really inflates, answered 200 at a 5.3 GB
-    peak); the same for strips, other codecs, layouts and byte orders."""
+    peak); the same for strips, other codecs, layouts and byte orders. And the header itself: a
+    50 KB file pointing 500 StripOffsets entries at one array took 192 MB to open, and a loop of
+    150 directories grew memory by 50 MB a second, forever, while tifffile counted pages."""
     error, message = HOSTILE_REFUSALS[name]
+    if name in NEVER_ENDING_BEFORE:
+        answer = decode_apart(hostile_tiffs[name], tmp_path)
+        assert answer.startswith(f"{error.__name__}: ") and re.search(message, answer), answer
+        return
     answer, peak = decode_traced(hostile_tiffs[name])
     assert isinstance(answer, error), answer
     assert re.search(message, str(answer)), str(answer)
     assert peak < 4 << 20, f"{peak:,} bytes allocated before refusing"
+
+
+# decoded in a process of its own, limited in time and memory: a regression must not hang the tests
+NEVER_ENDING_BEFORE = {"directories_looping_after_150_pages"}
+
+
+def decode_apart(data: bytes, tmp_path: Path, seconds: int = 60, memory: int = 2 << 30) -> str:
+    """'ErrorName: message' (or 'decoded') from decode_image in a child process."""
+    path = tmp_path / "apart.tif"
+    path.write_bytes(data)
+    probe = ("import resource, sys\n"
+             f"resource.setrlimit(resource.RLIMIT_AS, ({memory}, {memory}))\n"
+             "from cellseg.imageio import decode_image\n"
+             "try:\n    decode_image(open(sys.argv[1], 'rb').read())\n    print('decoded')\n"
+             "except Exception as exc:\n    print(f'{type(exc).__name__}: {exc}')\n")
+    try:
+        out = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True,
+                             timeout=seconds, env={**os.environ, "PYTHONPATH": str(REPO)})
+    except subprocess.TimeoutExpired:
+        return f"still decoding after {seconds} s"
+    return (out.stdout.strip().splitlines() or [out.stderr[-500:]])[-1]
 
 
 def test_every_hostile_tiff_has_an_expected_refusal(hostile_tiffs):
@@ -323,3 +353,26 @@ def test_codecs_that_size_their_own_output_are_refused_in_tiffs():
     data = tiff_bytes_with(gradient((64, 64, 3), np.uint8), tile=(64, 64), compression="webp")
     with pytest.raises(ImageError, match="compression WEBP .* not accepted: send uncompressed"):
         decode_image(data)
+
+
+def test_stacks_are_counted_without_reading_past_the_page_limit():
+    from cellseg.imageio import MAX_TIFF_PAGES
+
+    with pytest.raises(ImageError, match=f"more than {MAX_TIFF_PAGES:,} pages"):
+        decode_image(tiff_bytes(np.zeros((MAX_TIFF_PAGES + 1, 16, 16), np.uint8)))
+    with pytest.raises(ImageError, match=f"\\({MAX_TIFF_PAGES} pages\\)"):
+        decode_image(tiff_bytes(np.zeros((MAX_TIFF_PAGES, 16, 16), np.uint8)))
+
+
+def test_the_header_checks_read_bigtiff_and_big_endian_directories(monkeypatch):
+    from cellseg import imageio
+
+    for options in ({}, {"bigtiff": True}, {"byteorder": ">"}, {"bigtiff": True, "byteorder": ">"}):
+        stack = tiff_bytes_with(np.zeros((5, 16, 16), np.uint8), **options)
+        assert len(imageio._tiff_directory_offsets(stack, imageio._TiffLayout.of(stack))) == 5, options
+        many_strips = tiff_bytes_with(np.zeros((3000, 64), np.uint8), rowsperstrip=1, **options)
+        imageio._check_tiff_directories(many_strips)  # 3000 offsets and as many byte counts: a real file
+        with monkeypatch.context() as patch:
+            patch.setattr(imageio, "MAX_TIFF_NUMBERS", 5000)
+            with pytest.raises(ImageTooLargeError, match="holds 6,0[0-9][0-9] numbers"):
+                imageio._check_tiff_directories(many_strips)
