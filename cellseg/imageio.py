@@ -15,7 +15,7 @@ from typing import NamedTuple, Union
 
 import numpy as np
 import tifffile
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 # A single LIVECell image is 704x520 (0.37 MP); 64 MP covers whole-well mosaics while keeping the
 # float32 working set of one request (image + 3 probability maps + labels) under ~1.5 GB.
@@ -33,6 +33,10 @@ _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 # Pillow's own decompression-bomb guard would fire before ours with a less useful message.
 Image.MAX_IMAGE_PIXELS = None
+# PNG text chunks (tEXt, zTXt, iTXt) are decompressed when the file is opened, before any size
+# check, and never used here: Pillow's default of 64 MiB let a 66 KB PNG of zTXt take 68 MB.
+# (Each chunk, and an iCCP profile, stays limited to PngImagePlugin.MAX_TEXT_CHUNK, 1 MiB.)
+PngImagePlugin.MAX_TEXT_MEMORY = 4 * PngImagePlugin.MAX_TEXT_CHUNK
 
 
 class ImageError(ValueError):

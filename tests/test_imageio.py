@@ -2,9 +2,11 @@ import importlib.util
 import io
 import os
 import re
+import struct
 import subprocess
 import sys
 import tracemalloc
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -376,3 +378,48 @@ def test_the_header_checks_read_bigtiff_and_big_endian_directories(monkeypatch):
             patch.setattr(imageio, "MAX_TIFF_NUMBERS", 5000)
             with pytest.raises(ImageTooLargeError, match="holds 6,0[0-9][0-9] numbers"):
                 imageio._check_tiff_directories(many_strips)
+
+
+# --- the same for PNG and JPEG: Pillow allocates what the header declares, checked first ---
+
+def png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return len(payload).to_bytes(4, "big") + kind + payload + zlib.crc32(kind + payload).to_bytes(4, "big")
+
+
+def test_png_text_chunks_cannot_take_more_than_a_few_megabytes():
+    """Pillow decompresses text chunks at open; its 64 MiB default let this 66 KB PNG take 68 MB."""
+    small = png_bytes(np.zeros((64, 64), np.uint8))
+    one_mb_of_text = zlib.compress(b"a" * ((1 << 20) - 16), 9)
+    texts = b"".join(png_chunk(b"zTXt", b"k%d\x00\x00" % i + one_mb_of_text) for i in range(63))
+    answer, peak = decode_traced(small[:33] + texts + small[33:])  # after the 33-byte signature + IHDR
+    assert isinstance(answer, ImageError) and "text chunks" in str(answer), answer
+    assert peak < 12 << 20, f"{peak:,} bytes"
+    a_little_text = small[:33] + png_chunk(b"tEXt", b"Software\x00cellseg test") + small[33:]
+    assert decode_image(a_little_text).shape == (64, 64)
+
+
+def test_png_pixels_inflating_past_the_header_stay_within_the_header():
+    """An IDAT that inflates to 256 MB for a 64x64 image: Pillow fills the image and stops."""
+    header = struct.pack(">IIBBBBB", 64, 64, 8, 0, 0, 0, 0)  # 8-bit gray
+    pixels = hostile.deflate_zeros(256 << 20)
+    png = b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", pixels) + png_chunk(b"IEND", b"")
+    answer, peak = decode_traced(png)
+    assert isinstance(answer, np.ndarray) and answer.shape == (64, 64), answer
+    assert peak < 4 << 20, f"{peak:,} bytes"
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+def test_a_jpeg_declaring_65500_squared_is_refused_from_its_frame_header(progressive, monkeypatch):
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(buffer, format="JPEG", progressive=progressive)
+    data = bytearray(buffer.getvalue())
+    frame = data.find(b"\xff\xc2" if progressive else b"\xff\xc0")
+    struct.pack_into(">HH", data, frame + 5, 65500, 65500)
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("pixels were decoded before the size checks")
+
+    monkeypatch.setattr(Image.Image, "load", no_decoding)
+    answer, peak = decode_traced(bytes(data))
+    assert isinstance(answer, ImageTooLargeError) and "65500x65500" in str(answer), answer
+    assert peak < 1 << 20
