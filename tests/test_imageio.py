@@ -313,6 +313,8 @@ LEGITIMATE_TIFFS = {
     "64x64 image in one 256² tile": (gradient((64, 64), np.uint8), dict(tile=(256, 256))),
     "float32, Zstd tiles": (gradient((100, 100), np.float32), dict(tile=(64, 64), compression="zstd")),
     "bilevel (1-bit), PackBits": (gradient((100, 120), np.uint8) > 128, dict(compression="packbits")),
+    "12-bit packed": (gradient((100, 120), np.uint16) >> 4, dict(bitspersample=12)),
+    "24-bit packed": (gradient((100, 120), np.uint32) >> 8, dict(bitspersample=24)),
     "JPEG tiles, RGB": (gradient((300, 400, 3), np.uint8), dict(tile=(256, 256), compression="jpeg")),
     "JPEG strips, gray": (gradient((300, 400), np.uint8), dict(compression="jpeg", rowsperstrip=64)),
 }
