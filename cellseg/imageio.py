@@ -106,9 +106,9 @@ def _decode_tiff(data: bytes, max_pixels: int) -> np.ndarray:
 # When it opens a file, tifffile reads every entry of the first directory (IFD), and of the
 # second when asked whether there is one; some values (strip and tile offsets and byte counts, bits
 # per sample...) become Python tuples of ~36 bytes per 2- or 4-byte number, and nothing stops
-# thousands of entries from pointing at one array (a 4 MB file of a million offsets took 138 MB).
+# thousands of entries from pointing at one array (a 50 KB file of 500 such entries took 192 MB).
 # Counting pages follows the chain of directories, and a loop of 100 or more directories never ends
-# (a 600 KB file grew the service by 50 MB a second). So, before tifffile: those two directories
+# (a 63 KB file grew the service by 50 MB a second). So, before tifffile: those two directories
 # may not declare more bytes of values than the file holds (values never overlap in a real file),
 # nor more than MAX_TIFF_NUMBERS numbers; the chain may not loop nor run past MAX_TIFF_PAGES.
 
@@ -205,7 +205,7 @@ def _check_tiff_directory_values(data: bytes, layout: _TiffLayout, offset: int) 
 # - one segment may not take more bytes to decode than the whole image may (max_pixels x
 #   MAX_BYTES_PER_PIXEL), so a 64 MP 16-bit image in one strip (128 MB) still decodes, and the
 #   segments decoded at once may not together either (fewer threads), so a decode needs at most
-#   twice the decoded-byte limit;
+#   twice the decoded-byte limit, besides the file itself;
 # - only codecs whose output size tifffile fixes from the segment's shape, and JPEG, whose frame
 #   header is checked against the segment (JPEG 2000, PNG, WebP... in a TIFF decode to the size
 #   their own header declares).
