@@ -94,11 +94,34 @@ def _decode_tiff(data: bytes, max_pixels: int) -> np.ndarray:
                 raise ImageError(f"TIFF has {samples} samples per pixel; expected gray, RGB or RGBA")
             _check_size(int(page.imagelength), int(page.imagewidth), max_pixels, decoded_bytes=int(page.nbytes))
             workers = _check_tiff_segments(page, data, max_pixels * MAX_BYTES_PER_PIXEL)
+            if int(page.compression) == _LZW:
+                return _decode_lzw_with_libtiff(page, data)
             return np.asarray(page.asarray(maxworkers=workers))
     except ImageError:
         raise
     except Exception as exc:  # tifffile raises many types for corrupt files
         raise ImageError(f"could not decode TIFF (truncated or corrupt?): {exc}") from exc
+
+
+_LZW = 5
+
+
+def _decode_lzw_with_libtiff(page: tifffile.TiffPage, data: bytes) -> np.ndarray:
+    """An LZW page decoded by libtiff (through Pillow) instead of imagecodecs, whose LZW decoder
+    (2026.3.6) crashes the whole process on a code not yet in its table: the four bytes 80 7F 20 50
+    in a strip took a service worker down. libtiff refuses such a stream with an error, decodes
+    LIVECell's LZW TIFFs as fast, and is fuzzed continuously (OSS-Fuzz). A layout Pillow reads
+    differently from tifffile (other shape or dtype, e.g. 16-bit RGB) is refused rather than guessed."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            array = pil_to_array(img)
+    except Exception as exc:
+        raise ImageError(f"could not decode LZW TIFF (truncated or corrupt?): {exc}") from exc
+    if array.shape != tuple(page.shape) or array.dtype != page.dtype:
+        raise ImageError(f"this LZW-compressed TIFF layout ({page.dtype}, shape {tuple(page.shape)}) is not "
+                         "accepted: save it uncompressed or with Deflate (ZIP) compression")
+    return array
 
 
 # --- TIFF: the header itself, checked before tifffile reads it ---

@@ -154,6 +154,8 @@ def hostile_tiffs() -> dict[str, bytes]:
         "one_offset_array_read_500_times": directory_bomb(500, 10_000),
         "2_million_strip_byte_counts": directory_bomb(1, 2_000_000, code=279),
         "directories_looping_after_150_pages": looped_directories(150),
+        # not a memory bomb: imagecodecs' LZW decoder ended the process on this code (Clear, then 508)
+        "lzw_code_not_yet_in_table": replace_first_segment(tiff(gray, compression="lzw"), bytes.fromhex("807f2050")),
     }
 
 
