@@ -402,7 +402,7 @@ def complete_from_records(out: Path, paths: list[Path], names: dict[Path, str], 
     deleted file), made from their records. Returns those whose record cannot give them (unreadable,
     or from a version without the needed fields): they are segmented again."""
     unusable = []
-    for path in tqdm(paths, desc="adding formats", unit="img", disable=not progress):
+    for path in tqdm(paths, desc="adding formats", unit="img", disable=not progress or not paths):
         name = names[path]
         try:
             record = json.loads(record_path(out, name).read_text())
