@@ -354,12 +354,18 @@ def test_fuzzing_finds_no_server_error_and_no_schema_break(server, tif):
     assert_still_serving(server)
 
 
-def test_lab_formats_from_the_service(client, server, tif, local_labels):
+def test_lab_formats_from_the_service(client, server, tif, local_labels, tmp_path):
+    """The served variant's (int8 for the shipped model) ROI set and GeoJSON, read back and filled by
+    pixel centres as ImageJ and QuPath fill them, give exactly the cells of its label image."""
     import zipfile
+
+    from test_formats import check_lab_formats_round_trip
 
     rois = client.rois(tif)
     names = zipfile.ZipFile(io.BytesIO(rois)).namelist()
     assert len(names) == local_labels.max() and names[0] == "cell-00001.roi"
+    ious = check_lab_formats_round_trip(local_labels, tmp_path, client.geojson(tif), rois)
+    assert min(ious) == 1.0, sorted(ious)[:5]
     collection = client.geojson(tif, min_size=500)
     assert collection["type"] == "FeatureCollection"
     assert 0 < len(collection["features"]) < local_labels.max()
