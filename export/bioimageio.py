@@ -2,6 +2,7 @@
 (bioimage.io, ilastik, deepImageJ, QuPath, napari), built and validated with `bioimageio.spec`/`core`.
 
     python -m export bioimageio --model models/livecell-unet.onnx --out dist/livecell-unet.bioimageio.zip
+    # to publish: add --maintainer GITHUB_USER (bioimage.io's `maintainers`; the project has no account)
 
 Weights: the ONNX file itself, and TorchScript traced from the PyTorch weights saved beside it
 (`<model>.safetensors`, written by `python -m export`); the two are checked to agree before packaging.
