@@ -62,15 +62,16 @@ def stack_rows(records: Iterable[dict]) -> dict[str, list[dict]]:
 
 
 def growth_plot_png(stack: str, rows: list[dict]) -> bytes:
-    """Cell count (top) and confluence (bottom) of a stack's frames, against time in hours where every
-    frame's time is known, else against the frame index. Drawn with matplotlib's Agg canvas: no
-    display and no pyplot state, so it is safe in any thread."""
+    """Cell count (top) and confluence (bottom) of a stack's frames, against time where every frame's
+    time is known (hours; minutes for a stack under two hours), else against the frame index. Drawn
+    with matplotlib's Agg canvas: no display and no pyplot state, so it is safe in any thread."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
     timed = all(row["time_s"] is not None for row in rows)
-    x = [row["time_s"] / 3600 if timed else row["frame"] for row in rows]
+    unit, seconds = ("h", 3600) if not timed or max(row["time_s"] for row in rows) >= 7200 else ("min", 60)
+    x = [row["time_s"] / seconds if timed else row["frame"] for row in rows]
     fig = Figure(figsize=(8, 5.5), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     count_ax, confluence_ax = fig.subplots(2, 1, sharex=True)
@@ -82,7 +83,7 @@ def growth_plot_png(stack: str, rows: list[dict]) -> bytes:
         ax.set_ylim(0, 1.1 * max(values) or 1)  # from zero, so that growth is seen in proportion
         ax.grid(alpha=0.3)
     count_ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    confluence_ax.set_xlabel("time (h)" if timed else "frame")
+    confluence_ax.set_xlabel(f"time ({unit})" if timed else "frame")
     if not timed:
         confluence_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(f"{stack}: {len(rows)} frames" + ("" if timed else " (no frame interval in the file)"))
