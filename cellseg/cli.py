@@ -137,7 +137,8 @@ def print_summary(report: JobReport, out: Path) -> None:
     print(f"{len(report.done)} segmented, {completed}{len(report.skipped)} already done (skipped), "
           f"{len(report.failed)} failed; outputs in {out}")
     for failure in report.failed:
-        print(f"  FAILED {failure['path']}: {failure['error']}", file=sys.stderr)
+        frame = f" frame {failure['frame']}" if "frame" in failure else ""
+        print(f"  FAILED {failure['path']}{frame}: {failure['error']}", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     sg = sub.add_parser("segment", help="segment image files, folders or globs into label images + tables",
                         description=__import__("cellseg.batch").batch.__doc__, epilog=EXIT_STATUSES,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    sg.add_argument("inputs", nargs="+", help="image files (TIFF/PNG/JPEG), folders (searched recursively) or globs")
+    sg.add_argument("inputs", nargs="+", help="image files (TIFF/PNG/JPEG; a multi-page TIFF is a time-lapse, segmented "
+                                              "frame by frame), folders (searched recursively) or globs")
     sg.add_argument("--out", type=Path, required=True, help="output folder")
     where = sg.add_mutually_exclusive_group()
     where.add_argument("--model", type=Path, default=default_variant(default_model_path()),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import math
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Union
 
@@ -70,8 +71,8 @@ def _single_page(tif: tifffile.TiffFile) -> tifffile.TiffPage:
     except IndexError:
         second = None
     if second is not None:
-        raise ImageError(f"multi-page TIFF ({len(tif.pages)} pages): send one 2-D image per file "
-                         "(split the stack into single images)")
+        raise ImageError(f"multi-page TIFF ({len(tif.pages)} pages): send one 2-D image per file; batch jobs "
+                         "(`cellseg segment`) take time-lapse stacks, one frame at a time")
     try:
         page = tif.pages.first
     except IndexError:  # the first page's directory lies beyond the data
@@ -461,3 +462,160 @@ def declared_pixels(path: str | Path) -> int | None:
                 return int(img.width) * int(img.height)
     except Exception:  # any unreadable header: not this function's to report
         return None
+
+
+# Time-lapse stacks (batch jobs only: the service takes one 2-D image). tifffile names a series'
+# axes: T time, Z depth, C channels, I or Q pages of no stated kind (a plain multi-page TIFF, or one
+# tifffile wrote), Y and X the image, S the samples of a pixel (RGB). Pages of no stated kind are
+# taken as frames: that is what a plain multi-page TIFF of an instrument's time-lapse holds.
+FRAME_AXES = {"T", "I", "Q"}
+IMAGE_AXES = {"Y", "X", "S"}
+AXIS_NAMES = {"Z": "Z-slices", "C": "channels", "T": "frames", "I": "planes", "Q": "planes"}
+# Time units ImageJ (`tunit`, "sec" unless written) and OME (`TimeIncrementUnit`, "s" unless written)
+# use, in seconds. An interval in a unit not listed is left unknown rather than guessed.
+SECONDS_PER_UNIT = {"s": 1.0, "sec": 1.0, "second": 1.0, "seconds": 1.0, "ms": 1e-3, "µs": 1e-6, "us": 1e-6,
+                    "min": 60.0, "minute": 60.0, "minutes": 60.0, "h": 3600.0, "hr": 3600.0, "hour": 3600.0,
+                    "hours": 3600.0, "d": 86400.0, "day": 86400.0, "days": 86400.0}
+
+
+@dataclass(frozen=True)
+class StackInfo:
+    """What a batch job needs to know of an input before reading its pixels: how many frames it has
+    (1: not a stack) and the time between them, where the file's metadata says."""
+
+    frames: int
+    interval_s: float | None = None
+    kind: str = "single"  # single (not a stack), tiff (plain multi-page), imagej (hyperstack) or ome
+
+    def time_s(self, frame: int) -> float | None:
+        """Seconds from the first frame to `frame` (0-based), or None where the interval is unknown."""
+        return None if self.interval_s is None else round(frame * self.interval_s, 6)
+
+
+SINGLE_IMAGE = StackInfo(frames=1)
+
+
+def stack_info(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> StackInfo:
+    """A file as a batch job reads it: a single image (anything but a multi-page TIFF) or a time-lapse
+    stack whose pages are its frames. Only headers are read. Raises ImageError for a stack that is not
+    a time-lapse (Z-slices, channels, several positions, pages of different sizes) and for frames over
+    the limits a single image has, so that a whole stack is refused once, with one reason."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"no such file: {path}")
+    with open(path, "rb") as fh:
+        if fh.read(4) not in _TIFF_MAGIC:
+            return SINGLE_IMAGE
+    try:
+        with tifffile.TiffFile(path) as tif:
+            if len(tif.pages) <= 1:
+                return SINGLE_IMAGE  # decoding says what else may be wrong with it
+            return _time_lapse_info(tif, max_pixels)
+    except ImageError:
+        raise
+    except Exception as exc:  # tifffile raises many types for corrupt files
+        raise ImageError(f"could not decode TIFF (truncated or corrupt?): {exc}") from exc
+
+
+def _time_lapse_info(tif: tifffile.TiffFile, max_pixels: int) -> StackInfo:
+    kind = "ome" if tif.is_ome else "imagej" if tif.is_imagej else "tiff"
+    pages = len(tif.pages)
+    if len(tif.series) != 1:
+        raise ImageError(_several_series_message(tif, kind))
+    series = tif.series[0]
+    # (axis, size) pairs, not a dict: a series may repeat an axis (tifffile's Q for each unnamed one)
+    stacked = [(axis, int(size)) for axis, size in zip(series.axes, series.shape) if axis not in IMAGE_AXES and size > 1]
+    if len(stacked) != 1 or stacked[0][0] not in FRAME_AXES:
+        raise ImageError(_not_a_time_lapse_message(stacked, kind, pages))
+    ((_, frames),) = stacked
+    if frames != pages:  # e.g. ImageJ's files over 4 GB keep all frames behind one page
+        raise ImageError(f"TIFF stack of {frames} frames in {pages} pages: batch jobs read one page per frame; "
+                         "save the stack with one page per frame")
+    _check_tiff_page(tif.pages.first, max_pixels)  # every frame is this size: refuse a stack once, not per frame
+    return StackInfo(frames, _frame_interval_s(tif), kind)
+
+
+def _several_series_message(tif: tifffile.TiffFile, kind: str) -> str:
+    if kind == "ome":
+        return (f"OME-TIFF with {len(tif.series)} image series (positions or wells): batch jobs take one "
+                "time-lapse per file; export each position as its own file")
+    shapes = ", ".join(f"{'x'.join(map(str, s.shape[::-1]))} {s.dtype}" for s in tif.series[:4])
+    return (f"multi-page TIFF of {len(tif.pages)} pages that are not all alike ({shapes}"
+            f"{', ...' if len(tif.series) > 4 else ''}): a time-lapse's frames must all have one size and type")
+
+
+def _not_a_time_lapse_message(stacked: list[tuple[str, int]], kind: str, pages: int) -> str:
+    what = {"ome": "OME-TIFF", "imagej": "ImageJ stack", "tiff": "multi-page TIFF"}[kind]
+    found = " x ".join(f"{size} {AXIS_NAMES.get(axis, f'{axis} planes')}" for axis, size in stacked) or f"{pages} pages"
+    advice = "split it into one time-lapse per channel or Z-slice"
+    if kind == "imagej" and [axis for axis, _ in stacked] == ["Z"]:  # ImageJ saves a plain stack as slices
+        advice = (f"if its slices are time points, make them frames in Fiji (Image > Properties: Slices 1, "
+                  f"Frames {stacked[0][1]}) and save it again")
+    return f"{what} of {found}: batch jobs take time-lapse stacks (frames only); {advice}"
+
+
+def _frame_interval_s(tif: tifffile.TiffFile) -> float | None:
+    """Seconds between frames as ImageJ (`finterval`, `tunit`) or OME (`TimeIncrement`) metadata state it."""
+    if tif.is_imagej:
+        meta = tif.imagej_metadata or {}
+        return _seconds(meta.get("finterval"), meta.get("tunit", "sec"))
+    if tif.is_ome:
+        pixels = _ome_pixels_attributes(tif.ome_metadata or "")
+        return _seconds(pixels.get("TimeIncrement"), pixels.get("TimeIncrementUnit", "s"))
+    return None
+
+
+def _ome_pixels_attributes(ome_xml: str) -> dict[str, str]:
+    """The first image's <Pixels> attributes, whatever the OME schema version (namespace)."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.fromstring(ome_xml)
+    except ET.ParseError:
+        return {}
+    pixels = next((el for el in root.iter() if el.tag.rpartition("}")[2] == "Pixels"), None)
+    return dict(pixels.attrib) if pixels is not None else {}
+
+
+def _seconds(value: object, unit: object) -> float | None:
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    factor = SECONDS_PER_UNIT.get(str(unit).strip().lower())
+    if factor is None or not np.isfinite(number) or number <= 0:
+        return None
+    return number * factor
+
+
+def _check_tiff_page(page: tifffile.TiffPage, max_pixels: int) -> None:
+    """The limits a single TIFF image has, from one page's header, before any of its pixels is decoded."""
+    if page.imagedepth > 1:
+        raise ImageError(f"TIFF page is a {page.imagedepth}-plane volume; send one 2-D image per file")
+    samples = int(page.samplesperpixel)
+    if samples > 4:
+        raise ImageError(f"TIFF has {samples} samples per pixel; expected gray, RGB or RGBA")
+    _check_size(int(page.imagelength), int(page.imagewidth), max_pixels, decoded_bytes=int(page.nbytes))
+
+
+def read_frame(path: str | Path, frame: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Frame `frame` (0-based) of a time-lapse stack (see `stack_info`), in the file's own dtype and
+    channels: only that page is decoded, never the whole stack, after the checks a single image has."""
+    try:
+        with tifffile.TiffFile(path) as tif:
+            try:
+                if frame < 0:
+                    raise IndexError(frame)
+                page = tif.pages[frame]
+            except IndexError:
+                raise ImageError(f"the stack has no frame {frame} (it has {len(tif.pages)} pages)") from None
+            first = tif.pages.first
+            if (page.shape, page.dtype) != (first.shape, first.dtype):
+                raise ImageError(f"frame {frame} is {page.shape} {page.dtype} where frame 0 is {first.shape} "
+                                 f"{first.dtype}: a time-lapse's frames must all have one size and type")
+            _check_tiff_page(page, max_pixels)
+            return np.asarray(page.asarray())
+    except ImageError:
+        raise
+    except Exception as exc:  # tifffile raises many types for corrupt files
+        raise ImageError(f"could not decode frame {frame} of the TIFF (truncated or corrupt?): {exc}") from exc

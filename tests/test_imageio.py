@@ -14,7 +14,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from cellseg.imageio import ImageError, ImageTooLargeError, decode_image, read_image
+from cellseg.imageio import ImageError, ImageTooLargeError, decode_image, read_frame, read_image, stack_info
 from cellseg.preprocess import normalize
 from conftest import REPO
 
@@ -140,8 +140,10 @@ def test_decoded_bytes_are_limited_too():
 
 
 def test_stacks_and_animations_are_refused_not_cut_to_one_plane():
-    """Issue 7.11: a multi-page TIFF was silently reduced to its first page."""
-    with pytest.raises(ImageError, match="multi-page TIFF \\(5 pages\\)"):
+    """Issue 7.11: a multi-page TIFF was silently reduced to its first page. Issue 19: the message
+    says where stacks are taken (the service answers it as a 400)."""
+    with pytest.raises(ImageError, match="multi-page TIFF \\(5 pages\\).*batch jobs \\(`cellseg segment`\\) take "
+                                         "time-lapse stacks"):
         decode_image(tiff_bytes(np.zeros((5, 40, 40), np.uint8)))
     frames = [Image.fromarray(np.full((40, 40), v, np.uint8)) for v in (0, 128)]
     buffer = io.BytesIO()
@@ -457,3 +459,108 @@ def test_lzw_tiffs_decode_exactly_through_libtiff(layout, predictor):
 def test_an_lzw_layout_libtiff_reads_differently_is_refused_clearly():
     with pytest.raises(ImageError, match="LZW-compressed TIFF layout .* save it uncompressed or with Deflate"):
         decode_image(lzw_tiff(np.zeros((64, 64, 3), np.uint16)))
+
+
+# Time-lapse stacks (issue 19): batch jobs read them frame by frame.
+
+def time_lapse(frames: int = 5, shape: tuple[int, ...] = (48, 64)) -> np.ndarray:
+    """Frames that differ, so that reading the wrong one shows. (Not 3 or 4 frames without stating the
+    axes: tifffile would write those as the colour samples of one page.)"""
+    return np.stack([np.full(shape, 10 * (i + 1), np.uint16) for i in range(frames)])
+
+
+def write_tiff(path, data: np.ndarray, **kwargs):
+    tifffile.imwrite(path, data, **kwargs)
+    return path
+
+
+@pytest.mark.parametrize("metadata", [{}, {"metadata": None}], ids=["tifffile-shaped", "no-metadata"])
+def test_a_plain_multipage_tiff_is_a_time_lapse_of_its_pages(tmp_path, metadata):
+    frames = time_lapse()
+    path = write_tiff(tmp_path / "plain.tif", frames, **metadata)
+    info = stack_info(path)
+    assert (info.frames, info.interval_s, info.kind) == (5, None, "tiff")
+    assert info.time_s(3) is None
+    for i in range(5):
+        frame = read_frame(path, i)
+        assert frame.dtype == np.uint16 and frame.shape == (48, 64)
+        np.testing.assert_array_equal(frame, frames[i])
+
+
+def test_rgb_frames_are_frames_too(tmp_path):
+    path = write_tiff(tmp_path / "rgb.tif", np.zeros((5, 48, 64, 3), np.uint8))
+    assert stack_info(path).frames == 5 and read_frame(path, 4).shape == (48, 64, 3)
+
+
+@pytest.mark.parametrize("interval, unit, seconds", [(600, None, 600.0), (10, "min", 600.0), (0.5, "hour", 1800.0),
+                                                     (3, "fortnight", None)])
+def test_an_imagej_hyperstack_gives_its_frame_interval(tmp_path, interval, unit, seconds):
+    metadata = {"axes": "TYX", "finterval": interval, **({"tunit": unit} if unit else {})}
+    path = write_tiff(tmp_path / "ij.tif", time_lapse(), imagej=True, metadata=metadata)
+    info = stack_info(path)
+    assert (info.frames, info.interval_s, info.kind) == (5, seconds, "imagej")  # an unknown unit: no guess
+    if seconds:
+        assert info.time_s(3) == 3 * seconds
+    np.testing.assert_array_equal(read_frame(path, 2), time_lapse()[2])
+
+
+def test_an_ome_time_lapse_gives_its_time_increment(tmp_path):
+    path = write_tiff(tmp_path / "t.ome.tif", time_lapse(3), ome=True,
+                      metadata={"axes": "TYX", "TimeIncrement": 0.5, "TimeIncrementUnit": "h"})
+    info = stack_info(path)
+    assert (info.frames, info.interval_s, info.kind) == (3, 1800.0, "ome")
+    np.testing.assert_array_equal(read_frame(path, 1), time_lapse(3)[1])
+
+
+@pytest.mark.parametrize("data, kwargs, message", [
+    (time_lapse(4), {"imagej": True, "metadata": {"axes": "ZYX"}}, "ImageJ stack of 4 Z-slices.*Image > Properties"),
+    (time_lapse(3), {"imagej": True, "metadata": {"axes": "CYX"}}, "ImageJ stack of 3 channels"),
+    (time_lapse(3), {"ome": True, "metadata": {"axes": "ZYX"}}, "OME-TIFF of 3 Z-slices"),
+    (np.zeros((3, 2, 48, 64), np.uint16), {"ome": True, "metadata": {"axes": "TCYX"}}, "OME-TIFF of 3 frames x 2 channels"),
+    (np.zeros((3, 2, 48, 64), np.uint16), {}, "multi-page TIFF of 3 planes x 2 planes"),
+], ids=["imagej-z", "imagej-channels", "ome-z", "ome-time-and-channels", "two-unnamed-axes"])
+def test_stacks_that_are_not_time_lapses_are_refused_with_the_reason(tmp_path, data, kwargs, message):
+    path = write_tiff(tmp_path / "stack.tif", data, **kwargs)
+    with pytest.raises(ImageError, match=message) as refused:
+        stack_info(path)
+    assert "batch jobs take time-lapse stacks (frames only)" in str(refused.value)
+
+
+def test_pages_of_different_sizes_are_not_a_time_lapse(tmp_path):
+    path = tmp_path / "mixed.tif"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(np.zeros((48, 64), np.uint8), metadata=None)
+        tif.write(np.zeros((40, 64), np.uint8), metadata=None)
+    with pytest.raises(ImageError, match="not all alike \\(64x48 uint8, 64x40 uint8\\)"):
+        stack_info(path)
+
+
+def test_single_images_are_not_stacks(tmp_path, synthetic_gray):
+    (tmp_path / "a.png").write_bytes(png_bytes(synthetic_gray))
+    (tmp_path / "b.tif").write_bytes(tiff_bytes(synthetic_gray))
+    assert stack_info(tmp_path / "a.png").frames == stack_info(tmp_path / "b.tif").frames == 1
+    with pytest.raises(ImageError, match="no such file"):
+        stack_info(tmp_path / "absent.tif")
+
+
+def test_frames_have_the_limits_of_single_images_and_are_decoded_one_at_a_time(tmp_path, monkeypatch):
+    path = write_tiff(tmp_path / "big.tif", np.zeros((6, 300, 400), np.uint8), compression="zlib")
+    decoded = []
+    real_asarray = tifffile.TiffPage.asarray
+
+    def counting_asarray(page, *args, **kwargs):
+        decoded.append(page.index)
+        return real_asarray(page, *args, **kwargs)
+
+    monkeypatch.setattr(tifffile.TiffPage, "asarray", counting_asarray)
+    # the whole stack is refused once, from its first page's header, with nothing decoded
+    with pytest.raises(ImageTooLargeError, match="over the limit of 100,000"):
+        stack_info(path, max_pixels=100_000)
+    with pytest.raises(ImageTooLargeError, match="over the limit"):
+        read_frame(path, 2, max_pixels=100_000)
+    assert decoded == []
+    assert stack_info(path).frames == 6 and decoded == []
+    assert read_frame(path, 4).shape == (300, 400)
+    assert decoded == [4]  # that page alone: never the whole stack
+    with pytest.raises(ImageError, match="no frame 6"):
+        read_frame(path, 6)

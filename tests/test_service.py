@@ -254,10 +254,12 @@ def test_upload_over_the_byte_limit_is_refused_before_the_body_arrives(server):
 
 
 def test_multipage_tiff_gets_400(server):
+    """Issue 19: the service takes one 2-D image; its 400 says that batch jobs take time-lapse stacks."""
     buffer = io.BytesIO()
     tifffile.imwrite(buffer, np.zeros((5, 64, 64), np.uint16))
     r = post(server, "segment", files={"image": ("stack.tif", buffer.getvalue())})
     assert r.status_code == 400 and "multi-page TIFF (5 pages)" in r.json()["error"]
+    assert "batch jobs (`cellseg segment`) take time-lapse stacks" in r.json()["error"]
 
 
 def test_client_raises_with_server_message(client, tmp_path):
