@@ -8,7 +8,11 @@ Outputs in --out DIR (--formats picks among labels, csv, coco, rois, geojson; de
     instances.coco.json    coco: COCO detections/annotations of all cells (RLE masks, scores)
     rois/<name>.zip        rois: ImageJ/Fiji ROI set, one polygon per cell, named cell-<id>
     geojson/<name>.geojson geojson: QuPath detections with the cells' measurements
-    records/<name>.json    always: per-image record (source, size, pixel_size, count, confluence, cells, instances)
+    records/<name>.json    always: per-image record (source, size, pixel_size, count, confluence, cells, instances;
+                           a frame's also stack, frame, time_s)
+    summary.csv            always: one row per image and frame (count, confluence, median cell area in px, and
+                           in µm² where the pixel size is known)
+    plots/<stem>_growth.png  always, per stack: cell count and confluence against frame or time
     errors.json            inputs that could not be processed in the last run, with the reason
     job.json               the job's settings: model sha256, post-processing parameters, tta, pixel_size (the
                            --pixel-size given, or null: each image's metadata) (and server URL; with --server,
@@ -22,6 +26,12 @@ the images already done, without running the network again (a record holds every
 which the label image is rebuilt exactly). A re-run with other settings (another model, other
 parameters) into the same folder is refused unless --overwrite is given, so one folder never mixes
 results of two settings. Files under the output folder are never taken as inputs.
+
+A multi-page TIFF is a time-lapse stack whose pages are its frames (plain multi-page TIFF, ImageJ
+hyperstack, OME-TIFF; a stack of Z-slices or channels is refused): each frame is an image of its
+own named <stem>_t0000, <stem>_t0001, ... (0-based, zero-padded to 4 digits), with its own outputs
+and record, so a killed job resumes mid-stack. Every frame has the stack's pixel size: --pixel-size,
+else the one the stack file's metadata states.
 
 A bad input is reported in errors.json and skipped (exit status 3). A write that fails (disk full,
 quota, read-only folder, permissions) stops the job instead, since every later image would fail
@@ -38,6 +48,7 @@ import hashlib
 import json
 import os
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -46,11 +57,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from cellseg.imageio import read_image
+from cellseg.imageio import ImageError, StackInfo, read_frame, read_image, stack_info, to_grayscale
 from cellseg.instances import labels_from_instances
 from cellseg.outputs import FORMATS, cells_csv, coco_document, image_record, per_image_files
 from cellseg.pixelsize import PixelSize, read_pixel_size
 from cellseg.postprocess import PostprocessParams
+from cellseg.summary import growth_plot_png, stack_rows, summary_csv
 
 IMAGE_SUFFIXES = {".tif", ".tiff", ".png", ".jpg", ".jpeg"}
 DEFAULT_FORMATS = ("labels", "csv", "coco")
@@ -144,13 +156,67 @@ def collect_inputs(inputs: Iterable[str], exclude: Path | None = None) -> tuple[
     return unique, missing
 
 
-def output_names(paths: list[Path]) -> dict[Path, str]:
-    """A file-system-safe output name per input: its stem, plus a path hash where stems collide."""
-    stems: dict[str, int] = {}
-    for p in paths:
-        stems[p.stem] = stems.get(p.stem, 0) + 1
-    return {p: p.stem if stems[p.stem] == 1 else f"{p.stem}-{hashlib.sha1(str(p).encode()).hexdigest()[:8]}"
-            for p in paths}
+def output_names(paths: list[Path], frames: dict[Path, int] | None = None) -> dict[Path, str]:
+    """A file-system-safe output name per input: its stem, plus a path hash where two inputs would
+    share a name: the same stem, or a stack's stem or frame names and another input's (`frames`:
+    the frame count of each stack among `paths`)."""
+    frames = frames or {}
+
+    def names_of(path: Path) -> list[str]:
+        count = frames.get(path, 1)
+        return [path.stem] + ([frame_name(path.stem, i, count) for i in range(count)] if count > 1 else [])
+
+    uses = Counter(name for p in paths for name in names_of(p))
+    return {p: p.stem if all(uses[name] == 1 for name in names_of(p))
+            else f"{p.stem}-{hashlib.sha1(str(p).encode()).hexdigest()[:8]}" for p in paths}
+
+
+def frame_name(stem: str, frame: int, frames: int) -> str:
+    """`<stem>_t0003` for frame 3: 0-based, zero-padded to 4 digits (more for stacks of over 10,000
+    frames) so that a stack's files sort in frame order."""
+    return f"{stem}_t{frame:0{max(4, len(str(frames - 1)))}d}"
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image the job segments: a file, or one frame of a time-lapse stack."""
+
+    path: Path
+    name: str  # output name: the file's, or <stem>_t0003 for frame 3 of a stack
+    frame: int | None = None  # 0-based frame index; None for a file that is not a stack
+    stack: str | None = None  # the stack's output name (its stem), for a frame
+    time_s: float | None = None  # seconds since frame 0, where the stack's metadata gives the interval
+
+    def record_fields(self) -> dict:
+        """What a frame's record says of its place in the stack (nothing for a single image)."""
+        return {} if self.frame is None else {"stack": self.stack, "frame": self.frame, "time_s": self.time_s}
+
+    def failure(self, error: str) -> dict:
+        """This item's entry in errors.json."""
+        return {"path": str(self.path), **({"frame": self.frame} if self.frame is not None else {}), "error": error}
+
+
+def expand_inputs(paths: list[Path]) -> tuple[list[Item], list[dict]]:
+    """The items of a job, in input order: a file as one item, a time-lapse stack as one per frame.
+    Only headers are read. A stack that is not a time-lapse (Z-slices, channels) or an unreadable file
+    is reported once, with its reason, instead of once per frame."""
+    infos: dict[Path, StackInfo] = {}
+    failed = []
+    for path in paths:
+        try:
+            infos[path] = stack_info(path)
+        except (ImageError, OSError) as exc:
+            failed.append({"path": str(path), "error": str(exc) or type(exc).__name__})
+    usable = [p for p in paths if p in infos]
+    names = output_names(usable, {p: info.frames for p, info in infos.items() if info.frames > 1})
+    items = []
+    for path in usable:
+        info, name = infos[path], names[path]
+        if info.frames == 1:
+            items.append(Item(path, name))
+        else:
+            items += [Item(path, frame_name(name, i, info.frames), i, name, info.time_s(i)) for i in range(info.frames)]
+    return items, failed
 
 
 @dataclass
@@ -205,30 +271,44 @@ def _lower_first(text: str | None) -> str:
     return (text[:1].lower() + text[1:]) if text else "unknown error"
 
 
-# What a backend knows how to do to one raw image.
-Segmenter = Callable[[np.ndarray, Path], Result]
-# A backend: (input path, output name) pairs in, (path, outputs or the exception) out, in any order.
-Backend = Callable[[list[tuple[Path, str]]], Iterator[tuple[Path, "ImageOutputs | Exception"]]]
+# What a backend knows how to do to one image: (raw float image, original) in, cells out. The
+# original is the input as a server should receive it: the file, or a frame's own pixels.
+Segmenter = Callable[[np.ndarray, "Path | np.ndarray"], Result]
+# A backend: items in, (item, outputs or the exception) out, in any order.
+Backend = Callable[[list[Item]], Iterator[tuple[Item, "ImageOutputs | Exception"]]]
 
 
-def image_outputs(path: Path, name: str, segment: Segmenter, formats: tuple[str, ...] = DEFAULT_FORMATS,
+def read_item(item: Item) -> tuple[np.ndarray, Path | np.ndarray]:
+    """(raw float32 image, original) of a file or of one frame of a stack (only that frame is read).
+    A gray frame's original keeps its own dtype (an upload as small as the file's page); a colour
+    frame's is its luminance, what the server would reduce it to."""
+    if item.frame is None:
+        return read_image(item.path), item.path
+    pixels = read_frame(item.path, item.frame)
+    image = to_grayscale(pixels)
+    return image, (pixels if pixels.ndim == 2 else image)
+
+
+def image_outputs(item: Item, segment: Segmenter, formats: tuple[str, ...] = DEFAULT_FORMATS,
                   pixel_size: PixelSize | None = None) -> ImageOutputs:
     """The per-image step every backend runs (in process, in threads, on Dask workers): read the
-    image, segment it, measure the cells (in µm too with `pixel_size`, the one given for the job,
-    or else the image's own from its metadata), encode the record and the requested per-image files."""
-    image = read_image(path)
-    result = segment(image, path)
-    size = pixel_size or read_pixel_size(path)
-    record = image_record(image, result.labels, result.scores, name, str(path), pixel_size=size)
+    image or frame, segment it, measure the cells (in µm too with `pixel_size`, the one given for the
+    job, or else the file's own from its metadata: a stack's, for each of its frames), encode the
+    record and the requested per-image files."""
+    image, original = read_item(item)
+    result = segment(image, original)
+    size = pixel_size or read_pixel_size(item.path)  # a stack's path: its metadata holds for every frame
+    record = (image_record(image, result.labels, result.scores, item.name, str(item.path), pixel_size=size)
+              | item.record_fields())
     return ImageOutputs(per_image_files(result.labels, record, formats), json.dumps(record).encode())
 
 
-def _guarded(path: Path, name: str, segment: Segmenter, formats: tuple[str, ...] = DEFAULT_FORMATS,
-             pixel_size: PixelSize | None = None) -> tuple[Path, ImageOutputs | Exception]:
+def _guarded(item: Item, segment: Segmenter, formats: tuple[str, ...] = DEFAULT_FORMATS,
+             pixel_size: PixelSize | None = None) -> tuple[Item, ImageOutputs | Exception]:
     try:
-        return path, image_outputs(path, name, segment, formats, pixel_size)
+        return item, image_outputs(item, segment, formats, pixel_size)
     except Exception as exc:  # noqa: BLE001  (one bad image must not end the job)
-        return path, exc
+        return item, exc
 
 
 def onnx_segmenter(model, params: PostprocessParams, tta: bool) -> Segmenter:
@@ -239,7 +319,7 @@ def onnx_segmenter(model, params: PostprocessParams, tta: bool) -> Segmenter:
 
     lock = threading.Lock()
 
-    def segment(image: np.ndarray, path: Path) -> Result:
+    def segment(image: np.ndarray, original: Path | np.ndarray) -> Result:
         with lock:
             maps = predict_maps(model.predict, [image], batch_size=1, tta=tta)[0]
         seg = Segmentation(maps_to_labels(maps, params), maps)
@@ -276,8 +356,8 @@ def local_backend(model_path: Path | None, params: PostprocessParams, tta: bool 
     def run(items):
         with _stopping_pool(threads) as pool:
             pending = []
-            for path, name in items:
-                pending.append(pool.submit(_guarded, path, name, segment, formats, pixel_size))
+            for item in items:
+                pending.append(pool.submit(_guarded, item, segment, formats, pixel_size))
                 if len(pending) > threads:  # a bounded window: a long job never queues every image
                     yield pending.pop(0).result()
             for future in pending:
@@ -318,15 +398,15 @@ def server_backend(url: str, overrides: dict, concurrency: int, formats: tuple[s
     # closes another thread's upload mid-request ("seek of closed file").
     local = threading.local()
 
-    def segment(image: np.ndarray, path: Path) -> Result:
+    def segment(image: np.ndarray, original: Path | np.ndarray) -> Result:
         if not hasattr(local, "client"):
             local.client = Client(url)
-        result = local.client.segment(path, **overrides)
+        result = local.client.segment(original, **overrides)  # a frame goes as a single-page image of its own
         return Result(result.labels, np.array([c.score for c in result.cells], dtype=np.float32))
 
     def run(items):
         with _stopping_pool(concurrency) as pool:
-            yield from pool.map(lambda item: _guarded(item[0], item[1], segment, formats, pixel_size), items)
+            yield from pool.map(lambda item: _guarded(item, segment, formats, pixel_size), items)
     return run
 
 
@@ -374,15 +454,27 @@ def parse_formats(text: str) -> tuple[str, ...]:
     return formats
 
 
-def write_aggregates(out: Path, names: list[str], formats: tuple[str, ...] = DEFAULT_FORMATS) -> int:
-    """cells.csv and instances.coco.json (as requested) from the records of `names` (in order)."""
-    records = [json.loads(record_path(out, name).read_text()) for name in names]
+def write_aggregates(out: Path, records: list[dict], formats: tuple[str, ...] = DEFAULT_FORMATS) -> None:
+    """cells.csv and instances.coco.json (as requested) and summary.csv (always) from `records` (in order)."""
     if "csv" in formats:
         atomic_write(out / "cells.csv", cells_csv(records))
     if "coco" in formats:
-        coco = coco_document(records, [f"labels/{name}.png" for name in names])
+        coco = coco_document(records, [f"labels/{record['name']}.png" for record in records])
         atomic_write(out / "instances.coco.json", json.dumps(coco).encode())
-    return sum(record["count"] for record in records)
+    atomic_write(out / "summary.csv", summary_csv(records))
+
+
+def plot_path(out: Path, stack: str) -> Path:
+    return out / "plots" / f"{stack}_growth.png"
+
+
+def write_growth_plots(out: Path, records: list[dict], changed: set[str]) -> None:
+    """plots/<stem>_growth.png of each stack whose plot is missing or which has a frame in `changed`
+    (segmented in this run): drawing takes a moment, so a resumed job redraws only what changed."""
+    for stack, rows in stack_rows(records).items():
+        path = plot_path(out, stack)
+        if stack in changed or not path.is_file():
+            atomic_write(path, growth_plot_png(stack, rows))
 
 
 def run_job(inputs: list[str], out: Path, backend_factory: Callable[[], Backend], settings: dict,
@@ -396,65 +488,67 @@ def run_job(inputs: list[str], out: Path, backend_factory: Callable[[], Backend]
     try:
         prepare_output(out, settings, overwrite)
         paths, missing = collect_inputs(inputs, exclude=out)
-        report.failed += missing
-        names = output_names(paths)
+        items, refused = expand_inputs(paths)
+        report.failed += missing + refused
         to_segment, to_complete = [], []
-        for path in paths:
-            if overwrite or not record_path(out, names[path]).is_file():
-                to_segment.append(path)
-            elif missing_formats(out, names[path], formats):
-                to_complete.append(path)
+        for item in items:
+            if overwrite or not record_path(out, item.name).is_file():
+                to_segment.append(item)
+            elif missing_formats(out, item.name, formats):
+                to_complete.append(item)
             else:
-                report.skipped.append(names[path])
-        to_segment += complete_from_records(out, to_complete, names, formats, report, progress)
-        segment_images(out, to_segment, names, backend_factory, formats, report, progress)
-        write_aggregates(out, [names[p] for p in paths if is_done(out, names[p], formats)], formats)
+                report.skipped.append(item.name)
+        to_segment += complete_from_records(out, to_complete, formats, report, progress)
+        segment_images(out, to_segment, backend_factory, formats, report, progress)
+        records = [json.loads(record_path(out, item.name).read_text()) for item in items
+                   if is_done(out, item.name, formats)]
+        write_aggregates(out, records, formats)
+        done_now = set(report.done)
+        write_growth_plots(out, records, changed={item.stack for item in to_segment if item.name in done_now})
         write_errors(out, report.failed)
     except OutputWriteError as exc:
         raise JobStopped(exc, report, _try_write_errors(out, report.failed)) from exc
     return report
 
 
-def complete_from_records(out: Path, paths: list[Path], names: dict[Path, str], formats: tuple[str, ...],
-                          report: JobReport, progress: bool) -> list[Path]:
+def complete_from_records(out: Path, items: list[Item], formats: tuple[str, ...], report: JobReport,
+                          progress: bool) -> list[Item]:
     """Give images segmented before the per-image files they lack (a format asked for later, a
     deleted file), made from their records. Returns those whose record cannot give them (unreadable,
     or from a version without the needed fields): they are segmented again."""
     unusable = []
-    for path in tqdm(paths, desc="adding formats", unit="img", disable=not progress):
-        name = names[path]
+    for item in tqdm(items, desc="adding formats", unit="img", disable=not progress or not items):
         try:
-            record = json.loads(record_path(out, name).read_text())
-            files = files_from_record(record, missing_formats(out, name, formats))
+            record = json.loads(record_path(out, item.name).read_text())
+            files = files_from_record(record, missing_formats(out, item.name, formats))
         except (OSError, ValueError, KeyError, TypeError):  # segmenting again makes a record that can
-            unusable.append(path)
+            unusable.append(item)
             continue
-        write_per_image_files(out, name, files)
-        report.completed.append(name)
+        write_per_image_files(out, item.name, files)
+        report.completed.append(item.name)
     return unusable
 
 
-def segment_images(out: Path, paths: list[Path], names: dict[Path, str], backend_factory: Callable[[], Backend],
+def segment_images(out: Path, items: list[Item], backend_factory: Callable[[], Backend],
                    formats: tuple[str, ...], report: JobReport, progress: bool) -> None:
-    """Run `paths` through the backend and write each image's outputs as they arrive. A bad image is
+    """Run `items` through the backend and write each image's outputs as they arrive. A bad image is
     reported and skipped; a failed write stops the job (OutputWriteError), since every later image
     would fail alike, and the backend starts no further image."""
-    if not paths:
+    if not items:
         return
     backend = backend_factory()
-    with tqdm(total=len(paths), desc="segmenting", unit="img", disable=not progress) as bar, \
-            contextlib.closing(backend([(p, names[p]) for p in paths])) as results:
-        for path, outputs in results:
+    with tqdm(total=len(items), desc="segmenting", unit="img", disable=not progress) as bar, \
+            contextlib.closing(backend(items)) as results:
+        for item, outputs in results:
             if isinstance(outputs, Exception):
-                report.failed.append({"path": str(path), "error": str(outputs) or type(outputs).__name__})
+                report.failed.append(item.failure(str(outputs) or type(outputs).__name__))
             else:
                 try:
-                    write_image_outputs(out, names[path], outputs)
+                    write_image_outputs(out, item.name, outputs)
                 except OutputWriteError as exc:
-                    report.failed.append({"path": str(path), "error": f"its outputs could not be written "
-                                                                      f"({exc.strerror}: {exc.filename})"})
+                    report.failed.append(item.failure(f"its outputs could not be written ({exc.strerror}: {exc.filename})"))
                     raise
-                report.done.append(names[path])
+                report.done.append(item.name)
             bar.update()
 
 

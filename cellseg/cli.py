@@ -142,7 +142,8 @@ def print_summary(report: JobReport, out: Path) -> None:
     print(f"{len(report.done)} segmented, {completed}{len(report.skipped)} already done (skipped), "
           f"{len(report.failed)} failed; outputs in {out}")
     for failure in report.failed:
-        print(f"  FAILED {failure['path']}: {failure['error']}", file=sys.stderr)
+        frame = f" frame {failure['frame']}" if "frame" in failure else ""
+        print(f"  FAILED {failure['path']}{frame}: {failure['error']}", file=sys.stderr)
 
 
 def pixel_size_argument(text: str) -> PixelSize:
@@ -176,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     sg = sub.add_parser("segment", help="segment image files, folders or globs into label images + tables",
                         description=__import__("cellseg.batch").batch.__doc__, epilog=EXIT_STATUSES,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    sg.add_argument("inputs", nargs="+", help="image files (TIFF/PNG/JPEG), folders (searched recursively) or globs")
+    sg.add_argument("inputs", nargs="+", help="image files (TIFF/PNG/JPEG; a multi-page TIFF is a time-lapse, segmented "
+                                              "frame by frame), folders (searched recursively) or globs")
     sg.add_argument("--out", type=Path, required=True, help="output folder")
     where = sg.add_mutually_exclusive_group()
     where.add_argument("--model", type=Path, default=default_variant(default_model_path()),
@@ -192,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="outputs to write, comma-separated: labels (16-bit PNG), csv (cells.csv), coco "
                          "(instances.coco.json), rois (ImageJ/Fiji ROI sets), geojson (QuPath detections)")
     sg.add_argument("--pixel-size", type=pixel_size_argument, metavar="UM",
-                    help="µm per pixel, for every image: one number (square pixels) or X,Y. Overrides the images' "
+                    help="µm per pixel, for every image and frame: one number (square pixels) or X,Y. Overrides the images' "
                          "metadata; without it, each image's own size is read from its metadata (OME-TIFF, ImageJ, "
                          "TIFF resolution in cm) where it has one. cells.csv and the records then add µm values")
     sg.add_argument("--overwrite", action="store_true",

@@ -7,7 +7,9 @@ run by the workers of a local or remote cluster.
 
 - Workers read the inputs and the model from paths they can see (a shared file system on a cluster)
   and load the model once per worker process, with ONNX Runtime sized to the worker's threads; a
-  worker whose model file differs from the client's (sha256) refuses to run.
+  worker whose model file differs from the client's (sha256) refuses to run. A time-lapse stack is
+  one task per frame, each reading only its own frame. A --pixel-size travels with every task;
+  without one, workers read each file's own (a stack's for its frames) from its metadata.
 - Workers return encoded outputs; the client writes them, so the output folder needs to be
   visible only to the client, and every file is written atomically as in a local run.
 - At most a few tasks per worker thread are in flight, so a million inputs never become a million
@@ -22,7 +24,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from cellseg.batch import DEFAULT_FORMATS, Backend, ImageOutputs, Segmenter, _guarded, onnx_segmenter
+from cellseg.batch import DEFAULT_FORMATS, Backend, ImageOutputs, Item, Segmenter, _guarded, onnx_segmenter
 from cellseg.pixelsize import PixelSize
 from cellseg.postprocess import PostprocessParams
 
@@ -43,9 +45,9 @@ def _worker_segmenter(model_path: str, sha256: str, params: dict, tta: bool) -> 
     return onnx_segmenter(_MODELS[key], PostprocessParams(**params), tta)
 
 
-def _task(path: Path, name: str, model_path: str, sha256: str, params: dict, tta: bool,
-          formats: tuple[str, ...], pixel_size: PixelSize | None = None) -> tuple[Path, ImageOutputs | Exception]:
-    return _guarded(path, name, _worker_segmenter(model_path, sha256, params, tta), formats, pixel_size)
+def _task(item: Item, model_path: str, sha256: str, params: dict, tta: bool,
+          formats: tuple[str, ...], pixel_size: PixelSize | None = None) -> tuple[Item, ImageOutputs | Exception]:
+    return _guarded(item, _worker_segmenter(model_path, sha256, params, tta), formats, pixel_size)
 
 
 def connect(address: str):
@@ -69,16 +71,16 @@ def dask_backend(address: str, model_path: Path, sha256: str, params: Postproces
                  formats: tuple[str, ...] = DEFAULT_FORMATS, pixel_size: PixelSize | None = None) -> Backend:
     client, cluster = connect(address)
 
-    def run(items: list[tuple[Path, str]]) -> Iterator[tuple[Path, ImageOutputs | Exception]]:
+    def run(items: list[Item]) -> Iterator[tuple[Item, ImageOutputs | Exception]]:
         from distributed import as_completed
 
         pending_items = iter(items)
-        paths: dict[str, Path] = {}
+        submitted: dict[str, Item] = {}
 
-        def submit(item: tuple[Path, str]):
-            future = client.submit(_task, item[0], item[1], str(Path(model_path).resolve()), sha256,
+        def submit(item: Item):
+            future = client.submit(_task, item, str(Path(model_path).resolve()), sha256,
                                    params.to_dict(), tta, formats, pixel_size, pure=False)
-            paths[future.key] = item[0]
+            submitted[future.key] = item
             return future
 
         try:
@@ -88,8 +90,8 @@ def dask_backend(address: str, model_path: Path, sha256: str, params: Postproces
                 try:
                     result = future.result()
                 except Exception as exc:  # noqa: BLE001  (e.g. KilledWorker after repeated worker deaths)
-                    result = (paths[future.key], exc)
-                del paths[future.key]
+                    result = (submitted[future.key], exc)
+                del submitted[future.key]
                 future.release()
                 yield result
                 following = next(pending_items, None)

@@ -14,7 +14,8 @@ between the cell and the rest is one closed ring; rings never touch (each crossi
 centre of the cell and one outside belongs to exactly one ring), so filling the rings by pixel centres
 with the even-odd rule gives back exactly the cell's pixels, and so do ImageJ and QuPath, which fill
 by pixel centres (`tests/test_formats.py` checks it on synthetic cells, on every annotated LIVECell
-cell and on a fixed sample of the Sartorius images).
+cell, on a fixed sample of the Sartorius images and on the cells the fp32 and int8 models find on the
+demo images).
 
 - QuPath GeoJSON: a `Polygon` per cell, with an interior ring per hole; a `MultiPolygon` (one polygon
   per piece) for a cell of several pieces. Exterior rings run counter-clockwise and holes clockwise

@@ -76,6 +76,8 @@ def coco_document(records: Iterable[dict], label_files: Iterable[str | None] | N
                  "source": record["source"], "height": record["height"], "width": record["width"]}
         if label_file:
             entry["label_file"] = label_file
+        if record.get("frame") is not None:  # frames of one stack share its file_name
+            entry["frame"] = record["frame"]
         images.append(entry)
         for inst in record["instances"]:
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": 1, "iscrowd": 0,

@@ -2,6 +2,7 @@
 (bioimage.io, ilastik, deepImageJ, QuPath, napari), built and validated with `bioimageio.spec`/`core`.
 
     python -m export bioimageio --model models/livecell-unet.onnx --out dist/livecell-unet.bioimageio.zip
+    # to publish: add --maintainer GITHUB_USER (bioimage.io's `maintainers`; the project has no account)
 
 Weights: the ONNX file itself, and TorchScript traced from the PyTorch weights saved beside it
 (`<model>.safetensors`, written by `python -m export`); the two are checked to agree before packaging.
@@ -47,7 +48,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image", type=Path, default=None,
                    help=f"test image (default: {TEST_IMAGE} under $CELLSEG_DATA or ../shared/data)")
     p.add_argument("--no-test", action="store_true", help="skip bioimageio.core's test of the written package")
+    p.add_argument("--maintainer", action="append", default=[], metavar="GITHUB_USER",
+                   help="GitHub account that answers for the package on bioimage.io (repeatable; bioimageio.spec "
+                        "checks that it exists, which needs the network). Without one, bioimageio.spec warns "
+                        "that maintainers are missing: the project has no such account of its own")
     return p.parse_args(argv)
+
+
+def maintainers(github_users: list[str]) -> list:
+    """bioimage.io Maintainer entries, each GitHub account checked by bioimageio.spec (before anything
+    slow runs): a name GitHub does not know, or no network to ask it, stops the export."""
+    import httpx
+    from bioimageio.spec.model.v0_5 import Maintainer
+
+    entries = []
+    for user in github_users:
+        try:
+            entries.append(Maintainer(github_user=user))
+        except (ValueError, httpx.HTTPError) as exc:
+            raise SystemExit(f"--maintainer {user}: bioimageio.spec could not confirm this GitHub account "
+                             f"(it asks api.github.com, so it needs the network): {exc}") from None
+    return entries
 
 
 def reference_tensors(model: OnnxModel, image_path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -126,7 +147,8 @@ Cite LIVECell (doi:{LIVECELL_DOI}) when using this model.
     return text
 
 
-def build_description(model_path: Path, workdir: Path, raw: np.ndarray, output: np.ndarray, torchscript: Path):
+def build_description(model_path: Path, workdir: Path, raw: np.ndarray, output: np.ndarray, torchscript: Path,
+                      maintainers: list | None = None):
     from bioimageio.spec.model.v0_5 import (
         Author,
         AxisId,
@@ -203,6 +225,7 @@ def build_description(model_path: Path, workdir: Path, raw: np.ndarray, output: 
         description="U-Net for instance segmentation of cells in label-free phase-contrast images: foreground, "
                     "boundary and distance maps for a seeded watershed. Trained on LIVECell and Kaggle-Sartorius.",
         authors=[Author(name="cellseg contributors")],
+        maintainers=maintainers or [],
         cite=[CiteEntry(text="Edlund C. et al. LIVECell—A large-scale dataset for label-free live cell segmentation. "
                              "Nature Methods 18, 1038–1045 (2021)", doi=Doi(LIVECELL_DOI))],
         license=LicenseId("CC-BY-NC-4.0"),
@@ -238,6 +261,7 @@ def main(argv=None) -> int:
     if not image.is_file():
         raise SystemExit(f"test image not found: {image} (pass --image or set CELLSEG_DATA)")
     refuse_output_over_inputs(args.out, [args.model, weights, image])
+    package_maintainers = maintainers(args.maintainer)
     model = OnnxModel(args.model)
     raw, output = reference_tensors(model, image)
     with tempfile.TemporaryDirectory() as tmp:
@@ -250,7 +274,7 @@ def main(argv=None) -> int:
         print(f"TorchScript vs ONNX Runtime on {image.name}: max |difference| = {diff:.2e}")
         if diff > TORCHSCRIPT_TOLERANCE:
             raise SystemExit(f"{weights} does not match {args.model} (max difference {diff:.2e}): re-export both")
-        description = build_description(args.model, workdir, raw, output, torchscript)
+        description = build_description(args.model, workdir, raw, output, torchscript, package_maintainers)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         save_bioimageio_package(description, output_path=args.out)
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB)")

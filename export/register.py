@@ -94,8 +94,14 @@ def main(argv=None) -> int:
             raise SystemExit(f"int8 model not found: {int8}")
         int8 = None
     model, created = register(args.model, args.name, int8)
-    meta = model.info.metadata
-    print(json.dumps({"tag": str(model.tag), "created": created, "sha256": meta["sha256"],
-                      "precisions": sorted(meta["variants"]), "default_precision": meta["default_precision"],
-                      "path": model.path}))
+    print(json.dumps(summary(model, created)))
     return 0
+
+
+def summary(model, created: bool) -> dict:
+    """What `register` prints: the sha256 of each precision's file, and which precision the service
+    runs by default, whose file's sha256 is the `model.sha256` of its answers."""
+    meta = model.info.metadata
+    return {"tag": str(model.tag), "created": created,
+            "sha256": {precision: variant["sha256"] for precision, variant in sorted(meta["variants"].items())},
+            "default_precision": meta["default_precision"], "path": model.path}

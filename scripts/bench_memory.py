@@ -4,8 +4,9 @@
     python scripts/bench_memory.py --json docs/bench_memory.json
 
 Measures the summed RSS of the serve process tree: idle; peak during one 704x520 LIVECell request;
-steady and peak under 16 concurrent LIVECell clients; peak during one 4000x4000 request; and after
-it, once the service is idle again (memory returned or kept).
+peak while it refuses hostile TIFFs (scripts/hostile_tiffs.py, and a 500 KB one whose tile really
+inflates to 512 MB: issue 18.1); steady and peak under 16 concurrent LIVECell clients; peak during
+one 4000x4000 request; and after it, once the service is idle again (memory returned or kept).
 """
 
 from __future__ import annotations
@@ -121,13 +122,27 @@ def post(url: str, data: bytes, name: str) -> httpx.Response:
     return r
 
 
-def measure(url: str, pid: int, livecell_tif: bytes, big_png: bytes, clients: int = 16, rounds: int = 3) -> dict:
+def hostile_uploads() -> dict[str, bytes]:
+    """Name -> TIFF whose header asks the decoder for far more than its image needs; one of them
+    (500 KB) really inflates to its 512 MB tile, so a decoder that allocates it shows in the RSS."""
+    from hostile_tiffs import hostile_tiffs, tile_bomb
+
+    return {**hostile_tiffs(), "inflating_16384_tile": tile_bomb(16384, np.uint16, filled=True)}
+
+
+def measure(url: str, pid: int, livecell_tif: bytes, big_png: bytes, clients: int = 16, rounds: int = 3,
+            hostile: dict[str, bytes] | None = None) -> dict:
     mb = lambda b: round(b / 2**20)  # noqa: E731
     out: dict = {"idle_mb": mb(settle(pid, 2))}
     idle_by_process = {k: mb(v) for k, v in process_rss(pid).items()}
     with PeakSampler(pid) as s:
         post(url, livecell_tif, "one.tif")
     out["one_704x520_peak_mb"] = mb(s.peak)
+    if hostile:
+        with PeakSampler(pid) as s:
+            statuses = {name: httpx.post(f"{url}/mask", files={"image": (f"{name}.tif", data)}, timeout=120).status_code
+                        for name, data in hostile.items()}
+        out.update({"hostile_tiffs_peak_mb": mb(s.peak), "hostile_tiffs_statuses": statuses})
     with PeakSampler(pid) as s, ThreadPoolExecutor(clients) as pool:
         list(pool.map(lambda i: post(url, livecell_tif, f"{i}.tif"), range(clients * rounds)))
     steady = sorted(s.samples)[len(s.samples) // 2] if s.samples else 0
@@ -171,7 +186,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as home:
         proc, url = start_server(args.model, Path(home), {"CELLSEG_MAX_PIXELS": "16000000"})
         try:
-            result = measure(url, proc.pid, tif, big, clients=args.clients)
+            result = measure(url, proc.pid, tif, big, clients=args.clients, hostile=hostile_uploads())
         finally:
             stop_server(proc)
     result["machine"] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),

@@ -2,11 +2,13 @@
 
     python scripts/fewshot.py --type astro --k 1,3,10 --minutes 5 --json docs/fewshot_astro.json
 
-For each k, the first k images of the type in the project's validation split are written as a lab
-would hand them over (`X.png` + `X_masks.png`, 16-bit labels) and `python -m train finetune` runs on
-them with nothing held back (`--hold-out 0`). Base and fine-tuned models are then measured on
-`--test` other images of the type from the training split (a fixed, seeded sample): note that the
-base model was trained on those, so its "before" is if anything flattering. Each run's folder stays
+For each k, k images of the type (`--pool val`: the first k of the validation split; `--pool train`:
+a seeded draw from the training split) are written as a lab would hand them over (`X.png` +
+`X_masks.png`, 16-bit labels) and `python -m train finetune` runs on them with nothing held back
+(`--hold-out 0`). Base and fine-tuned models are then measured on `--test` images of the type from
+the other split (a fixed, seeded sample). With `--pool val` the shipped model was trained on the test
+images, so its "before" is flattering; `--pool train`, or a base that never saw the type
+(`--base-model`, trained with `python -m train --exclude-types TYPE`), measures on unseen images. Each run's folder stays
 under --work for inspection (model, metrics.json, MODEL_CARD.md).
 """
 
@@ -55,20 +57,30 @@ def main() -> int:
     p.add_argument("--type", required=True, help="cell type (e.g. astro, shsy5y, cort)")
     p.add_argument("--k", default="1,3,10", help="training-set sizes")
     p.add_argument("--minutes", type=float, default=5.0, help="fine-tuning budget per run")
-    p.add_argument("--test", type=int, default=12, help="images of the type measured on (training split)")
-    p.add_argument("--base-model", type=Path, default=default_model_path(), help="the base ONNX (before)")
+    p.add_argument("--test", type=int, default=12, help="images of the type measured on (from the other split)")
+    p.add_argument("--pool", choices=("val", "train"), default="val",
+                   help="split the k training images come from; the test images come from the other one. "
+                        "train: the test images are ones the shipped model never saw (validation)")
+    p.add_argument("--base-model", type=Path, default=default_model_path(),
+                   help="the base ONNX (before); its weights, <stem>.safetensors beside it, are fine-tuned")
     p.add_argument("--data", type=Path, default=default_data_root())
     p.add_argument("--work", type=Path, default=Path("runs/fewshot"))
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     import numpy as np
 
-    pool = [s for s in load_split(args.data, "val") if s.cell_type == args.type]
-    others = [s for s in load_split(args.data, "train") if s.cell_type == args.type]
+    test_split = "train" if args.pool == "val" else "val"
+    pool = [s for s in load_split(args.data, args.pool) if s.cell_type == args.type]
+    others = [s for s in load_split(args.data, test_split) if s.cell_type == args.type]
+    if args.pool == "train":  # fine-tune on a seeded draw of training images
+        pool = [pool[i] for i in np.random.default_rng(0).permutation(len(pool))]
     test = [others[i] for i in sorted(np.random.default_rng(0).choice(len(others), min(args.test, len(others)),
                                                                        replace=False))]
     images = [s.image() for s in test]
-    result = {"type": args.type, "test_images": [s.id for s in test], "base_model": str(args.base_model),
+    base_trained_on = set((OnnxModel(args.base_model).metadata.get("data_split") or {}).get("train") or [])
+    result = {"type": args.type, "pool": args.pool, "test_images": [s.id for s in test],
+              "test_images_the_base_trained_on": sum(s.id in base_trained_on for s in test),
+              "base_model": str(args.base_model),
               "before": measure(args.base_model, test, images), "runs": [], "machine": machine_description(),
               "command": "python scripts/fewshot.py " + " ".join(sys.argv[1:])}
     print(f"{args.type}: before {result['before']} on {len(test)} images", flush=True)
@@ -77,10 +89,11 @@ def main() -> int:
             print(f"k={k}: only {len(pool)} validation images of {args.type}; skipped", flush=True)
             continue
         run = args.work / f"{args.type}-k{k}"
-        write_lab_folder(pool[:k], run / "annotated")
+        write_lab_folder(pool[:k], run / args.type)  # the folder's name is the cell type in reports
         started = time.time()
-        subprocess.run([sys.executable, "-m", "train", "finetune", str(run / "annotated"), "--out", str(run / "model"),
-                        "--minutes", str(args.minutes), "--hold-out", "0", "--name", f"{args.type}-k{k}"],
+        subprocess.run([sys.executable, "-m", "train", "finetune", str(run / args.type), "--out", str(run / "model"),
+                        "--minutes", str(args.minutes), "--hold-out", "0", "--name", f"{args.type}-k{k}",
+                        "--base", str(args.base_model.with_suffix(".safetensors"))],
                        cwd=ROOT, check=True)
         minutes = round((time.time() - started) / 60, 1)
         row = {"k": k, "train_images": [s.id for s in pool[:k]], "minutes_total": minutes,

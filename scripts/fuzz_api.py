@@ -2,9 +2,11 @@
 
     python scripts/fuzz_api.py --url http://127.0.0.1:3000 --max-examples 200
 
-Every operation that takes an image (/segment, /mask, /overlay, /rois, /geojson, /report) gets schemathesis' generated junk
-*and*, in about half of the cases, a real image (PNG or TIFF, 8- or 16-bit, several sizes, cut from
-the real LIVECell demo image), so that successful segmentations are exercised too. The checks: no
+Every operation that takes an image (/segment, /mask, /overlay, /rois, /geojson, /report) gets schemathesis' generated junk,
+a real image (PNG or TIFF, 8- or 16-bit, several sizes, cut from the real LIVECell demo image), so
+that successful segmentations are exercised too, or a hostile TIFF (scripts/hostile_tiffs.py: tiles,
+strips, JPEG frames or header arrays far larger than the image; it must be refused, 400 or 413,
+without the decoder allocating what it declares), about a third each. The checks: no
 server error (5xx), every status code documented, every response body, content type and header
 conforming to the document. The service may refuse a schema-valid request (junk bytes are a valid
 "binary string" but not an image), so schemathesis' positive-data-acceptance check is not run.
@@ -29,6 +31,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 CHECKS = ("not_a_server_error,status_code_conformance,response_schema_conformance,"
           "content_type_conformance,response_headers_conformance")
@@ -57,21 +60,27 @@ def real_images(data_root: Path) -> list[bytes]:
     return out
 
 
+def hostile_images() -> list[bytes]:
+    """TIFFs whose header asks the decoder for far more memory than the image needs (issue 18.1)."""
+    from hostile_tiffs import hostile_tiffs
+
+    return list(hostile_tiffs().values())
+
+
 def _register_hooks() -> None:
     import schemathesis
     from hypothesis import strategies as st
 
     from cellseg.data import default_data_root
 
-    uploads = real_images(default_data_root())
-    if not uploads:
-        return
+    upload_sets = [images for images in (real_images(default_data_root()), hostile_images()) if images]
 
     @schemathesis.hook
     def flatmap_body(ctx, body):
         if not isinstance(body, dict) or "image" not in body:
             return st.just(body)
-        return st.one_of(st.just(body), st.sampled_from(uploads).map(lambda image: {**body, "image": image}))
+        uploads = [st.sampled_from(images).map(lambda image: {**body, "image": image}) for images in upload_sets]
+        return st.one_of(st.just(body), *uploads)
 
 
 if os.environ.get("SCHEMATHESIS_HOOKS", "").endswith("fuzz_api"):

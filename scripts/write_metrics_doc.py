@@ -111,17 +111,23 @@ def fewshot_section(paths: list[Path], target: Path | None) -> str:
 ## Fine-tuning on a lab's own images
 
 `python -m train finetune` on k images of one cell type, written as a lab would hand them over
-(`X.png` + `X_masks.png`), nothing held back; measured on other images of that type from the
-training split (the base model trained on those, so its "before" is if anything flattering).
-Thresholds: each model's own (the fine-tuned ones picked on their k training images).
+(`X.png` + `X_masks.png`), nothing held back; measured on other images of that type (each table
+says whether the base model trained on them: if it did, its "before" is flattering).
+Thresholds: each model's own (the fine-tuned ones picked on their k training images). Analysis in
+"Fine-tuning (issue 15): what the figures say" below.
 """
     runs = ([("target", json.loads(target.read_text()))] if target else []) + \
         [("curve", json.loads(path.read_text())) for path in paths]
     for kind, result in runs:
         b = result["before"]
-        title = "Target run (issue 15)" if kind == "target" else f"Few-shot curve: {result['type']}"
+        title = "Target run (issue 15)" if kind == "target" else "Few-shot curve"
+        seen = result.get("test_images_the_base_trained_on")
+        base = "the shipped model" if Path(result["base_model"]).name == "livecell-unet.onnx" else \
+            f"`{result['base_model']}`"
         text += f"""
-### {title}: {result['type']}, measured on {len(result['test_images'])} other images
+### {title}: {result['type']}, base {base}, measured on {len(result['test_images'])} other images ({
+    "unknown whether the base trained on them" if seen is None else
+    f"the base trained on {seen} of them" if seen else "none of which the base ever saw"})
 
 Command: `{result['command']}` ({result['machine']})
 

@@ -461,3 +461,232 @@ def test_a_job_of_an_earlier_version_resumes_and_a_bad_pixel_size_is_a_usage_err
             run(small_inputs, out, "--pixel-size", bad)
         assert exit_.value.code == 2
         assert "argument --pixel-size: pixel" in capsys.readouterr().err
+
+
+# Time-lapse stacks (issue 19): frames are images of their own; summary.csv and growth plots.
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def write_stack(path: Path, frames: int = 5, **kwargs) -> Path:
+    """A synthetic 16-bit time-lapse, 64x80 per frame, each frame a different brightness."""
+    import tifffile
+
+    tifffile.imwrite(path, np.stack([np.full((64, 80), 100 * (i + 1), np.uint16) for i in range(frames)]), **kwargs)
+    return path
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_a_stack_is_segmented_frame_by_frame_and_resumes_mid_stack(small_inputs, tmp_path, network_calls):
+    """Issue 19: a multi-page TIFF was refused. Now each frame is an image named <stem>_t0003 with every
+    output of its own; summary.csv has a row per image and frame, and the stack a growth plot."""
+    write_stack(small_inputs / "well.tif", frames=5, imagej=True, metadata={"axes": "TYX", "finterval": 1800})
+    out = tmp_path / "out"
+    assert run(small_inputs, out, "--formats", "labels,csv,coco,rois") == 0
+    frames = [f"well_t{i:04d}" for i in range(5)]
+    for name in frames:
+        assert Image.open(out / "labels" / f"{name}.png").size == (80, 64)
+        assert (out / "rois" / f"{name}.zip").is_file()
+    record = json.loads((out / "records" / "well_t0003.json").read_text())
+    assert (record["stack"], record["frame"], record["time_s"], record["count"]) == ("well", 3, 5400.0, 3)
+    assert record["source"].endswith("well.tif")
+    assert {row["image"] for row in read_csv(out / "cells.csv")} == {f"img{i}" for i in range(8)} | set(frames)
+    coco = json.loads((out / "instances.coco.json").read_text())
+    assert [image.get("frame") for image in coco["images"] if image["file_name"] == "well.tif"] == [0, 1, 2, 3, 4]
+
+    summary = read_csv(out / "summary.csv")
+    assert list(summary[0]) == ["image", "frame", "time_s", "count", "confluence_pct", "median_area_px",
+                                "median_area_um2"]
+    singles = [row for row in summary if row["frame"] == ""]
+    stack = [row for row in summary if row["image"] == "well"]
+    assert len(singles) == 8 and len(summary) == 8 + 5
+    assert [row["frame"] for row in stack] == ["0", "1", "2", "3", "4"]
+    assert [float(row["time_s"]) for row in stack] == [0, 1800, 3600, 5400, 7200]
+    # fake_labels: cells of 120, 440 and 300 px in a 64x80 image
+    assert stack[0]["count"] == "3" and float(stack[0]["median_area_px"]) == 300
+    assert float(stack[0]["confluence_pct"]) == pytest.approx(100 * 860 / (64 * 80), abs=1e-3)
+    assert stack[0]["median_area_um2"] == "" and singles[0]["time_s"] == ""  # no pixel size, no interval: empty
+    plot = (out / "plots" / "well_growth.png").read_bytes()
+    assert plot.startswith(PNG_SIGNATURE) and Image.open(out / "plots" / "well_growth.png").size[0] >= 600
+    assert sorted(p.name for p in (out / "plots").iterdir()) == ["well_growth.png"]  # plots for stacks only
+
+    # a killed job: frame 2's record is gone, so only frame 2 is segmented again
+    (out / "records" / "well_t0002.json").unlink()
+    network_calls.clear()
+    assert run(small_inputs, out, "--formats", "labels,csv,coco,rois") == 0
+    assert len(network_calls) == 1 and isinstance(network_calls[0], np.ndarray)  # a frame's own pixels
+    assert network_calls[0].dtype == np.uint16 and network_calls[0].max() == 300  # frame 2: 3 x 100
+    assert read_csv(out / "summary.csv") == summary
+    network_calls.clear()
+    assert run(small_inputs, out, "--formats", "labels,csv,coco,rois") == 0  # all done: nothing to segment
+    assert network_calls == []
+
+
+def test_job_json_is_the_same_with_stacks(small_inputs, tmp_path, network_calls):
+    """Stacks change what is segmented, not the settings: a folder of stacks resumes like any other."""
+    plain = tmp_path / "plain"
+    assert run(small_inputs, plain) == 0
+    write_stack(small_inputs / "well.tif")
+    with_stack = tmp_path / "with-stack"
+    assert run(small_inputs, with_stack) == 0
+    assert json.loads((with_stack / "job.json").read_text()) == json.loads((plain / "job.json").read_text())
+    assert run(small_inputs, plain) == 0  # a stack added to the inputs of a finished job: only it is done
+    assert len(list((plain / "records").glob("well_t*.json"))) == 5
+
+
+def test_stacks_that_are_not_time_lapses_are_reported_once(small_inputs, tmp_path, network_calls, capsys):
+    write_stack(small_inputs / "zstack.tif", frames=4, imagej=True, metadata={"axes": "ZYX"})
+    out = tmp_path / "out"
+    assert run(small_inputs, out) == 3
+    errors = json.loads((out / "errors.json").read_text())
+    assert len(errors) == 1 and errors[0]["path"].endswith("zstack.tif")
+    assert "ImageJ stack of 4 Z-slices: batch jobs take time-lapse stacks" in errors[0]["error"]
+    assert "zstack.tif: ImageJ stack of 4 Z-slices" in capsys.readouterr().err
+    assert len(network_calls) == 8 and not (out / "plots").exists()
+
+
+def test_output_names_of_stacks_never_collide_with_other_inputs(tmp_path):
+    from cellseg.batch import frame_name, output_names
+
+    assert frame_name("well", 3, 24) == "well_t0003" and frame_name("well", 12345, 20000) == "well_t12345"
+    stack, clash, other = tmp_path / "a" / "well.tif", tmp_path / "b" / "well_t0001.png", tmp_path / "c.png"
+    names = output_names([stack, clash, other], {stack: 3})
+    assert names[other] == "c"
+    assert names[stack].startswith("well-") and names[clash].startswith("well_t0001-")  # a path hash each
+    assert output_names([stack, other], {stack: 3}) == {stack: "well", other: "c"}
+
+
+def test_summary_csv_gives_um2_from_the_records_pixel_size():
+    """The pixel size comes from the record (`pixel_size`, set where a file states it): the median cell
+    area in µm² is written where it is known, and left empty elsewhere."""
+    from cellseg.summary import SUMMARY_FIELDS, summary_csv
+
+    cells = [{"area": a} for a in (100, 300, 200, 400)]
+    records = [
+        {"name": "a", "count": 4, "confluence": 12.5, "cells": cells,
+         "pixel_size": {"x_um": 0.5, "y_um": 0.25, "source": "tiff"}},
+        {"name": "well_t0001", "stack": "well", "frame": 1, "time_s": 0.0, "count": 0, "confluence": 0.0, "cells": [],
+         "pixel_size": {"x_um": 0.5, "y_um": 0.5, "source": "tiff"}},
+        {"name": "b", "count": 4, "confluence": 3.0, "cells": cells, "pixel_size": None},
+    ]
+    rows = list(csv.DictReader(summary_csv(records).decode().splitlines()))
+    assert list(rows[0]) == SUMMARY_FIELDS
+    assert rows[0] == {"image": "a", "frame": "", "time_s": "", "count": "4", "confluence_pct": "12.5",
+                       "median_area_px": "250.0", "median_area_um2": "31.25"}
+    assert rows[1] == {"image": "well", "frame": "1", "time_s": "0.0", "count": "0", "confluence_pct": "0.0",
+                       "median_area_px": "", "median_area_um2": ""}  # no cells: no median
+    assert rows[2]["median_area_um2"] == "" and rows[2]["median_area_px"] == "250.0"
+
+
+@pytest.mark.parametrize("kind", ["imagej", "ome"])
+def test_frames_of_a_calibrated_stack_carry_its_pixel_size(kind, tmp_path, network_calls):
+    """Units and stacks together: every frame's record has the stack's pixel size, read from the
+    stack's own metadata (ImageJ resolution + unit, OME PhysicalSizeX/Y), so cells.csv has µm columns
+    and summary.csv's median_area_um2 is median_area_px x x_um x y_um; --pixel-size overrides it
+    for every frame."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    if kind == "imagej":  # pixels 0.5 µm wide and 0.25 µm tall: x and y must not be mixed up
+        write_stack(inputs / "well.tif", frames=3, imagej=True, resolution=(1 / 0.5, 1 / 0.25),
+                    metadata={"axes": "TYX", "unit": "micron", "finterval": 600})
+        source = "ImageJ metadata"
+    else:
+        write_stack(inputs / "well.tif", frames=3, ome=True,
+                    metadata={"axes": "TYX", "PhysicalSizeX": 0.5, "PhysicalSizeY": 250,
+                              "PhysicalSizeYUnit": "nm", "TimeIncrement": 600, "TimeIncrementUnit": "s"})
+        source = "OME-TIFF metadata"
+    out = tmp_path / "out"
+    assert run(inputs, out) == 0
+    assert json.loads((out / "job.json").read_text())["pixel_size"] is None
+    found = records(out)
+    assert sorted(found) == ["well_t0000", "well_t0001", "well_t0002"]
+    for name, record in found.items():
+        assert record["pixel_size"] == {"x_um": 0.5, "y_um": 0.25, "source": source}, name
+        assert record["stack"] == "well" and record["time_s"] == 600.0 * record["frame"]
+        assert all(cell["area_um2"] == pytest.approx(cell["area"] * 0.125) for cell in record["cells"])
+    cells = read_csv(out / "cells.csv")
+    assert len(cells) == 9 and all(row["pixel_size_x_um"] == "0.5" and row["pixel_size_y_um"] == "0.25"
+                                   for row in cells)
+    summary = read_csv(out / "summary.csv")
+    assert [(row["image"], row["frame"]) for row in summary] == [("well", "0"), ("well", "1"), ("well", "2")]
+    for row in summary:
+        assert float(row["median_area_px"]) == 300  # fake_labels: cells of 120, 440 and 300 px
+        assert float(row["median_area_um2"]) == pytest.approx(float(row["median_area_px"]) * 0.5 * 0.25)
+
+    given = tmp_path / "given"
+    assert run(inputs, given, "--pixel-size", "0.2") == 0
+    assert json.loads((given / "job.json").read_text())["pixel_size"] == {
+        "x_um": 0.2, "y_um": 0.2, "source": "given (--pixel-size)"}
+    found = records(given)
+    assert len(found) == 3 and all(record["pixel_size"] == {"x_um": 0.2, "y_um": 0.2, "source": "given (--pixel-size)"}
+                                   for record in found.values())
+    assert [float(row["median_area_um2"]) for row in read_csv(given / "summary.csv")] == [
+        pytest.approx(300 * 0.2 * 0.2)] * 3
+
+
+def test_a_server_job_sends_each_frame_as_an_image_of_its_own(tmp_path, monkeypatch):
+    import cellseg.client
+
+    sent = []
+
+    class RecordingService(FakeService):
+        def segment(self, image, **kwargs):
+            sent.append(image)
+            return super().segment(image, **kwargs)
+
+    monkeypatch.setattr(cellseg.client, "Client", RecordingService)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    write_stack(inputs / "well.tif", frames=5, ome=True, metadata={"axes": "TYX", "TimeIncrement": 2, "TimeIncrementUnit": "h"})
+    out = tmp_path / "out"
+    assert run(inputs, out, "--server", "http://cellseg.example:3000", "--min-size", "30", "--concurrency", "2") == 0
+    frames = sent[1:]  # the first request asked the server for its settings
+    assert len(frames) == 5 and all(isinstance(image, np.ndarray) and image.shape == (64, 80) for image in frames)
+    assert sorted(int(image.max()) for image in frames) == [100, 200, 300, 400, 500]
+    assert {image.dtype for image in frames} == {np.dtype(np.uint16)}  # the file's own pixels, not float32
+    assert [float(row["time_s"]) for row in read_csv(out / "summary.csv")] == [0, 7200, 14400, 21600, 28800]
+    assert (out / "plots" / "well_growth.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+@pytest.mark.data
+def test_a_time_lapse_of_real_images_beside_single_images(tmp_path, demo_images, served_model):
+    """A 3-frame ImageJ time-lapse made of LIVECell demo images, in one job with a single image: each
+    frame's labels are the model's on that frame alone, summary.csv and the growth plot follow the
+    records, and a job that lost a frame's record redoes that frame only."""
+    import tifffile
+
+    from cellseg.imageio import decode_image, read_image
+
+    frames = [decode_image(p.read_bytes()) for p in demo_images[:3]]
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    tifffile.imwrite(inputs / "well.tif", np.stack(frames), imagej=True, metadata={"axes": "TYX", "finterval": 3600})
+    shutil.copy(demo_images[3], inputs / demo_images[3].name)
+    out = tmp_path / "out"
+    assert run(inputs, out) == 0
+    names = [f"well_t{i:04d}" for i in range(3)]
+    for name, frame in zip(names, frames):
+        labels = np.asarray(Image.open(out / "labels" / f"{name}.png"))
+        np.testing.assert_array_equal(labels, served_model.segment([read_image(frame)])[0].labels)
+    records = {name: json.loads((out / "records" / f"{name}.json").read_text()) for name in names}
+    summary = read_csv(out / "summary.csv")
+    assert [(row["image"], row["frame"], row["time_s"]) for row in summary] == [
+        (demo_images[3].stem, "", ""), ("well", "0", "0.0"), ("well", "1", "3600.0"), ("well", "2", "7200.0")]
+    for row, name in zip(summary[1:], names):
+        assert int(row["count"]) == records[name]["count"] > 0
+        assert float(row["confluence_pct"]) == records[name]["confluence"]
+        assert float(row["median_area_px"]) == np.median([cell["area"] for cell in records[name]["cells"]])
+    plot = out / "plots" / "well_growth.png"
+    assert plot.read_bytes().startswith(PNG_SIGNATURE) and Image.open(plot).size == (800, 550)
+
+    (out / "records" / "well_t0001.json").unlink()  # as if the job had been killed while writing frame 1
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "labels").glob("*.png")}
+    assert run(inputs, out) == 0
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "labels").glob("*.png")}
+    assert [name for name in before if after[name] != before[name]] == ["well_t0001.png"]
+    assert json.loads((out / "records" / "well_t0001.json").read_text()) == records["well_t0001"]
+    assert read_csv(out / "summary.csv") == summary

@@ -94,3 +94,47 @@ def test_output_over_an_input_is_refused_before_writing(tmp_path, out, demo_imag
     with pytest.raises(SystemExit, match="would overwrite the input"):
         main(["--model", str(model), "--out", str(target), "--image", str(demo_images[-1]), "--no-test"])
     assert model.read_bytes() == before
+
+
+def test_maintainers_go_into_the_package(tmp_path, model_path):
+    """bioimage.io asks for a GitHub account that answers for a package: `--maintainer` puts it in
+    the RDF's `maintainers`; without one the field stays empty (and bioimageio.spec warns). GitHub is
+    not asked here (no io checks), so the handle is a test value; the export itself checks it."""
+    spec = pytest.importorskip("bioimageio.spec")
+    from export.bioimageio import build_description, maintainers
+
+    torchscript = tmp_path / "weights.torchscript.pt"
+    torchscript.write_bytes(b"not read without io checks")
+    raw = np.random.default_rng(0).random((1, 1, 64, 64), np.float32)
+    output = np.random.default_rng(1).random((1, 3, 64, 64), np.float32)
+    rdfs = {}
+    with spec.ValidationContext(perform_io_checks=False):
+        for users in ([], ["cellseg-test-maintainer"]):
+            workdir = tmp_path / f"work{len(users)}"
+            workdir.mkdir()
+            description = build_description(model_path, workdir, raw, output, torchscript, maintainers(users))
+            package = tmp_path / f"package{len(users)}.zip"
+            spec.save_bioimageio_package(description, output_path=package)
+            with zipfile.ZipFile(package) as z:
+                rdfs[len(users)] = yaml.safe_load(z.read("rdf.yaml"))
+    assert not rdfs[0].get("maintainers")
+    assert rdfs[1]["maintainers"] == [{"github_user": "cellseg-test-maintainer"}]
+
+
+def test_a_maintainer_github_cannot_confirm_stops_the_export_at_once(tmp_path, model_path, monkeypatch):
+    """Offline (every request sent to a dead proxy), `--maintainer` cannot be checked: the export
+    stops before its slow steps with a message saying why, instead of an httpx traceback."""
+    pytest.importorskip("bioimageio.spec")
+    from export.bioimageio import main
+
+    dead = "http://127.0.0.1:9"
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, dead)
+    monkeypatch.setenv("NO_PROXY", "")
+    monkeypatch.setenv("no_proxy", "")
+    image = tmp_path / "image.tif"
+    image.write_bytes(b"never read")
+    with pytest.raises(SystemExit, match="--maintainer cellseg-test-maintainer: .*needs the network"):
+        main(["--model", str(model_path), "--image", str(image), "--out", str(tmp_path / "p.zip"),
+              "--maintainer", "cellseg-test-maintainer", "--no-test"])
+    assert not (tmp_path / "p.zip").exists()

@@ -60,6 +60,11 @@ def test_register_is_idempotent_and_records_what_inference_needs(tmp_path, model
         assert {"ap50", "msa"} <= set(variant["metrics"])
     assert meta["metadata"]["default_precision"] == default_precision(
         variants["fp32"]["metrics"], variants.get("int8", {}).get("metrics"))
+    # the printed summary names each precision's file sha256 and the default (answers carry the
+    # default's sha256 as model.sha256; a single "sha256" used to be fp32's while int8 was served)
+    files = {"fp32": model_path, "int8": int8} if int8.is_file() else {"fp32": model_path}
+    assert first["sha256"] == {precision: sha256_file(path) for precision, path in files.items()}
+    assert first["default_precision"] == meta["metadata"]["default_precision"] in first["sha256"]
 
 
 def test_int8_is_the_default_only_within_tolerance():

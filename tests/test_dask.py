@@ -8,6 +8,7 @@ import signal
 import threading
 import time
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -81,10 +82,8 @@ def test_bad_cluster_specs_are_usage_errors(inputs, tmp_path, capsys):
 
 def test_a_given_pixel_size_reaches_the_workers_records(tmp_path, monkeypatch):
     """Issue 19: --pixel-size travels with each task; a worker's record carries it (no cluster needed)."""
-    import numpy as np
-
     import cellseg.dask_backend
-    from cellseg.batch import Result
+    from cellseg.batch import Item, Result
     from cellseg.pixelsize import parse_pixel_size
 
     def fake_segmenter(*args):
@@ -98,7 +97,27 @@ def test_a_given_pixel_size_reaches_the_workers_records(tmp_path, monkeypatch):
     image = tmp_path / "a.png"
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(image)
     size = parse_pixel_size("0.5,0.25")
-    _, outputs = cellseg.dask_backend._task(image, "a", "model.onnx", "0" * 64, {}, False, ("geojson",), size)
+    _, outputs = cellseg.dask_backend._task(Item(image, "a"), "model.onnx", "0" * 64, {}, False, ("geojson",), size)
     record = json.loads(outputs.record_json)
     assert record["pixel_size"] == {"x_um": 0.5, "y_um": 0.25, "source": "given (--pixel-size)"}
     assert record["cells"][0]["area_um2"] == 200 * 0.125
+
+
+def test_a_time_lapse_on_dask_equals_the_local_run(tmp_path, demo_images):
+    """One task per frame, each reading only its frame: the same files as a local run."""
+    import tifffile
+
+    from cellseg.imageio import decode_image
+
+    stack = tmp_path / "well.tif"
+    tifffile.imwrite(stack, np.stack([decode_image(p.read_bytes()) for p in demo_images[:3]]), imagej=True,
+                     metadata={"axes": "TYX", "finterval": 600})
+    local, dask = tmp_path / "local", tmp_path / "dask"
+    assert main(["segment", str(stack), "--out", str(local), "--quiet"]) == 0
+    assert main(["segment", str(stack), "--out", str(dask), "--dask", "local:1", "--quiet"]) == 0
+    names = sorted(p.name for p in (local / "labels").glob("*.png"))
+    assert names == ["well_t0000.png", "well_t0001.png", "well_t0002.png"]
+    for name in names:
+        assert (local / "labels" / name).read_bytes() == (dask / "labels" / name).read_bytes(), name
+    assert (local / "summary.csv").read_bytes() == (dask / "summary.csv").read_bytes()
+    assert (dask / "plots" / "well_growth.png").is_file()

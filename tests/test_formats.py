@@ -133,14 +133,19 @@ def test_empty_image_gives_empty_outputs():
     assert qupath_geojson(empty)["features"] == []
 
 
-def check_lab_formats_round_trip(labels: np.ndarray, tmp_path) -> list[float]:
+def check_lab_formats_round_trip(labels: np.ndarray, tmp_path, collection: dict | None = None,
+                                 roi_zip: bytes | None = None) -> list[float]:
     """Per cell, the IoU of its GeoJSON geometry and of its ROI, filled back by pixel centres, with the
-    cell; every geometry must be valid. Filled in each cell's bounding box, so it takes seconds."""
+    cell; every geometry must be valid. The formats are written here from `labels`, or are the ones
+    given (a server's answers for the same labels). Filled in each cell's bounding box, so it takes
+    seconds."""
     from shapely.geometry import shape as to_shape
 
+    collection = qupath_geojson(labels) if collection is None else collection
+    roi_zip = imagej_roi_zip(labels) if roi_zip is None else roi_zip
     windows = ndi.find_objects(labels)
-    geometries = {f["properties"]["cell_id"]: to_shape(f["geometry"]) for f in qupath_geojson(labels)["features"]}
-    rois = {roi_cell_id(r): r for r in read_roi_set(imagej_roi_zip(labels), tmp_path)}
+    geometries = {f["properties"]["cell_id"]: to_shape(f["geometry"]) for f in collection["features"]}
+    rois = {roi_cell_id(r): r for r in read_roi_set(roi_zip, tmp_path)}
     cell_ids = [i for i, w in enumerate(windows, start=1) if w is not None]
     assert sorted(geometries) == sorted(rois) == cell_ids
     ious = []
@@ -172,13 +177,21 @@ def test_every_annotated_cell_round_trips(data_root, tmp_path):
 
 
 @pytest.mark.data
-def test_real_segmentation_round_trips(onnx_model, demo_images, tmp_path):
+@pytest.mark.parametrize("variant", ["onnx_model", "served_model"], ids=["fp32", "served"])
+def test_real_segmentation_round_trips(variant, request, demo_images, tmp_path):
+    """The cells the models find on every demo image, fp32 and the variant the service and batch jobs
+    run by default (int8 for the shipped model; the old outline tracer lost cell 57 of the A172 image
+    to IoU 0.945 there): both formats give back every cell exactly."""
     from cellseg.imageio import read_image
 
-    tif = next(p for p in demo_images if p.suffix == ".tif")
-    labels = onnx_model.segment([read_image(tif)])[0].labels
-    ious = check_lab_formats_round_trip(labels, tmp_path)
-    assert len(ious) == 2 * labels.max() and min(ious) == 1.0, sorted(ious)[:5]
+    model = request.getfixturevalue(variant)
+    worst = {}
+    for path in demo_images:
+        labels = model.segment([read_image(path)])[0].labels
+        ious = check_lab_formats_round_trip(labels, tmp_path)
+        assert len(ious) == 2 * len(np.unique(labels[labels > 0])), path.name
+        worst[path.name] = min(ious)
+    assert min(worst.values()) == 1.0, (model.path.name, worst)
 
 
 def test_label_png_refuses_more_cells_than_16_bits_hold():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 
@@ -253,10 +254,12 @@ def test_upload_over_the_byte_limit_is_refused_before_the_body_arrives(server):
 
 
 def test_multipage_tiff_gets_400(server):
+    """Issue 19: the service takes one 2-D image; its 400 says that batch jobs take time-lapse stacks."""
     buffer = io.BytesIO()
     tifffile.imwrite(buffer, np.zeros((5, 64, 64), np.uint16))
     r = post(server, "segment", files={"image": ("stack.tif", buffer.getvalue())})
     assert r.status_code == 400 and "multi-page TIFF (5 pages)" in r.json()["error"]
+    assert "batch jobs (`cellseg segment`) take time-lapse stacks" in r.json()["error"]
 
 
 def test_client_raises_with_server_message(client, tmp_path):
@@ -354,12 +357,18 @@ def test_fuzzing_finds_no_server_error_and_no_schema_break(server, tif):
     assert_still_serving(server)
 
 
-def test_lab_formats_from_the_service(client, server, tif, local_labels):
+def test_lab_formats_from_the_service(client, server, tif, local_labels, tmp_path):
+    """The served variant's (int8 for the shipped model) ROI set and GeoJSON, read back and filled by
+    pixel centres as ImageJ and QuPath fill them, give exactly the cells of its label image."""
     import zipfile
+
+    from test_formats import check_lab_formats_round_trip
 
     rois = client.rois(tif)
     names = zipfile.ZipFile(io.BytesIO(rois)).namelist()
     assert len(names) == local_labels.max() and names[0] == "cell-00001.roi"
+    ious = check_lab_formats_round_trip(local_labels, tmp_path, client.geojson(tif), rois)
+    assert min(ious) == 1.0, sorted(ious)[:5]
     collection = client.geojson(tif, min_size=500)
     assert collection["type"] == "FeatureCollection"
     assert 0 < len(collection["features"]) < local_labels.max()
@@ -416,6 +425,43 @@ def test_documented_answers_match_the_real_ones(server, tif):
             assert declared[media_type]["schema"].get("type") == "object" and isinstance(r.json(), dict), endpoint
         for status in ("400", "413", "415"):
             assert status in doc["paths"][f"/{endpoint}"]["post"]["responses"], (endpoint, status)
+
+
+def readme_example(heading: str, language: str) -> str:
+    """The first ```language block after `heading` in the README."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    after = text[text.index(f"\n{heading}\n"):]
+    start = after.index(f"```{language}\n") + len(language) + 4
+    return after[start: after.index("```", start)]
+
+
+def test_readme_examples_write_only_under_ignored_outputs(server, tif, tmp_path):
+    """The README's curl and Python-client examples, run as written (the server's URL and the image's
+    path substituted) from a fresh folder: they work, and write only under outputs/, which git ignores
+    (they used to write labels.png, RoiSet.zip, ... into the repository root)."""
+    import subprocess
+    import sys
+    import zipfile
+
+    readme_image = "../shared/data/demo/A172_Phase_A7_1_00d00h00m_1.tif"
+    for heading, language, command in (("### HTTP API", "bash", ["bash", "-e", "-c"]),
+                                       ("### Python client", "python", [sys.executable, "-c"])):
+        code = readme_example(heading, language)
+        assert readme_image in code and "http://localhost:3000" in code, heading
+        code = code.replace(readme_image, str(tif)).replace("http://localhost:3000", server.rstrip("/"))
+        run = subprocess.run([*command, code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert run.returncode == 0, (heading, run.stderr[-2000:])
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert written == [f"outputs/{name}" for name in
+                       ("RoiSet.zip", "cells.geojson", "fg.png", "labels.png", "overlay.png")], written
+    for name in ("labels.png", "fg.png", "overlay.png"):
+        assert (tmp_path / "outputs" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert zipfile.ZipFile(tmp_path / "outputs" / "RoiSet.zip").namelist()[0] == "cell-00001.roi"
+    assert json.loads((tmp_path / "outputs" / "cells.geojson").read_text())["type"] == "FeatureCollection"
+    if (REPO / ".git").exists():  # a checkout, not an unpacked copy
+        ignored = subprocess.run(["git", "check-ignore", "-q", "outputs/labels.png"], cwd=REPO)
+        assert ignored.returncode == 0, "outputs/ is not ignored by git"
 
 
 @pytest.mark.parametrize("error", ["RemoteProtocolError", "ReadError", "ReadTimeout", "unicode", "key"])

@@ -68,6 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--max-images", type=int, default=None,
                    help="use only the first N images of each split (quick smoke runs; not for real training)")
+    p.add_argument("--exclude-types", default=None,
+                   help="cell types left out of training and validation (comma-separated, e.g. astro): a base "
+                        "that never saw a type, to measure fine-tuning on one (scripts/fewshot.py --base)")
     p.add_argument("--resume", type=Path, help="checkpoint to continue from (its config wins)")
     return p.parse_args(argv)
 
@@ -125,8 +128,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False) if args.resume else None
-    train_samples = load_split(args.data, args.train_split)[: args.max_images]
-    val_samples = load_split(args.data, args.val_split)[: args.max_images]
+    excluded = set(args.exclude_types.split(",")) if args.exclude_types else set()
+    train_samples = [s for s in load_split(args.data, args.train_split) if s.cell_type not in excluded][: args.max_images]
+    val_samples = [s for s in load_split(args.data, args.val_split) if s.cell_type not in excluded][: args.max_images]
     config = checkpoint["config"] if checkpoint else make_config(
         args, [s.id for s in train_samples], [s.id for s in val_samples])
     if checkpoint and args.minutes:
