@@ -7,8 +7,10 @@ float) or colour layout (grayscale, RGB, RGBA) of the input.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
+import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,35 +88,36 @@ def _decode_tiff(data: bytes, max_pixels: int) -> np.ndarray:
     _check_tiff_directories(data)
     try:
         with tifffile.TiffFile(io.BytesIO(data)) as tif:
-            page = _single_page(tif)
-            # Only header fields here: nothing is decompressed until every limit has passed.
-            if page.imagedepth > 1:
-                raise ImageError(f"TIFF page is a {page.imagedepth}-plane volume; send one 2-D image per file")
-            samples = int(page.samplesperpixel)
-            if samples > 4:
-                raise ImageError(f"TIFF has {samples} samples per pixel; expected gray, RGB or RGBA")
-            _check_size(int(page.imagelength), int(page.imagewidth), max_pixels, decoded_bytes=int(page.nbytes))
-            workers = _check_tiff_segments(page, data, max_pixels * MAX_BYTES_PER_PIXEL)
-            if int(page.compression) == _LZW:
-                return _decode_lzw_with_libtiff(page, data)
-            return np.asarray(page.asarray(maxworkers=workers))
+            return _decode_tiff_page(_single_page(tif), data, max_pixels, io.BytesIO(data))
     except ImageError:
         raise
     except Exception as exc:  # tifffile raises many types for corrupt files
         raise ImageError(f"could not decode TIFF (truncated or corrupt?): {exc}") from exc
 
 
+def _decode_tiff_page(page: tifffile.TiffPage, data, max_pixels: int, source, frame: int = 0) -> np.ndarray:
+    """One page's pixels, once every limit has passed from its header (sizes, every buffer the
+    decoder allocates); LZW through libtiff. `data`: the file's bytes (or an mmap of it); `source`:
+    the file again, for Pillow (a path or a file object); `frame`: the page's index."""
+    _check_tiff_page(page, max_pixels)
+    workers = _check_tiff_segments(page, data, max_pixels * MAX_BYTES_PER_PIXEL)
+    if int(page.compression) == _LZW:
+        return _decode_lzw_with_libtiff(page, source, frame)
+    return np.asarray(page.asarray(maxworkers=workers))
+
+
 _LZW = 5
 
 
-def _decode_lzw_with_libtiff(page: tifffile.TiffPage, data: bytes) -> np.ndarray:
+def _decode_lzw_with_libtiff(page: tifffile.TiffPage, source, frame: int = 0) -> np.ndarray:
     """An LZW page decoded by libtiff (through Pillow) instead of imagecodecs, whose LZW decoder
     (2026.3.6) crashes the whole process on a code not yet in its table: the four bytes 80 7F 20 50
     in a strip took a service worker down. libtiff refuses such a stream with an error, decodes
     LIVECell's LZW TIFFs as fast, and is fuzzed continuously (OSS-Fuzz). A layout Pillow reads
     differently from tifffile (other shape or dtype, e.g. 16-bit RGB) is refused rather than guessed."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(source) as img:
+            img.seek(frame)
             img.load()
             array = pil_to_array(img)
     except Exception as exc:
@@ -168,21 +171,24 @@ class _TiffLayout(NamedTuple):
         return struct.unpack_from(fmt, data, position)[0]
 
 
-def _check_tiff_directories(data: bytes) -> None:
+def _check_tiff_directories(data, max_pages: int = MAX_TIFF_PAGES, frame: int = 0) -> None:
+    """The chain of directories and the values of those tifffile reads (the first two, and the
+    frame's), before tifffile opens the file. `data`: its bytes, or an mmap of it."""
     layout = _TiffLayout.of(data)
-    directories = _tiff_directory_offsets(data, layout)
-    if len(directories) > MAX_TIFF_PAGES:
-        raise ImageError(f"multi-page TIFF (more than {MAX_TIFF_PAGES:,} pages): send one 2-D image per file")
-    for offset in directories[:2]:
+    directories = _tiff_directory_offsets(data, layout, max_pages)
+    if len(directories) > max_pages:
+        raise ImageError(f"multi-page TIFF (more than {max_pages:,} pages): send one 2-D image per file"
+                         if max_pages == MAX_TIFF_PAGES else f"stack of more than {max_pages:,} frames")
+    for offset in {*directories[:2], *directories[frame:frame + 1]}:
         _check_tiff_directory_values(data, layout, offset)
 
 
-def _tiff_directory_offsets(data: bytes, layout: _TiffLayout) -> list[int]:
+def _tiff_directory_offsets(data, layout: _TiffLayout, max_pages: int = MAX_TIFF_PAGES) -> list[int]:
     """Where the file's directories start, following the chain as tifffile does (it stops at a
-    zero offset, one past the file, or an unreadable directory), up to one past MAX_TIFF_PAGES."""
+    zero offset, one past the file, or an unreadable directory), up to one past `max_pages`."""
     offsets: list[int] = []
     offset = layout.read(data, layout.offset, 4 if layout.offset == "I" else 8) or 0
-    while 0 < offset < len(data) and len(offsets) <= MAX_TIFF_PAGES:
+    while 0 < offset < len(data) and len(offsets) <= max_pages:
         if offset in offsets:  # tifffile misses loops of 100+
             raise ImageError("corrupt TIFF: its chain of image directories loops back on itself")
         entries = layout.read(data, layout.entry_count, offset)
@@ -495,6 +501,26 @@ class StackInfo:
 SINGLE_IMAGE = StackInfo(frames=1)
 
 
+# A stack's frames are read one by one, each checked as a single image, so a batch job takes more
+# pages than the service (MAX_TIFF_PAGES); the bound keeps walking the chain of directories cheap.
+MAX_STACK_FRAMES = 10_000
+
+
+@contextlib.contextmanager
+def _mapped(path: str | Path):
+    """The file's bytes as a read-only memory map: header checks read what they need of a
+    multi-gigabyte stack without loading it."""
+    with open(path, "rb") as fh:
+        try:
+            data = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        except ValueError:  # an empty file cannot be mapped
+            raise ImageError(f"empty file: {path}") from None
+        try:
+            yield data
+        finally:
+            data.close()
+
+
 def stack_info(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> StackInfo:
     """A file as a batch job reads it: a single image (anything but a multi-page TIFF) or a time-lapse
     stack whose pages are its frames. Only headers are read. Raises ImageError for a stack that is not
@@ -507,10 +533,12 @@ def stack_info(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> StackI
         if fh.read(4) not in _TIFF_MAGIC:
             return SINGLE_IMAGE
     try:
-        with tifffile.TiffFile(path) as tif:
-            if len(tif.pages) <= 1:
-                return SINGLE_IMAGE  # decoding says what else may be wrong with it
-            return _time_lapse_info(tif, max_pixels)
+        with _mapped(path) as data:
+            _check_tiff_directories(data, MAX_STACK_FRAMES)  # a looping chain made counting pages endless
+            with tifffile.TiffFile(path) as tif:
+                if len(tif.pages) <= 1:
+                    return SINGLE_IMAGE  # decoding says what else may be wrong with it
+                return _time_lapse_info(tif, max_pixels)
     except ImageError:
         raise
     except Exception as exc:  # tifffile raises many types for corrupt files
@@ -602,19 +630,21 @@ def read_frame(path: str | Path, frame: int, max_pixels: int = DEFAULT_MAX_PIXEL
     """Frame `frame` (0-based) of a time-lapse stack (see `stack_info`), in the file's own dtype and
     channels: only that page is decoded, never the whole stack, after the checks a single image has."""
     try:
-        with tifffile.TiffFile(path) as tif:
-            try:
-                if frame < 0:
-                    raise IndexError(frame)
-                page = tif.pages[frame]
-            except IndexError:
-                raise ImageError(f"the stack has no frame {frame} (it has {len(tif.pages)} pages)") from None
-            first = tif.pages.first
-            if (page.shape, page.dtype) != (first.shape, first.dtype):
-                raise ImageError(f"frame {frame} is {page.shape} {page.dtype} where frame 0 is {first.shape} "
-                                 f"{first.dtype}: a time-lapse's frames must all have one size and type")
-            _check_tiff_page(page, max_pixels)
-            return np.asarray(page.asarray())
+        with _mapped(path) as data:
+            _check_tiff_directories(data, MAX_STACK_FRAMES, max(frame, 0))
+            with tifffile.TiffFile(path) as tif:
+                try:
+                    if frame < 0:
+                        raise IndexError(frame)
+                    page = tif.pages[frame]
+                except IndexError:
+                    raise ImageError(f"the stack has no frame {frame} (it has {len(tif.pages)} pages)") from None
+                first = tif.pages.first
+                if (page.shape, page.dtype) != (first.shape, first.dtype):
+                    raise ImageError(f"frame {frame} is {page.shape} {page.dtype} where frame 0 is {first.shape} "
+                                     f"{first.dtype}: a time-lapse's frames must all have one size and type")
+                # the same limits, buffer bounds and LZW decoder as a single image
+                return _decode_tiff_page(page, data, max_pixels, str(path), frame)
     except ImageError:
         raise
     except Exception as exc:  # tifffile raises many types for corrupt files

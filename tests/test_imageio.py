@@ -564,3 +564,41 @@ def test_frames_have_the_limits_of_single_images_and_are_decoded_one_at_a_time(t
     assert decoded == [4]  # that page alone: never the whole stack
     with pytest.raises(ImageError, match="no frame 6"):
         read_frame(path, 6)
+
+
+def stack_apart(path: Path, call: str, seconds: int = 60) -> str:
+    """'ErrorName: message' (or 'ok') from a stack reader in a child process, limited in time."""
+    probe = ("import sys\nfrom cellseg.imageio import read_frame, stack_info\n"
+             f"try:\n    {call}\n    print('ok')\n"
+             "except Exception as exc:\n    print(f'{type(exc).__name__}: {exc}')\n")
+    try:
+        out = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True,
+                             timeout=seconds, env={**os.environ, "PYTHONPATH": str(REPO)})
+    except subprocess.TimeoutExpired:
+        return f"still reading after {seconds} s"
+    return (out.stdout.strip().splitlines() or [f"exit {out.returncode}: {out.stderr[-300:]}"])[-1]
+
+
+def test_stack_frames_get_the_single_image_checks(tmp_path):
+    """Batch jobs read stacks frame by frame with their own reader: it counted pages of a looping
+    chain forever, decoded LZW with the decoder that crashes, and allocated declared tiles unchecked."""
+    looping = tmp_path / "looping.tif"
+    looping.write_bytes(hostile.looped_directories(150))
+    assert stack_apart(looping, "stack_info(sys.argv[1])").startswith("ImageError: corrupt TIFF: its chain")
+
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, np.zeros((2, 64, 64), np.uint8), compression="lzw")
+    data = bytearray(buffer.getvalue())
+    with tifffile.TiffFile(io.BytesIO(bytes(data))) as tif:
+        offset = tif.pages[1].dataoffsets[0]
+    data[offset:offset + 4] = bytes.fromhex("807f2050")  # the code imagecodecs crashed on
+    crashing = tmp_path / "crashing.tif"
+    crashing.write_bytes(bytes(data))
+    assert stack_apart(crashing, "read_frame(sys.argv[1], 0)") == "ok"
+    assert stack_apart(crashing, "read_frame(sys.argv[1], 1)").startswith("ImageError: could not decode LZW TIFF")
+
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, np.zeros((2, 64, 64), np.uint8), tile=(64, 64))
+    bomb = tmp_path / "tile_bomb.tif"
+    bomb.write_bytes(hostile.patch_tags(buffer.getvalue(), {322: 32768, 323: 32768}))
+    assert stack_apart(bomb, "read_frame(sys.argv[1], 0)").startswith("ImageTooLargeError: TIFF declares 32768x32768 tiles")
