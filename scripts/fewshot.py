@@ -96,7 +96,8 @@ def main() -> int:
                         "--base", str(args.base_model.with_suffix(".safetensors"))],
                        cwd=ROOT, check=True)
         minutes = round((time.time() - started) / 60, 1)
-        row = {"k": k, "train_images": [s.id for s in pool[:k]], "minutes_total": minutes,
+        steps = json.loads((run / "model" / "metrics.json").read_text())["training"]["steps"]
+        row = {"k": k, "train_images": [s.id for s in pool[:k]], "minutes_total": minutes, "steps": steps,
                "after_fp32": measure(run / "model" / "model.onnx", test, images),
                "after_int8": measure(run / "model" / "model.int8.onnx", test, images)}
         result["runs"].append(row)

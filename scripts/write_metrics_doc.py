@@ -131,12 +131,14 @@ Thresholds: each model's own (the fine-tuned ones picked on their k training ima
 
 Command: `{result['command']}` ({result['machine']})
 
-| k images | minutes in all | AP50 before → after (int8) | mSA before → after (int8) | AP75 after | count error |
+| k images | minutes (steps of 8 crops) | AP50 before → after (int8) | mSA before → after (int8) | AP75 | count error |
 |---|---|---|---|---|---|
 """
         for run in result["runs"]:
             a, q = run["after_fp32"], run["after_int8"]
-            text += (f"| {run['k']} | {run['minutes_total']} | {b['ap50']:.3f} → **{a['ap50']:.3f}** ({q['ap50']:.3f}) | "
+            steps = run.get("steps", "?")
+            text += (f"| {run['k']} | {run['minutes_total']} ({steps}) | "
+                     f"{b['ap50']:.3f} → **{a['ap50']:.3f}** ({q['ap50']:.3f}) | "
                      f"{b['msa']:.3f} → **{a['msa']:.3f}** ({q['msa']:.3f}) | {a['ap75']:.3f} | "
                      f"{b['count_error']:.2f} → {a['count_error']:.2f} |\n")
     return text
