@@ -461,6 +461,8 @@ def declared_pixels(path: str | Path) -> int | None:
     try:
         with open(path, "rb") as fh:
             if fh.read(4) in _TIFF_MAGIC:
+                with _mapped(path) as data:  # tifffile reads nothing a hostile header could inflate
+                    _check_tiff_directories(data)
                 with tifffile.TiffFile(path) as tif:
                     page = tif.pages.first
                     return int(page.imagelength) * int(page.imagewidth)

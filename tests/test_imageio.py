@@ -602,3 +602,20 @@ def test_stack_frames_get_the_single_image_checks(tmp_path):
     bomb = tmp_path / "tile_bomb.tif"
     bomb.write_bytes(hostile.patch_tags(buffer.getvalue(), {322: 32768, 323: 32768}))
     assert stack_apart(bomb, "read_frame(sys.argv[1], 0)").startswith("ImageTooLargeError: TIFF declares 32768x32768 tiles")
+
+
+@pytest.mark.parametrize("name", ["one_offset_array_read_500_times", "2_million_strip_byte_counts"])
+def test_the_size_peek_for_admission_reads_no_hostile_header(name, hostile_tiffs, tmp_path):
+    """The service sizes a request from its header before admitting it (declared_pixels): that peek
+    opened the file with tifffile before any header check, and these headers took 192 MB and 84 MB."""
+    from cellseg.imageio import declared_pixels
+
+    path = tmp_path / "hostile.tif"
+    path.write_bytes(hostile_tiffs[name])
+    tracemalloc.start()
+    try:
+        assert declared_pixels(path) is None
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, f"{peak:,} bytes allocated to read a size"
