@@ -233,21 +233,27 @@ def test_tiff_headers_asking_for_huge_buffers_are_refused_before_allocating(name
 NEVER_ENDING_BEFORE = {"directories_looping_after_150_pages", "lzw_code_not_yet_in_table"}
 
 
-def decode_apart(data: bytes, tmp_path: Path, seconds: int = 60, memory: int = 2 << 30) -> str:
-    """'ErrorName: message' (or 'decoded') from decode_image in a child process."""
-    path = tmp_path / "apart.tif"
-    path.write_bytes(data)
+def run_apart(call: str, path: Path, seconds: int = 60, memory: int = 2 << 30) -> str:
+    """'ErrorName: message' (or 'ok') from `call` (reading sys.argv[1] = `path`) in a child process
+    limited in time and memory, so a decoder that hangs or crashes fails the test, not the run."""
     probe = ("import resource, sys\n"
              f"resource.setrlimit(resource.RLIMIT_AS, ({memory}, {memory}))\n"
-             "from cellseg.imageio import decode_image\n"
-             "try:\n    decode_image(open(sys.argv[1], 'rb').read())\n    print('decoded')\n"
+             "from cellseg.imageio import decode_image, read_frame, stack_info\n"
+             f"try:\n    {call}\n    print('ok')\n"
              "except Exception as exc:\n    print(f'{type(exc).__name__}: {exc}')\n")
     try:
         out = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True,
                              timeout=seconds, env={**os.environ, "PYTHONPATH": str(REPO)})
     except subprocess.TimeoutExpired:
-        return f"still decoding after {seconds} s"
-    return (out.stdout.strip().splitlines() or [out.stderr[-500:]])[-1]
+        return f"still reading after {seconds} s"
+    return (out.stdout.strip().splitlines() or [f"exit {out.returncode}: {out.stderr[-500:]}"])[-1]
+
+
+def decode_apart(data: bytes, tmp_path: Path, seconds: int = 60, memory: int = 2 << 30) -> str:
+    """'ErrorName: message' (or 'ok') from decode_image in a child process."""
+    path = tmp_path / "apart.tif"
+    path.write_bytes(data)
+    return run_apart("decode_image(open(sys.argv[1], 'rb').read())", path, seconds, memory)
 
 
 def test_every_hostile_tiff_has_an_expected_refusal(hostile_tiffs):
@@ -566,25 +572,12 @@ def test_frames_have_the_limits_of_single_images_and_are_decoded_one_at_a_time(t
         read_frame(path, 6)
 
 
-def stack_apart(path: Path, call: str, seconds: int = 60) -> str:
-    """'ErrorName: message' (or 'ok') from a stack reader in a child process, limited in time."""
-    probe = ("import sys\nfrom cellseg.imageio import read_frame, stack_info\n"
-             f"try:\n    {call}\n    print('ok')\n"
-             "except Exception as exc:\n    print(f'{type(exc).__name__}: {exc}')\n")
-    try:
-        out = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True,
-                             timeout=seconds, env={**os.environ, "PYTHONPATH": str(REPO)})
-    except subprocess.TimeoutExpired:
-        return f"still reading after {seconds} s"
-    return (out.stdout.strip().splitlines() or [f"exit {out.returncode}: {out.stderr[-300:]}"])[-1]
-
-
 def test_stack_frames_get_the_single_image_checks(tmp_path):
     """Batch jobs read stacks frame by frame with their own reader: it counted pages of a looping
     chain forever, decoded LZW with the decoder that crashes, and allocated declared tiles unchecked."""
     looping = tmp_path / "looping.tif"
     looping.write_bytes(hostile.looped_directories(150))
-    assert stack_apart(looping, "stack_info(sys.argv[1])").startswith("ImageError: corrupt TIFF: its chain")
+    assert run_apart("stack_info(sys.argv[1])", looping).startswith("ImageError: corrupt TIFF: its chain")
 
     buffer = io.BytesIO()
     tifffile.imwrite(buffer, np.zeros((2, 64, 64), np.uint8), compression="lzw")
@@ -594,14 +587,14 @@ def test_stack_frames_get_the_single_image_checks(tmp_path):
     data[offset:offset + 4] = bytes.fromhex("807f2050")  # the code imagecodecs crashed on
     crashing = tmp_path / "crashing.tif"
     crashing.write_bytes(bytes(data))
-    assert stack_apart(crashing, "read_frame(sys.argv[1], 0)") == "ok"
-    assert stack_apart(crashing, "read_frame(sys.argv[1], 1)").startswith("ImageError: could not decode LZW TIFF")
+    assert run_apart("read_frame(sys.argv[1], 0)", crashing) == "ok"
+    assert run_apart("read_frame(sys.argv[1], 1)", crashing).startswith("ImageError: could not decode LZW TIFF")
 
     buffer = io.BytesIO()
     tifffile.imwrite(buffer, np.zeros((2, 64, 64), np.uint8), tile=(64, 64))
     bomb = tmp_path / "tile_bomb.tif"
     bomb.write_bytes(hostile.patch_tags(buffer.getvalue(), {322: 32768, 323: 32768}))
-    assert stack_apart(bomb, "read_frame(sys.argv[1], 0)").startswith("ImageTooLargeError: TIFF declares 32768x32768 tiles")
+    assert run_apart("read_frame(sys.argv[1], 0)", bomb).startswith("ImageTooLargeError: TIFF declares 32768x32768 tiles")
 
 
 @pytest.mark.parametrize("name", ["one_offset_array_read_500_times", "2_million_strip_byte_counts"])
