@@ -3,7 +3,8 @@
     python scripts/write_metrics_doc.py --val docs/eval_val.json --train docs/eval_train.json \
         --before docs/eval_val_before.json --tta docs/eval_val_tta.json --int8 docs/eval_val_int8.json \
         --encoders docs/encoder_comparison.json --history models/livecell-unet.history.json \
-        --fewshot-target docs/fewshot_astro_target.json --fewshot docs/fewshot_astro.json docs/fewshot_shsy5y.json \
+        --fewshot-target docs/fewshot_astro_target.json \
+        --fewshot docs/fewshot_astro_never_seen.json docs/fewshot_astro.json docs/fewshot_shsy5y.json \
         --notes docs/metrics_notes.md --out docs/METRICS.md
 """
 
