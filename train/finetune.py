@@ -49,7 +49,7 @@ from export.model_card import write_finetune_card  # noqa: E402
 from export.onnx_export import export_onnx, finetune_metadata, parity_check, set_metadata  # noqa: E402
 from train.dataset import CropDataset  # noqa: E402
 from train.loop import lr_factor, segmentation_loss, torch_predictor  # noqa: E402
-from train.model import load_weights, save_weights  # noqa: E402
+from train.model import load_weights, save_weights, weights_architecture  # noqa: E402
 from train.speed import autocast, choose_precision, describe_device, to_layout  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -264,7 +264,7 @@ def main(argv=None) -> int:
     print(f"thresholds picked on the {len(split.train)} training images: {params.to_dict()}", flush=True)
     model = model.cpu().float()
     metadata = finetune_metadata(
-        name=args.name, base=args.base, postprocess=params.to_dict(), architecture=read_architecture(args.base),
+        name=args.name, base=args.base, postprocess=params.to_dict(), architecture=weights_architecture(args.base),
         images=[s.id for s in split.train], held_back=[s.id for s in split.held_back],
         training={"minutes": args.minutes, "train_minutes": round(state["train_seconds"] / 60, 2),
                   "steps": state["step"], "batch_size": args.batch_size, "crop": args.crop, "lr": args.lr,
@@ -294,10 +294,3 @@ def main(argv=None) -> int:
           f"in {results['minutes_total']} min; register with: "
           f"python -m export register --model {fp32} --name {args.name}", flush=True)
     return 0
-
-
-def read_architecture(weights: Path) -> dict:
-    from safetensors import safe_open
-
-    with safe_open(str(weights), framework="pt") as f:
-        return json.loads(f.metadata()["architecture"])

@@ -103,15 +103,21 @@ def save_weights(model: torch.nn.Module, config: dict, path) -> None:
     save_file(state, str(path), metadata={"format": "pt", "architecture": json.dumps(arch)})
 
 
-def load_weights(path) -> torch.nn.Module:
-    """Inverse of `save_weights`: the model (eval mode, logits)."""
+def weights_architecture(path) -> dict:
+    """The architecture config (`encoder`, `decoder_channels`) `save_weights` stored with the weights."""
     import json
 
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     with safe_open(str(path), framework="pt") as f:
-        arch = json.loads(f.metadata()["architecture"])
+        return json.loads(f.metadata()["architecture"])
+
+
+def load_weights(path) -> torch.nn.Module:
+    """Inverse of `save_weights`: the model (eval mode, logits)."""
+    from safetensors.torch import load_file
+
+    arch = weights_architecture(path)
     model = build_model(arch["encoder"], None, tuple(arch["decoder_channels"]))
     model.load_state_dict(load_file(str(path)))
     return model.eval()
