@@ -351,7 +351,9 @@ def local_backend(model_path: Path | None, params: PostprocessParams, tta: bool 
     in input order."""
     from cellseg.onnx_model import OnnxModel
 
-    segment = onnx_segmenter(OnnxModel(model_path), params, tta)
+    # No busy-waiting in ONNX Runtime's threads after each call: the pipeline's other threads need
+    # those cores then (64 LIVECell-size images: 7.1 -> 8.6 images/s, docs/BENCHMARKS.md).
+    segment = onnx_segmenter(OnnxModel(model_path, spin=False), params, tta)
 
     def run(items):
         with _stopping_pool(threads) as pool:

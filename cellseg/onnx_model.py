@@ -66,8 +66,9 @@ class OnnxModel:
         process at its peak. None: never give it back (batch jobs, evaluation).
 
         `spin`: ONNX Runtime's worker threads busy-wait for the next call after each one. Where
-        other processes share the cores (the service's HTTP front doing post-processing), that
-        spinning takes their CPU: the service turns it off."""
+        other work shares the cores (the service's HTTP front post-processing, a batch job's
+        pipeline threads reading and encoding other images), that spinning takes their CPU: the
+        service and batch jobs turn it off."""
         self.path = Path(path) if path else default_model_path()
         if not self.path.is_file():
             raise FileNotFoundError(f"ONNX model not found: {self.path}")
