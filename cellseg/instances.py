@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import io
+import zlib
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage as ndi
 from skimage.segmentation import find_boundaries
 
 from cellseg.preprocess import normalize
@@ -22,38 +22,17 @@ def confluence(labels: np.ndarray) -> float:
 
 def instances_from_labels(labels: np.ndarray, scores: np.ndarray | None = None) -> list[dict]:
     """One record per cell 1..N: id, area, COCO bbox [x, y, w, h], centroid [x, y], score, COCO RLE."""
-    count = int(labels.max(initial=0))
-    areas = np.bincount(labels.ravel(), minlength=count + 1)
-    sum_y, sum_x = coordinate_sums(labels, 0), coordinate_sums(labels, 1)
+    from cellseg.measure import cell_runs
+
+    runs = cell_runs(labels)
+    areas, (y0, x0, y1, x1) = runs.areas(), runs.boxes()
+    centroid_y, centroid_x = runs.centroids()
     rles = labels_to_coco_rles(labels)
-    records = []
-    for index, window in enumerate(ndi.find_objects(labels), start=1):
-        if window is None:
-            continue
-        y0, x0 = window[0].start, window[1].start
-        records.append({
-            "id": index,
-            "area": int(areas[index]),
-            "bbox": [int(x0), int(y0), int(window[1].stop - x0), int(window[0].stop - y0)],
-            "centroid": [round(float(sum_x[index] / areas[index]), 2), round(float(sum_y[index] / areas[index]), 2)],
-            "score": round(float(scores[index - 1]), 4) if scores is not None else None,
-            "rle": rles[index - 1],
-        })
-    return records
-
-
-def coordinate_sums(labels: np.ndarray, axis: int) -> np.ndarray:
-    """Per label 0..max, the sum of its pixels' row (axis 0) or column (axis 1) indices: from the
-    labels' counts per row (or column) where that table is small, else a weighted sum over pixels."""
-    from cellseg.measure import counts_per_line
-
-    table = counts_per_line(labels, axis)
-    if table is None:
-        n = int(labels.max(initial=0)) + 1
-        index = np.arange(labels.shape[axis])
-        weights = np.broadcast_to(index[:, None] if axis == 0 else index[None, :], labels.shape)
-        return np.bincount(labels.ravel(), weights=weights.ravel().astype(np.float64), minlength=n)
-    return (np.arange(labels.shape[axis]) @ table).astype(np.float64)
+    return [{"id": int(index), "area": int(areas[index]),
+             "bbox": [int(x0[index]), int(y0[index]), int(x1[index] - x0[index]), int(y1[index] - y0[index])],
+             "centroid": [round(float(centroid_x[index]), 2), round(float(centroid_y[index]), 2)],
+             "score": round(float(scores[index - 1]), 4) if scores is not None else None,
+             "rle": rles[index - 1]} for index in np.flatnonzero(runs.present())]
 
 
 def labels_from_instances(instances: list[dict], height: int, width: int) -> np.ndarray:
@@ -78,10 +57,11 @@ class TooManyCellsError(ValueError):
     """More cells than a 16-bit label image can number."""
 
 
-def png_bytes(array: np.ndarray, compress_level: int = 6) -> bytes:
-    """PNG of a uint8/uint16 array (gray, RGB or RGBA); compress_level 1 for pictures only shown."""
+def png_bytes(array: np.ndarray, compress_level: int = 6, compress_type: int = -1) -> bytes:
+    """PNG of a uint8/uint16 array (gray, RGB or RGBA); compress_level 1 for pictures only shown,
+    compress_type zlib.Z_RLE for label images (see `label_png_bytes`)."""
     buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG", compress_level=compress_level)
+    Image.fromarray(array).save(buffer, format="PNG", compress_level=compress_level, compress_type=compress_type)
     return buffer.getvalue()
 
 
@@ -94,11 +74,13 @@ def label_png_bytes(labels: np.ndarray) -> bytes:
     """16-bit grayscale PNG of a label image (0 = background, 1..N cells)."""
     if labels.max(initial=0) > MAX_LABEL_PNG:
         raise TooManyCellsError(f"{int(labels.max()):,} cells do not fit a 16-bit label PNG (at most {MAX_LABEL_PNG:,})")
-    return png_bytes(labels.astype(np.uint16))
+    # zlib's run-length strategy suits flat regions of one value: on LIVECell-size label images
+    # 4.5 instead of 7.2 ms, and 3% smaller files than the default strategy (docs/BENCHMARKS.md)
+    return png_bytes(labels.astype(np.uint16), compress_type=zlib.Z_RLE)
 
 
 def binary_png_bytes(labels: np.ndarray) -> bytes:
-    return png_bytes(((labels > 0) * 255).astype(np.uint8))
+    return png_bytes(((labels > 0) * 255).astype(np.uint8), compress_type=zlib.Z_RLE)
 
 
 def overlay_png_bytes(image: np.ndarray, labels: np.ndarray, color=(255, 64, 0)) -> bytes:

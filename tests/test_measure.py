@@ -56,15 +56,28 @@ def test_awkward_shapes():
     assert measure_cells(np.zeros((8, 8), np.int32)) == []
 
 
-def test_random_blobs_on_the_per_pixel_path(monkeypatch):
-    """Huge images with many cells skip the count tables: the weighted sums give the same numbers."""
+def test_cell_runs_give_exact_areas_boxes_and_moments():
+    """Runs touching both image edges, absent labels, one-pixel runs: every sum equals the pixels' own."""
     from scipy import ndimage as ndi
 
-    from cellseg import measure
+    from cellseg.measure import cell_runs
 
-    monkeypatch.setattr(measure, "COUNT_TABLE_LIMIT", 0)
     noise = ndi.gaussian_filter(np.random.default_rng(3).random((90, 110)), 3)
-    assert_same(ndi.label(noise > np.quantile(noise, 0.6))[0].astype(np.int32))
+    labels = ndi.label(noise > np.quantile(noise, 0.6))[0].astype(np.int32)
+    labels[:, -1] = labels.max() + 2  # a column on the right edge; the label before it is absent
+    labels[0, :] = 1  # a row along the top, joining cell 1
+    runs = cell_runs(labels)
+    assert runs.count == labels.max()
+    sums = runs.moments()
+    for cell in range(1, runs.count + 1):
+        rows, cols = np.nonzero(labels == cell)
+        assert runs.present()[cell] == bool(len(rows))
+        assert runs.areas()[cell] == len(rows)
+        if not len(rows):
+            continue
+        assert [b[cell] for b in runs.boxes()] == [rows.min(), cols.min(), rows.max() + 1, cols.max() + 1]
+        expected = [rows.sum(), (rows * rows).sum(), (rows * cols).sum(), cols.sum(), (cols * cols).sum()]
+        assert [int(s[cell]) for s in sums] == expected
 
 
 def test_round_cells_orientation_ties():
