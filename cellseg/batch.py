@@ -3,8 +3,9 @@
 Outputs in --out DIR (--formats picks among labels, csv, coco, rois, geojson; default labels,csv,coco):
     labels/<name>.png      labels: 16-bit label image per input (0 = background, 1..N cells)
     cells.csv              csv: one row per cell of every image (regionprops definitions, cellseg.measure);
-                           in µm too (area_um2, perimeter_um, axes, the size used) when an image's pixel size
-                           is known: --pixel-size, else the image's metadata (cellseg/pixelsize.py)
+                           in µm too (area_um2, perimeter_um, axes, the size used) where an image's pixel size
+                           is known: --pixel-size, else the image's metadata (cellseg/pixelsize.py); empty
+                           where it is not
     instances.coco.json    coco: COCO detections/annotations of all cells (RLE masks, scores)
     rois/<name>.zip        rois: ImageJ/Fiji ROI set, one polygon per cell, named cell-<id>
     geojson/<name>.geojson geojson: QuPath detections with the cells' measurements
@@ -20,7 +21,8 @@ Outputs in --out DIR (--formats picks among labels, csv, coco, rois, geojson; de
 
 Every file is written atomically (temp file + rename) and an image counts as done only once its
 record exists, so a killed job resumes where it stopped: finished images are skipped, the rest
-are redone, and the aggregate CSV/COCO files are rebuilt from the records at the end. --formats is
+are redone, and the aggregate CSV/COCO files are rebuilt from the records at the end (streamed, a
+record at a time, so a job's memory does not grow with its number of images). --formats is
 not a setting: a format asked for later (or a deleted per-image file) is made from the records of
 the images already done, without running the network again (a record holds every cell's mask, from
 which the label image is rebuilt exactly). A re-run with other settings (another model, other
@@ -59,10 +61,20 @@ from tqdm import tqdm
 
 from cellseg.imageio import ImageError, StackInfo, read_frame, read_image, stack_info, to_grayscale
 from cellseg.instances import labels_from_instances
-from cellseg.outputs import FORMATS, cells_csv, coco_document, image_record, per_image_files
+from cellseg.outputs import (
+    COCO_CATEGORIES,
+    COCO_INFO,
+    FORMATS,
+    cells_csv_header,
+    cells_csv_rows,
+    coco_annotations,
+    coco_image,
+    image_record,
+    per_image_files,
+)
 from cellseg.pixelsize import PixelSize, read_pixel_size
 from cellseg.postprocess import PostprocessParams
-from cellseg.summary import growth_plot_png, stack_rows, summary_csv
+from cellseg.summary import growth_plot_png, stack_rows, summary_csv, summary_row
 
 IMAGE_SUFFIXES = {".tif", ".tiff", ".png", ".jpg", ".jpeg"}
 DEFAULT_FORMATS = ("labels", "csv", "coco")
@@ -75,24 +87,55 @@ class OutputWriteError(OSError):
     permission, I/O error). Its `filename` is the output file, not the temp file beside it."""
 
 
+class AtomicFile:
+    """A file written under a temp name beside `path`, fsynced and renamed over `path` when the `with`
+    block ends normally, removed when anything stops it (a full disk, an error, a kill signal turned
+    exception): no half-written file stays. An OSError of its own writes comes out as an
+    OutputWriteError naming `path`; other errors of the block pass through unchanged."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        self._fh = None
+
+    def __enter__(self) -> AtomicFile:
+        with self._as_write_error():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(self.tmp, "wb")  # noqa: SIM115  (closed in __exit__)
+        return self
+
+    def write(self, data: bytes) -> None:
+        with self._as_write_error():
+            self._fh.write(data)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                with self._as_write_error():
+                    self._fh.flush()
+                    os.fsync(self._fh.fileno())
+                    self._fh.close()
+                    os.replace(self.tmp, self.path)
+        finally:
+            if not self._fh.closed:
+                with contextlib.suppress(OSError):  # the error that stopped us is the one to report
+                    self._fh.close()
+            _remove_quietly(self.tmp)  # nothing there after the rename; else the half-written file
+
+    @contextlib.contextmanager
+    def _as_write_error(self) -> Iterator[None]:
+        try:
+            yield
+        except OutputWriteError:
+            raise
+        except OSError as exc:
+            raise OutputWriteError(exc.errno, exc.strerror or str(exc), str(self.path)) from exc
+
+
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` in one step: a temp file beside it, fsynced, then renamed over it.
-    Whatever stops the write (a full disk, a kill signal turned exception), the temp file is removed,
-    so no half-written file stays; an OSError comes out as an OutputWriteError naming `path`."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        _remove_quietly(tmp)
-        raise OutputWriteError(exc.errno, exc.strerror or str(exc), str(path)) from exc
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
+    """Write `data` to `path` in one step (see AtomicFile)."""
+    with AtomicFile(path) as fh:
+        fh.write(data)
 
 
 def _remove_quietly(path: Path) -> None:
@@ -456,27 +499,47 @@ def parse_formats(text: str) -> tuple[str, ...]:
     return formats
 
 
-def write_aggregates(out: Path, records: list[dict], formats: tuple[str, ...] = DEFAULT_FORMATS) -> None:
-    """cells.csv and instances.coco.json (as requested) and summary.csv (always) from `records` (in order)."""
-    if "csv" in formats:
-        atomic_write(out / "cells.csv", cells_csv(records))
-    if "coco" in formats:
-        coco = coco_document(records, [f"labels/{record['name']}.png" for record in records])
-        atomic_write(out / "instances.coco.json", json.dumps(coco).encode())
-    atomic_write(out / "summary.csv", summary_csv(records))
+def write_aggregates(out: Path, records: Iterable[dict], formats: tuple[str, ...] = DEFAULT_FORMATS) -> list[dict]:
+    """cells.csv and instances.coco.json (as requested) and summary.csv (always) from `records`, in
+    order, streamed: one record in memory at a time, so a job of tens of thousands of images (a
+    LIVECell-size record takes ~0.4 MB as Python objects) fits in memory. Returns the summary rows."""
+    rows = []
+    with contextlib.ExitStack() as files:
+        cells = files.enter_context(AtomicFile(out / "cells.csv")) if "csv" in formats else None
+        coco = files.enter_context(AtomicFile(out / "instances.coco.json")) if "coco" in formats else None
+        if cells:
+            cells.write(cells_csv_header())
+        if coco:  # images last: their small entries are kept until every annotation is written
+            coco.write(f'{{"info": {json.dumps(COCO_INFO)}, "annotations": ['.encode())
+        images, annotations = [], 0
+        for image_id, record in enumerate(records, start=1):
+            rows.append(summary_row(record))
+            if cells:
+                cells.write(cells_csv_rows(record))
+            if coco:
+                images.append(coco_image(record, image_id, f"labels/{record['name']}.png"))
+                new = coco_annotations(record, image_id, annotations + 1)
+                if new:
+                    coco.write(((", " if annotations else "") + json.dumps(new)[1:-1]).encode())  # the list's items
+                annotations += len(new)
+        if coco:
+            coco.write(f'], "images": {json.dumps(images)}, "categories": {json.dumps(COCO_CATEGORIES)}}}'.encode())
+    atomic_write(out / "summary.csv", summary_csv(rows))
+    return rows
 
 
 def plot_path(out: Path, stack: str) -> Path:
     return out / "plots" / f"{stack}_growth.png"
 
 
-def write_growth_plots(out: Path, records: list[dict], changed: set[str]) -> None:
+def write_growth_plots(out: Path, rows: list[dict], changed: set[str]) -> None:
     """plots/<stem>_growth.png of each stack whose plot is missing or which has a frame in `changed`
-    (segmented in this run): drawing takes a moment, so a resumed job redraws only what changed."""
-    for stack, rows in stack_rows(records).items():
+    (segmented in this run), from the job's summary rows: drawing takes a moment, so a resumed job
+    redraws only what changed."""
+    for stack, frames in stack_rows(rows).items():
         path = plot_path(out, stack)
         if stack in changed or not path.is_file():
-            atomic_write(path, growth_plot_png(stack, rows))
+            atomic_write(path, growth_plot_png(stack, frames))
 
 
 def run_job(inputs: list[str], out: Path, backend_factory: Callable[[], Backend], settings: dict,
@@ -502,11 +565,11 @@ def run_job(inputs: list[str], out: Path, backend_factory: Callable[[], Backend]
                 report.skipped.append(item.name)
         to_segment += complete_from_records(out, to_complete, formats, report, progress)
         segment_images(out, to_segment, backend_factory, formats, report, progress)
-        records = [json.loads(record_path(out, item.name).read_text()) for item in items
-                   if is_done(out, item.name, formats)]
-        write_aggregates(out, records, formats)
+        records = (json.loads(record_path(out, item.name).read_text()) for item in items
+                   if is_done(out, item.name, formats))
+        rows = write_aggregates(out, records, formats)
         done_now = set(report.done)
-        write_growth_plots(out, records, changed={item.stack for item in to_segment if item.name in done_now})
+        write_growth_plots(out, rows, changed={item.stack for item in to_segment if item.name in done_now})
         write_errors(out, report.failed)
     except OutputWriteError as exc:
         raise JobStopped(exc, report, _try_write_errors(out, report.failed)) from exc

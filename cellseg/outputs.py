@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import operator
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -22,9 +23,13 @@ FORMATS = ("labels", "csv", "coco", "rois", "geojson")
 CSV_FIELDS = ["image", "cell_id", "area", "centroid_x", "centroid_y", "bbox_x", "bbox_y", "bbox_width", "bbox_height",
               "perimeter", "eccentricity", "major_axis_length", "minor_axis_length", "solidity", "orientation",
               "mean_intensity", "score"]
-# Columns added after the pixel ones when any image of the CSV has a known pixel size: its cells in µm,
-# and the size used (empty for an image without one).
+# Columns after the pixel ones: the cells in µm and the size used, empty for an image whose pixel size
+# is unknown. Always there, so every job's table has the same columns, and a CSV is written a record
+# at a time (a job of tens of thousands of images never holds them all).
 PHYSICAL_CSV_FIELDS = [*PHYSICAL_UNITS, "pixel_size_x_um", "pixel_size_y_um"]
+CELLS_CSV_FIELDS = CSV_FIELDS + PHYSICAL_CSV_FIELDS
+COCO_INFO = {"description": "cellseg segment"}
+COCO_CATEGORIES = [{"id": 1, "name": "cell"}]
 
 
 def image_record(image: np.ndarray, labels: np.ndarray, scores: np.ndarray | None, name: str, source: str,
@@ -48,22 +53,43 @@ def per_image_files(labels: np.ndarray, record: dict, formats: Iterable[str]) ->
     return {fmt: encoders[fmt]() for fmt in formats if fmt in encoders}
 
 
-def cells_csv(records: Iterable[dict]) -> bytes:
-    """One row per cell of every record, named by the record's `name`; the µm columns and the pixel
-    size used follow the pixel columns when any record has a pixel size (records of earlier versions
-    have no `pixel_size` key: no size)."""
-    records = list(records)
-    physical = any(record.get("pixel_size") for record in records)
+def cells_csv_header() -> bytes:
+    return (",".join(CELLS_CSV_FIELDS) + "\r\n").encode()
+
+
+def cells_csv_rows(record: dict) -> bytes:
+    """The CSV rows of one record's cells, named by its `name` (records of earlier versions have no
+    `pixel_size` key: no size)."""
+    size = record.get("pixel_size") or {}
+    blank = dict.fromkeys(CELLS_CSV_FIELDS) | {"image": record["name"], "pixel_size_x_um": size.get("x_um"),
+                                               "pixel_size_y_um": size.get("y_um")}
+    row = operator.itemgetter(*CELLS_CSV_FIELDS)
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=CSV_FIELDS + (PHYSICAL_CSV_FIELDS if physical else []),
-                            extrasaction="ignore")
-    writer.writeheader()
-    for record in records:
-        size = record.get("pixel_size") or {}
-        for cell in record["cells"]:
-            writer.writerow({"image": record["name"], **cell,
-                             "pixel_size_x_um": size.get("x_um"), "pixel_size_y_um": size.get("y_um")})
+    csv.writer(text).writerows(row(blank | cell) for cell in record["cells"])
     return text.getvalue().encode()
+
+
+def cells_csv(records: Iterable[dict]) -> bytes:
+    """One row per cell of every record (`cells_csv_rows`), under the header."""
+    return cells_csv_header() + b"".join(cells_csv_rows(record) for record in records)
+
+
+def coco_image(record: dict, image_id: int, label_file: str | None = None) -> dict:
+    """A record's entry in a COCO document's images."""
+    entry = {"id": image_id, "file_name": Path(record["source"]).name,
+             "source": record["source"], "height": record["height"], "width": record["width"]}
+    if label_file:
+        entry["label_file"] = label_file
+    if record.get("frame") is not None:  # frames of one stack share its file_name
+        entry["frame"] = record["frame"]
+    return entry
+
+
+def coco_annotations(record: dict, image_id: int, first_id: int) -> list[dict]:
+    """A record's cells as COCO annotations (RLE masks, scores), numbered from `first_id`."""
+    return [{"id": first_id + index, "image_id": image_id, "category_id": 1, "iscrowd": 0,
+             "segmentation": inst["rle"], "area": inst["area"], "bbox": inst["bbox"], "score": inst["score"]}
+            for index, inst in enumerate(record["instances"])]
 
 
 def coco_document(records: Iterable[dict], label_files: Iterable[str | None] | None = None) -> dict:
@@ -72,16 +98,6 @@ def coco_document(records: Iterable[dict], label_files: Iterable[str | None] | N
     records = list(records)
     label_files = list(label_files) if label_files is not None else [None] * len(records)
     for image_id, (record, label_file) in enumerate(zip(records, label_files), start=1):
-        entry = {"id": image_id, "file_name": Path(record["source"]).name,
-                 "source": record["source"], "height": record["height"], "width": record["width"]}
-        if label_file:
-            entry["label_file"] = label_file
-        if record.get("frame") is not None:  # frames of one stack share its file_name
-            entry["frame"] = record["frame"]
-        images.append(entry)
-        for inst in record["instances"]:
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": 1, "iscrowd": 0,
-                                "segmentation": inst["rle"], "area": inst["area"], "bbox": inst["bbox"],
-                                "score": inst["score"]})
-    return {"info": {"description": "cellseg segment"}, "images": images, "annotations": annotations,
-            "categories": [{"id": 1, "name": "cell"}]}
+        images.append(coco_image(record, image_id, label_file))
+        annotations += coco_annotations(record, image_id, len(annotations) + 1)
+    return {"info": COCO_INFO, "images": images, "annotations": annotations, "categories": COCO_CATEGORIES}

@@ -25,7 +25,8 @@ SUMMARY_FIELDS = ["image", "frame", "time_s", "count", "confluence_pct", "median
 
 
 def summary_row(record: dict) -> dict:
-    """One image's or frame's row of summary.csv (None where a value is unknown)."""
+    """One image's or frame's row of summary.csv (None where a value is unknown); `image` is a
+    frame's stack, `frame` None for an image that is not a stack."""
     areas = [cell["area"] for cell in record.get("cells", [])]
     median_px = float(np.median(areas)) if areas else None
     return {"image": record.get("stack", record["name"]), "frame": record.get("frame"), "time_s": record.get("time_s"),
@@ -43,22 +44,23 @@ def _to_um2(area_px: float | None, pixel_size: dict | None) -> float | None:
         return None
 
 
-def summary_csv(records: Iterable[dict]) -> bytes:
+def summary_csv(rows: Iterable[dict]) -> bytes:
+    """summary.csv of `summary_row`s."""
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=SUMMARY_FIELDS, lineterminator="\n")
     writer.writeheader()
-    for record in records:
-        writer.writerow({key: "" if value is None else value for key, value in summary_row(record).items()})
+    for row in rows:
+        writer.writerow({key: "" if value is None else value for key, value in row.items()})
     return text.getvalue().encode()
 
 
-def stack_rows(records: Iterable[dict]) -> dict[str, list[dict]]:
-    """Summary rows of each stack's frames, by stack name, in frame order."""
+def stack_rows(rows: Iterable[dict]) -> dict[str, list[dict]]:
+    """The summary rows of each stack's frames, by stack name, in frame order."""
     stacks: dict[str, list[dict]] = {}
-    for record in records:
-        if record.get("stack") is not None:
-            stacks.setdefault(record["stack"], []).append(summary_row(record))
-    return {stack: sorted(rows, key=lambda row: row["frame"]) for stack, rows in stacks.items()}
+    for row in rows:
+        if row["frame"] is not None:
+            stacks.setdefault(row["image"], []).append(row)
+    return {stack: sorted(frames, key=lambda row: row["frame"]) for stack, frames in stacks.items()}
 
 
 def growth_plot_png(stack: str, rows: list[dict]) -> bytes:

@@ -81,8 +81,8 @@ def test_report_with_a_pixel_size_adds_micrometres_everywhere_and_keeps_pixels()
 
     plain_rows = list(csv.DictReader(io.StringIO(decode(plain, "csv").decode())))
     rows = list(csv.DictReader(io.StringIO(decode(report, "csv").decode())))
-    assert "area_um2" not in plain_rows[0]
-    assert list(rows[0])[:len(plain_rows[0])] == list(plain_rows[0])  # the pixel columns first, as before
+    assert list(rows[0]) == list(plain_rows[0])  # the same columns, pixel ones first
+    assert plain_rows[0]["area_um2"] == plain_rows[0]["pixel_size_x_um"] == ""
     assert float(rows[1]["area_um2"]) == pytest.approx(int(rows[1]["area"]) * 0.65**2, rel=1e-5)
     assert (rows[0]["pixel_size_x_um"], rows[0]["pixel_size_y_um"]) == ("0.65", "0.65")
     measurements = json.loads(decode(report, "geojson"))["features"][1]["properties"]["measurements"]
@@ -90,7 +90,7 @@ def test_report_with_a_pixel_size_adds_micrometres_everywhere_and_keeps_pixels()
 
 
 def test_cells_csv_of_images_with_and_without_a_pixel_size():
-    """A job's CSV has the µm columns when any image has a size: empty for the images without one."""
+    """The µm columns are always there (every job's table alike), empty for images without a size."""
     from cellseg.outputs import cells_csv
 
     cell = {"cell_id": 1, "area": 10, "perimeter": 12.0}
@@ -101,4 +101,4 @@ def test_cells_csv_of_images_with_and_without_a_pixel_size():
     rows = list(csv.DictReader(io.StringIO(cells_csv([with_size, without, older]).decode())))
     assert [(r["image"], r["area"], r["area_um2"], r["pixel_size_x_um"]) for r in rows] == [
         ("a", "10", "2.5", "0.5"), ("b", "10", "", ""), ("c", "10", "", "")]
-    assert "area_um2" not in next(csv.DictReader(io.StringIO(cells_csv([without, older]).decode())))
+    assert next(csv.DictReader(io.StringIO(cells_csv([without, older]).decode())))["area_um2"] == ""
