@@ -30,7 +30,6 @@ demo images).
 
 from __future__ import annotations
 
-import io
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -157,8 +156,8 @@ def qupath_geojson(labels: np.ndarray, measurements: list[dict] | None = None, c
 
 
 def geojson_bytes(collection: dict) -> bytes:
+    """The collection as compact JSON (UTF-8)."""
     import json
 
-    buffer = io.StringIO()
-    json.dump(collection, buffer, separators=(",", ":"))
-    return buffer.getvalue().encode()
+    # json.dumps encodes in C; json.dump (into a file or buffer) runs the pure-Python encoder, 8x slower
+    return json.dumps(collection, separators=(",", ":")).encode()
