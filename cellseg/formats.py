@@ -30,8 +30,8 @@ demo images).
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
+import io
+import zipfile
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -120,18 +120,15 @@ def _closed_path(vertices: np.ndarray) -> np.ndarray:
 def imagej_roi_zip(labels: np.ndarray) -> bytes:
     """An ImageJ/Fiji ROI set (.zip of .roi files, one per cell, named by cell id; see the module
     docstring for polygon and composite ROIs)."""
-    from roifile import roiwrite
-
-    rois = [_imagej_roi(cell_id, outline) for cell_id, outline in cell_outlines(labels).items()]
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "rois.zip"
-        if rois:
-            roiwrite(path, rois)
-        else:  # an empty ROI set is an empty zip
-            import zipfile
-
-            zipfile.ZipFile(path, "w").close()
-        return path.read_bytes()
+    buffer = io.BytesIO()
+    # written in memory the way roifile.roiwrite writes a file (same entries, stored uncompressed, so
+    # the same bytes) without a temporary directory; no cells gives an empty zip
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for cell_id, outline in cell_outlines(labels).items():
+            roi = _imagej_roi(cell_id, outline)
+            with archive.open(f"{roi.name}.roi", "w") as entry:
+                entry.write(roi.tobytes())
+    return buffer.getvalue()
 
 
 def qupath_geojson(labels: np.ndarray, measurements: list[dict] | None = None, classification: str = "Cell") -> dict:
