@@ -3,19 +3,22 @@ QuPath GeoJSON FeatureCollection (geometry by `shapely`).
 
 Coordinates: both ImageJ and QuPath put the origin at the top-left *corner* of the first pixel, so
 pixel (row r, column c) covers x in [c, c+1), y in [r, r+1) and its centre is (c + 0.5, r + 0.5).
-Outlines are traced through pixel centres (`skimage.measure.find_contours` at level 0.5 on the cell's
-mask) and shifted by half a pixel into that frame.
+Outlines are traced through pixel centres by marching squares at level 0.5 on the cell's mask and
+given in that frame: the rings of `skimage.measure.find_contours(mask, 0.5)`, vertex for vertex (a
+ring may start at another of its vertices), traced by `contourpy`'s serial contour generator (C++;
+skimage assembles its rings in Python, about 4x slower).
 
 Every piece and every hole of a cell is kept. A cell's pixels may form several pieces: pieces are
 4-connected (pixels touching only at a corner belong to different pieces), which is how
 `find_contours` separates them by default (`fully_connected="low"`: background is 8-connected,
-foreground 4-connected). A hole is background, or another cell, enclosed by the cell. Each boundary
-between the cell and the rest is one closed ring; rings never touch (each crossing between a pixel
-centre of the cell and one outside belongs to exactly one ring), so filling the rings by pixel centres
-with the even-odd rule gives back exactly the cell's pixels, and so do ImageJ and QuPath, which fill
-by pixel centres (`tests/test_formats.py` checks it on synthetic cells, on every annotated LIVECell
-cell, on a fixed sample of the Sartorius images and on the cells the fp32 and int8 models find on the
-demo images).
+foreground 4-connected) and how contourpy settles such a saddle quad (its mean, 0.5, is not above the
+level; `tests/test_formats.py` checks the rings against `find_contours`). A hole is background, or
+another cell, enclosed by the cell. Each boundary between the cell and the rest is one closed ring;
+rings never touch (each crossing between a pixel centre of the cell and one outside belongs to exactly
+one ring), so filling the rings by pixel centres with the even-odd rule gives back exactly the cell's
+pixels, and so do ImageJ and QuPath, which fill by pixel centres (`tests/test_formats.py` checks it on
+synthetic cells, on every annotated LIVECell cell, on a fixed sample of the Sartorius images and on
+the cells the fp32 and int8 models find on the demo images).
 
 - QuPath GeoJSON: a `Polygon` per cell, with an interior ring per hole; a `MultiPolygon` (one polygon
   per piece) for a cell of several pieces. Exterior rings run counter-clockwise and holes clockwise
@@ -36,9 +39,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import shapely
+from contourpy import FillType, LineType, SerialContourGenerator, ZInterp
 from scipy import ndimage as ndi
 from shapely.geometry import MultiPolygon, Polygon
-from skimage.measure import find_contours
 
 if TYPE_CHECKING:
     from roifile import ImagejRoi
@@ -53,15 +56,32 @@ SEG_MOVETO, SEG_LINETO, SEG_CLOSE = 0, 1, 4
 def cell_rings(labels: np.ndarray) -> dict[int, list[np.ndarray]]:
     """Per cell id, every boundary ring of its mask (outer edges of its pieces and edges of its holes)
     as closed (N, 2) arrays of (x, y) vertices in corner-origin image coordinates."""
+    padded = np.pad(labels, 1)  # one pixel of background around the image, so every ring closes
+    # where each pixel centre of the padded image lies in corner-origin coordinates: contourpy
+    # interpolates the vertices from these, so they come out in that frame
+    x, y = np.meshgrid(np.arange(padded.shape[1]) - 1 + PIXEL_CENTRE, np.arange(padded.shape[0]) - 1 + PIXEL_CENTRE)
     rings: dict[int, list[np.ndarray]] = {}
     for cell_id, window in enumerate(ndi.find_objects(labels), start=1):
         if window is None:
             continue
-        # one pixel of background around the cell, so every contour closes
-        mask = np.pad(labels[window] == cell_id, 1).astype(np.float32)
-        offset = np.array([window[1].start, window[0].start]) - 1 + PIXEL_CENTRE
-        rings[cell_id] = [contour[:, ::-1] + offset for contour in find_contours(mask, 0.5)]
+        rows, cols = window  # in `padded`, the cell's box plus its one pixel of margin all round
+        box = slice(rows.start, rows.stop + 2), slice(cols.start, cols.stop + 2)
+        rings[cell_id] = _trace(x[box], y[box], padded[box] == cell_id)
     return rings
+
+
+def _trace(x: np.ndarray, y: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
+    """The closed rings at level 0.5 of a mask with a background margin, as (N, 2) (x, y) arrays.
+
+    contourpy's serial tracer (C++) gives the rings `find_contours(mask, 0.5)` gives, vertex for
+    vertex (a ring may start elsewhere), without skimage's pure-Python assembly of segments into rings. Saddle quads (two cell
+    pixels diagonally opposite) are settled by the quad's mean, 0.5, which counts as below the level:
+    the two pixels stay apart, as with `fully_connected="low"`. The class is built directly because
+    `contourpy.contour_generator` spends longer checking its arguments than tracing a cell takes."""
+    generator = SerialContourGenerator(x, y, mask.astype(np.float64), None, corner_mask=False,
+                                       line_type=LineType.Separate, fill_type=FillType.OuterOffset,
+                                       quad_as_tri=False, z_interp=ZInterp.Linear)
+    return generator.lines(0.5)
 
 
 def cell_outlines(labels: np.ndarray) -> dict[int, Polygon | MultiPolygon]:
