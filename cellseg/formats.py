@@ -58,8 +58,10 @@ def cell_rings(labels: np.ndarray) -> dict[int, list[np.ndarray]]:
     as closed (N, 2) arrays of (x, y) vertices in corner-origin image coordinates."""
     padded = np.pad(labels, 1)  # one pixel of background around the image, so every ring closes
     # where each pixel centre of the padded image lies in corner-origin coordinates: contourpy
-    # interpolates the vertices from these, so they come out in that frame
-    x, y = np.meshgrid(np.arange(padded.shape[1]) - 1 + PIXEL_CENTRE, np.arange(padded.shape[0]) - 1 + PIXEL_CENTRE)
+    # interpolates the vertices from these, so they come out in that frame (broadcast views, not
+    # copies: two image-sized copies cost more than copying each cell's box when it is traced)
+    x, y = np.meshgrid(np.arange(padded.shape[1]) - 1 + PIXEL_CENTRE, np.arange(padded.shape[0]) - 1 + PIXEL_CENTRE,
+                       copy=False)
     rings: dict[int, list[np.ndarray]] = {}
     for cell_id, window in enumerate(ndi.find_objects(labels), start=1):
         if window is None:
@@ -155,21 +157,42 @@ def qupath_geojson(labels: np.ndarray, measurements: list[dict] | None = None, c
     """A GeoJSON FeatureCollection of detections, as QuPath imports it: one Polygon (with holes) or
     MultiPolygon (one polygon per piece) per cell with `objectType: "detection"`, a classification,
     and the cell's measurements."""
-    from shapely.geometry import mapping
-
     by_id = {int(m["cell_id"]): m for m in measurements or []}
+    outlines = cell_outlines(labels)
     features = []
-    for cell_id, outline in cell_outlines(labels).items():
+    for cell_id, geometry in zip(outlines, _geojson_geometries(list(outlines.values()))):
         values = {k: v for k, v in by_id.get(cell_id, {}).items() if isinstance(v, (int, float)) and k != "cell_id"}
         features.append({
             "type": "Feature",
             "id": f"cell-{cell_id}",
-            "geometry": mapping(outline),
+            "geometry": geometry,
             "properties": {"objectType": "detection", "name": f"cell {cell_id}",
                            "classification": {"name": classification, "color": [255, 110, 0]},
                            "measurements": values, "cell_id": cell_id},
         })
     return {"type": "FeatureCollection", "features": features}
+
+
+def _geojson_geometries(outlines: list[Polygon | MultiPolygon]) -> list[dict]:
+    """The outlines as GeoJSON geometry objects, as `shapely.geometry.mapping` writes them (the same
+    JSON), with every vertex read in one call: `mapping` iterates the vertices one by one in Python,
+    which cost more than tracing the outlines."""
+    geometries = np.empty(len(outlines), dtype=object)
+    geometries[:] = outlines
+    parts, part_outline = shapely.get_parts(geometries, return_index=True)  # a Polygon is its one part
+    rings, ring_part = shapely.get_rings(parts, return_index=True)  # exterior, then its holes
+    xy = shapely.get_coordinates(rings)
+    vertices = list(zip(xy[:, 0].tolist(), xy[:, 1].tolist()))  # tuples as in `mapping`; lists cost more to collect
+    ends = np.cumsum(shapely.get_num_coordinates(rings)).tolist()
+    polygons: list[list] = [[] for _ in parts]
+    for part, start, end in zip(ring_part.tolist(), [0, *ends[:-1]], ends):
+        polygons[part].append(vertices[start:end])
+    per_outline: list[list] = [[] for _ in outlines]
+    for index, polygon in zip(part_outline.tolist(), polygons):
+        per_outline[index].append(polygon)
+    return [{"type": "Polygon", "coordinates": polygons[0]} if isinstance(outline, Polygon)
+            else {"type": "MultiPolygon", "coordinates": polygons}
+            for outline, polygons in zip(outlines, per_outline)]
 
 
 def geojson_bytes(collection: dict) -> bytes:
