@@ -89,12 +89,23 @@ def _trace(x: np.ndarray, y: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
 def cell_outlines(labels: np.ndarray) -> dict[int, Polygon | MultiPolygon]:
     """Per cell id, its outline as a valid shapely geometry in corner-origin image coordinates: a
     Polygon (with a hole per enclosed region) or, for a cell of several pieces, a MultiPolygon."""
-    ids, geometries = [], []
-    for cell_id, rings in cell_rings(labels).items():
-        ids.append(cell_id)
-        geometries.append(Polygon(rings[0]) if len(rings) == 1 else _nest(rings))
-    oriented = shapely.orient_polygons(np.array(geometries, dtype=object))  # GeoJSON's orientation
-    return dict(zip(ids, oriented))
+    rings = cell_rings(labels)
+    simple = np.array([len(cell) == 1 for cell in rings.values()], dtype=bool)  # one piece, no hole
+    geometries = np.empty(len(rings), dtype=object)
+    geometries[simple] = _polygons([cell[0] for cell in rings.values() if len(cell) == 1])
+    for index, cell in zip(np.flatnonzero(~simple), (cell for cell in rings.values() if len(cell) > 1)):
+        geometries[index] = _nest(cell)
+    oriented = shapely.orient_polygons(geometries)  # GeoJSON's orientation
+    return dict(zip(rings, oriented))
+
+
+def _polygons(shells: list[np.ndarray]) -> np.ndarray:
+    """Polygons without holes, one per ring, made in one shapely call (most cells are one such
+    polygon; making them one by one cost as much as a third of tracing them)."""
+    if not shells:
+        return np.empty(0, dtype=object)
+    which = np.repeat(np.arange(len(shells)), [len(shell) for shell in shells])
+    return shapely.polygons(shapely.linearrings(np.concatenate(shells), indices=which))
 
 
 def _nest(rings: list[np.ndarray]) -> Polygon | MultiPolygon:
