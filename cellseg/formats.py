@@ -76,10 +76,11 @@ def _trace(x: np.ndarray, y: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
     """The closed rings at level 0.5 of a mask with a background margin, as (N, 2) (x, y) arrays.
 
     contourpy's serial tracer (C++) gives the rings `find_contours(mask, 0.5)` gives, vertex for
-    vertex (a ring may start elsewhere), without skimage's pure-Python assembly of segments into rings. Saddle quads (two cell
-    pixels diagonally opposite) are settled by the quad's mean, 0.5, which counts as below the level:
-    the two pixels stay apart, as with `fully_connected="low"`. The class is built directly because
-    `contourpy.contour_generator` spends longer checking its arguments than tracing a cell takes."""
+    vertex (a ring may start elsewhere), without skimage's pure-Python assembly of segments into
+    rings. Saddle quads (two cell pixels diagonally opposite) are settled by the quad's mean, 0.5,
+    which counts as below the level: the two pixels stay apart, as with `fully_connected="low"`. The
+    class is built directly because `contourpy.contour_generator` spends longer checking its
+    arguments than tracing a cell takes."""
     generator = SerialContourGenerator(x, y, mask.astype(np.float64), None, corner_mask=False,
                                        line_type=LineType.Separate, fill_type=FillType.OuterOffset,
                                        quad_as_tri=False, z_interp=ZInterp.Linear)
@@ -90,11 +91,12 @@ def cell_outlines(labels: np.ndarray) -> dict[int, Polygon | MultiPolygon]:
     """Per cell id, its outline as a valid shapely geometry in corner-origin image coordinates: a
     Polygon (with a hole per enclosed region) or, for a cell of several pieces, a MultiPolygon."""
     rings = cell_rings(labels)
-    simple = np.array([len(cell) == 1 for cell in rings.values()], dtype=bool)  # one piece, no hole
-    geometries = np.empty(len(rings), dtype=object)
-    geometries[simple] = _polygons([cell[0] for cell in rings.values() if len(cell) == 1])
-    for index, cell in zip(np.flatnonzero(~simple), (cell for cell in rings.values() if len(cell) > 1)):
-        geometries[index] = _nest(cell)
+    cells = list(rings.values())
+    simple = np.array([len(cell) == 1 for cell in cells], dtype=bool)  # one piece without holes
+    geometries = np.empty(len(cells), dtype=object)
+    geometries[simple] = _polygons([cell[0] for cell in cells if len(cell) == 1])
+    for index in np.flatnonzero(~simple):
+        geometries[index] = _nest(cells[index])
     oriented = shapely.orient_polygons(geometries)  # GeoJSON's orientation
     return dict(zip(rings, oriented))
 
