@@ -9,7 +9,7 @@ import pytest
 from scipy import ndimage as ndi
 from skimage.draw import polygon2mask
 
-from cellseg.formats import cell_outlines, imagej_roi_zip, qupath_geojson
+from cellseg.formats import cell_outlines, cell_rings, imagej_roi_zip, qupath_geojson
 from cellseg.instances import measure_cells
 from conftest import disc
 
@@ -87,6 +87,42 @@ def test_outlines_keep_every_piece_and_hole(labels):
         filled = fill_geometry(geometry, labels.shape)
         assert np.array_equal(filled, labels == cell_id), (cell_id, iou(filled, labels == cell_id))
     assert not (fill_geometry(outlines[6], labels.shape) & (labels == 7)).any()  # the ring holds cell 7 out
+
+
+def canonical_ring(ring: np.ndarray) -> tuple:
+    """A closed ring's vertices whatever its start and direction: from its smallest vertex, in the
+    direction whose second vertex is the smaller."""
+    vertices = [tuple(v) for v in ring[:-1].tolist()]
+    start = vertices.index(min(vertices))
+    forward = vertices[start:] + vertices[:start]
+    backward = [forward[0]] + forward[:0:-1]
+    return tuple(min(forward, backward))
+
+
+def noisy_labels(seed: int) -> np.ndarray:
+    """Small cells of random pixels: saddles (pixels touching at a corner) everywhere, one-pixel
+    pieces and holes, cells touching cells and the image border."""
+    rng = np.random.default_rng(seed)
+    cells = rng.integers(0, 6, (40, 50))  # ids 1-5, each of many pieces
+    cells[rng.random(cells.shape) < 0.1] = 0
+    pieces, _ = ndi.label(rng.random((40, 50)) < 0.5)  # 4-connected cells, one piece each
+    return np.where(np.arange(50) < 25, cells, pieces).astype(np.int32)
+
+
+@pytest.mark.parametrize("case", ["fixture", "noise-0", "noise-1", "noise-2"])
+def test_rings_are_find_contours_rings(labels, case):
+    """The rings are those of skimage's find_contours at 0.5 on each cell's mask with a background
+    margin (foreground 4-connected, `fully_connected="low"`), vertex for vertex."""
+    from skimage.measure import find_contours
+
+    image = labels if case == "fixture" else noisy_labels(int(case.split("-")[1]))
+    rings = cell_rings(image)
+    assert sorted(rings) == sorted(np.unique(image[image > 0]).tolist())
+    for cell_id, cell in rings.items():
+        mask = np.pad(image == cell_id, 1).astype(np.float32)
+        expected = [c[:, ::-1] - 0.5 for c in find_contours(mask, 0.5, fully_connected="low")]  # to corner-origin x, y
+        assert all(np.array_equal(r[0], r[-1]) for r in cell), cell_id  # closed
+        assert sorted(map(canonical_ring, cell)) == sorted(map(canonical_ring, expected)), cell_id
 
 
 def test_imagej_roi_set_reads_back_with_roifile(labels, tmp_path):
