@@ -54,12 +54,15 @@ def run_local(inputs: Path, out: Path, model: Path, formats: str = "labels,csv,c
 def run_dask(inputs: Path, out: Path, model: Path, workers: int) -> tuple[float, list[int]]:
     """Wall time on a LocalCluster started beforehand (its start-up is not counted), and each
     worker's peak resident memory."""
+    import dask
     from distributed import Client, LocalCluster
 
     from cellseg.cli import main
+    from cellseg.dask_backend import LOCAL_WORKER_ENVIRON
 
-    with LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None) as cluster, \
-            Client(cluster) as client:
+    with dask.config.set(LOCAL_WORKER_ENVIRON):  # the workers `--dask local` starts
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None)
+    with cluster, Client(cluster) as client:
         t0 = time.perf_counter()
         assert main(["segment", str(inputs), "--out", str(out), "--model", str(model),
                      "--dask", cluster.scheduler_address, "--quiet"]) == 0
@@ -86,6 +89,8 @@ def main() -> int:
             shutil.copy(path, inputs / path.name)
         # The ceiling is measured before and after the jobs, and the faster of the two kept: the
         # machine's speed drifts during a run by more than the differences measured here.
+        import cellseg.cli  # noqa: F401  (once per process: not a job's time)
+
         in_process = run_in_process(inputs, args.model)
         local = run_local(inputs, Path(tmp) / "local", args.model)
         with_formats = {fmt: run_local(inputs, Path(tmp) / f"local-{fmt}", args.model, f"labels,csv,coco,{fmt}")
