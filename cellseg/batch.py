@@ -49,9 +49,10 @@ import glob
 import hashlib
 import json
 import os
+import queue
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -354,17 +355,23 @@ def _guarded(item: Item, segment: Segmenter, formats: tuple[str, ...] = DEFAULT_
         return item, exc
 
 
-def onnx_segmenter(model, params: PostprocessParams, tta: bool) -> Segmenter:
-    """Network then post-processing. Threads sharing this segmenter take turns in the network (ONNX
-    Runtime already uses every core for one image) while the others read, post-process and encode."""
+def onnx_segmenter(models: Sequence, params: PostprocessParams, tta: bool) -> Segmenter:
+    """Network then post-processing. A network call takes one of `models` (sessions of the same file)
+    for its duration, so threads beyond their number wait for one while the others read,
+    post-process and encode."""
     from cellseg.inference import Segmentation, predict_maps
     from cellseg.postprocess import maps_to_labels
 
-    lock = threading.Lock()
+    free: queue.SimpleQueue = queue.SimpleQueue()
+    for model in models:
+        free.put(model)
 
     def segment(image: np.ndarray, original: Path | np.ndarray) -> Result:
-        with lock:
+        model = free.get()
+        try:
             maps = predict_maps(model.predict, [image], batch_size=1, tta=tta)[0]
+        finally:
+            free.put(model)
         seg = Segmentation(maps_to_labels(maps, params), maps)
         return Result(seg.labels, seg.scores())
     return segment
@@ -381,29 +388,49 @@ def _stopping_pool(threads: int) -> Iterator[ThreadPoolExecutor]:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-# Images in flight in the local backend: while one is in the network, the others are read,
-# post-processed, measured and encoded, which would otherwise wait for it.
-LOCAL_PIPELINE_THREADS = 2
+def available_cores() -> int:
+    """The cores this process may run on (a taskset or container may allow fewer than the machine has)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+# Most network sessions of a local job: each holds its own activations (~120 MB for a LIVECell-size
+# image), and beyond a few, Python's post-processing threads contend for the GIL; `--dask local`
+# runs a process per core instead.
+MAX_LOCAL_SESSIONS = 4
+
+
+def local_sessions(cores: int, providers: Sequence[str]) -> tuple[int, int]:
+    """(network sessions, ONNX Runtime threads each) of a local job. Every image goes through its
+    own thread end to end, each thread with its own session: two 1-thread sessions do 2 images in
+    the time a 2-thread one does ~1.7 (64 LIVECell-size images on 2 cores: 8.7 -> 10.4 images/s,
+    docs/BENCHMARKS.md), and no core waits while another post-processes. On a GPU, one session."""
+    if "CUDAExecutionProvider" in providers:
+        return 1, cores
+    sessions = max(1, min(cores, MAX_LOCAL_SESSIONS))
+    return sessions, max(1, cores // sessions)
 
 
 def local_backend(model_path: Path | None, params: PostprocessParams, tta: bool = False,
-                  formats: tuple[str, ...] = DEFAULT_FORMATS, threads: int = LOCAL_PIPELINE_THREADS,
-                  pixel_size: PixelSize | None = None) -> Backend:
-    """In this process: the network takes one image at a time on every core, and `threads` images
-    are in flight so that reading, post-processing and encoding overlap with it. Results come back
-    in input order."""
-    from cellseg.onnx_model import OnnxModel
+                  formats: tuple[str, ...] = DEFAULT_FORMATS, pixel_size: PixelSize | None = None,
+                  cores: int | None = None) -> Backend:
+    """In this process: one thread per network session (`local_sessions`) takes an image from
+    reading to encoded outputs, while the main thread writes. Results come back in input order."""
+    from cellseg.onnx_model import OnnxModel, available_providers
 
-    # No busy-waiting in ONNX Runtime's threads after each call: the pipeline's other threads need
-    # those cores then (64 LIVECell-size images: 7.1 -> 8.6 images/s, docs/BENCHMARKS.md).
-    segment = onnx_segmenter(OnnxModel(model_path, spin=False), params, tta)
+    sessions, ort_threads = local_sessions(cores or available_cores(), available_providers())
+    # No busy-waiting in ONNX Runtime's threads after each call: the other images' threads need those cores.
+    models = [OnnxModel(model_path, threads=ort_threads, spin=False) for _ in range(sessions)]
+    segment = onnx_segmenter(models, params, tta)
 
     def run(items):
-        with _stopping_pool(threads) as pool:
+        with _stopping_pool(sessions) as pool:
             pending = []
             for item in items:
                 pending.append(pool.submit(_guarded, item, segment, formats, pixel_size))
-                if len(pending) > threads:  # a bounded window: a long job never queues every image
+                if len(pending) > sessions:  # a bounded window: a long job never queues every image
                     yield pending.pop(0).result()
             for future in pending:
                 yield future.result()

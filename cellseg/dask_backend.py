@@ -24,11 +24,19 @@ run by the workers of a local or remote cluster.
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from cellseg.batch import DEFAULT_FORMATS, Backend, ImageOutputs, Item, Segmenter, _guarded, onnx_segmenter
+from cellseg.batch import (
+    DEFAULT_FORMATS,
+    Backend,
+    ImageOutputs,
+    Item,
+    Segmenter,
+    _guarded,
+    available_cores,
+    onnx_segmenter,
+)
 from cellseg.pixelsize import PixelSize
 from cellseg.postprocess import PostprocessParams
 
@@ -46,7 +54,7 @@ def _worker_segmenter(model_path: str, sha256: str, params: dict, tta: bool) -> 
     if key not in _MODELS:
         verify_sha256(Path(model_path), sha256)  # the file this worker sees is the client's model
         _MODELS[key] = OnnxModel(model_path, threads=threads)
-    return onnx_segmenter(_MODELS[key], PostprocessParams(**params), tta)
+    return onnx_segmenter([_MODELS[key]], PostprocessParams(**params), tta)
 
 
 def _task(item: Item, model_path: str, sha256: str, params: dict, tta: bool,
@@ -69,7 +77,7 @@ def connect(address: str):
 
     if address == "local" or address.startswith("local:"):
         count = address.partition(":")[2]
-        workers = int(count) if count else (os.cpu_count() or 1)
+        workers = int(count) if count else available_cores()
         if workers < 1:
             raise ValueError(f"--dask {address}: the number of workers must be at least 1")
         with dask.config.set(LOCAL_WORKER_ENVIRON):

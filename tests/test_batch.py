@@ -171,6 +171,50 @@ def test_a_file_written_in_parts_is_replaced_only_when_complete(tmp_path, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cells.csv"]
 
 
+def test_local_sessions_per_core():
+    from cellseg.batch import local_sessions
+
+    cpu = ["CPUExecutionProvider"]
+    assert local_sessions(1, cpu) == (1, 1)
+    assert local_sessions(2, cpu) == (2, 1)  # this machine: two 1-thread sessions
+    assert local_sessions(8, cpu) == (4, 2)  # at most MAX_LOCAL_SESSIONS, the cores shared among them
+    assert local_sessions(8, ["CUDAExecutionProvider", *cpu]) == (1, 8)
+
+
+def test_each_network_call_holds_a_session_of_its_own():
+    """Threads share the sessions: never two calls in one session at once, and every session used."""
+    import threading
+    import time
+
+    from cellseg.batch import onnx_segmenter
+    from cellseg.postprocess import PostprocessParams
+
+    busy, used, overlaps = set(), set(), []
+    lock = threading.Lock()
+
+    class Session:
+        def predict(self, batch):
+            with lock:
+                overlaps.append(id(self) in busy)
+                busy.add(id(self))
+                used.add(id(self))
+            time.sleep(0.02)
+            with lock:
+                busy.discard(id(self))
+            out = np.zeros((batch.shape[0], 3, *batch.shape[2:]), np.float32)
+            out[:, 0, 8:24, 8:24] = out[:, 2, 8:24, 8:24] = 1  # one square cell
+            return out
+
+    segment = onnx_segmenter([Session(), Session()], PostprocessParams(), tta=False)
+    image = np.random.default_rng(0).random((32, 32)).astype(np.float32)
+    threads = [threading.Thread(target=segment, args=(image, None)) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(overlaps) == 6 and not any(overlaps) and len(used) == 2
+
+
 def synthetic_record(index: int, cells: int = 40, size: int = 256) -> dict:
     """A record as image_record makes it, of `cells` square cells (a frame of stack "s" for odd index)."""
     from cellseg.outputs import image_record
