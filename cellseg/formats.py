@@ -152,26 +152,31 @@ def _closed_path(vertices: np.ndarray) -> np.ndarray:
     return np.append(segments, np.float32(SEG_CLOSE))
 
 
-def imagej_roi_zip(labels: np.ndarray) -> bytes:
+Outlines = dict[int, Polygon | MultiPolygon]
+
+
+def imagej_roi_zip(labels: np.ndarray, outlines: Outlines | None = None) -> bytes:
     """An ImageJ/Fiji ROI set (.zip of .roi files, one per cell, named by cell id; see the module
-    docstring for polygon and composite ROIs)."""
+    docstring for polygon and composite ROIs). `outlines`: the labels' `cell_outlines`, where made already."""
     buffer = io.BytesIO()
     # written in memory the way roifile.roiwrite writes a file (same entries, stored uncompressed, so
     # the same bytes) without a temporary directory; no cells gives an empty zip
     with zipfile.ZipFile(buffer, "w") as archive:
-        for cell_id, outline in cell_outlines(labels).items():
+        for cell_id, outline in (outlines if outlines is not None else cell_outlines(labels)).items():
             roi = _imagej_roi(cell_id, outline)
             with archive.open(f"{roi.name}.roi", "w") as entry:
                 entry.write(roi.tobytes())
     return buffer.getvalue()
 
 
-def qupath_geojson(labels: np.ndarray, measurements: list[dict] | None = None, classification: str = "Cell") -> dict:
+def qupath_geojson(labels: np.ndarray, measurements: list[dict] | None = None, classification: str = "Cell",
+                   outlines: Outlines | None = None) -> dict:
     """A GeoJSON FeatureCollection of detections, as QuPath imports it: one Polygon (with holes) or
     MultiPolygon (one polygon per piece) per cell with `objectType: "detection"`, a classification,
-    and the cell's measurements."""
+    and the cell's measurements. `outlines`: the labels' `cell_outlines`, where made already."""
     by_id = {int(m["cell_id"]): m for m in measurements or []}
-    outlines = cell_outlines(labels)
+    if outlines is None:
+        outlines = cell_outlines(labels)
     features = []
     for cell_id, geometry in zip(outlines, _geojson_geometries(list(outlines.values()))):
         values = {k: v for k, v in by_id.get(cell_id, {}).items() if isinstance(v, (int, float)) and k != "cell_id"}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cellseg.formats import geojson_bytes, imagej_roi_zip, qupath_geojson
+from cellseg.formats import cell_outlines, geojson_bytes, imagej_roi_zip, qupath_geojson
 from cellseg.instances import confluence, instances_from_labels, label_png_bytes, measure_cells
 from cellseg.pixelsize import PHYSICAL_UNITS, PixelSize, add_physical_measurements
 
@@ -47,9 +47,12 @@ def image_record(image: np.ndarray, labels: np.ndarray, scores: np.ndarray | Non
 
 
 def per_image_files(labels: np.ndarray, record: dict, formats: Iterable[str]) -> dict[str, bytes]:
-    """The requested per-image files (labels, rois, geojson) of one segmented image."""
-    encoders = {"labels": lambda: label_png_bytes(labels), "rois": lambda: imagej_roi_zip(labels),
-                "geojson": lambda: geojson_bytes(qupath_geojson(labels, record["cells"]))}
+    """The requested per-image files (labels, rois, geojson) of one segmented image; the cells'
+    outlines are traced once for both outline formats."""
+    formats = list(formats)
+    outlines = cell_outlines(labels) if {"rois", "geojson"} <= set(formats) else None
+    encoders = {"labels": lambda: label_png_bytes(labels), "rois": lambda: imagej_roi_zip(labels, outlines),
+                "geojson": lambda: geojson_bytes(qupath_geojson(labels, record["cells"], outlines=outlines))}
     return {fmt: encoders[fmt]() for fmt in formats if fmt in encoders}
 
 

@@ -24,20 +24,21 @@ def free_port() -> int:
 
 
 def start_server(model: Path, home: Path, env: dict[str, str] | None = None,
-                 ready_timeout: float = 180, name: str | None = None) -> tuple[subprocess.Popen, str]:
+                 ready_timeout: float = 180, name: str | None = None, root: Path = ROOT) -> tuple[subprocess.Popen, str]:
     """(process, URL) of `bentoml serve service:CellSegmentation` with `model` registered in a
     BentoML store under `home` (as `name`, served as `name:latest`, when given); its log is
-    `home/serve.log`. Raises RuntimeError if it never gets ready."""
+    `home/serve.log`. `root`: the checkout whose service runs (another revision's, to compare).
+    Raises RuntimeError if it never gets ready."""
     env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true", **(env or {})}
     register = [sys.executable, "-m", "export", "register", "--model", str(model)]
     if name:
         register += ["--name", name]
         env["CELLSEG_MODEL_TAG"] = f"{name}:latest"
-    subprocess.run(register, env=env, cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(register, env=env, cwd=root, check=True, capture_output=True)
     port = free_port()
     with open(home / "serve.log", "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "service:CellSegmentation", "--port",
-                                 str(port), "--host", "127.0.0.1"], cwd=ROOT, env=env, stdout=log,
+                                 str(port), "--host", "127.0.0.1"], cwd=root, env=env, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + ready_timeout
