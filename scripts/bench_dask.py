@@ -1,7 +1,7 @@
 """Batch-job throughput, all on the same images and the same model file in one run: the model
 reading and segmenting them in process one at a time (the ceiling; the faster of a run before and
-one after the jobs), `cellseg segment` with its default outputs, with each
-optional format added (rois, geojson), and on Dask workers (`--dask local:N`, N workers x 1
+one after the jobs), `cellseg segment` with its default outputs and with each
+optional format added (rois, geojson), locally and on Dask workers (`--dask local:N`, N workers x 1
 thread), with the memory of each Dask worker. LIVECell TIFFs first, then Sartorius PNGs (both
 704x520) up to --images.
 
@@ -29,6 +29,9 @@ from cellseg.data import default_data_root  # noqa: E402
 from cellseg.onnx_model import default_model_path  # noqa: E402
 from cellseg.variants import default_variant  # noqa: E402
 
+DEFAULT = "labels,csv,coco"  # cellseg segment's default outputs
+OPTIONAL = ("rois", "geojson")  # each measured added to the default ones
+
 
 def run_in_process(inputs: Path, model: Path) -> float:
     """Read and segment every image one at a time (the model's load is not counted)."""
@@ -51,9 +54,10 @@ def run_local(inputs: Path, out: Path, model: Path, formats: str = "labels,csv,c
     return time.perf_counter() - t0
 
 
-def run_dask(inputs: Path, out: Path, model: Path, workers: int) -> tuple[float, list[int]]:
-    """Wall time on a LocalCluster started beforehand (its start-up is not counted), and each
-    worker's peak resident memory."""
+def run_dask(inputs: Path, out: Path, model: Path, workers: int, format_sets: list[str]) -> tuple[list[float], list[int]]:
+    """Wall time of a job per format set, each on the same LocalCluster started beforehand (its
+    start-up is not counted; the workers load the model in the first job), and each worker's peak
+    resident memory."""
     import dask
     from distributed import Client, LocalCluster
 
@@ -62,11 +66,13 @@ def run_dask(inputs: Path, out: Path, model: Path, workers: int) -> tuple[float,
 
     with dask.config.set(LOCAL_WORKER_ENVIRON):  # the workers `--dask local` starts
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None)
+    seconds = []
     with cluster, Client(cluster) as client:
-        t0 = time.perf_counter()
-        assert main(["segment", str(inputs), "--out", str(out), "--model", str(model),
-                     "--dask", cluster.scheduler_address, "--quiet"]) == 0
-        seconds = time.perf_counter() - t0
+        for index, formats in enumerate(format_sets):
+            t0 = time.perf_counter()
+            assert main(["segment", str(inputs), "--out", str(out / str(index)), "--model", str(model),
+                         "--formats", formats, "--dask", cluster.scheduler_address, "--quiet"]) == 0
+            seconds.append(time.perf_counter() - t0)
         peaks = client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux: KiB
     return seconds, sorted(peaks.values())
 
@@ -93,9 +99,10 @@ def main() -> int:
 
         in_process = run_in_process(inputs, args.model)
         local = run_local(inputs, Path(tmp) / "local", args.model)
-        with_formats = {fmt: run_local(inputs, Path(tmp) / f"local-{fmt}", args.model, f"labels,csv,coco,{fmt}")
-                        for fmt in ("rois", "geojson")}
-        dask, worker_rss = run_dask(inputs, Path(tmp) / "dask", args.model, args.workers)
+        with_formats = {fmt: run_local(inputs, Path(tmp) / f"local-{fmt}", args.model, f"{DEFAULT},{fmt}")
+                        for fmt in OPTIONAL}
+        (dask, *dask_formats), worker_rss = run_dask(inputs, Path(tmp) / "dask", args.model, args.workers,
+                                                     [DEFAULT, *(f"{DEFAULT},{fmt}" for fmt in OPTIONAL)])
         in_process = min(in_process, run_in_process(inputs, args.model))
     n = len(sources)
     report = {
@@ -107,6 +114,7 @@ def main() -> int:
         **{f"local_with_{fmt}_images_per_s": round(n / seconds, 2) for fmt, seconds in with_formats.items()},
         **{f"{fmt}_ms_per_image": round(1000 * (seconds - local) / n, 1) for fmt, seconds in with_formats.items()},
         f"dask_local_{args.workers}_images_per_s": round(n / dask, 2),
+        **{f"dask_with_{fmt}_images_per_s": round(n / seconds, 2) for fmt, seconds in zip(OPTIONAL, dask_formats)},
         "dask_vs_local": round(local / dask, 2),
         "dask_worker_peak_rss_mb": [round(b / 2**20) for b in worker_rss],
         "note": "every row runs the same model file; job times include the CLI's model load, in-process and "
