@@ -405,7 +405,7 @@ MAX_LOCAL_SESSIONS = 4
 def local_sessions(cores: int, providers: Sequence[str]) -> tuple[int, int]:
     """(network sessions, ONNX Runtime threads each) of a local job. Every image goes through its
     own thread end to end, each thread with its own session: two 1-thread sessions do 2 images in
-    the time a 2-thread one does ~1.7 (64 LIVECell-size images on 2 cores: 8.7 -> 10.4 images/s,
+    the time a 2-thread one does ~1.7 (64 LIVECell-size images on 2 cores: 8.6-9.3 -> 10.0-10.7 images/s,
     docs/BENCHMARKS.md), and no core waits while another post-processes. On a GPU, one session."""
     if "CUDAExecutionProvider" in providers:
         return 1, cores

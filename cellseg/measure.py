@@ -121,8 +121,8 @@ def cell_runs(labels: np.ndarray, count: int | None = None) -> CellRuns:
     width = labels.shape[1]
     padded = np.pad(labels, ((0, 0), (1, 1)))
     rows, cols = np.nonzero(padded[:, 1:] != padded[:, :-1])  # a change between image columns x-1 and x
-    # the changes of one row alternate run starts and stops, starting with a start only where the
-    # value there is a cell's; every run ends at the next change in its row
+    # every change starts a run of the value after it (a cell's where that value is not 0), which
+    # ends at the next change: always in the same row, since each row's padding ends it with a 0
     value = padded[rows, cols + 1]
     is_start = (cols < width) & (value > 0)
     nxt = np.r_[cols[1:], 0]
