@@ -402,14 +402,15 @@ def available_cores() -> int:
 MAX_LOCAL_SESSIONS = 4
 
 
-def local_sessions(cores: int, providers: Sequence[str]) -> tuple[int, int]:
-    """(network sessions, ONNX Runtime threads each) of a local job. Every image goes through its
-    own thread end to end, each thread with its own session: two 1-thread sessions do 2 images in
-    the time a 2-thread one does ~1.7 (64 LIVECell-size images on 2 cores: 8.6-9.3 -> 10.0-10.7 images/s,
-    docs/BENCHMARKS.md), and no core waits while another post-processes. On a GPU, one session."""
+def local_sessions(cores: int, providers: Sequence[str], images: int | None = None) -> tuple[int, int]:
+    """(network sessions, ONNX Runtime threads each) of a local job of `images` images. Every image
+    goes through its own thread end to end, each thread with its own session: two 1-thread sessions
+    do 2 images in the time a 2-thread one does ~1.7 (64 LIVECell-size images on 2 cores: 8.6-9.3 ->
+    10.0-10.7 images/s, docs/BENCHMARKS.md), and no core waits while another post-processes. No more
+    sessions than images (a job of one large image has every core in its one session); on a GPU, one."""
     if "CUDAExecutionProvider" in providers:
         return 1, cores
-    sessions = max(1, min(cores, MAX_LOCAL_SESSIONS))
+    sessions = max(1, min(cores, MAX_LOCAL_SESSIONS, images or cores))
     return sessions, max(1, cores // sessions)
 
 
@@ -420,12 +421,11 @@ def local_backend(model_path: Path | None, params: PostprocessParams, tta: bool 
     reading to encoded outputs, while the main thread writes. Results come back in input order."""
     from cellseg.onnx_model import OnnxModel, available_providers
 
-    sessions, ort_threads = local_sessions(cores or available_cores(), available_providers())
-    # No busy-waiting in ONNX Runtime's threads after each call: the other images' threads need those cores.
-    models = [OnnxModel(model_path, threads=ort_threads, spin=False) for _ in range(sessions)]
-    segment = onnx_segmenter(models, params, tta)
-
     def run(items):
+        sessions, ort_threads = local_sessions(cores or available_cores(), available_providers(), len(items))
+        # No busy-waiting in ONNX Runtime's threads after each call: other images' threads need those cores.
+        segment = onnx_segmenter([OnnxModel(model_path, threads=ort_threads, spin=False) for _ in range(sessions)],
+                                 params, tta)
         with _stopping_pool(sessions) as pool:
             pending = []
             for item in items:

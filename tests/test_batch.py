@@ -179,6 +179,8 @@ def test_local_sessions_per_core():
     assert local_sessions(2, cpu) == (2, 1)  # this machine: two 1-thread sessions
     assert local_sessions(8, cpu) == (4, 2)  # at most MAX_LOCAL_SESSIONS, the cores shared among them
     assert local_sessions(8, ["CUDAExecutionProvider", *cpu]) == (1, 8)
+    assert local_sessions(2, cpu, images=1) == (1, 2)  # one (large) image: every core in its session
+    assert local_sessions(8, cpu, images=3) == (3, 2)
 
 
 def test_each_network_call_holds_a_session_of_its_own():
