@@ -43,6 +43,7 @@ finished images are kept, and the same command resumes once the cause is fixed.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import glob
@@ -51,7 +52,6 @@ import json
 import os
 import queue
 import threading
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -210,7 +210,7 @@ def output_names(paths: list[Path], frames: dict[Path, int] | None = None) -> di
         count = frames.get(path, 1)
         return [path.stem] + ([frame_name(path.stem, i, count) for i in range(count)] if count > 1 else [])
 
-    uses = Counter(name for p in paths for name in names_of(p))
+    uses = collections.Counter(name for p in paths for name in names_of(p))
     return {p: p.stem if all(uses[name] == 1 for name in names_of(p))
             else f"{p.stem}-{hashlib.sha1(str(p).encode()).hexdigest()[:8]}" for p in paths}
 
@@ -377,13 +377,19 @@ def onnx_segmenter(models: Sequence, params: PostprocessParams, tta: bool) -> Se
     return segment
 
 
-@contextlib.contextmanager
-def _stopping_pool(threads: int) -> Iterator[ThreadPoolExecutor]:
-    """A thread pool that, when the job stops consuming results (a failed write, Ctrl-C), drops the
-    images not started yet and waits only for those in progress."""
+def _in_order(items: list[Item], work: Callable[[Item], tuple], threads: int) -> Iterator[tuple]:
+    """`work(item)` of every item on `threads` threads, yielded in input order. At most one image
+    waits beyond those in progress, so a long job never queues every image; when the consumer stops
+    (a failed write, Ctrl-C), the images not started are dropped and only those in progress awaited."""
     pool = ThreadPoolExecutor(max_workers=threads)
     try:
-        yield pool
+        pending: collections.deque = collections.deque()
+        for item in items:
+            pending.append(pool.submit(work, item))
+            if len(pending) > threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -426,14 +432,7 @@ def local_backend(model_path: Path | None, params: PostprocessParams, tta: bool 
         # No busy-waiting in ONNX Runtime's threads after each call: other images' threads need those cores.
         segment = onnx_segmenter([OnnxModel(model_path, threads=ort_threads, spin=False) for _ in range(sessions)],
                                  params, tta)
-        with _stopping_pool(sessions) as pool:
-            pending = []
-            for item in items:
-                pending.append(pool.submit(_guarded, item, segment, formats, pixel_size))
-                if len(pending) > sessions:  # a bounded window: a long job never queues every image
-                    yield pending.pop(0).result()
-            for future in pending:
-                yield future.result()
+        yield from _in_order(items, lambda item: _guarded(item, segment, formats, pixel_size), sessions)
     return run
 
 
@@ -477,8 +476,7 @@ def server_backend(url: str, overrides: dict, concurrency: int, formats: tuple[s
         return Result(result.labels, np.array([c.score for c in result.cells], dtype=np.float32))
 
     def run(items):
-        with _stopping_pool(concurrency) as pool:
-            yield from pool.map(lambda item: _guarded(item, segment, formats, pixel_size), items)
+        yield from _in_order(items, lambda item: _guarded(item, segment, formats, pixel_size), concurrency)
     return run
 
 

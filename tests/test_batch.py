@@ -183,6 +183,30 @@ def test_local_sessions_per_core():
     assert local_sessions(8, cpu, images=3) == (3, 2)
 
 
+def test_backends_keep_only_a_few_images_ahead_of_the_writer():
+    """Results come in input order, and while the writer is busy no more than one image beyond those
+    in progress is started: the server backend used to hand every image to its threads at once, so
+    a slow disk let finished images' outputs pile up in memory."""
+    import threading
+    import time
+
+    from cellseg.batch import _in_order
+
+    started = []
+    lock = threading.Lock()
+
+    def work(item):
+        with lock:
+            started.append(item)
+        return item * 10
+
+    results = _in_order(list(range(50)), work, threads=4)
+    assert next(results) == 0
+    time.sleep(0.2)  # the writer is slow
+    assert len(started) <= 4 + 1
+    assert list(results) == [i * 10 for i in range(1, 50)]
+
+
 def test_each_network_call_holds_a_session_of_its_own():
     """Threads share the sessions: never two calls in one session at once, and every session used."""
     import threading
