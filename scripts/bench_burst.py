@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from bench_memory import PeakSampler, big_test_image, process_rss, settle  # noqa: E402
 from local_server import start_server, stop_server  # noqa: E402
 
-from bench_inference import machine_description, write_report  # noqa: E402
+from bench_inference import command_line, machine_description, publish_report  # noqa: E402
 from cellseg.data import default_data_root  # noqa: E402
 from cellseg.onnx_model import default_model_path  # noqa: E402
 
@@ -105,9 +104,8 @@ def main() -> int:
         finally:
             stop_server(proc)
     result["machine"] = machine_description()
-    result["command"] = "python scripts/bench_burst.py " + " ".join(sys.argv[1:])
-    print(json.dumps(result, indent=2))
-    write_report(result, args.json)
+    result["command"] = command_line()
+    publish_report(result, args.json)
     return 0
 
 

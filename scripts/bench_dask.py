@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import resource
 import shutil
@@ -28,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_inference import machine_description, write_report  # noqa: E402
+from bench_inference import command_line, machine_description, publish_report  # noqa: E402
 from cellseg.data import default_data_root  # noqa: E402
 from cellseg.onnx_model import default_model_path  # noqa: E402
 from cellseg.variants import default_variant  # noqa: E402
@@ -145,11 +144,10 @@ def main() -> int:
         "note": "medians over the rounds; every row runs the same model file; job times include the CLI's model "
                 "load, in-process times exclude it, Dask times exclude the cluster's start-up; local and Dask "
                 "write the same outputs",
-        "command": "python scripts/bench_dask.py " + " ".join(sys.argv[1:]),
+        "command": command_line(),
         "cores": os.cpu_count(),
     }
-    print(json.dumps(report, indent=2))
-    write_report(report, args.json)
+    publish_report(report, args.json)
     return 0
 
 

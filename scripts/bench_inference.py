@@ -148,6 +148,17 @@ def write_report(report: dict, path: Path | None) -> None:
         path.write_text(json.dumps(report, indent=2) + "\n")
 
 
+def publish_report(report: dict, path: Path | None) -> None:
+    """Print a benchmark's JSON report, and write it where --json asked."""
+    print(json.dumps(report, indent=2))
+    write_report(report, path)
+
+
+def command_line() -> str:
+    """How this script was run, as the docs quote each figure's command: `python scripts/NAME ARGS`."""
+    return " ".join(["python", f"scripts/{Path(sys.argv[0]).name}", *sys.argv[1:]])
+
+
 def run(args) -> dict:
     threads = args.threads or os.cpu_count() or 1
     paths = livecell_images(args.data, args.images)

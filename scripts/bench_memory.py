@@ -12,7 +12,6 @@ one 4000x4000 request; and after it, once the service is idle again (memory retu
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -33,7 +32,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from local_server import start_server, stop_server  # noqa: E402
 
-from bench_inference import write_report  # noqa: E402
+from bench_inference import command_line, publish_report  # noqa: E402
 from cellseg.data import default_data_root  # noqa: E402
 from cellseg.onnx_model import default_model_path  # noqa: E402
 
@@ -191,9 +190,8 @@ def main() -> int:
             stop_server(proc)
     result["machine"] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                          "memory_gb": round(psutil.virtual_memory().total / 2**30)}
-    result["command"] = "python scripts/bench_memory.py " + " ".join(sys.argv[1:])
-    print(json.dumps(result, indent=2))
-    write_report(result, args.json)
+    result["command"] = command_line()
+    publish_report(result, args.json)
     return 0
 
 

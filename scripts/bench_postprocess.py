@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import statistics
 import sys
@@ -29,7 +28,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import numpy as np  # noqa: E402
 
-from bench_inference import livecell_images, machine_description, timeit, write_report  # noqa: E402
+from bench_inference import livecell_images, machine_description, publish_report, timeit  # noqa: E402
 from cellseg.data import default_data_root  # noqa: E402
 from cellseg.imageio import read_image  # noqa: E402
 from cellseg.inference import Segmentation, decode_maps, encode_maps, predict_padded  # noqa: E402
@@ -133,8 +132,7 @@ def main() -> int:
             whole["validation"] = compare_on_validation(model, before, params, args.data)
     report = {"machine": machine_description(), "model": str(args.model), "images": len(images),
               "repeats": args.repeats, "stage_ms_median": stage_ms, "per_image_ms": whole}
-    print(json.dumps(report, indent=2))
-    write_report(report, args.json)
+    publish_report(report, args.json)
     return 0
 
 

@@ -15,7 +15,6 @@ i.e. measurements, views and downloads; total) and of the client's wall time, pe
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -29,7 +28,7 @@ import httpx  # noqa: E402
 from bench_server import server_timing  # noqa: E402
 from local_server import start_server, stop_server  # noqa: E402
 
-from bench_inference import livecell_images, machine_description, write_report  # noqa: E402
+from bench_inference import command_line, livecell_images, machine_description, publish_report  # noqa: E402
 from cellseg.data import default_data_root  # noqa: E402
 from cellseg.onnx_model import default_model_path  # noqa: E402
 
@@ -83,10 +82,9 @@ def main() -> int:
         "median_ms": {name: {stage: round(statistics.median(t.get(stage, 0.0) for t in rows), 1) for stage in stages}
                       for name, rows in timings.items()},
         "checkouts": {name: str(folder) for name, folder in checkouts.items()},
-        "command": "python scripts/bench_report.py " + " ".join(sys.argv[1:]),
+        "command": command_line(),
     }
-    print(json.dumps(report, indent=2))
-    write_report(report, args.json)
+    publish_report(report, args.json)
     return 0
 
 

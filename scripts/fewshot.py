@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_inference import machine_description  # noqa: E402
+from bench_inference import command_line, machine_description, publish_report  # noqa: E402
 from cellseg.data import Sample, default_data_root, load_split  # noqa: E402
 from cellseg.evaluate import evaluate_segmentations  # noqa: E402
 from cellseg.imageio import read_image  # noqa: E402
@@ -82,7 +82,7 @@ def main() -> int:
               "test_images_the_base_trained_on": sum(s.id in base_trained_on for s in test),
               "base_model": str(args.base_model),
               "before": measure(args.base_model, test, images), "runs": [], "machine": machine_description(),
-              "command": "python scripts/fewshot.py " + " ".join(sys.argv[1:])}
+              "command": command_line()}
     print(f"{args.type}: before {result['before']} on {len(test)} images", flush=True)
     for k in (int(v) for v in args.k.split(",")):
         if k > len(pool):
@@ -102,9 +102,7 @@ def main() -> int:
                "after_int8": measure(run / "model" / "model.int8.onnx", test, images)}
         result["runs"].append(row)
         print(json.dumps(row), flush=True)
-    print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    publish_report(result, args.json)
     return 0
 
 
