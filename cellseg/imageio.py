@@ -32,7 +32,7 @@ PILLOW_FORMATS = {"PNG", "JPEG", "MPO"}  # MPO: the JPEG variant many cameras wr
 
 ImageSource = Union[str, Path, bytes, bytearray, memoryview, np.ndarray, Image.Image]
 
-_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 # Pillow's own decompression-bomb guard would fire before ours with a less useful message.
 Image.MAX_IMAGE_PIXELS = None
@@ -187,14 +187,16 @@ def _tiff_directory_offsets(data, layout: _TiffLayout, max_pages: int = MAX_TIFF
     """Where the file's directories start, following the chain as tifffile does (it stops at a
     zero offset, one past the file, or an unreadable directory), up to one past `max_pages`."""
     offsets: list[int] = []
+    seen: set[int] = set()  # a list's `in` made one walk of a 10,000-page stack take 0.4 s
     offset = layout.read(data, layout.offset, 4 if layout.offset == "I" else 8) or 0
     while 0 < offset < len(data) and len(offsets) <= max_pages:
-        if offset in offsets:  # tifffile misses loops of 100+
+        if offset in seen:  # tifffile misses loops of 100+
             raise ImageError("corrupt TIFF: its chain of image directories loops back on itself")
         entries = layout.read(data, layout.entry_count, offset)
         if entries is None or entries > _TIFF_MAX_ENTRIES:
             break
         offsets.append(offset)
+        seen.add(offset)
         next_offset = offset + struct.calcsize(layout.entry_count) + entries * layout.entry_size
         offset = layout.read(data, layout.offset, next_offset) or 0
     return offsets
@@ -404,7 +406,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     if not data:
         raise ImageError("empty input: no image bytes received")
     data = bytes(data)
-    if data[:4] in _TIFF_MAGIC:
+    if data[:4] in TIFF_MAGIC:
         return _decode_tiff(data, max_pixels)
     return _decode_pillow(data, max_pixels)
 
@@ -460,7 +462,7 @@ def declared_pixels(path: str | Path) -> int | None:
     header cannot be read: decoding will then say what is wrong). For admitting work by its size."""
     try:
         with open(path, "rb") as fh:
-            if fh.read(4) in _TIFF_MAGIC:
+            if fh.read(4) in TIFF_MAGIC:
                 with _mapped(path) as data:  # tifffile reads nothing a hostile header could inflate
                     _check_tiff_directories(data)
                 with tifffile.TiffFile(path) as tif:
@@ -532,7 +534,7 @@ def stack_info(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> StackI
     if not path.is_file():
         raise ImageError(f"no such file: {path}")
     with open(path, "rb") as fh:
-        if fh.read(4) not in _TIFF_MAGIC:
+        if fh.read(4) not in TIFF_MAGIC:
             return SINGLE_IMAGE
     try:
         with _mapped(path) as data:
@@ -590,15 +592,19 @@ def _frame_interval_s(tif: tifffile.TiffFile) -> float | None:
         meta = tif.imagej_metadata or {}
         return _seconds(meta.get("finterval"), meta.get("tunit", "sec"))
     if tif.is_ome:
-        pixels = _ome_pixels_attributes(tif.ome_metadata or "")
+        pixels = ome_pixels_attributes(tif.ome_metadata or "")
         return _seconds(pixels.get("TimeIncrement"), pixels.get("TimeIncrementUnit", "s"))
     return None
 
 
-def _ome_pixels_attributes(ome_xml: str) -> dict[str, str]:
-    """The first image's <Pixels> attributes, whatever the OME schema version (namespace)."""
+def ome_pixels_attributes(ome_xml: str) -> dict[str, str]:
+    """The first image's <Pixels> attributes, whatever the OME schema version (namespace); none
+    where the XML is unreadable or declares a DTD (OME-XML never needs one; refusing it keeps entity
+    expansion out of an upload's header)."""
     import xml.etree.ElementTree as ET
 
+    if "<!DOCTYPE" in ome_xml or "<!ENTITY" in ome_xml:
+        return {}
     try:
         root = ET.fromstring(ome_xml)
     except ET.ParseError:

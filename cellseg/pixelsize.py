@@ -34,11 +34,12 @@ from __future__ import annotations
 
 import io
 import math
-import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
 from pathlib import Path
 
 import tifffile
+
+from cellseg.imageio import TIFF_MAGIC, ome_pixels_attributes
 
 # Sane bounds for a pixel size: 0.1 nm (beyond electron microscopy) to 1 cm (a photographed plate).
 MIN_UM, MAX_UM = 1e-4, 1e4
@@ -57,7 +58,6 @@ UM_PER_UNIT = {"m": 1e6, "cm": 1e4, "mm": 1e3, "µm": 1.0, "um": 1.0, "micron": 
 LENGTH_MEASUREMENTS = ("perimeter", "major_axis_length", "minor_axis_length")
 PHYSICAL_UNITS = {"area_um2": "µm²", **{f"{key}_um": "µm" for key in LENGTH_MEASUREMENTS}}
 
-_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 SIGNIFICANT_DIGITS = 6  # of a physical measurement: more than any segmentation is accurate to
 
 
@@ -115,12 +115,12 @@ def read_pixel_size(source: str | Path | bytes) -> PixelSize | None:
     try:
         if isinstance(source, (bytes, bytearray, memoryview)):
             data = bytes(source)
-            if data[:4] not in _TIFF_MAGIC:
+            if data[:4] not in TIFF_MAGIC:
                 return None
             with tifffile.TiffFile(io.BytesIO(data)) as tif:
                 return _tiff_pixel_size(tif)
         with open(source, "rb") as fh:
-            if fh.read(4) not in _TIFF_MAGIC:
+            if fh.read(4) not in TIFF_MAGIC:
                 return None
         with tifffile.TiffFile(source) as tif:
             return _tiff_pixel_size(tif)
@@ -157,14 +157,7 @@ def _per_resolution(unit_um: float | None, pixels_per_unit: float) -> float | No
 
 
 def _ome_pixel_size(tif: tifffile.TiffFile) -> PixelSize | None:
-    text = tif.ome_metadata
-    # OME-XML never needs a DTD; refusing one keeps entity expansion out of an upload's header
-    if not text or "<!DOCTYPE" in text or "<!ENTITY" in text:
-        return None
-    root = ElementTree.fromstring(text)
-    pixels = next((e for e in root.iter() if e.tag.rpartition("}")[2] == "Pixels"), None)
-    if pixels is None:
-        return None
+    pixels = ome_pixels_attributes(tif.ome_metadata or "")
     sizes = []
     for axis in ("X", "Y"):
         value = pixels.get(f"PhysicalSize{axis}")

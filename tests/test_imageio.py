@@ -612,3 +612,14 @@ def test_the_size_peek_for_admission_reads_no_hostile_header(name, hostile_tiffs
     finally:
         tracemalloc.stop()
     assert peak < 4 << 20, f"{peak:,} bytes allocated to read a size"
+
+
+def test_ome_xml_with_a_dtd_is_not_read_for_frame_intervals_either():
+    """The pixel size refused OME-XML declaring a DTD (entity expansion in an upload's header); the
+    frame interval read the same XML with its own parser, without that guard. One parser now."""
+    from cellseg.imageio import ome_pixels_attributes
+
+    plain = '<OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06"><Image><Pixels TimeIncrement="600"/></Image></OME>'
+    assert ome_pixels_attributes(plain) == {"TimeIncrement": "600"}
+    with_dtd = '<!DOCTYPE OME [<!ENTITY t "600">]><OME><Image><Pixels TimeIncrement="&t;"/></Image></OME>'
+    assert ome_pixels_attributes(with_dtd) == {}
