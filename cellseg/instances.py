@@ -9,6 +9,8 @@ import numpy as np
 from PIL import Image
 from skimage.segmentation import find_boundaries
 
+from cellseg.measure import CellRuns, cell_runs
+from cellseg.measure import measure_cells as measure_all
 from cellseg.preprocess import normalize
 from cellseg.rle import labels_to_coco_rles, paint_coco
 
@@ -20,13 +22,12 @@ def confluence(labels: np.ndarray) -> float:
     return float(100.0 * np.count_nonzero(labels) / labels.size)
 
 
-def instances_from_labels(labels: np.ndarray, scores: np.ndarray | None = None) -> list[dict]:
-    """One record per cell 1..N: id, area, COCO bbox [x, y, w, h], centroid [x, y], score, COCO RLE."""
-    from cellseg.measure import cell_runs
-
-    runs = cell_runs(labels)
+def instances_from_labels(labels: np.ndarray, scores: np.ndarray | None = None, runs: CellRuns | None = None) -> list[dict]:
+    """One record per cell 1..N: id, area, COCO bbox [x, y, w, h], centroid [x, y], score, COCO RLE;
+    `runs`: the labels' `cell_runs`, where found already."""
+    runs = runs if runs is not None else cell_runs(labels)
     areas, (y0, x0, y1, x1) = runs.areas(), runs.boxes()
-    centroid_y, centroid_x = runs.centroids()
+    centroid_y, centroid_x = runs.centroids(areas)
     rles = labels_to_coco_rles(labels)
     return [{"id": int(index), "area": int(areas[index]),
              "bbox": [int(x0[index]), int(y0[index]), int(x1[index] - x0[index]), int(y1[index] - y0[index])],
@@ -45,12 +46,10 @@ def labels_from_instances(instances: list[dict], height: int, width: int) -> np.
     return np.ascontiguousarray(columns.T)
 
 
-def measure_cells(labels: np.ndarray, image: np.ndarray | None = None) -> list[dict]:
+def measure_cells(labels: np.ndarray, image: np.ndarray | None = None, runs: CellRuns | None = None) -> list[dict]:
     """Per-cell measurements (pixel units) for the CSV, the web page and GeoJSON: regionprops'
     definitions, computed for all cells at once by `cellseg.measure`."""
-    from cellseg.measure import measure_cells as measure_all
-
-    return measure_all(labels, image)
+    return measure_all(labels, image, runs)
 
 
 class TooManyCellsError(ValueError):

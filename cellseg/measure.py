@@ -90,22 +90,25 @@ class CellRuns:
             boxes[3][present] = np.maximum.reduceat(self.stop, first)
         return tuple(boxes)
 
+    def _column_sums(self) -> np.ndarray:
+        """Per run, the sum of its columns a..b-1 (closed form)."""
+        return (self.start + self.stop - 1) * (self.stop - self.start) // 2
+
     def moments(self) -> tuple[np.ndarray, ...]:
         """Per label 0..count, the sums over its pixels of row, row², row x column, column and
         column², as exact int64: closed forms of each run's column sums (c and c² over a..b-1)."""
         length = self.stop - self.start
-        col_sum = (self.start + self.stop - 1) * length // 2
+        col_sum = self._column_sums()
         col_squares = _square_sum(self.stop - 1) - _square_sum(self.start - 1)
         row = self.row
         return (self.per_cell_sum(row * length), self.per_cell_sum(row * row * length),
                 self.per_cell_sum(row * col_sum), self.per_cell_sum(col_sum), self.per_cell_sum(col_squares))
 
-    def centroids(self) -> tuple[np.ndarray, np.ndarray]:
-        """(row, column) means per label 0..count (NaN where absent)."""
-        area = self.areas().astype(np.float64)
-        sums = self.moments()
+    def centroids(self, areas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(row, column) means per label 0..count of cells with these `areas` (NaN where absent)."""
+        row_sums = self.per_cell_sum(self.row * (self.stop - self.start))
         with np.errstate(invalid="ignore", divide="ignore"):
-            return sums[0] / area, sums[3] / area
+            return row_sums / areas, self.per_cell_sum(self._column_sums()) / areas
 
 
 def _square_sum(n: np.ndarray) -> np.ndarray:
@@ -153,13 +156,13 @@ def _hull_edges(runs: CellRuns) -> tuple[np.ndarray, ...]:
     `convex_hull_image` builds it, from the first and last pixel of each run (every other pixel lies
     between two of them in its row). Integers, so the counting below is exact."""
     count = runs.count
-    # each cell's run starts, then its run ends: still grouped by cell
-    label = np.repeat(runs.label, 2)
+    # each run's first and last pixel, then the 4 edge midpoints of each: 8 points per run, still
+    # grouped by cell, so cell k's points start at 8 x its first run
     row = np.repeat(runs.row, 2)
     col = np.stack([runs.start, runs.stop - 1], axis=1).ravel()
     diamond = np.array([[-1, 0], [1, 0], [0, -1], [0, 1]], dtype=np.int32)
     points = (np.stack([2 * col, 2 * row], axis=1).astype(np.int32)[:, None, :] + diamond[None]).reshape(-1, 2)
-    bounds = (4 * np.searchsorted(label, np.arange(1, count + 2))).tolist()
+    bounds = (8 * runs.bounds).tolist()
     hull = convex_hull_function()
     present, vertices = [], []
     for index in range(1, count + 1):  # only the hull itself is computed per cell
@@ -227,13 +230,14 @@ def _n_times_minus_product(n: np.ndarray, s: np.ndarray, u: np.ndarray, v: np.nd
     return out
 
 
-def measure_cells(labels: np.ndarray, image: np.ndarray | None = None) -> list[dict]:
-    """Measurements of every cell 1..N that is present (pixel units), for the CSV and the web page."""
+def measure_cells(labels: np.ndarray, image: np.ndarray | None = None, runs: CellRuns | None = None) -> list[dict]:
+    """Measurements of every cell 1..N that is present (pixel units), for the CSV and the web page;
+    `runs`: the labels' `cell_runs`, where found already."""
     labels = np.ascontiguousarray(labels)
-    count = int(labels.max(initial=0))
+    runs = runs if runs is not None else cell_runs(labels)
+    count = runs.count
     if count == 0:
         return []
-    runs = cell_runs(labels, count)
     area = runs.areas()
     present = runs.present()
     y0, x0, y1, x1 = runs.boxes()

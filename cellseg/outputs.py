@@ -17,6 +17,7 @@ import numpy as np
 
 from cellseg.formats import cell_outlines, geojson_bytes, imagej_roi_zip, qupath_geojson
 from cellseg.instances import confluence, instances_from_labels, label_png_bytes, measure_cells
+from cellseg.measure import cell_runs
 from cellseg.pixelsize import PHYSICAL_UNITS, PixelSize, add_physical_measurements
 
 FORMATS = ("labels", "csv", "coco", "rois", "geojson")
@@ -36,14 +37,15 @@ def image_record(image: np.ndarray, labels: np.ndarray, scores: np.ndarray | Non
                  pixel_size: PixelSize | None = None) -> dict:
     """Everything later outputs need from one segmented image, as plain JSON-able data. `pixel_size`
     is {"x_um", "y_um", "source"} or None (other outputs, e.g. time-lapse summaries, rely on that form)."""
-    cells = add_physical_measurements(measure_cells(labels, image), pixel_size)
+    runs = cell_runs(labels)  # found once for the measurements and the instances
+    cells = add_physical_measurements(measure_cells(labels, image, runs), pixel_size)
     if scores is not None:
         for cell in cells:
             cell["score"] = round(float(scores[cell["cell_id"] - 1]), 4)
     return {"source": source, "name": name, "height": int(image.shape[0]), "width": int(image.shape[1]),
             "pixel_size": pixel_size.to_dict() if pixel_size else None,
             "count": int(labels.max()), "confluence": round(confluence(labels), 3),
-            "cells": cells, "instances": instances_from_labels(labels, scores)}
+            "cells": cells, "instances": instances_from_labels(labels, scores, runs)}
 
 
 def per_image_files(labels: np.ndarray, record: dict, formats: Iterable[str]) -> dict[str, bytes]:
