@@ -396,6 +396,7 @@ def test_evaluate_on_a_folder_of_lab_annotations(model_path, synthetic_gray, tmp
                  "--quiet"]) == 0
     result = json.loads(out.read_text())
     assert result["n_images"] == 1 and result["n_cells"] == 3 and list(result["per_source"]) == ["lab"]
+    assert result["split"] == "all"
     assert list(result["per_cell_type"]) == ["discs"] and result["annotations"]["per_format"] == {"label-mask": 1}
     assert "annotations: 1 image (1 label-mask), 3 cells" in capsys.readouterr().out
     assert main(["evaluate", "--model", str(model_path), "--data", str(tmp_path / "lab"), "--split", "val"]) == 2
@@ -407,5 +408,5 @@ def test_evaluate_reads_data_roots_as_before(data_root):
     from cellseg.cli import evaluation_samples
     from cellseg.data import load_split
 
-    samples, report = evaluation_samples(data_root, None)  # no --split: the project's validation split
-    assert report is None and [s.id for s in samples] == [s.id for s in load_split(data_root, "val")]
+    samples, split, report = evaluation_samples(data_root, None)  # no --split: the project's validation split
+    assert split == "val" and report is None and [s.id for s in samples] == [s.id for s in load_split(data_root, "val")]
