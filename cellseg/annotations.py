@@ -65,11 +65,10 @@ from PIL import Image
 from scipy import ndimage as ndi
 
 from cellseg.data import LIVECELL_SPLITS, PACKED_INDEX, Sample, _is_kaggle_root, _is_livecell_root, _load_coco, read_any
-from cellseg.imageio import ImageError, decode_image, read_image
+from cellseg.imageio import IMAGE_SUFFIXES, ImageError, decode_image, read_image
 from cellseg.rle import labels_to_coco_rles
 from cellseg.targets import relabel_sequential
 
-IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 MASK_SUFFIXES = (".tif", ".tiff", ".png")  # lossless only: JPEG would blur label values
 MASK_STEM_ENDINGS = ("_cp_masks", "_masks", "_labels")  # longest first: X_cp_masks is not image X_cp
 ROI_ENDINGS = (".zip", "_roiset.zip", ".roi")
