@@ -64,7 +64,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage as ndi
 
-from cellseg.data import LIVECELL_SPLITS, PACKED_INDEX, Sample, _is_kaggle_root, _is_livecell_root, _load_coco, read_any
+from cellseg.data import LIVECELL_SPLITS, Sample, _load_coco, is_data_root, read_any
 from cellseg.imageio import IMAGE_SUFFIXES, ImageError, decode_image, read_image
 from cellseg.rle import labels_to_coco_rles
 from cellseg.targets import relabel_sequential
@@ -182,15 +182,6 @@ def scan_annotated(paths: Sequence[Path | str], livecell_splits: tuple[str, ...]
         skipped = "".join(f"\n  {s.path}: {s.reason}" for s in scan.result.skipped)
         raise FileNotFoundError(f"no annotated images in {', '.join(map(str, paths))}{skipped}")
     return scan.result
-
-
-def is_data_root(path: Path) -> bool:
-    """Whether `cellseg.data.read_any` reads this folder (LIVECell, Kaggle, packed, or livecell/ + sartorius/)."""
-    path = Path(path)
-    if (path / PACKED_INDEX).is_file():
-        return True
-    candidates = (path, path / "livecell", path / "sartorius")
-    return any(_is_livecell_root(c) or _is_kaggle_root(c) for c in candidates)
 
 
 # --- finding images and their annotations ---------------------------------------------------------
@@ -740,5 +731,6 @@ def coco_cells(coco, image_id: int, note: AnnotatedImage) -> list[CellMask]:
     return cells
 
 
+# is_data_root is cellseg.data's, re-exported (scan_annotated hands such folders to read_any)
 __all__ = ["read_annotated", "scan_annotated", "is_data_root", "AnnotationScan", "AnnotatedImage", "SkippedFile",
            "AnnotationError", "read_label_mask", "read_roi_set", "read_geojson"]

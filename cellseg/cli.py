@@ -77,8 +77,8 @@ def evaluation_samples(data: Path, split: str | None) -> tuple[list, str, Annota
     """Samples to evaluate on: a split of a LIVECell/Kaggle data root (default `val`), or every image of a
     lab's annotations (a folder or file that `cellseg.annotations` reads; split `all`), with the split used
     and the report of what was read."""
-    from cellseg.annotations import is_data_root, scan_annotated
-    from cellseg.data import load_split
+    from cellseg.annotations import scan_annotated
+    from cellseg.data import is_data_root, load_split
 
     if not Path(data).exists() or is_data_root(Path(data)):  # a missing path: read_any's error says how to set it
         split = split or "val"

@@ -116,6 +116,26 @@ def test_data_roots_read_as_read_any_does(data_root):
     assert scan_annotated([data_root]).per_format() == {"livecell": 16, "sartorius": 487}
 
 
+def test_data_roots_are_the_folders_read_any_reads(tmp_path):
+    """One detection (cellseg.data.is_data_root, re-exported here) for read_any and the annotation reader."""
+    import cellseg.annotations
+    from cellseg.data import is_data_root
+
+    assert cellseg.annotations.is_data_root is is_data_root
+    layouts = {"livecell": "annotations/LIVECell/", "kaggle": "train.csv", "packed": "packed.json",
+               "livecell-below": "livecell/annotations/LIVECell/", "sartorius-below": "sartorius/train.csv",
+               "lab": "HeLa/a.png", "other-below": "other/train.csv"}
+    for name, made in layouts.items():
+        path = tmp_path / name / made
+        if made.endswith("/"):
+            path.mkdir(parents=True)
+        else:
+            path.parent.mkdir(parents=True)
+            path.write_bytes(b"")
+    assert [name for name in layouts if is_data_root(tmp_path / name)] == [
+        "livecell", "kaggle", "packed", "livecell-below", "sartorius-below"]
+
+
 # --- ImageJ ROIs ------------------------------------------------------------------------------------
 
 
