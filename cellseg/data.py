@@ -87,9 +87,13 @@ def livecell_cell_type(file_name: str) -> str:
     return Path(file_name).name.split("_Phase")[0].split("_")[0]
 
 
-def _load_coco(path: Path) -> COCO:
-    with open(path) as fh:
-        dataset = json.load(fh)
+def _load_coco(source: Path | dict) -> COCO:
+    """pycocotools' index of a COCO file, or of a dataset already parsed from one (which it takes over)."""
+    if isinstance(source, dict):
+        dataset = source
+    else:
+        with open(source) as fh:
+            dataset = json.load(fh)
     # The official LIVECell files store annotations as a dict keyed by id; pycocotools wants a list.
     if isinstance(dataset.get("annotations"), dict):
         dataset["annotations"] = list(dataset["annotations"].values())

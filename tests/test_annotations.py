@@ -351,6 +351,24 @@ def test_coco_json_with_images_folder(synthetic_labels, tmp_path):
         read_annotated([tmp_path / "HeLa" / "train.json"])
 
 
+def test_a_coco_file_is_parsed_once(synthetic_labels, tmp_path, monkeypatch):
+    """Found in a folder or named, a COCO file's JSON is parsed once: deciding it is COCO and reading it
+    share the parse (LIVECell-sized files take seconds and gigabytes each time)."""
+    write_image(tmp_path / "a.png")
+    record = image_record(np.zeros(SHAPE, np.float32), synthetic_labels, None, name="a.png", source="a.png")
+    (tmp_path / "cells.json").write_text(json.dumps(coco_document([record])))
+    parses = []
+    for name in ("load", "loads"):
+        def counted(*args, original=getattr(json, name), **kwargs):
+            parses.append(args[0])
+            return original(*args, **kwargs)
+        monkeypatch.setattr(json, name, counted)
+    for paths in ([tmp_path], [tmp_path / "cells.json"]):
+        parses.clear()
+        assert read_annotated(paths)[0].labels().max() == synthetic_labels.max()
+        assert len(parses) == 1, paths
+
+
 # --- images, folders, reports -------------------------------------------------------------------------
 
 
