@@ -64,12 +64,11 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage as ndi
 
-from cellseg.data import LIVECELL_SPLITS, PACKED_INDEX, Sample, _is_kaggle_root, _is_livecell_root, _load_coco, read_any
-from cellseg.imageio import ImageError, decode_image, read_image
+from cellseg.data import LIVECELL_SPLITS, Sample, _load_coco, is_data_root, read_any
+from cellseg.imageio import IMAGE_SUFFIXES, ImageError, decode_image, read_image
 from cellseg.rle import labels_to_coco_rles
 from cellseg.targets import relabel_sequential
 
-IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 MASK_SUFFIXES = (".tif", ".tiff", ".png")  # lossless only: JPEG would blur label values
 MASK_STEM_ENDINGS = ("_cp_masks", "_masks", "_labels")  # longest first: X_cp_masks is not image X_cp
 ROI_ENDINGS = (".zip", "_roiset.zip", ".roi")
@@ -185,15 +184,6 @@ def scan_annotated(paths: Sequence[Path | str], livecell_splits: tuple[str, ...]
     return scan.result
 
 
-def is_data_root(path: Path) -> bool:
-    """Whether `cellseg.data.read_any` reads this folder (LIVECell, Kaggle, packed, or livecell/ + sartorius/)."""
-    path = Path(path)
-    if (path / PACKED_INDEX).is_file():
-        return True
-    candidates = (path, path / "livecell", path / "sartorius")
-    return any(_is_livecell_root(c) or _is_kaggle_root(c) for c in candidates)
-
-
 # --- finding images and their annotations ---------------------------------------------------------
 
 
@@ -263,8 +253,10 @@ class _Scan:
     def add_folder(self, folder: Path) -> None:
         files = sorted(p for p in folder.rglob("*") if p.is_file() and not _hidden(p.relative_to(folder)))
         coco_images = {}
-        for json_path in (p for p in files if p.suffix.lower() == ".json" and _is_coco_file(p)):
-            for image in self.add_coco(json_path, folder):
+        for json_path in (p for p in files if p.suffix.lower() == ".json"):
+            if (dataset := _coco_dataset(json_path)) is None:
+                continue
+            for image in self.add_coco(json_path, dataset, folder):
                 coco_images[image] = json_path
         used: set[Path] = set()
         indexes: dict[Path, dict[str, Path]] = {}
@@ -287,9 +279,9 @@ class _Scan:
 
     def add_file(self, path: Path) -> None:
         if path.suffix.lower() == ".json":
-            if not _is_coco_file(path):
+            if (dataset := _coco_dataset(path)) is None:
                 raise AnnotationError(f"{path} is not a COCO annotation file (it needs 'images' and 'annotations')")
-            self.add_coco(path, path.parent)
+            self.add_coco(path, dataset, path.parent)
             return
         index = _folder_index(path.parent)
         if _is_image_name(path):
@@ -321,9 +313,9 @@ class _Scan:
             labels = paint_cells(reader(path, (height, width), note), (height, width), note)
         self.add_sample(image, labels, note)
 
-    def add_coco(self, json_path: Path, base: Path) -> list[Path]:
-        """Samples of every image a COCO file names; returns their resolved paths."""
-        coco = _load_coco_file(json_path)
+    def add_coco(self, json_path: Path, dataset: dict, base: Path) -> list[Path]:
+        """Samples of every image a COCO file (parsed as `dataset`) names; returns their resolved paths."""
+        coco = _coco_index(json_path, dataset)
         read = []
         for image_id in sorted(coco.imgs):
             entry = coco.imgs[image_id]
@@ -690,23 +682,25 @@ def _polygonal(feature: dict, path: Path, number: int):
 # --- COCO JSON ------------------------------------------------------------------------------------
 
 
-def _is_coco_file(path: Path) -> bool:
-    """A JSON object with images and annotations (a COCO dataset), checked without reading huge files twice."""
+def _coco_dataset(path: Path) -> dict | None:
+    """The file's JSON where it is an object with images and annotations (a COCO dataset), else None.
+    Parsed once, and only when its first 64 KiB name either key: other JSON files, however big, are not."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(1 << 16)
         if b'"images"' not in head and b'"annotations"' not in head:
-            return False
+            return None
         document = json.loads(path.read_bytes())
     except (OSError, ValueError):
-        return False
-    return isinstance(document, dict) and "images" in document and "annotations" in document
+        return None
+    return document if isinstance(document, dict) and "images" in document and "annotations" in document else None
 
 
-def _load_coco_file(path: Path):
+def _coco_index(path: Path, dataset: dict):
+    """pycocotools' index of the dataset parsed from `path` (which names the file in errors)."""
     try:
-        return _load_coco(path)
-    except Exception as exc:  # json, KeyError, TypeError from a malformed dataset
+        return _load_coco(dataset)
+    except Exception as exc:  # KeyError, TypeError... from a malformed dataset
         raise AnnotationError(f"{path} is not a readable COCO annotation file ({type(exc).__name__}: {exc})") from exc
 
 
@@ -741,5 +735,6 @@ def coco_cells(coco, image_id: int, note: AnnotatedImage) -> list[CellMask]:
     return cells
 
 
+# is_data_root is cellseg.data's, re-exported (scan_annotated hands such folders to read_any)
 __all__ = ["read_annotated", "scan_annotated", "is_data_root", "AnnotationScan", "AnnotatedImage", "SkippedFile",
            "AnnotationError", "read_label_mask", "read_roi_set", "read_geojson"]

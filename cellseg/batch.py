@@ -60,7 +60,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from cellseg.imageio import ImageError, StackInfo, read_frame, read_image, stack_info, to_grayscale
+from cellseg.imageio import IMAGE_SUFFIXES, ImageError, StackInfo, read_frame, read_image, stack_info, to_grayscale
 from cellseg.instances import labels_from_instances
 from cellseg.outputs import (
     COCO_CATEGORIES,
@@ -77,7 +77,6 @@ from cellseg.pixelsize import PixelSize, read_pixel_size
 from cellseg.postprocess import PostprocessParams
 from cellseg.summary import growth_plot_png, stack_rows, summary_csv, summary_row
 
-IMAGE_SUFFIXES = {".tif", ".tiff", ".png", ".jpg", ".jpeg"}
 DEFAULT_FORMATS = ("labels", "csv", "coco")
 # Per-image files of each per-image format: folder and suffix under --out.
 PER_IMAGE_FILES = {"labels": ("labels", ".png"), "rois": ("rois", ".zip"), "geojson": ("geojson", ".geojson")}

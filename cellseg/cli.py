@@ -52,7 +52,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     model = OnnxModel(args.model)
     params = postprocess_params(args, model.default_params)
-    samples, annotations = evaluation_samples(args.data, args.split)
+    samples, split, annotations = evaluation_samples(args.data, args.split)
     if args.per_type:
         samples = subsample_per_type(samples, args.per_type)
     t0 = time.time()
@@ -60,7 +60,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for sample in tqdm(samples, desc="evaluating", unit="img", disable=args.quiet):
         segs += model.segment([sample.image()], params, batch_size=args.batch_size, tta=args.tta)
     result = evaluate_segmentations(samples, segs)
-    split = args.split or ("all" if annotations else "val")
     result.update({"model": str(args.model), "model_sha256": model.sha256, "data": str(args.data), "split": split,
                    "postprocess": params.to_dict(), "tta": args.tta, "per_type": args.per_type,
                    "seconds": round(time.time() - t0, 1)})
@@ -74,20 +73,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def evaluation_samples(data: Path, split: str | None) -> tuple[list, AnnotationScan | None]:
+def evaluation_samples(data: Path, split: str | None) -> tuple[list, str, AnnotationScan | None]:
     """Samples to evaluate on: a split of a LIVECell/Kaggle data root (default `val`), or every image of a
-    lab's annotations (a folder or file that `cellseg.annotations` reads), with the report of what was read."""
-    from cellseg.annotations import is_data_root, scan_annotated
-    from cellseg.data import load_split
+    lab's annotations (a folder or file that `cellseg.annotations` reads; split `all`), with the split used
+    and the report of what was read."""
+    from cellseg.annotations import scan_annotated
+    from cellseg.data import is_data_root, load_split
 
     if not Path(data).exists() or is_data_root(Path(data)):  # a missing path: read_any's error says how to set it
-        return load_split(data, split or "val"), None
+        split = split or "val"
+        return load_split(data, split), split, None
     if split not in (None, "all"):
         raise ValueError(f"--split {split} names images of the LIVECell/Kaggle data; {data} is read as a lab's "
                          "annotations, all of which are evaluated: leave --split out")
     scan = scan_annotated([data])
     print(scan.summary())
-    return scan.samples, scan
+    return scan.samples, "all", scan
 
 
 def cmd_segment(args: argparse.Namespace) -> int:

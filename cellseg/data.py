@@ -87,9 +87,13 @@ def livecell_cell_type(file_name: str) -> str:
     return Path(file_name).name.split("_Phase")[0].split("_")[0]
 
 
-def _load_coco(path: Path) -> COCO:
-    with open(path) as fh:
-        dataset = json.load(fh)
+def _load_coco(source: Path | dict) -> COCO:
+    """pycocotools' index of a COCO file, or of a dataset already parsed from one (which it takes over)."""
+    if isinstance(source, dict):
+        dataset = source
+    else:
+        with open(source) as fh:
+            dataset = json.load(fh)
     # The official LIVECell files store annotations as a dict keyed by id; pycocotools wants a list.
     if isinstance(dataset.get("annotations"), dict):
         dataset["annotations"] = list(dataset["annotations"].values())
@@ -179,19 +183,35 @@ def _is_kaggle_root(path: Path) -> bool:
     return (path / "train.csv").is_file()
 
 
+def _layouts(root: Path) -> list[tuple[str, Path]]:
+    """(layout, folder) of what `read_any` reads under `root`: a packed copy alone, else each LIVECell or
+    Kaggle root among root, root/livecell and root/sartorius. Empty where `root` is no data root."""
+    if (root / PACKED_INDEX).is_file():
+        return [("packed", root)]
+    found = []
+    for candidate in (root, root / "livecell", root / "sartorius"):
+        if _is_livecell_root(candidate):
+            found.append(("livecell", candidate))
+        elif _is_kaggle_root(candidate):
+            found.append(("kaggle", candidate))
+    return found
+
+
+def is_data_root(path: Path) -> bool:
+    """Whether `read_any` reads this folder (LIVECell, Kaggle, packed, or livecell/ + sartorius/)."""
+    return bool(_layouts(Path(path)))
+
+
 def read_any(root: Path, livecell_splits: tuple[str, ...] = LIVECELL_SPLITS) -> list[Sample]:
     """All annotated samples under `root` (any accepted layout)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"data root {root} does not exist (set --data or ${DATA_ENV})")
     samples: list[Sample] = []
-    if (root / PACKED_INDEX).is_file():
-        return read_packed(root)
-    for candidate in (root, root / "livecell", root / "sartorius"):
-        if _is_livecell_root(candidate):
-            samples += read_livecell(candidate, livecell_splits)
-        elif _is_kaggle_root(candidate):
-            samples += read_kaggle(candidate)
+    for layout, folder in _layouts(root):
+        if layout == "packed":
+            return read_packed(folder)
+        samples += read_livecell(folder, livecell_splits) if layout == "livecell" else read_kaggle(folder)
     if not samples:
         raise FileNotFoundError(f"no LIVECell or Kaggle-layout annotations found under {root}")
     return samples
@@ -243,5 +263,5 @@ def subsample_per_type(samples: list[Sample], n: int, seed: int = 0) -> list[Sam
     return [samples[i] for i in keep]
 
 
-__all__ = ["Sample", "read_livecell", "read_kaggle", "read_packed", "read_any", "load_split", "project_split",
+__all__ = ["Sample", "read_livecell", "read_kaggle", "read_packed", "read_any", "is_data_root", "load_split", "project_split",
            "default_data_root", "encode_coco", "subsample_per_type"]

@@ -29,6 +29,9 @@ MAX_BYTES_PER_PIXEL = 8
 # Formats accepted: what microscopes and labs write. Others (BMP, GIF, WEBP...) are refused rather
 # than decoded by whatever Pillow happens to support: a smaller surface for hostile files.
 PILLOW_FORMATS = {"PNG", "JPEG", "MPO"}  # MPO: the JPEG variant many cameras write
+# File names taken for images where folders are searched (batch jobs, a lab's annotations); in this
+# order where they are listed in messages. Compared with the lower-cased suffix.
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 
 ImageSource = Union[str, Path, bytes, bytearray, memoryview, np.ndarray, Image.Image]
 

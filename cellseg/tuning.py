@@ -21,7 +21,7 @@ from cellseg.postprocess import PostprocessParams, maps_to_labels
 def params_grid(base: PostprocessParams, **values: Iterable) -> list[PostprocessParams]:
     """Every combination of the given values (field name -> candidates) on top of `base`."""
     names = list(values)
-    return [base.with_overrides(**dict(zip(names, combo))).validate()
+    return [base.with_overrides(**dict(zip(names, combo)))  # with_overrides validates
             for combo in itertools.product(*(list(values[n]) for n in names))]
 
 

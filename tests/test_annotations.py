@@ -116,6 +116,26 @@ def test_data_roots_read_as_read_any_does(data_root):
     assert scan_annotated([data_root]).per_format() == {"livecell": 16, "sartorius": 487}
 
 
+def test_data_roots_are_the_folders_read_any_reads(tmp_path):
+    """One detection (cellseg.data.is_data_root, re-exported here) for read_any and the annotation reader."""
+    import cellseg.annotations
+    from cellseg.data import is_data_root
+
+    assert cellseg.annotations.is_data_root is is_data_root
+    layouts = {"livecell": "annotations/LIVECell/", "kaggle": "train.csv", "packed": "packed.json",
+               "livecell-below": "livecell/annotations/LIVECell/", "sartorius-below": "sartorius/train.csv",
+               "lab": "HeLa/a.png", "other-below": "other/train.csv"}
+    for name, made in layouts.items():
+        path = tmp_path / name / made
+        if made.endswith("/"):
+            path.mkdir(parents=True)
+        else:
+            path.parent.mkdir(parents=True)
+            path.write_bytes(b"")
+    assert [name for name in layouts if is_data_root(tmp_path / name)] == [
+        "livecell", "kaggle", "packed", "livecell-below", "sartorius-below"]
+
+
 # --- ImageJ ROIs ------------------------------------------------------------------------------------
 
 
@@ -331,6 +351,24 @@ def test_coco_json_with_images_folder(synthetic_labels, tmp_path):
         read_annotated([tmp_path / "HeLa" / "train.json"])
 
 
+def test_a_coco_file_is_parsed_once(synthetic_labels, tmp_path, monkeypatch):
+    """Found in a folder or named, a COCO file's JSON is parsed once: deciding it is COCO and reading it
+    share the parse (LIVECell-sized files take seconds and gigabytes each time)."""
+    write_image(tmp_path / "a.png")
+    record = image_record(np.zeros(SHAPE, np.float32), synthetic_labels, None, name="a.png", source="a.png")
+    (tmp_path / "cells.json").write_text(json.dumps(coco_document([record])))
+    parses = []
+    for name in ("load", "loads"):
+        def counted(*args, original=getattr(json, name), **kwargs):
+            parses.append(args[0])
+            return original(*args, **kwargs)
+        monkeypatch.setattr(json, name, counted)
+    for paths in ([tmp_path], [tmp_path / "cells.json"]):
+        parses.clear()
+        assert read_annotated(paths)[0].labels().max() == synthetic_labels.max()
+        assert len(parses) == 1, paths
+
+
 # --- images, folders, reports -------------------------------------------------------------------------
 
 
@@ -396,6 +434,7 @@ def test_evaluate_on_a_folder_of_lab_annotations(model_path, synthetic_gray, tmp
                  "--quiet"]) == 0
     result = json.loads(out.read_text())
     assert result["n_images"] == 1 and result["n_cells"] == 3 and list(result["per_source"]) == ["lab"]
+    assert result["split"] == "all"
     assert list(result["per_cell_type"]) == ["discs"] and result["annotations"]["per_format"] == {"label-mask": 1}
     assert "annotations: 1 image (1 label-mask), 3 cells" in capsys.readouterr().out
     assert main(["evaluate", "--model", str(model_path), "--data", str(tmp_path / "lab"), "--split", "val"]) == 2
@@ -407,5 +446,5 @@ def test_evaluate_reads_data_roots_as_before(data_root):
     from cellseg.cli import evaluation_samples
     from cellseg.data import load_split
 
-    samples, report = evaluation_samples(data_root, None)  # no --split: the project's validation split
-    assert report is None and [s.id for s in samples] == [s.id for s in load_split(data_root, "val")]
+    samples, split, report = evaluation_samples(data_root, None)  # no --split: the project's validation split
+    assert split == "val" and report is None and [s.id for s in samples] == [s.id for s in load_split(data_root, "val")]
