@@ -62,7 +62,7 @@ THRESHOLD_GRID = {"fg_threshold": (0.5, 0.6, 0.7), "seed_threshold": (0.2, 0.3, 
 
 
 class FinetuneError(ValueError):
-    """The run cannot start: no usable image, or a resume that does not match."""
+    """The run cannot start: no image left to train on, no base weights, or no checkpoint to resume."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -221,21 +221,13 @@ def export_models(model, out: Path, metadata: dict, split: Split) -> tuple[Path,
     return fp32, int8, diff
 
 
-def read_usable(paths: list[Path]) -> list[Sample]:
-    scan = scan_annotated(paths)
-    print(scan.summary(), flush=True)
-    samples = scan.samples
-    if not samples:
-        raise FinetuneError(f"no annotated image found in {', '.join(map(str, paths))}: give images with their "
-                            "label masks (X_masks.png), Fiji ROI sets (X_RoiSet.zip) or QuPath GeoJSON (X.geojson)")
-    return samples
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     command = "python -m train finetune " + " ".join(sys.argv[2:] if argv is None else argv)
     try:
-        samples = read_usable(args.annotated)
+        scan = scan_annotated(args.annotated)  # FileNotFoundError when nothing annotated is found
+        print(scan.summary(), flush=True)
+        samples = scan.samples
         split = split_held_back(samples, args.seed, args.hold_out)
         if args.resume and not (args.out / CHECKPOINT).is_file():
             raise FinetuneError(f"--resume: no {CHECKPOINT} in {args.out}")
