@@ -172,13 +172,13 @@ def train_for_budget(model: torch.nn.Module, split: Split, args: argparse.Namesp
             bar.update(min(spent, budget - bar.n))
             bar.set_postfix_str(f"step {state['step']}, loss {state['loss']:.3f}, "
                                 f"{max(0.0, budget - state['train_seconds']) / 60:.1f} min left", refresh=False)
-            if time.monotonic() - last_saved > 60 or state["train_seconds"] >= budget:
-                save_checkpoint(checkpoint_path, model, optimizer, state)
-                last_saved = time.monotonic()
             if state["train_seconds"] >= budget:
                 break
+            if time.monotonic() - last_saved > 60:
+                save_checkpoint(checkpoint_path, model, optimizer, state)
+                last_saved = time.monotonic()
     bar.close()
-    save_checkpoint(checkpoint_path, model, optimizer, state)
+    save_checkpoint(checkpoint_path, model, optimizer, state)  # the budget's end: saved once, here
     model.eval()
     return state
 
