@@ -150,10 +150,12 @@ def train_for_budget(model: torch.nn.Module, split: Split, args: argparse.Namesp
                desc="fine-tuning", bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s {postfix}",
                mininterval=1 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s
     last_saved = time.monotonic()
+    # 50 steps per round of fresh crops: a seed per round keeps a resumed run on the same sequence. The
+    # dataset (images normalised once) is built once; it reads its seed, set below, as each crop is drawn.
+    dataset = CropDataset(images, labels, args.crop, 50 * args.batch_size, seed=0)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=0, drop_last=True)
     while state["train_seconds"] < budget:
-        # 50 steps per round of fresh crops: a seed per round keeps a resumed run on the same sequence
-        dataset = CropDataset(images, labels, args.crop, 50 * args.batch_size, seed=args.seed * 100_003 + state["step"])
-        loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=0, drop_last=True)
+        dataset.seed = args.seed * 100_003 + state["step"]
         for batch, targets in loader:
             started = time.monotonic()
             for group in optimizer.param_groups:
