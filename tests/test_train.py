@@ -10,8 +10,8 @@ pytestmark = pytest.mark.data
 
 def test_a_few_steps_lower_the_loss(data_root):
     from cellseg.data import load_split
-    from train.__main__ import segmentation_loss
     from train.dataset import CropDataset
+    from train.loop import segmentation_loss
     from train.model import build_model
 
     torch.manual_seed(0)
@@ -127,7 +127,7 @@ def test_precision_follows_the_cpu():
 def test_fast_step_matches_fp32():
     """A channels_last + bf16-autocast step gives the fp32 NCHW loss and gradients within bf16's
     precision, so the speed-up does not change what is learned."""
-    from train.__main__ import segmentation_loss
+    from train.loop import segmentation_loss
     from train.model import build_model
     from train.speed import autocast, to_layout
 
@@ -180,7 +180,7 @@ def test_time_budget_and_warm_start(data_root, tmp_path):
 
 
 def test_budget_schedule_decays_with_time():
-    from train.__main__ import lr_factor
+    from train.loop import lr_factor
 
     assert lr_factor(0, 100, 10) == pytest.approx(0.1)
     assert lr_factor(50, 100, 10, progress=0.0) == pytest.approx(1.0)

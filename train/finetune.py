@@ -48,9 +48,9 @@ from export.int8 import Int8Recipe, quantize  # noqa: E402
 from export.model_card import write_finetune_card  # noqa: E402
 from export.onnx_export import export_onnx, finetune_metadata, parity_check, set_metadata  # noqa: E402
 from train.dataset import CropDataset  # noqa: E402
-from train.loop import lr_factor, segmentation_loss, torch_predictor  # noqa: E402
+from train.loop import lr_factor, save_checkpoint, torch_predictor, train_step  # noqa: E402
 from train.model import load_weights, save_weights, weights_architecture  # noqa: E402
-from train.speed import autocast, choose_precision, describe_device, to_layout  # noqa: E402
+from train.speed import choose_precision, describe_device, to_layout  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_BASE = REPO / "models" / "livecell-unet.safetensors"
@@ -141,6 +141,10 @@ def train_for_budget(model: torch.nn.Module, split: Split, args: argparse.Namesp
         optimizer.load_state_dict(saved["optimizer"])
         state = saved["state"]
         print(f"resumed at step {state['step']}, {state['train_seconds'] / 60:.1f} of {args.minutes} minutes spent")
+
+    def save() -> None:
+        save_checkpoint(checkpoint_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state})
+
     budget = args.minutes * 60
     warmup = 20
     images = [s.image() for s in split.train]
@@ -160,12 +164,7 @@ def train_for_budget(model: torch.nn.Module, split: Split, args: argparse.Namesp
             started = time.monotonic()
             for group in optimizer.param_groups:
                 group["lr"] = args.lr * lr_factor(state["step"], 0, warmup, state["train_seconds"] / budget)
-            with autocast(args.device, precision):
-                logits = model(to_layout(batch.to(args.device), args.channels_last))
-            losses = segmentation_loss(logits.float(), targets.to(args.device), boundary_pos_weight=3.0)
-            optimizer.zero_grad(set_to_none=True)
-            losses["total"].backward()
-            optimizer.step()
+            losses = train_step(model, optimizer, batch, targets, args.device, precision, args.channels_last)
             loss = losses["total"].item()
             state["loss"] = loss if state["loss"] is None else 0.9 * state["loss"] + 0.1 * loss
             state["step"] += 1
@@ -177,18 +176,12 @@ def train_for_budget(model: torch.nn.Module, split: Split, args: argparse.Namesp
             if state["train_seconds"] >= budget:
                 break
             if time.monotonic() - last_saved > 60:
-                save_checkpoint(checkpoint_path, model, optimizer, state)
+                save()
                 last_saved = time.monotonic()
     bar.close()
-    save_checkpoint(checkpoint_path, model, optimizer, state)  # the budget's end: saved once, here
+    save()  # the budget's end: saved once, here
     model.eval()
     return state
-
-
-def save_checkpoint(path: Path, model: torch.nn.Module, optimizer, state: dict) -> None:
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state},
-               path.with_suffix(".tmp"))
-    os.replace(path.with_suffix(".tmp"), path)  # a kill never leaves half a checkpoint
 
 
 def pick_thresholds(model, split: Split, base: PostprocessParams, device: str) -> tuple[PostprocessParams, list]:
