@@ -42,9 +42,8 @@ from cellseg.evaluate import evaluate_segmentations, format_table  # noqa: E402
 from cellseg.inference import Segmentation, predict_maps  # noqa: E402
 from cellseg.onnx_model import OnnxModel, read_metadata, sha256_file  # noqa: E402
 from cellseg.postprocess import PostprocessParams, maps_to_labels  # noqa: E402
-from cellseg.preprocess import SIZE_DIVISOR, normalize, pad_to, padded_size  # noqa: E402
 from cellseg.tuning import params_grid, rank_params  # noqa: E402
-from export.int8 import Int8Recipe, quantize  # noqa: E402
+from export.int8 import Int8Recipe, calibration_arrays, quantize  # noqa: E402
 from export.model_card import write_finetune_card  # noqa: E402
 from export.onnx_export import export_onnx, finetune_metadata, parity_check, set_metadata  # noqa: E402
 from train.dataset import CropDataset  # noqa: E402
@@ -191,15 +190,6 @@ def pick_thresholds(model, split: Split, base: PostprocessParams, device: str) -
     return ranked[0][0], [row for _, row in ranked[:5]]
 
 
-def calibration_arrays(samples: list[Sample], count: int) -> list[np.ndarray]:
-    """Up to `count` normalised, padded images for int8 calibration (the user's training images)."""
-    arrays = []
-    for sample in samples[:count]:
-        x = normalize(sample.image())
-        arrays.append(pad_to(x, padded_size(x.shape[0], SIZE_DIVISOR), padded_size(x.shape[1], SIZE_DIVISOR)))
-    return arrays
-
-
 def export_models(model, out: Path, metadata: dict, split: Split) -> tuple[Path, Path, float]:
     fp32 = out / "model.onnx"
     export_onnx(model.cpu(), fp32, opset=18)
@@ -212,7 +202,8 @@ def export_models(model, out: Path, metadata: dict, split: Split) -> tuple[Path,
                          "decoder_channels": metadata["architecture"]["decoder_channels"]},
                  out / "model.safetensors")
     int8 = out / "model.int8.onnx"
-    quantize(fp32, int8, calibration_arrays(split.train, Int8Recipe().calibration_images))
+    # calibrated on the user's training images
+    quantize(fp32, int8, calibration_arrays(s.image() for s in split.train[: Int8Recipe().calibration_images]))
     return fp32, int8, diff
 
 
