@@ -32,7 +32,6 @@ from pathlib import Path
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import numpy as np  # noqa: E402
-import onnx  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -45,10 +44,10 @@ from cellseg.postprocess import PostprocessParams, maps_to_labels  # noqa: E402
 from cellseg.tuning import params_grid, rank_params  # noqa: E402
 from export.int8 import Int8Recipe, calibration_arrays, quantize  # noqa: E402
 from export.model_card import write_finetune_card  # noqa: E402
-from export.onnx_export import export_onnx, finetune_metadata, parity_check, set_metadata  # noqa: E402
+from export.onnx_export import export_checked, finetune_metadata, write_exported  # noqa: E402
 from train.dataset import CropDataset  # noqa: E402
 from train.loop import lr_factor, save_checkpoint, torch_predictor, train_step  # noqa: E402
-from train.model import load_weights, save_weights, weights_architecture  # noqa: E402
+from train.model import load_weights, weights_architecture  # noqa: E402
 from train.speed import choose_precision, describe_device, to_layout  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -192,15 +191,8 @@ def pick_thresholds(model, split: Split, base: PostprocessParams, device: str) -
 
 def export_models(model, out: Path, metadata: dict, split: Split) -> tuple[Path, Path, float]:
     fp32 = out / "model.onnx"
-    export_onnx(model.cpu(), fp32, opset=18)
-    onnx.checker.check_model(onnx.load(str(fp32)), full_check=True)
-    diff = parity_check(model.cpu(), OnnxModel(fp32), [s.image() for s in split.measured_on[:2]])
-    if diff > 1e-3:
-        raise SystemExit(f"parity check failed: max |onnxruntime - pytorch| = {diff} > 1e-3")
-    set_metadata(fp32, {**metadata, "parity_max_abs_diff": diff})
-    save_weights(model, {"encoder": metadata["architecture"]["encoder"],
-                         "decoder_channels": metadata["architecture"]["decoder_channels"]},
-                 out / "model.safetensors")
+    _, diff = export_checked(model.cpu(), fp32, 18, [s.image() for s in split.measured_on[:2]])
+    write_exported(model, fp32, metadata, diff)
     int8 = out / "model.int8.onnx"
     # calibrated on the user's training images
     quantize(fp32, int8, calibration_arrays(s.image() for s in split.train[: Int8Recipe().calibration_images]))
