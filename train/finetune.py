@@ -38,9 +38,9 @@ from tqdm import tqdm  # noqa: E402
 from cellseg.annotations import AnnotationError, scan_annotated  # noqa: E402
 from cellseg.data import Sample  # noqa: E402
 from cellseg.evaluate import evaluate_segmentations, format_table  # noqa: E402
-from cellseg.inference import Segmentation, predict_maps  # noqa: E402
+from cellseg.inference import predict_maps, segment_images  # noqa: E402
 from cellseg.onnx_model import OnnxModel, read_metadata, sha256_file  # noqa: E402
-from cellseg.postprocess import PostprocessParams, maps_to_labels  # noqa: E402
+from cellseg.postprocess import PostprocessParams  # noqa: E402
 from cellseg.tuning import params_grid, rank_params  # noqa: E402
 from export.int8 import Int8Recipe, calibration_arrays, quantize  # noqa: E402
 from export.model_card import write_finetune_card  # noqa: E402
@@ -115,11 +115,6 @@ def base_postprocess(base: Path) -> PostprocessParams:
     onnx_file = base.with_suffix(".onnx")
     stored = read_metadata(onnx_file).get("postprocess") if onnx_file.is_file() else None
     return PostprocessParams(**stored) if stored else PostprocessParams()
-
-
-def measure(predict, samples: list[Sample], images: list[np.ndarray], params: PostprocessParams) -> dict:
-    maps = predict_maps(predict, images)
-    return evaluate_segmentations(samples, [Segmentation(maps_to_labels(m, params), m) for m in maps])
 
 
 def summary(metrics: dict) -> dict:
@@ -226,7 +221,7 @@ def main(argv=None) -> int:
     measured = split.measured_on
     measured_images = [s.image() for s in measured]
     model = load_weights(args.base)
-    before = measure(torch_predictor(model, "cpu"), measured, measured_images, base_params)
+    before = evaluate_segmentations(measured, segment_images(torch_predictor(model, "cpu"), measured_images, base_params))
     print("before (base model, its thresholds):\n" + format_table(before), flush=True)
 
     state = train_for_budget(model, split, args, args.out)
@@ -241,7 +236,7 @@ def main(argv=None) -> int:
                   "seed": args.seed, "device": describe_device(args.device),
                   "precision": choose_precision(args.precision, args.device), "command": command})
     fp32, int8, diff = export_models(model, args.out, metadata, split)
-    after = {name: measure(OnnxModel(path).predict, measured, measured_images, params)
+    after = {name: evaluate_segmentations(measured, OnnxModel(path).segment(measured_images, params))
              for name, path in (("fp32", fp32), ("int8", int8))}
     print("after (fine-tuned fp32):\n" + format_table(after["fp32"]), flush=True)
     results = {
