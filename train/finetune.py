@@ -121,8 +121,10 @@ def summary(metrics: dict) -> dict:
     return {k: round(float(metrics[k]), 4) for k in SUMMARY_KEYS if k in metrics}
 
 
-def train_for_budget(model: torch.nn.Module, split: Split, args: argparse.Namespace, out: Path) -> dict:
-    """Train until the wall-clock budget is spent, checkpointing every minute. Returns the state."""
+def train_for_budget(model: torch.nn.Module, images: list[np.ndarray], labels: list[np.ndarray],
+                     args: argparse.Namespace, out: Path) -> dict:
+    """Train on the (raw image, label image) pairs until the wall-clock budget is spent, checkpointing
+    every minute. Returns the state."""
     precision = choose_precision(args.precision, args.device)
     model = to_layout(model.to(args.device), args.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
@@ -140,8 +142,6 @@ def train_for_budget(model: torch.nn.Module, split: Split, args: argparse.Namesp
 
     budget = args.minutes * 60
     warmup = 20
-    images = [s.image() for s in split.train]
-    labels = [s.labels() for s in split.train]
     model.train()
     bar = tqdm(total=round(budget), initial=min(round(state["train_seconds"]), round(budget)), unit="s",
                desc="fine-tuning", bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s {postfix}",
@@ -177,20 +177,22 @@ def train_for_budget(model: torch.nn.Module, split: Split, args: argparse.Namesp
     return state
 
 
-def pick_thresholds(model, split: Split, base: PostprocessParams, device: str) -> tuple[PostprocessParams, list]:
-    """The best thresholds on the training images (network once, watershed per candidate)."""
-    maps = predict_maps(torch_predictor(model, device), [s.image() for s in split.train])
-    ranked = rank_params(split.train, maps, params_grid(base, **THRESHOLD_GRID), progress=True)
+def pick_thresholds(model, samples: list[Sample], images: list[np.ndarray], base: PostprocessParams,
+                    device: str) -> tuple[PostprocessParams, list]:
+    """The best thresholds on the training samples and their images (network once, watershed per candidate)."""
+    maps = predict_maps(torch_predictor(model, device), images)
+    ranked = rank_params(samples, maps, params_grid(base, **THRESHOLD_GRID), progress=True)
     return ranked[0][0], [row for _, row in ranked[:5]]
 
 
-def export_models(model, out: Path, metadata: dict, split: Split) -> tuple[Path, Path, float]:
+def export_models(model, out: Path, metadata: dict, train_images: list[np.ndarray],
+                  measured_images: list[np.ndarray]) -> tuple[Path, Path, float]:
     fp32 = out / "model.onnx"
-    _, diff = export_checked(model.cpu(), fp32, 18, [s.image() for s in split.measured_on[:2]])
+    _, diff = export_checked(model.cpu(), fp32, 18, measured_images[:2])
     write_exported(model, fp32, metadata, diff)
     int8 = out / "model.int8.onnx"
     # calibrated on the user's training images
-    quantize(fp32, int8, calibration_arrays(s.image() for s in split.train[: Int8Recipe().calibration_images]))
+    quantize(fp32, int8, calibration_arrays(train_images[: Int8Recipe().calibration_images]))
     return fp32, int8, diff
 
 
@@ -219,13 +221,14 @@ def main(argv=None) -> int:
 
     base_params = base_postprocess(args.base)
     measured = split.measured_on
-    measured_images = [s.image() for s in measured]
+    train_images = [s.image() for s in split.train]  # decoded once for training, thresholds, calibration...
+    measured_images = [s.image() for s in split.held_back] or train_images  # ... and measuring (split.measured_on)
     model = load_weights(args.base)
     before = evaluate_segmentations(measured, segment_images(torch_predictor(model, "cpu"), measured_images, base_params))
     print("before (base model, its thresholds):\n" + format_table(before), flush=True)
 
-    state = train_for_budget(model, split, args, args.out)
-    params, tuning = pick_thresholds(model, split, base_params, args.device)
+    state = train_for_budget(model, train_images, [s.labels() for s in split.train], args, args.out)
+    params, tuning = pick_thresholds(model, split.train, train_images, base_params, args.device)
     print(f"thresholds picked on the {len(split.train)} training images: {params.to_dict()}", flush=True)
     model = model.cpu().float()
     metadata = finetune_metadata(
@@ -235,7 +238,7 @@ def main(argv=None) -> int:
                   "steps": state["step"], "batch_size": args.batch_size, "crop": args.crop, "lr": args.lr,
                   "seed": args.seed, "device": describe_device(args.device),
                   "precision": choose_precision(args.precision, args.device), "command": command})
-    fp32, int8, diff = export_models(model, args.out, metadata, split)
+    fp32, int8, diff = export_models(model, args.out, metadata, train_images, measured_images)
     after = {name: evaluate_segmentations(measured, OnnxModel(path).segment(measured_images, params))
              for name, path in (("fp32", fp32), ("int8", int8))}
     print("after (fine-tuned fp32):\n" + format_table(after["fp32"]), flush=True)
