@@ -39,7 +39,7 @@ from cellseg.annotations import AnnotationError, scan_annotated  # noqa: E402
 from cellseg.data import Sample  # noqa: E402
 from cellseg.evaluate import evaluate_segmentations, format_table  # noqa: E402
 from cellseg.inference import predict_maps, segment_images  # noqa: E402
-from cellseg.onnx_model import OnnxModel, read_metadata, sha256_file  # noqa: E402
+from cellseg.onnx_model import OnnxModel, read_metadata  # noqa: E402
 from cellseg.postprocess import PostprocessParams  # noqa: E402
 from cellseg.tuning import params_grid, rank_params  # noqa: E402
 from export.int8 import Int8Recipe, calibration_arrays, quantize  # noqa: E402
@@ -243,7 +243,7 @@ def main(argv=None) -> int:
              for name, path in (("fp32", fp32), ("int8", int8))}
     print("after (fine-tuned fp32):\n" + format_table(after["fp32"]), flush=True)
     results = {
-        "name": args.name, "base": str(args.base), "base_sha256": sha256_file(args.base),
+        "name": args.name, "base": str(args.base), "base_sha256": metadata["finetune"]["base_sha256"],
         "measured_on": "held_back" if split.held_back else "training images (fewer than 3 images: none held back)",
         "images": metadata["finetune"]["images"], "held_back": metadata["finetune"]["held_back"],
         "before": summary(before), "after": {k: summary(v) for k, v in after.items()},
