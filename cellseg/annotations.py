@@ -180,7 +180,8 @@ def scan_annotated(paths: Sequence[Path | str], livecell_splits: tuple[str, ...]
             scan.add_file(path)
     if not scan.result.samples:
         skipped = "".join(f"\n  {s.path}: {s.reason}" for s in scan.result.skipped)
-        raise FileNotFoundError(f"no annotated images in {', '.join(map(str, paths))}{skipped}")
+        raise FileNotFoundError(f"no annotated images in {', '.join(map(str, paths))}: give images with their label masks "
+                                f"(X_masks.png), Fiji ROI sets (X_RoiSet.zip) or QuPath GeoJSON (X.geojson){skipped}")
     return scan.result
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -45,9 +46,15 @@ def calibration_images(data: Path, count: int) -> list[np.ndarray]:
     groups = len({(s.source, s.cell_type) for s in train})
     chosen = subsample_per_type(train, -(-count // groups))
     samples = [chosen[i] for i in np.unique(np.linspace(0, len(chosen) - 1, count).round().astype(int))]
+    return calibration_arrays(s.image() for s in samples)
+
+
+def calibration_arrays(images: Iterable[np.ndarray]) -> list[np.ndarray]:
+    """Raw images normalised and padded to a multiple of 32 as the runtime does: what `quantize`
+    calibrates on."""
     arrays = []
-    for sample in samples:
-        x = normalize(sample.image())
+    for image in images:
+        x = normalize(image)
         arrays.append(pad_to(x, padded_size(x.shape[0]), padded_size(x.shape[1])))
     return arrays
 

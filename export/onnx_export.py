@@ -23,6 +23,8 @@ from export.model_card import write_model_card
 from train.model import WithSigmoid, load_checkpoint, save_weights
 
 INPUT_NAME, OUTPUT_NAME = "image", "probabilities"
+# Most an exported model may differ from PyTorch (max |onnxruntime - pytorch| over probability maps).
+PARITY_TOLERANCE = 1e-3
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -71,6 +73,31 @@ def parity_check(model: torch.nn.Module, onnx_model: OnnxModel, images: list[np.
     ours = predict_padded(onnx_model.predict, arrays)
     reference = predict_padded(torch_predict, arrays)
     return float(max(np.abs(a - b).max() for a, b in zip(ours, reference)))
+
+
+def export_checked(model: torch.nn.Module, out: Path, opset: int, parity_images: list[np.ndarray]) -> tuple[OnnxModel, float]:
+    """`export_onnx`, the full onnx.checker, then `parity_check` on `parity_images` (raw real images):
+    SystemExit where ONNX Runtime and PyTorch differ by more than PARITY_TOLERANCE. Returns the
+    exported model, loaded, and the difference."""
+    t0 = time.time()
+    export_onnx(model, out, opset)
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+    print(f"exported {out} ({out.stat().st_size / 1e6:.1f} MB) in {time.time() - t0:.1f}s; onnx.checker passed")
+    onnx_model = OnnxModel(out)
+    diff = parity_check(model, onnx_model, parity_images)
+    print(f"parity on {len(parity_images)} real images: max |onnxruntime - pytorch| = {diff:.2e}")
+    if diff > PARITY_TOLERANCE:
+        raise SystemExit(f"parity check failed: max |onnxruntime - pytorch| = {diff} > {PARITY_TOLERANCE}")
+    return onnx_model, diff
+
+
+def write_exported(model: torch.nn.Module, out: Path, metadata: dict, parity: float) -> None:
+    """`metadata`, with the parity `export_checked` found (added to it), into the exported file, and the
+    PyTorch weights beside it (<out>.safetensors): TorchScript (bioimage.io, QuPath, deepImageJ) is traced
+    from them."""
+    metadata["parity_max_abs_diff"] = parity
+    set_metadata(out, metadata)
+    save_weights(model, metadata["architecture"], out.with_suffix(".safetensors"))
 
 
 def set_metadata(path: Path, metadata: dict) -> None:
@@ -141,18 +168,9 @@ def main(argv=None) -> int:
         fg_threshold=args.fg_threshold, seed_threshold=args.seed_threshold, min_size=args.min_size,
         min_seed_size=args.min_seed_size, seed_sigma=args.seed_sigma, merge_threshold=args.merge_threshold,
         seed_peak=args.seed_peak).to_dict()
-    t0 = time.time()
-    export_onnx(model, args.out, args.opset)
-    onnx.checker.check_model(onnx.load(str(args.out)), full_check=True)
-    print(f"exported {args.out} ({args.out.stat().st_size / 1e6:.1f} MB) in {time.time() - t0:.1f}s; onnx.checker passed")
-
     samples = load_split(args.data, args.split)
     images = [s.image() for s in samples]
-    onnx_model = OnnxModel(args.out)
-    diff = parity_check(model, onnx_model, images[:3])
-    print(f"parity on {min(3, len(images))} real images: max |onnxruntime - pytorch| = {diff:.2e}")
-    if diff > 1e-3:
-        raise SystemExit(f"parity check failed: max abs diff {diff} > 1e-3")
+    onnx_model, diff = export_checked(model, args.out, args.opset, images[:3])
 
     metrics = None
     if not args.no_eval:
@@ -161,12 +179,9 @@ def main(argv=None) -> int:
         metrics = evaluate_segmentations(samples, onnx_model.segment(images, params))
         print(format_table(metrics))
     metadata = build_metadata(config, checkpoint, metrics, args.split)
-    metadata["parity_max_abs_diff"] = diff
-    set_metadata(args.out, metadata)
+    write_exported(model, args.out, metadata, diff)
     if metrics:
         args.out.with_suffix(".metrics.json").write_text(json.dumps(metrics, indent=2))
-    # PyTorch weights beside the ONNX file: TorchScript (bioimage.io, QuPath, deepImageJ) is traced from them.
-    save_weights(model, config, args.out.with_suffix(".safetensors"))
     # The learning curve (loss and validation metrics per epoch) ships with the model as evidence.
     args.out.with_suffix(".history.json").write_text(json.dumps(checkpoint["history"], indent=1))
 

@@ -18,9 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from train.__main__ import segmentation_loss  # noqa: E402
+from train.loop import train_step  # noqa: E402
 from train.model import DEFAULT_DECODER_CHANNELS, build_model  # noqa: E402
-from train.speed import autocast, cpu_has_native_bf16, describe_device, to_layout  # noqa: E402
+from train.speed import cpu_has_native_bf16, describe_device, to_layout  # noqa: E402
 
 VARIANTS = {"fp32, NCHW": (False, "fp32"), "fp32, channels_last": (True, "fp32"),
             "bf16, NCHW": (False, "bf16"), "bf16, channels_last": (True, "bf16")}
@@ -44,17 +44,13 @@ def main() -> int:
     setups = {}
     for name, (channels_last, precision) in VARIANTS.items():
         model = to_layout(build_model(args.encoder, None, DEFAULT_DECODER_CHANNELS), channels_last).train()
-        setups[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4), to_layout(images, channels_last), precision)
+        setups[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4), to_layout(images, channels_last), precision,
+                        channels_last)
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
 
     def step(name: str) -> None:
-        model, optimizer, batch, precision = setups[name]
-        with autocast("cpu", precision):
-            logits = model(batch)
-        loss = segmentation_loss(logits.float(), targets, 3.0)["total"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        model, optimizer, batch, precision, channels_last = setups[name]
+        train_step(model, optimizer, batch, targets, "cpu", precision, channels_last)  # the step training runs
 
     for name in VARIANTS:  # warm-up: oneDNN picks and caches its kernels on the first calls
         step(name)

@@ -31,8 +31,7 @@ from cellseg.evaluate import evaluate_segmentations  # noqa: E402
 from cellseg.imageio import read_image  # noqa: E402
 from cellseg.instances import label_png_bytes, png_bytes  # noqa: E402
 from cellseg.onnx_model import OnnxModel, default_model_path  # noqa: E402
-
-KEYS = ("ap50", "ap75", "msa", "foreground_iou", "count_error")
+from train.finetune import summary  # noqa: E402  the figures finetune's metrics.json reports
 
 
 def write_lab_folder(samples: list[Sample], folder: Path) -> None:
@@ -48,8 +47,7 @@ def write_lab_folder(samples: list[Sample], folder: Path) -> None:
 
 
 def measure(model_path: Path, samples: list[Sample], images) -> dict:
-    metrics = evaluate_segmentations(samples, OnnxModel(model_path).segment(images))  # its own thresholds
-    return {k: round(float(metrics[k]), 4) for k in KEYS}
+    return summary(evaluate_segmentations(samples, OnnxModel(model_path).segment(images)))  # its own thresholds
 
 
 def main() -> int:

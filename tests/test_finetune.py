@@ -45,6 +45,7 @@ def test_no_usable_image_is_a_clear_refusal(tmp_path):
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 2, run.stderr[-2000:]
     assert "no annotated image" in run.stderr and str(tmp_path) in run.stderr
+    assert "label masks (X_masks.png)" in run.stderr  # what to give
     assert not (tmp_path / "out").exists()
 
 

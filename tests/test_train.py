@@ -10,8 +10,8 @@ pytestmark = pytest.mark.data
 
 def test_a_few_steps_lower_the_loss(data_root):
     from cellseg.data import load_split
-    from train.__main__ import segmentation_loss
     from train.dataset import CropDataset
+    from train.loop import segmentation_loss
     from train.model import build_model
 
     torch.manual_seed(0)
@@ -67,6 +67,27 @@ def test_training_checkpoints_and_resumes(data_root, tmp_path):
     assert resumed["epoch"] == 1 and [h["epoch"] for h in resumed["history"]] == [1, 2]
 
 
+def test_a_reseeded_dataset_draws_the_crops_of_a_new_one():
+    """Fine-tuning builds its CropDataset once and sets the seed per round of crops: each round draws
+    exactly what a dataset built with that seed would."""
+    from train.dataset import CropDataset
+
+    images = [np.random.default_rng(i).random((80, 80)).astype(np.float32) for i in range(3)]
+    labels = [np.kron(np.arange(16, dtype=np.int32).reshape(4, 4), np.ones((20, 20), np.int32))] * 3
+
+    def crops(dataset):
+        loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=0, drop_last=True)
+        return [pair for batch in loader for pair in zip(*batch)]
+
+    reused = CropDataset(images, labels, crop=32, length=4, seed=1)
+    crops(reused)  # a first round
+    reused.seed = 7
+    for (image, targets), (new_image, new_targets) in zip(crops(reused), crops(CropDataset(images, labels, 32, 4, seed=7)),
+                                                          strict=True):
+        torch.testing.assert_close(image, new_image, rtol=0, atol=0)
+        torch.testing.assert_close(targets, new_targets, rtol=0, atol=0)
+
+
 def test_balanced_sampling_shares():
     from train.dataset import balanced_weights
 
@@ -106,7 +127,7 @@ def test_precision_follows_the_cpu():
 def test_fast_step_matches_fp32():
     """A channels_last + bf16-autocast step gives the fp32 NCHW loss and gradients within bf16's
     precision, so the speed-up does not change what is learned."""
-    from train.__main__ import segmentation_loss
+    from train.loop import segmentation_loss
     from train.model import build_model
     from train.speed import autocast, to_layout
 
@@ -159,7 +180,7 @@ def test_time_budget_and_warm_start(data_root, tmp_path):
 
 
 def test_budget_schedule_decays_with_time():
-    from train.__main__ import lr_factor
+    from train.loop import lr_factor
 
     assert lr_factor(0, 100, 10) == pytest.approx(0.1)
     assert lr_factor(50, 100, 10, progress=0.0) == pytest.approx(1.0)

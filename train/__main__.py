@@ -22,10 +22,10 @@ from cellseg.postprocess import PostprocessParams  # noqa: E402
 from cellseg.preprocess import NORMALIZATION  # noqa: E402
 from cellseg.targets import BOUNDARY_WIDTH, OUTPUT_CHANNELS  # noqa: E402
 from train.dataset import CropDataset, balanced_weights  # noqa: E402
-from train.loop import lr_factor, segmentation_loss, torch_predictor  # noqa: E402
+from train.loop import BOUNDARY_POS_WEIGHT, lr_factor, save_checkpoint, torch_predictor, train_step  # noqa: E402
 from train.model import DEFAULT_DECODER_CHANNELS, DEFAULT_ENCODER, build_model, load_weights  # noqa: E402
 from train.pretrained import PACKAGED_WEIGHTS, describe_weights  # noqa: E402
-from train.speed import autocast, choose_precision, describe_device, to_layout  # noqa: E402
+from train.speed import choose_precision, describe_device, to_layout  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -52,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--warmup-steps", type=int, default=200)
-    p.add_argument("--boundary-pos-weight", type=float, default=3.0)
+    p.add_argument("--boundary-pos-weight", type=float, default=BOUNDARY_POS_WEIGHT)
     p.add_argument("--select-metric", default="score",
                    help="validation metric that picks best.pt; 'score' is the mean over sources of (AP50 + mSA) / 2")
     p.add_argument("--minutes", type=float, default=None,
@@ -194,15 +194,8 @@ def main(argv=None) -> int:
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{'?' if budget else max_epochs}",
                    mininterval=1 if sys.stderr.isatty() else 30)
         for images, targets in bar:
-            images = to_layout(images.to(args.device, non_blocking=True), args.channels_last)
-            targets = targets.to(args.device, non_blocking=True)
-            with autocast(args.device, precision):
-                logits = model(images)
-            # The loss in fp32: sigmoid/BCE/Dice sums lose too much in bf16.
-            losses = segmentation_loss(logits.float(), targets, config["boundary_pos_weight"])
-            optimizer.zero_grad(set_to_none=True)
-            losses["total"].backward()
-            optimizer.step()
+            losses = train_step(model, optimizer, images, targets, args.device, precision, args.channels_last,
+                                config["boundary_pos_weight"])
             scheduler.step()
             for k, v in losses.items():
                 running[k] = 0.95 * running.get(k, v.item()) + 0.05 * v.item()
@@ -219,10 +212,8 @@ def main(argv=None) -> int:
                  "val_metrics": metrics}
         if metrics[config["select_metric"]] > best:
             best = state["best"] = metrics[config["select_metric"]]
-            torch.save(state, args.out / "best.pt.tmp")
-            os.replace(args.out / "best.pt.tmp", args.out / "best.pt")
-        torch.save(state, args.out / "last.pt.tmp")
-        os.replace(args.out / "last.pt.tmp", args.out / "last.pt")  # atomic: a kill never leaves half a file
+            save_checkpoint(args.out / "best.pt", state)
+        save_checkpoint(args.out / "last.pt", state)
     print(f"done: best {config['select_metric']} = {best:.4f}, {elapsed / 60:.1f} min of training", flush=True)
     return 0
 

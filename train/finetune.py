@@ -32,25 +32,23 @@ from pathlib import Path
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import numpy as np  # noqa: E402
-import onnx  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from cellseg.annotations import AnnotationError, scan_annotated  # noqa: E402
 from cellseg.data import Sample  # noqa: E402
 from cellseg.evaluate import evaluate_segmentations, format_table  # noqa: E402
-from cellseg.inference import Segmentation, predict_maps  # noqa: E402
-from cellseg.onnx_model import OnnxModel, read_metadata, sha256_file  # noqa: E402
-from cellseg.postprocess import PostprocessParams, maps_to_labels  # noqa: E402
-from cellseg.preprocess import SIZE_DIVISOR, normalize, pad_to, padded_size  # noqa: E402
+from cellseg.inference import predict_maps, segment_images  # noqa: E402
+from cellseg.onnx_model import OnnxModel, read_metadata  # noqa: E402
+from cellseg.postprocess import PostprocessParams  # noqa: E402
 from cellseg.tuning import params_grid, rank_params  # noqa: E402
-from export.int8 import Int8Recipe, quantize  # noqa: E402
+from export.int8 import Int8Recipe, calibration_arrays, quantize  # noqa: E402
 from export.model_card import write_finetune_card  # noqa: E402
-from export.onnx_export import export_onnx, finetune_metadata, parity_check, set_metadata  # noqa: E402
+from export.onnx_export import export_checked, finetune_metadata, write_exported  # noqa: E402
 from train.dataset import CropDataset  # noqa: E402
-from train.loop import lr_factor, segmentation_loss, torch_predictor  # noqa: E402
-from train.model import load_weights, save_weights, weights_architecture  # noqa: E402
-from train.speed import autocast, choose_precision, describe_device, to_layout  # noqa: E402
+from train.loop import lr_factor, save_checkpoint, torch_predictor, train_step  # noqa: E402
+from train.model import load_weights, weights_architecture  # noqa: E402
+from train.speed import choose_precision, describe_device, to_layout  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_BASE = REPO / "models" / "livecell-unet.safetensors"
@@ -62,7 +60,7 @@ THRESHOLD_GRID = {"fg_threshold": (0.5, 0.6, 0.7), "seed_threshold": (0.2, 0.3, 
 
 
 class FinetuneError(ValueError):
-    """The run cannot start: no usable image, or a resume that does not match."""
+    """The run cannot start: no image left to train on, no base weights, or no checkpoint to resume."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -119,17 +117,14 @@ def base_postprocess(base: Path) -> PostprocessParams:
     return PostprocessParams(**stored) if stored else PostprocessParams()
 
 
-def measure(predict, samples: list[Sample], images: list[np.ndarray], params: PostprocessParams) -> dict:
-    maps = predict_maps(predict, images)
-    return evaluate_segmentations(samples, [Segmentation(maps_to_labels(m, params), m) for m in maps])
-
-
 def summary(metrics: dict) -> dict:
     return {k: round(float(metrics[k]), 4) for k in SUMMARY_KEYS if k in metrics}
 
 
-def train_for_budget(model: torch.nn.Module, split: Split, args: argparse.Namespace, out: Path) -> dict:
-    """Train until the wall-clock budget is spent, checkpointing every minute. Returns the state."""
+def train_for_budget(model: torch.nn.Module, images: list[np.ndarray], labels: list[np.ndarray],
+                     args: argparse.Namespace, out: Path) -> dict:
+    """Train on the (raw image, label image) pairs until the wall-clock budget is spent, checkpointing
+    every minute. Returns the state."""
     precision = choose_precision(args.precision, args.device)
     model = to_layout(model.to(args.device), args.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
@@ -141,29 +136,28 @@ def train_for_budget(model: torch.nn.Module, split: Split, args: argparse.Namesp
         optimizer.load_state_dict(saved["optimizer"])
         state = saved["state"]
         print(f"resumed at step {state['step']}, {state['train_seconds'] / 60:.1f} of {args.minutes} minutes spent")
+
+    def save() -> None:
+        save_checkpoint(checkpoint_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state})
+
     budget = args.minutes * 60
     warmup = 20
-    images = [s.image() for s in split.train]
-    labels = [s.labels() for s in split.train]
     model.train()
     bar = tqdm(total=round(budget), initial=min(round(state["train_seconds"]), round(budget)), unit="s",
                desc="fine-tuning", bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s {postfix}",
                mininterval=1 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s
     last_saved = time.monotonic()
+    # 50 steps per round of fresh crops: a seed per round keeps a resumed run on the same sequence. The
+    # dataset (images normalised once) is built once; it reads its seed, set below, as each crop is drawn.
+    dataset = CropDataset(images, labels, args.crop, 50 * args.batch_size, seed=0)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=0, drop_last=True)
     while state["train_seconds"] < budget:
-        # 50 steps per round of fresh crops: a seed per round keeps a resumed run on the same sequence
-        dataset = CropDataset(images, labels, args.crop, 50 * args.batch_size, seed=args.seed * 100_003 + state["step"])
-        loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=0, drop_last=True)
+        dataset.seed = args.seed * 100_003 + state["step"]
         for batch, targets in loader:
             started = time.monotonic()
             for group in optimizer.param_groups:
                 group["lr"] = args.lr * lr_factor(state["step"], 0, warmup, state["train_seconds"] / budget)
-            with autocast(args.device, precision):
-                logits = model(to_layout(batch.to(args.device), args.channels_last))
-            losses = segmentation_loss(logits.float(), targets.to(args.device), boundary_pos_weight=3.0)
-            optimizer.zero_grad(set_to_none=True)
-            losses["total"].backward()
-            optimizer.step()
+            losses = train_step(model, optimizer, batch, targets, args.device, precision, args.channels_last)
             loss = losses["total"].item()
             state["loss"] = loss if state["loss"] is None else 0.9 * state["loss"] + 0.1 * loss
             state["step"] += 1
@@ -172,70 +166,43 @@ def train_for_budget(model: torch.nn.Module, split: Split, args: argparse.Namesp
             bar.update(min(spent, budget - bar.n))
             bar.set_postfix_str(f"step {state['step']}, loss {state['loss']:.3f}, "
                                 f"{max(0.0, budget - state['train_seconds']) / 60:.1f} min left", refresh=False)
-            if time.monotonic() - last_saved > 60 or state["train_seconds"] >= budget:
-                save_checkpoint(checkpoint_path, model, optimizer, state)
-                last_saved = time.monotonic()
             if state["train_seconds"] >= budget:
                 break
+            if time.monotonic() - last_saved > 60:
+                save()
+                last_saved = time.monotonic()
     bar.close()
-    save_checkpoint(checkpoint_path, model, optimizer, state)
+    save()  # the budget's end: saved once, here
     model.eval()
     return state
 
 
-def save_checkpoint(path: Path, model: torch.nn.Module, optimizer, state: dict) -> None:
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state},
-               path.with_suffix(".tmp"))
-    os.replace(path.with_suffix(".tmp"), path)  # a kill never leaves half a checkpoint
-
-
-def pick_thresholds(model, split: Split, base: PostprocessParams, device: str) -> tuple[PostprocessParams, list]:
-    """The best thresholds on the training images (network once, watershed per candidate)."""
-    maps = predict_maps(torch_predictor(model, device), [s.image() for s in split.train])
-    ranked = rank_params(split.train, maps, params_grid(base, **THRESHOLD_GRID), progress=True)
+def pick_thresholds(model, samples: list[Sample], images: list[np.ndarray], base: PostprocessParams,
+                    device: str) -> tuple[PostprocessParams, list]:
+    """The best thresholds on the training samples and their images (network once, watershed per candidate)."""
+    maps = predict_maps(torch_predictor(model, device), images)
+    ranked = rank_params(samples, maps, params_grid(base, **THRESHOLD_GRID), progress=True)
     return ranked[0][0], [row for _, row in ranked[:5]]
 
 
-def calibration_arrays(samples: list[Sample], count: int) -> list[np.ndarray]:
-    """Up to `count` normalised, padded images for int8 calibration (the user's training images)."""
-    arrays = []
-    for sample in samples[:count]:
-        x = normalize(sample.image())
-        arrays.append(pad_to(x, padded_size(x.shape[0], SIZE_DIVISOR), padded_size(x.shape[1], SIZE_DIVISOR)))
-    return arrays
-
-
-def export_models(model, out: Path, metadata: dict, split: Split) -> tuple[Path, Path, float]:
+def export_models(model, out: Path, metadata: dict, train_images: list[np.ndarray],
+                  measured_images: list[np.ndarray]) -> tuple[Path, Path, float]:
     fp32 = out / "model.onnx"
-    export_onnx(model.cpu(), fp32, opset=18)
-    onnx.checker.check_model(onnx.load(str(fp32)), full_check=True)
-    diff = parity_check(model.cpu(), OnnxModel(fp32), [s.image() for s in split.measured_on[:2]])
-    if diff > 1e-3:
-        raise SystemExit(f"parity check failed: max |onnxruntime - pytorch| = {diff} > 1e-3")
-    set_metadata(fp32, {**metadata, "parity_max_abs_diff": diff})
-    save_weights(model, {"encoder": metadata["architecture"]["encoder"],
-                         "decoder_channels": metadata["architecture"]["decoder_channels"]},
-                 out / "model.safetensors")
+    _, diff = export_checked(model.cpu(), fp32, 18, measured_images[:2])
+    write_exported(model, fp32, metadata, diff)
     int8 = out / "model.int8.onnx"
-    quantize(fp32, int8, calibration_arrays(split.train, Int8Recipe().calibration_images))
+    # calibrated on the user's training images
+    quantize(fp32, int8, calibration_arrays(train_images[: Int8Recipe().calibration_images]))
     return fp32, int8, diff
-
-
-def read_usable(paths: list[Path]) -> list[Sample]:
-    scan = scan_annotated(paths)
-    print(scan.summary(), flush=True)
-    samples = scan.samples
-    if not samples:
-        raise FinetuneError(f"no annotated image found in {', '.join(map(str, paths))}: give images with their "
-                            "label masks (X_masks.png), Fiji ROI sets (X_RoiSet.zip) or QuPath GeoJSON (X.geojson)")
-    return samples
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     command = "python -m train finetune " + " ".join(sys.argv[2:] if argv is None else argv)
     try:
-        samples = read_usable(args.annotated)
+        scan = scan_annotated(args.annotated)  # FileNotFoundError when nothing annotated is found
+        print(scan.summary(), flush=True)
+        samples = scan.samples
         split = split_held_back(samples, args.seed, args.hold_out)
         if args.resume and not (args.out / CHECKPOINT).is_file():
             raise FinetuneError(f"--resume: no {CHECKPOINT} in {args.out}")
@@ -254,13 +221,14 @@ def main(argv=None) -> int:
 
     base_params = base_postprocess(args.base)
     measured = split.measured_on
-    measured_images = [s.image() for s in measured]
+    train_images = [s.image() for s in split.train]  # decoded once for training, thresholds, calibration...
+    measured_images = [s.image() for s in split.held_back] or train_images  # ... and measuring (split.measured_on)
     model = load_weights(args.base)
-    before = measure(torch_predictor(model, "cpu"), measured, measured_images, base_params)
+    before = evaluate_segmentations(measured, segment_images(torch_predictor(model, "cpu"), measured_images, base_params))
     print("before (base model, its thresholds):\n" + format_table(before), flush=True)
 
-    state = train_for_budget(model, split, args, args.out)
-    params, tuning = pick_thresholds(model, split, base_params, args.device)
+    state = train_for_budget(model, train_images, [s.labels() for s in split.train], args, args.out)
+    params, tuning = pick_thresholds(model, split.train, train_images, base_params, args.device)
     print(f"thresholds picked on the {len(split.train)} training images: {params.to_dict()}", flush=True)
     model = model.cpu().float()
     metadata = finetune_metadata(
@@ -270,12 +238,12 @@ def main(argv=None) -> int:
                   "steps": state["step"], "batch_size": args.batch_size, "crop": args.crop, "lr": args.lr,
                   "seed": args.seed, "device": describe_device(args.device),
                   "precision": choose_precision(args.precision, args.device), "command": command})
-    fp32, int8, diff = export_models(model, args.out, metadata, split)
-    after = {name: measure(OnnxModel(path).predict, measured, measured_images, params)
+    fp32, int8, diff = export_models(model, args.out, metadata, train_images, measured_images)
+    after = {name: evaluate_segmentations(measured, OnnxModel(path).segment(measured_images, params))
              for name, path in (("fp32", fp32), ("int8", int8))}
     print("after (fine-tuned fp32):\n" + format_table(after["fp32"]), flush=True)
     results = {
-        "name": args.name, "base": str(args.base), "base_sha256": sha256_file(args.base),
+        "name": args.name, "base": str(args.base), "base_sha256": metadata["finetune"]["base_sha256"],
         "measured_on": "held_back" if split.held_back else "training images (fewer than 3 images: none held back)",
         "images": metadata["finetune"]["images"], "held_back": metadata["finetune"]["held_back"],
         "before": summary(before), "after": {k: summary(v) for k, v in after.items()},

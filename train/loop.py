@@ -1,15 +1,21 @@
-"""What every training run shares: the loss, the learning-rate schedule and the network as a
-predictor for evaluation (`python -m train` and `python -m train finetune`)."""
+"""What every training run shares: the loss, one optimiser step, the learning-rate schedule, the
+checkpoint save and the network as a predictor for evaluation (`python -m train` and
+`python -m train finetune`)."""
 
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from train.speed import autocast
+from train.speed import autocast, to_layout
+
+# Boundaries are a thin minority class: their positive pixels weigh this much more in the BCE.
+BOUNDARY_POS_WEIGHT = 3.0
 
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -31,6 +37,30 @@ def segmentation_loss(logits: torch.Tensor, targets: torch.Tensor, boundary_pos_
     }
     parts["total"] = sum(parts.values())
     return parts
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, targets: torch.Tensor,
+               device: str, precision: str, channels_last: bool, boundary_pos_weight: float = BOUNDARY_POS_WEIGHT) -> dict:
+    """One optimiser step on a batch: moved to `device` (channels_last where asked), forward under
+    `precision`'s autocast, the loss in fp32, backward, step. Returns the losses (tensors); the
+    learning rate is the caller's to set or schedule."""
+    images = to_layout(images.to(device, non_blocking=True), channels_last)
+    targets = targets.to(device, non_blocking=True)
+    with autocast(device, precision):
+        logits = model(images)
+    # The loss in fp32: sigmoid/BCE/Dice sums lose too much in bf16.
+    losses = segmentation_loss(logits.float(), targets, boundary_pos_weight)
+    optimizer.zero_grad(set_to_none=True)
+    losses["total"].backward()
+    optimizer.step()
+    return losses
+
+
+def save_checkpoint(path: Path, checkpoint: dict) -> None:
+    """torch.save to `path`.tmp, then renamed over `path`: a kill never leaves half a checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)
 
 
 def lr_factor(step: int, total: int, warmup: int, progress: float | None = None) -> float:
