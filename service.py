@@ -72,16 +72,17 @@ from cellseg.pixelsize import (
     read_pixel_size,
 )
 from cellseg.postprocess import PostprocessParams, maps_to_labels
+from cellseg.precision import PrecisionChoice, choose_precision, requested_precision
 from cellseg.report import page_report
 from cellseg.upload_guard import UploadGuard
 
 logger = logging.getLogger("cellseg.service")
 configure_allocator()  # image-sized arrays go back to the system after a request: see cellseg/memory.py
 MODEL_TAG = os.environ.get("CELLSEG_MODEL_TAG", "livecell-unet:latest")
-# Which variant of the registered model the network runs: fp32 or int8 (both are registered).
-# Default: the one the model's metadata names, int8 where its validation accuracy is within 0.01
-# AP50 and mSA of fp32 (see export/register.py and the model card).
-PRECISION = os.environ.get("CELLSEG_PRECISION") or None
+# Which variant of the registered model the network runs: auto (default), fp32 or int8. auto runs int8
+# only where its validation accuracy was within 0.01 AP50 and mSA of fp32 (the model's metadata) and,
+# checked at startup on this CPU, its cells agree with fp32's and it is faster (cellseg/precision.py).
+PRECISION = requested_precision()
 # Largest accepted image (pixels); larger images get a 413. Images over 1024 px a side are tiled.
 MAX_PIXELS = int(os.environ.get("CELLSEG_MAX_PIXELS", 16_000_000))
 # Largest accepted request body, enforced while it streams in (UploadGuard). 96 MiB holds a 16 MP
@@ -165,13 +166,33 @@ def check_form_fields(path: str, fields: dict[str, str]) -> None:
     PostprocessParams().with_overrides(**{k: values.get(k) for k in POSTPROCESS_FIELDS})  # ranges
 
 
-def served_variant(metadata: dict) -> dict:
-    """{precision, file, sha256} of the variant to serve: CELLSEG_PRECISION, else the model's default."""
-    variants = metadata.get("variants") or {"fp32": {"file": "model.onnx", "sha256": metadata.get("sha256")}}
-    precision = PRECISION or metadata.get("default_precision", "fp32")
-    if precision not in variants:
-        raise ValueError(f"CELLSEG_PRECISION={precision!r}: the registered model has {', '.join(sorted(variants))}")
-    return {"precision": precision, **variants[precision]}
+def registered_variants(metadata: dict) -> dict[str, dict]:
+    """{precision: {file, sha256, metrics}} of a registered model (an old entry: its one fp32 file)."""
+    return metadata.get("variants") or {"fp32": {"file": "model.onnx", "sha256": metadata.get("sha256")}}
+
+
+def choose_variant(model_ref, requested: str = PRECISION, threads: int | None = None) -> tuple[PrecisionChoice, dict]:
+    """The precision this process serves (checked on this CPU: cellseg/precision.py) and its variant's
+    {file, sha256, metrics}. Each file is checked against the sha256 the store recorded first: a
+    corrupt int8 file makes fp32 answer, and says so; a corrupt fp32 file stops the service."""
+    metadata = model_ref.info.metadata
+    variants = registered_variants(metadata)
+    fp32 = Path(model_ref.path_of(variants["fp32"]["file"]))
+    verify_sha256(fp32, variants["fp32"]["sha256"])
+    int8 = None
+    if "int8" in variants and requested != "fp32":
+        int8 = Path(model_ref.path_of(variants["int8"]["file"]))
+        try:
+            verify_sha256(int8, variants["int8"]["sha256"])
+        except (OSError, ValueError) as exc:
+            if requested == "int8":
+                raise
+            choice = PrecisionChoice("fp32", fp32, f"the int8 file is unusable ({exc})", requested)
+            logger.warning("serving fp32: %s", choice.reason)
+            return choice, variants["fp32"]
+    choice = choose_precision(fp32, int8, requested, available_providers(), threads,
+                              int8_validated=metadata.get("default_precision") == "int8")
+    return choice, variants[choice.precision]
 
 
 def model_card_figures(metadata: dict, variant: dict) -> dict:
@@ -257,14 +278,21 @@ class UNet:
     model_ref = bentoml.models.BentoModel(MODEL_TAG)
 
     def __init__(self) -> None:
-        variant = served_variant(self.model_ref.info.metadata)
-        path = self.model_ref.path_of(variant["file"])
-        verify_sha256(Path(path), variant["sha256"])  # refuse a corrupt model
+        t0 = time.perf_counter()
+        self.choice, self.variant = choose_variant(self.model_ref, threads=ORT_THREADS)
         configure_allocator(mmap_threshold=MMAP_FROM_1MIB)  # ONNX Runtime's arena blocks go back when it shrinks
         # the arena keeps a call of two LIVECell images warm; a larger call (a big image's 1024x1024
         # tiles) gives its memory back when it ends
-        self.model = OnnxModel(path, threads=ORT_THREADS, providers=available_providers(),
+        self.model = OnnxModel(self.choice.path, threads=ORT_THREADS, providers=available_providers(),
                                arena_keep_pixels=ARENA_KEEP_PIXELS, spin=False)
+        logger.warning("model %s: serving %s (%s), on %s [%s]; loaded and checked in %.1f s", self.model_ref.tag,
+                       self.choice.precision, self.choice.reason, self.choice.cpu, self.choice.provider,
+                       time.perf_counter() - t0)
+
+    @bentoml.api
+    def info(self) -> dict:
+        """The precision this process serves, its file's sha256, and why (the front's model block)."""
+        return {**self.choice.to_dict(), "sha256": self.variant["sha256"], "metrics": self.variant.get("metrics")}
 
     # Batch size counts network inputs (whole images up to 1024x1024 px, or tiles). 8 LIVECell images
     # take ~1.5 s on 2 cores; a 60 s latency budget means the dispatcher never sheds load (503) at
@@ -295,9 +323,7 @@ class CellSegmentation:
     def __init__(self) -> None:
         info = self.model_ref.info
         self.defaults = PostprocessParams(**info.metadata.get("postprocess", {}))
-        variant = served_variant(info.metadata)
-        self.model_info = {"name": info.tag.name, "version": info.tag.version, "sha256": variant["sha256"],
-                           "precision": variant["precision"], "metrics": model_card_figures(info.metadata, variant)}
+        self.model_info: dict | None = None  # asked of the network process (`_model_info`), which chose the precision
         # CPU-bound decode / watershed run in threads so the event loop keeps accepting requests.
         self.cpu = anyio.CapacityLimiter(max(2, os.cpu_count() or 2))
         self.budget = PixelBudget(PIXEL_BUDGET, QUEUE_TIMEOUT_S)
@@ -381,6 +407,27 @@ class CellSegmentation:
                 await anyio.sleep(0.05 * (attempt + 1))
         raise AssertionError("unreachable")
 
+    async def _model_info(self) -> dict:
+        """Which model answers, in which precision and why: the network process chose it at startup,
+        on its CPU; asked once, then kept."""
+        if self.model_info is None:
+            info = self.model_ref.info
+            served = await self.unet.to_async.info()
+            self.model_info = {"name": info.tag.name, "version": info.tag.version, "sha256": served["sha256"],
+                               "precision": served["precision"], "precision_reason": served["reason"],
+                               "requested": served["requested"], "cpu": served["cpu"], "provider": served["provider"],
+                               "check": served["check"], "metrics": model_card_figures(info.metadata, served)}
+        return self.model_info
+
+    async def __is_ready__(self) -> bool:
+        """/readyz: ready once the network process has loaded the model and said which precision it serves."""
+        try:
+            await self._model_info()
+        except Exception as exc:  # noqa: BLE001  (not ready yet: the network process is still starting)
+            logger.debug("not ready: %r", exc)
+            return False
+        return True
+
     async def _guarded(self, work) -> Any:
         self.in_flight += 1
         if self.idle_trim is not None:
@@ -414,6 +461,14 @@ class CellSegmentation:
         logger.warning("request refused (HTTP %d): %s", response.status_code, exc)  # no traceback: not a defect
         return response
 
+    @bentoml.api(route="/model")
+    async def model(self) -> dict:
+        """Which model answers, before any image is sent: name, version, the sha256 of the file served,
+        its precision (fp32 or int8) and why (checked at startup on this server's CPU: int8 answers only
+        where its cells agree with fp32's there and it is faster), the CPU and execution provider, and
+        the served file's AP50 / mSA from its model card. Every JSON answer carries the same block."""
+        return await self._model_info()
+
     @bentoml.api
     async def segment(self, image: Path, fg_threshold: FgThreshold = None, seed_threshold: SeedThreshold = None,
                       min_size: MinSize = None, tta: Tta = False, pixel_size: PixelSizeUm = None) -> dict:
@@ -426,7 +481,7 @@ class CellSegmentation:
             raw, labels, scores = await self._segment(image, params, tta)
             size = await self._pixel_size(image, pixel_size)
             cells = await anyio.to_thread.run_sync(instances_from_labels, labels, scores, limiter=self.cpu)
-            return {"model": self.model_info, "width": int(raw.shape[1]), "height": int(raw.shape[0]),
+            return {"model": await self._model_info(), "width": int(raw.shape[1]), "height": int(raw.shape[0]),
                     "count": len(cells), "confluence": round(confluence(labels), 3),
                     "params": {**params.to_dict(), "tta": tta},
                     "pixel_size": size.to_dict() if size else None,
@@ -502,7 +557,7 @@ class CellSegmentation:
             size = await self._pixel_size(image, pixel_size)
             result = await anyio.to_thread.run_sync(page_report, raw, labels, scores, upload_name(image), size,
                                                     limiter=self.cpu)
-            return {"model": self.model_info, "params": {**params.to_dict(), "tta": tta}, **result}
+            return {"model": await self._model_info(), "params": {**params.to_dict(), "tta": tta}, **result}
         return await self._guarded(work)
 
 

@@ -17,7 +17,8 @@ Outputs in --out DIR (--formats picks among labels, csv, coco, rois, geojson; de
     errors.json            inputs that could not be processed in the last run, with the reason
     job.json               the job's settings: model sha256, post-processing parameters, tta, pixel_size (the
                            --pixel-size given, or null: each image's metadata) (and server URL; with --server,
-                           the model and parameters the server reports it used)
+                           the model and parameters the server reports it used), and precision: which precision
+                           ran (fp32 or int8), the file, the CPU and why (cellseg/precision.py)
 
 Every file is written atomically (temp file + rename) and an image counts as done only once its
 record exists, so a killed job resumes where it stopped: finished images are skipped, the rest
@@ -152,8 +153,13 @@ class JobError(ValueError):
 SETTINGS_ADDED_LATER = {"pixel_size": None}
 
 
+# Recorded for people, not compared: why the precision was chosen holds timings of this run's check.
+# The file that ran (model_sha256) is compared, so a resumed job never mixes fp32 and int8 results.
+NOT_COMPARED = ("precision",)
+
+
 def _comparable(settings: dict) -> dict:
-    return {**SETTINGS_ADDED_LATER, **settings}
+    return {k: v for k, v in {**SETTINGS_ADDED_LATER, **settings}.items() if k not in NOT_COMPARED}
 
 
 def prepare_output(out: Path, settings: dict, overwrite: bool) -> None:
@@ -449,6 +455,9 @@ def server_settings(url: str, overrides: dict) -> dict:
         answer = client.segment(probe, **overrides)
     settings = {"server": url.rstrip("/"), "model_sha256": answer.model.get("sha256"),
                 "tta": bool(answer.params.get("tta", overrides.get("tta", False)))}
+    if answer.model.get("precision"):  # the server's choice, made on its CPU
+        settings["precision"] = {"precision": answer.model["precision"], "reason": answer.model.get("precision_reason"),
+                                 **{k: answer.model.get(k) for k in ("requested", "cpu", "provider", "check")}}
     if answer.params:
         settings["params"] = {k: v for k, v in answer.params.items() if k != "tta"}
     else:  # a server whose answers do not say: what was sent is all there is to record

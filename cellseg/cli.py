@@ -13,7 +13,7 @@ from cellseg.data import default_data_root
 from cellseg.onnx_model import default_model_path
 from cellseg.pixelsize import SOURCE_GIVEN_CLI, PixelSize, parse_pixel_size
 from cellseg.postprocess import PostprocessParams
-from cellseg.variants import default_variant
+from cellseg.precision import PRECISIONS
 
 if TYPE_CHECKING:
     from cellseg.annotations import AnnotationScan
@@ -46,11 +46,14 @@ def postprocess_params(args: argparse.Namespace, defaults: PostprocessParams) ->
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from cellseg.cpu import describe_cpu
     from cellseg.data import subsample_per_type
     from cellseg.evaluate import evaluate_segmentations, format_table
     from cellseg.onnx_model import OnnxModel
 
     model = OnnxModel(args.model)
+    precision = "int8" if model.metadata.get("quantization") else "fp32"
+    print(f"scoring {args.model} ({precision}, sha256 {model.sha256[:12]}) on {describe_cpu()}")
     params = postprocess_params(args, model.default_params)
     samples, split, annotations = evaluation_samples(args.data, args.split)
     if args.per_type:
@@ -60,7 +63,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for sample in tqdm(samples, desc="evaluating", unit="img", disable=args.quiet):
         segs += model.segment([sample.image()], params, batch_size=args.batch_size, tta=args.tta)
     result = evaluate_segmentations(samples, segs)
-    result.update({"model": str(args.model), "model_sha256": model.sha256, "data": str(args.data), "split": split,
+    result.update({"model": str(args.model), "model_sha256": model.sha256, "precision": precision, "cpu": describe_cpu(),
+                   "data": str(args.data), "split": split,
                    "postprocess": params.to_dict(), "tta": args.tta, "per_type": args.per_type,
                    "seconds": round(time.time() - t0, 1)})
     if annotations:
@@ -109,21 +113,24 @@ def cmd_segment(args: argparse.Namespace) -> int:
         settings = server_settings(args.server, overrides)
     else:
         from cellseg.onnx_model import read_metadata, sha256_file
+        from cellseg.variants import choose_for_model
 
-        if not Path(args.model).is_file():
-            raise FileNotFoundError(f"ONNX model not found: {args.model}")
-        defaults = PostprocessParams(**read_metadata(args.model).get("postprocess", {}))
+        choice = choose_for_model(args.model, args.precision)
+        print(f"model {choice.path}: {choice.precision} ({choice.reason}; {choice.cpu})", file=sys.stderr)
+        defaults = PostprocessParams(**read_metadata(choice.path).get("postprocess", {}))
         params = postprocess_params(args, defaults)
-        sha256 = sha256_file(args.model)
+        sha256 = sha256_file(choice.path)
         if args.dask:
             from cellseg.dask_backend import dask_backend
 
-            factory = lambda: dask_backend(args.dask, args.model, sha256, params, args.tta, formats,  # noqa: E731
+            factory = lambda: dask_backend(args.dask, choice, sha256, params, args.tta, formats,  # noqa: E731
                                            pixel_size)
         else:
-            factory = lambda: local_backend(args.model, params, args.tta, formats, pixel_size=pixel_size)  # noqa: E731
+            factory = lambda: local_backend(choice.path, params, args.tta, formats, pixel_size=pixel_size)  # noqa: E731
         # The backend is not a setting: local and Dask runs give the same bytes and may share a folder.
-        settings = {"model_sha256": sha256, "params": params.to_dict(), "tta": args.tta}
+        # The file's sha256 names the precision too; "precision" says why it was chosen (not compared).
+        settings = {"model_sha256": sha256, "params": params.to_dict(), "tta": args.tta,
+                    "precision": choice.to_dict()}
     # A given size changes every µm value; metadata sizes are recorded per image, in the records.
     settings["pixel_size"] = pixel_size.to_dict() if pixel_size else None
     try:
@@ -182,11 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
                                               "frame by frame), folders (searched recursively) or globs")
     sg.add_argument("--out", type=Path, required=True, help="output folder")
     where = sg.add_mutually_exclusive_group()
-    where.add_argument("--model", type=Path, default=default_variant(default_model_path()),
-                       help="ONNX model for local inference (default: the shipped model in the precision the "
-                            "service runs by default: int8 where its validation AP50 and mSA are within 0.01 of "
-                            "fp32's; models/livecell-unet.onnx for fp32)")
+    where.add_argument("--model", type=Path, default=default_model_path(),
+                       help="ONNX model for local inference (default: the shipped model). Its int8 sibling "
+                            "<stem>.int8.onnx runs instead where --precision allows it")
     where.add_argument("--server", help="URL of a running cellseg service (e.g. http://localhost:3000)")
+    sg.add_argument("--precision", choices=PRECISIONS,
+                    help="auto: int8 only where it agrees with fp32 on this CPU and is faster (checked at start, about "
+                         "a second); fp32 or int8 force one (default: $CELLSEG_PRECISION, else auto; an .int8.onnx "
+                         "--model asks for int8). With --server, the server decides")
     sg.add_argument("--concurrency", type=int, default=4, help="requests in flight with --server")
     sg.add_argument("--dask", metavar="CLUSTER",
                     help="run on Dask workers: 'local' (one 1-thread worker per core), 'local:N' (N workers), or a "

@@ -39,12 +39,33 @@ from cellseg.batch import (
 )
 from cellseg.pixelsize import PixelSize
 from cellseg.postprocess import PostprocessParams
+from cellseg.precision import PrecisionChoice
 
 TASKS_PER_THREAD = 2
 _MODELS: dict[tuple[str, int], object] = {}  # per worker process: the model, loaded once
 
 
-def _worker_segmenter(model_path: str, sha256: str, params: dict, tta: bool) -> Segmenter:
+class WorkerPrecisionError(RuntimeError):
+    """int8 was chosen where the job started, but disagrees with fp32 on this worker's CPU."""
+
+
+def check_worker_precision(model_path: str, precision: dict, threads: int) -> None:
+    """Where the job runs int8 by the client's automatic choice, this worker checks it on its own CPU
+    (once per process: cellseg.precision caches it). A cluster's machines may differ, and one job
+    folder holds the results of one file: a worker whose CPU gets other cells from int8 refuses its
+    images (reported in errors.json) rather than mixing fp32 results in."""
+    from cellseg.precision import choose_precision, fp32_sibling
+
+    if precision.get("precision") != "int8" or precision.get("requested") != "auto":
+        return
+    fp32 = fp32_sibling(Path(model_path))
+    here = choose_precision(fp32, Path(model_path), "auto", threads=threads) if fp32 and fp32.is_file() else None
+    if here is not None and here.precision != "int8":
+        raise WorkerPrecisionError(f"int8 was chosen on the machine that started the job, but on this worker "
+                                   f"({here.cpu}) {here.reason}: run the job with --precision fp32 (into another --out)")
+
+
+def _worker_segmenter(model_path: str, sha256: str, params: dict, tta: bool, precision: dict) -> Segmenter:
     from distributed import get_worker
 
     from cellseg.onnx_model import OnnxModel, verify_sha256
@@ -53,13 +74,18 @@ def _worker_segmenter(model_path: str, sha256: str, params: dict, tta: bool) -> 
     key = (model_path, threads)
     if key not in _MODELS:
         verify_sha256(Path(model_path), sha256)  # the file this worker sees is the client's model
+        check_worker_precision(model_path, precision, threads)
         _MODELS[key] = OnnxModel(model_path, threads=threads)
     return onnx_segmenter([_MODELS[key]], PostprocessParams(**params), tta)
 
 
-def _task(item: Item, model_path: str, sha256: str, params: dict, tta: bool,
+def _task(item: Item, model_path: str, sha256: str, params: dict, tta: bool, precision: dict,
           formats: tuple[str, ...], pixel_size: PixelSize | None = None) -> tuple[Item, ImageOutputs | Exception]:
-    return _guarded(item, _worker_segmenter(model_path, sha256, params, tta), formats, pixel_size)
+    try:
+        segment = _worker_segmenter(model_path, sha256, params, tta, precision)
+    except WorkerPrecisionError as exc:
+        return item, exc
+    return _guarded(item, segment, formats, pixel_size)
 
 
 # Dask starts its workers with MALLOC_TRIM_THRESHOLD_=65536, to hand freed memory back to the system
@@ -89,9 +115,12 @@ def connect(address: str):
         raise ValueError(f"cannot reach the Dask scheduler at {address}: {exc}") from exc
 
 
-def dask_backend(address: str, model_path: Path, sha256: str, params: PostprocessParams, tta: bool = False,
+def dask_backend(address: str, choice: PrecisionChoice, sha256: str, params: PostprocessParams, tta: bool = False,
                  formats: tuple[str, ...] = DEFAULT_FORMATS, pixel_size: PixelSize | None = None) -> Backend:
+    """Each image a task on the cluster; `choice` is the file to run and its precision, chosen where
+    the job started (workers re-check an automatic int8 choice on their CPUs)."""
     client, cluster = connect(address)
+    model_path, precision = choice.path, choice.to_dict()
 
     def run(items: list[Item]) -> Iterator[tuple[Item, ImageOutputs | Exception]]:
         from distributed import as_completed
@@ -101,7 +130,7 @@ def dask_backend(address: str, model_path: Path, sha256: str, params: Postproces
 
         def submit(item: Item):
             future = client.submit(_task, item, str(Path(model_path).resolve()), sha256,
-                                   params.to_dict(), tta, formats, pixel_size, pure=False)
+                                   params.to_dict(), tta, precision, formats, pixel_size, pure=False)
             submitted[future.key] = item
             return future
 

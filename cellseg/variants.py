@@ -28,11 +28,34 @@ def default_precision(fp32: dict, int8: dict | None) -> str:
     return "int8" if all(fp32[k] - int8[k] <= INT8_TOLERANCE for k in ("ap50", "msa")) else "fp32"
 
 
-def default_variant(fp32_model: Path) -> Path:
-    """The file to run for `fp32_model`: its int8 sibling (`<stem>.int8.onnx`) where the rule picks
-    int8, else the fp32 file itself."""
-    int8_model = fp32_model.with_suffix(".int8.onnx")
-    if not (fp32_model.is_file() and int8_model.is_file()):
-        return fp32_model
-    chosen = default_precision(variant_metrics(fp32_model), variant_metrics(int8_model))
-    return int8_model if chosen == "int8" else fp32_model
+def int8_validated(fp32_model: Path, int8_model: Path) -> bool:
+    """Whether the int8 file's recorded validation AP50 and mSA are within INT8_TOLERANCE of fp32's."""
+    return default_precision(variant_metrics(fp32_model), variant_metrics(int8_model)) == "int8"
+
+
+def choose_for_model(model: Path, requested: str | None = None, providers=None, threads: int | None = None):
+    """The file to run for a model a command was given, and why (cellseg.precision.PrecisionChoice):
+    for an fp32 file, its int8 sibling (`<stem>.int8.onnx`) where its recorded validation figures are
+    within tolerance and, on this CPU, it agrees with fp32 and is faster; else the fp32 file. An int8
+    file given by name is asked for (unless `requested` says otherwise) and checked against its fp32
+    sibling where there is one."""
+    from cellseg.precision import PrecisionChoice, choose_precision, fp32_sibling, requested_precision
+
+    model = Path(model)
+    if not model.is_file():
+        raise FileNotFoundError(f"ONNX model not found: {model}")
+    fp32 = fp32_sibling(model)
+    if fp32 is None:  # an fp32 file
+        int8 = model.with_suffix(".int8.onnx")
+        int8 = int8 if int8.is_file() else None
+        return choose_precision(model, int8, requested, providers, threads,
+                                int8_validated=int8 is not None and int8_validated(model, int8))
+    wanted = requested_precision(requested or "int8")
+    if wanted == "fp32" or not fp32.is_file():
+        if wanted == "fp32":
+            if not fp32.is_file():
+                raise FileNotFoundError(f"fp32 asked for, but {model} has no fp32 file beside it ({fp32.name})")
+            return choose_precision(fp32, None, "fp32", providers, threads)
+        return PrecisionChoice("int8", model, f"int8 file given; no fp32 file beside it ({fp32.name}) to check it against",
+                               wanted)
+    return choose_precision(fp32, model, wanted, providers, threads, int8_validated=int8_validated(fp32, model))

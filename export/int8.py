@@ -34,6 +34,12 @@ class Int8Recipe:
     calibration_images: int = 32
     method: str = "percentile"  # how activation ranges are chosen from the calibration histograms
     keep_head_fp32: bool = False  # leave the first and last convolutions in fp32 (most sensitive)
+    # 7-bit weights (-64..63): x86 int8 kernels without VNNI (AVX2, AVX-512 without VNNI) add pairs of
+    # uint8 x int8 products in 16-bit registers, which 8-bit weights can overflow (255 * 127 * 2 > 32767)
+    # and 7-bit ones cannot; with VNNI or AMX the sum is 32-bit either way (docs/METRICS.md).
+    reduce_range: bool = False
+    activations: str = "uint8"  # uint8 | int8
+    weights: str = "int8"  # int8 | uint8
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,11 +86,13 @@ def quantize(fp32: Path, out: Path, images: list[np.ndarray], recipe: Int8Recipe
 
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
               "entropy": CalibrationMethod.Entropy}[recipe.method]
+    types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
     prepared = out.with_suffix(".pre.onnx")
     quant_pre_process(str(fp32), str(prepared))
     try:
-        quantize_static(str(prepared), str(out), Reader(), activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, per_channel=recipe.per_channel, calibrate_method=method,
+        quantize_static(str(prepared), str(out), Reader(), activation_type=types[recipe.activations],
+                        weight_type=types[recipe.weights], per_channel=recipe.per_channel,
+                        reduce_range=recipe.reduce_range, calibrate_method=method,
                         nodes_to_exclude=head_and_stem_nodes(prepared) if recipe.keep_head_fp32 else None,
                         extra_options={"CalibMovingAverage": False})
     finally:

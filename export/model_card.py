@@ -165,6 +165,15 @@ microscopes or magnifications. Not for clinical use.
     path.write_text(text)
 
 
+def _here_text(here: dict | None) -> str:
+    """Which precision the runtime's check picked on the CPU that fine-tuned (cellseg/precision.py);
+    every machine that loads the model checks again on its own CPU."""
+    if not here:
+        return ""
+    return (f"\n- On the CPU it was fine-tuned on ({here['cpu']}), **{here['precision']}** answers: {here['reason']}. "
+            "Every machine that loads the model checks int8 again on its own CPU.")
+
+
 def write_finetune_card(path: Path, results: dict, fp32: Path, int8: Path) -> None:
     """The card of a model fine-tuned on a lab's images: before/after on the images held back, how
     long it trained, the thresholds picked and the command, so the lab can judge and repeat it."""
@@ -176,6 +185,7 @@ def write_finetune_card(path: Path, results: dict, fp32: Path, int8: Path) -> No
         f"{m.get('count_error', float('nan')):.2f} |" for name, m in rows)
     training = results["training"]
     held = results["held_back"]
+    here = _here_text(results.get("precision_here"))
     text = f"""# Model card: {results['name']}
 
 Fine-tuned from `{Path(results['base']).name}` (sha256 `{results['base_sha256']}`) on a lab's own annotated
@@ -183,7 +193,8 @@ images with `python -m train finetune`.
 
 - `{fp32.name}`: fp32 ONNX, sha256 `{sha256_file(fp32)}`; thresholds and provenance in its metadata (`cellseg`).
 - `{int8.name}`: int8 (static QDQ, calibrated on the training images), sha256 `{sha256_file(int8)}`;
-  it loses {results['int8_loss']['ap50']:+.3f} AP50 and {results['int8_loss']['msa']:+.3f} mSA against fp32 on the images below.
+  it loses {results['int8_loss']['ap50']:+.3f} AP50 and {results['int8_loss']['msa']:+.3f} mSA against fp32 on the images
+  below.{here}
 
 ## Data
 - trained on {len(results['images'])} images: {', '.join(f'`{i}`' for i in results['images'])}

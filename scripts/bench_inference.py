@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -28,6 +27,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import numpy as np  # noqa: E402
 
+from cellseg.cpu import describe_cpu  # noqa: E402
 from cellseg.data import default_data_root  # noqa: E402
 from cellseg.imageio import read_image  # noqa: E402
 from cellseg.inference import predict_padded, segment_images  # noqa: E402
@@ -73,18 +73,8 @@ def torch_predictor(onnx_model: OnnxModel, checkpoint: Path | None, threads: int
 
 
 def machine_description() -> str:
-    """CPU model, cores and the vector extensions that decide ONNX Runtime's kernels."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model in ("", "x86_64"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
-    return f"{model}, {os.cpu_count()} cores, {vector}"
+    """CPU model, cores and the int8 instructions that decide ONNX Runtime's kernels (cellseg.cpu)."""
+    return describe_cpu()
 
 
 def network_flops(onnx_model: OnnxModel, height: int = 544, width: int = 704) -> int:

@@ -94,11 +94,11 @@ def served(tmp_path_factory, model_path):
 
 @pytest.fixture(scope="session")
 def served_model_path(model_path) -> Path:
-    """The ONNX file the served service and batch jobs run by default: the int8 variant where its
-    recorded accuracy makes it the default."""
-    from cellseg.variants import default_variant
+    """The ONNX file the served service and batch jobs run by default on this CPU: the int8 variant
+    where its recorded accuracy and the precision check here allow it (cellseg/precision.py)."""
+    from cellseg.variants import choose_for_model
 
-    return default_variant(model_path)
+    return choose_for_model(model_path).path
 
 
 @pytest.fixture(scope="session")

@@ -835,3 +835,30 @@ def test_a_time_lapse_of_real_images_beside_single_images(tmp_path, demo_images,
     assert [name for name in before if after[name] != before[name]] == ["well_t0001.png"]
     assert json.loads((out / "records" / "well_t0001.json").read_text()) == records["well_t0001"]
     assert read_csv(out / "summary.csv") == summary
+
+
+@pytest.mark.data
+def test_a_job_names_its_precision_and_why_and_fp32_can_be_forced(tmp_path, demo_images, model_path, capsys):
+    """Issue 24: job.json and the terminal say which file and precision ran and why; --precision fp32
+    forces fp32 (another file, so another setting); the check's timings are not compared on resume."""
+    from cellseg.onnx_model import sha256_file
+    from cellseg.variants import choose_for_model
+
+    image, out = demo_images[0], tmp_path / "auto"
+    assert run(image, out) == 0
+    job = json.loads((out / "job.json").read_text())
+    here = choose_for_model(model_path)
+    assert job["model_sha256"] == sha256_file(here.path) and job["precision"]["precision"] == here.precision
+    assert job["precision"]["reason"] == here.reason and job["precision"]["cpu"] == here.cpu
+    assert f"model {here.path}: {here.precision} (" in capsys.readouterr().err
+    job["precision"]["check"] = {"fp32_ms": 1.0}  # another run's check: timings differ, the job is the same
+    (out / "job.json").write_text(json.dumps(job))
+    assert run(image, out) == 0
+
+    forced = tmp_path / "fp32"
+    assert run(image, forced, "--precision", "fp32") == 0
+    job = json.loads((forced / "job.json").read_text())
+    assert job["model_sha256"] == sha256_file(model_path) and job["precision"]["reason"] == "fp32 asked for"
+    if here.precision == "int8":  # fp32 into the int8 job's folder: other results, refused
+        capsys.readouterr()
+        assert run(image, out, "--precision", "fp32") == 2 and "model_sha256" in capsys.readouterr().err

@@ -2,8 +2,10 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -97,20 +99,52 @@ def test_model_file_is_verified_against_its_sha256(tmp_path, model_path):
         verify_sha256(copy, expected)
 
 
-def test_served_precision_is_the_recorded_default_unless_overridden(monkeypatch):
+class StoredModel:
+    """What the service reads of a model-store entry: its metadata and its files."""
+
+    def __init__(self, folder: Path, metadata: dict):
+        self.folder, self.info = folder, type("Info", (), {"metadata": metadata})()
+
+    def path_of(self, name: str) -> str:
+        return str(self.folder / name)
+
+
+def stored(tmp_path: Path, model_path: Path, default: str = "int8") -> StoredModel:
+    from cellseg.onnx_model import sha256_file
+
+    shutil.copy(model_path, tmp_path / "model.onnx")
+    shutil.copy(model_path.with_suffix(".int8.onnx"), tmp_path / "model.int8.onnx")
+    variants = {p: {"file": f, "sha256": sha256_file(tmp_path / f), "metrics": {"ap50": 0.4}}
+                for p, f in (("fp32", "model.onnx"), ("int8", "model.int8.onnx"))}
+    return StoredModel(tmp_path, {"default_precision": default, "variants": variants})
+
+
+def test_served_precision_is_checked_on_this_cpu_unless_forced(tmp_path, model_path):
+    import service
+    from cellseg.precision import choose_precision
+
+    entry = stored(tmp_path, model_path)
+    choice, variant = service.choose_variant(entry, "auto")
+    here = choose_precision(model_path)  # the same files choose alike, here
+    assert choice.precision == here.precision and variant == entry.info.metadata["variants"][choice.precision]
+    assert service.choose_variant(entry, "fp32")[0].reason == "fp32 asked for"
+    assert service.choose_variant(entry, "int8")[0].precision == "int8"
+    recorded_fp32 = stored(tmp_path, model_path, default="fp32")  # int8 lost too much on validation
+    assert service.choose_variant(recorded_fp32, "auto")[0].precision == "fp32"
+    old = StoredModel(tmp_path, {"sha256": entry.info.metadata["variants"]["fp32"]["sha256"]})  # before variants
+    assert service.choose_variant(old, "auto")[0].path == tmp_path / "model.onnx"
+
+
+def test_a_corrupt_int8_file_in_the_store_makes_fp32_answer(tmp_path, model_path):
+    """Issue 27 (11): a store entry whose int8 file is corrupt made the network process crash-loop."""
     import service
 
-    meta = {"default_precision": "int8", "variants": {"fp32": {"file": "model.onnx", "sha256": "a"},
-                                                      "int8": {"file": "model.int8.onnx", "sha256": "b"}}}
-    monkeypatch.setattr(service, "PRECISION", None)
-    assert service.served_variant(meta) == {"precision": "int8", "file": "model.int8.onnx", "sha256": "b"}
-    monkeypatch.setattr(service, "PRECISION", "fp32")  # CELLSEG_PRECISION=fp32
-    assert service.served_variant(meta)["file"] == "model.onnx"
-    monkeypatch.setattr(service, "PRECISION", "int4")
-    with pytest.raises(ValueError, match="int4"):
-        service.served_variant(meta)
-    monkeypatch.setattr(service, "PRECISION", None)  # a model registered before variants existed
-    assert service.served_variant({"sha256": "a"}) == {"precision": "fp32", "file": "model.onnx", "sha256": "a"}
+    entry = stored(tmp_path, model_path)
+    (tmp_path / "model.int8.onnx").write_bytes(b"corrupt")
+    choice, variant = service.choose_variant(entry, "auto")
+    assert choice.precision == "fp32" and "int8 file is unusable" in choice.reason and variant["file"] == "model.onnx"
+    with pytest.raises(ValueError, match="corrupt or replaced"):
+        service.choose_variant(entry, "int8")  # asked for by name: refused loudly
 
 
 def test_json_answers_are_encoded_by_the_service_and_nan_falls_back_to_bentoml():
@@ -128,24 +162,12 @@ def test_json_answers_are_encoded_by_the_service_and_nan_falls_back_to_bentoml()
     assert service.json_response(with_nan) is with_nan  # BentoML writes it as null; json.dumps would write NaN
 
 
-def test_batch_jobs_default_to_the_precision_the_service_runs(tmp_path, model_path):
-    """`cellseg segment` without --model runs the int8 file where the rule picks it, as the service."""
-    import shutil
-
+def test_batch_jobs_default_to_the_shipped_model_and_choose_its_precision_here(model_path):
+    """`cellseg segment` without --model runs the shipped model, int8 only where the check allows it."""
     from cellseg.cli import build_parser
-    from cellseg.variants import INT8_TOLERANCE, default_precision, default_variant, variant_metrics
+    from cellseg.precision import choose_precision
+    from cellseg.variants import choose_for_model
 
-    shipped_int8 = model_path.with_suffix(".int8.onnx")
-    expected = shipped_int8 if default_precision(variant_metrics(model_path),
-                                                 variant_metrics(shipped_int8)) == "int8" else model_path
-    assert build_parser().parse_args(["segment", "x.tif", "--out", "o"]).model == expected == default_variant(model_path)
-
-    fp32 = tmp_path / "m.onnx"
-    shutil.copy(model_path, fp32)
-    assert default_variant(fp32) == fp32  # no int8 sibling
-    shutil.copy(shipped_int8, tmp_path / "m.int8.onnx")
-    (tmp_path / "m.metrics.json").write_text(json.dumps({"ap50": 0.41, "msa": 0.17}))
-    (tmp_path / "m.int8.metrics.json").write_text(json.dumps({"ap50": 0.41 - INT8_TOLERANCE / 2, "msa": 0.17}))
-    assert default_variant(fp32) == tmp_path / "m.int8.onnx"
-    (tmp_path / "m.int8.metrics.json").write_text(json.dumps({"ap50": 0.41 - 2 * INT8_TOLERANCE, "msa": 0.17}))
-    assert default_variant(fp32) == fp32  # int8 loses too much: fp32 stays
+    args = build_parser().parse_args(["segment", "x.tif", "--out", "o"])
+    assert args.model == model_path and args.precision is None
+    assert choose_for_model(args.model).path == choose_precision(model_path).path

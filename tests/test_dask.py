@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from cellseg.cli import main
+from cellseg.onnx_model import sha256_file
 
 distributed = pytest.importorskip("distributed")
 
@@ -97,7 +98,8 @@ def test_a_given_pixel_size_reaches_the_workers_records(tmp_path, monkeypatch):
     image = tmp_path / "a.png"
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(image)
     size = parse_pixel_size("0.5,0.25")
-    _, outputs = cellseg.dask_backend._task(Item(image, "a"), "model.onnx", "0" * 64, {}, False, ("geojson",), size)
+    _, outputs = cellseg.dask_backend._task(Item(image, "a"), "model.onnx", "0" * 64, {}, False, {"precision": "fp32"},
+                                            ("geojson",), size)
     record = json.loads(outputs.record_json)
     assert record["pixel_size"] == {"x_um": 0.5, "y_um": 0.25, "source": "given (--pixel-size)"}
     assert record["cells"][0]["area_um2"] == 200 * 0.125
@@ -138,3 +140,35 @@ def test_local_workers_keep_glibcs_adaptive_allocator(monkeypatch):
         cluster.close()
     assert "MALLOC_TRIM_THRESHOLD_" not in environ
     assert environ.get("OMP_NUM_THREADS") == "1"  # Dask's other settings stay
+
+
+def test_a_worker_whose_cpu_gets_other_cells_from_int8_refuses_its_images(tmp_path, model_path):
+    """A cluster's machines may differ: where the job chose int8 automatically, each worker checks it
+    on its own CPU, and one where int8 disagrees with fp32 refuses (the image lands in errors.json)
+    rather than mixing results; a forced int8 is not second-guessed."""
+    from test_precision import broken_int8
+
+    from cellseg import dask_backend
+    from cellseg.batch import Item
+
+    shutil.copy(model_path, tmp_path / "m.onnx")
+    int8 = broken_int8(model_path.with_suffix(".int8.onnx"), tmp_path / "m.int8.onnx")
+    with pytest.raises(dask_backend.WorkerPrecisionError, match="on this worker .* int8 disagrees.*--precision fp32"):
+        dask_backend.check_worker_precision(str(int8), {"precision": "int8", "requested": "auto"}, 1)
+    dask_backend.check_worker_precision(str(int8), {"precision": "int8", "requested": "int8"}, 1)
+    dask_backend.check_worker_precision(str(tmp_path / "m.onnx"), {"precision": "fp32", "requested": "auto"}, 1)
+
+    class Worker:
+        state = type("State", (), {"nthreads": 1})()
+
+    import distributed
+
+    original = distributed.get_worker
+    distributed.get_worker = lambda: Worker
+    try:
+        item = Item(tmp_path / "a.png", "a")
+        _, outcome = dask_backend._task(item, str(int8), sha256_file(int8), {}, False,
+                                        {"precision": "int8", "requested": "auto"}, ("labels",))
+    finally:
+        distributed.get_worker = original
+    assert isinstance(outcome, dask_backend.WorkerPrecisionError)

@@ -597,3 +597,50 @@ def test_a_trickling_upload_gets_408_and_frees_its_slot(server):
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     assert b"too slow" in answer and time.monotonic() - started < 15
     assert_still_serving(server)
+
+
+def test_model_endpoint_names_the_precision_and_why_before_any_image(served, model_path, served_model_path):
+    """POST /model (the page asks it on load): the model, the precision this server's CPU serves and
+    why; the same choice a batch job makes for the same files on this machine; the startup log says it."""
+    from cellseg.variants import choose_for_model
+
+    server, log = served
+    info = httpx.post(f"{server}/model", json={}, timeout=30).json()
+    assert info["name"] == "livecell-unet" and info["sha256"] == sha256_file(served_model_path)
+    batch = choose_for_model(model_path)
+    assert info["precision"] == batch.precision and info["cpu"] == batch.cpu
+    assert info["precision_reason"].split(" (")[0] == batch.reason.split(" (")[0]
+    assert info["requested"] == "auto" and info["provider"] == "CPUExecutionProvider"
+    assert set(info["metrics"]) >= {"ap50", "msa", "measured_on"}
+    if info["check"]:
+        assert info["check"]["check_s"] < 10 and info["check"]["foreground_iou"] >= 0.95
+    assert re.search(rf"serving {info['precision']} \(.+\), on .+ loaded and checked in [\d.]+ s", log.read_text())
+
+
+def test_a_disagreeing_int8_variant_is_not_served(tmp_path_factory, model_path, tif):
+    """A registered int8 file whose cells disagree with fp32's on this CPU (here: weights broken on
+    purpose, as saturating kernels break them): the server answers in fp32, says why, and still serves."""
+    import importlib.util
+    import shutil
+
+    from test_precision import broken_int8
+
+    spec = importlib.util.spec_from_file_location("local_server", REPO / "scripts" / "local_server.py")
+    local_server = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(local_server)
+    home = tmp_path_factory.mktemp("broken_int8_home")
+    fp32 = home / "m.onnx"
+    shutil.copy(model_path, fp32)
+    for suffix in (".metrics.json", ".int8.metrics.json"):  # its recorded validation figures: within tolerance
+        shutil.copy(model_path.with_suffix(suffix), home / ("m" + suffix))
+    broken_int8(model_path.with_suffix(".int8.onnx"), home / "m.int8.onnx")
+    proc, url = local_server.start_server(fp32, home, name="broken-int8")
+    try:
+        info = httpx.post(f"{url}/model", json={}, timeout=30).json()
+        assert info["precision"] == "fp32" and info["sha256"] == sha256_file(fp32)
+        assert info["precision_reason"].startswith("int8 disagrees with fp32 on this CPU")
+        answer = post(url, "segment", files={"image": (tif.name, tif.read_bytes(), "image/tiff")})
+        assert answer.status_code == 200 and answer.json()["model"]["precision"] == "fp32"
+        assert "int8 disagrees with fp32" in (home / "serve.log").read_text()
+    finally:
+        local_server.stop_server(proc)

@@ -72,7 +72,24 @@ def wait_for_result(page, before: int) -> int:
     return int(page.text_content("#count"))
 
 
-def test_page_segments_reruns_downloads_and_reports_errors(page, served, tif, client, tmp_path, console):
+def served_precision(path) -> str:
+    return "int8" if path.name.endswith(".int8.onnx") else "fp32"
+
+
+def test_page_names_the_model_its_precision_and_why_before_any_upload(page, served_model_path):
+    """Issue 24: the header says which model and precision answer on this server's CPU, and why
+    (its tooltip), as soon as the page loads."""
+    page.wait_for_function("document.querySelector('#model').textContent.startsWith('Model:')", timeout=30_000)
+    assert results_shown(page) == 0
+    label = page.text_content("#model")
+    assert label.startswith(f"Model: LIVECell U-Net · {served_precision(served_model_path)} · weights ")
+    assert re.search(r"AP50 0\.\d\d, mSA 0\.\d\d on validation split$", label)
+    assert "agrees with fp32 on this CPU" in page.get_attribute("#model", "title") or \
+        served_precision(served_model_path) == "fp32"
+
+
+def test_page_segments_reruns_downloads_and_reports_errors(page, served, tif, client, tmp_path, console,
+                                                          served_model_path):
     page.set_input_files("#file", str(tif))
     count = wait_for_result(page, 0)
     assert not [message for message in console if "404" in message]  # no /favicon.ico request, nor any other
@@ -100,7 +117,7 @@ def test_page_segments_reruns_downloads_and_reports_errors(page, served, tif, cl
     for name in ("fg_threshold", "seed_threshold", "min_size", "tta"):
         help_id = page.get_attribute(f"#{name}", "aria-describedby")
         assert help_id and page.text_content(f"#{help_id}").strip()
-    assert page.text_content("#model").startswith("Model: LIVECell U-Net · int8 · weights ")
+    assert page.text_content("#model").startswith(f"Model: LIVECell U-Net · {served_precision(served_model_path)} · weights ")
     assert re.search(r"AP50 0\.\d\d, mSA 0\.\d\d on validation split$", page.text_content("#model"))  # the card's figures
 
     # sortable table: area ascending, then descending

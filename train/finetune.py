@@ -42,6 +42,7 @@ from cellseg.inference import predict_maps, segment_images  # noqa: E402
 from cellseg.onnx_model import OnnxModel, read_metadata  # noqa: E402
 from cellseg.postprocess import PostprocessParams  # noqa: E402
 from cellseg.tuning import params_grid, rank_params  # noqa: E402
+from cellseg.variants import choose_for_model  # noqa: E402
 from export.int8 import Int8Recipe, calibration_arrays, quantize  # noqa: E402
 from export.model_card import write_finetune_card  # noqa: E402
 from export.onnx_export import export_checked, finetune_metadata, write_exported  # noqa: E402
@@ -250,13 +251,18 @@ def main(argv=None) -> int:
         "int8_loss": {k: round(after["fp32"][k] - after["int8"][k], 4) for k in ("ap50", "msa")},
         "postprocess": params.to_dict(), "base_postprocess": base_params.to_dict(), "threshold_candidates": tuning,
         "training": metadata["training"], "parity_max_abs_diff": diff,
-        "minutes_total": round((time.time() - started) / 60, 1), "command": command,
+        "command": command,
     }
-    (args.out / "metrics.json").write_text(json.dumps(results, indent=2))
     # what `python -m export register` and batch jobs read to pick the precision to serve
     for path, metrics in ((fp32, after["fp32"]), (int8, after["int8"])):
         path.with_suffix(".metrics.json").write_text(json.dumps(
             {k: v for k, v in metrics.items() if k != "per_image"}, indent=2))
+    # int8's figures above come from this CPU; whether int8 may answer here at all is the runtime's check
+    here = choose_for_model(fp32)
+    results["precision_here"] = here.to_dict()
+    print(f"on this CPU: {here.precision} would answer ({here.reason})", flush=True)
+    results["minutes_total"] = round((time.time() - started) / 60, 1)
+    (args.out / "metrics.json").write_text(json.dumps(results, indent=2))
     write_finetune_card(args.out / "MODEL_CARD.md", results, fp32, int8)
     print(f"wrote {fp32}, {int8}, {args.out / 'metrics.json'}, {args.out / 'MODEL_CARD.md'} "
           f"in {results['minutes_total']} min; register with: "

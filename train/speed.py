@@ -10,26 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-from pathlib import Path
 
 import torch
 
+from cellseg.cpu import cpu_flags, cpuinfo_field
+
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-
-
-def cpuinfo_field(name: str, cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
-    """The first `name : value` of /proc/cpuinfo (None where there is no such file or field)."""
-    try:
-        for line in cpuinfo.read_text().splitlines():
-            if line.split(":", 1)[0].strip() == name:
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
-
-
-def cpu_flags() -> set[str]:
-    return set((cpuinfo_field("flags") or "").split())
 
 
 def describe_device(device: str) -> str:
