@@ -1,7 +1,8 @@
 """Static int8 quantisation (QDQ) of the fp32 ONNX model, calibrated on real training images.
 
-    python -m export int8 --model models/livecell-unet.onnx --out models/livecell-unet.int8.onnx \
-        [--per-tensor] [--calibration-images 32] [--method minmax|percentile|entropy] [--keep-head-fp32]
+    python -m export int8 --model models/livecell-unet.onnx --out outputs/livecell-unet.int8.onnx \
+        [--per-tensor] [--calibration-images 32] [--method minmax|percentile|entropy] [--keep-head-fp32] \
+        [--full-range-weights] [--evaluate [--card MODEL_CARD.md]]
 
 Calibration images come from the training split (never validation), whole images normalised as the
 runtime does, so activation ranges match what the served model sees.
@@ -34,10 +35,10 @@ class Int8Recipe:
     calibration_images: int = 32
     method: str = "percentile"  # how activation ranges are chosen from the calibration histograms
     keep_head_fp32: bool = False  # leave the first and last convolutions in fp32 (most sensitive)
-    # 7-bit weights (-64..63): x86 int8 kernels without VNNI (AVX2, AVX-512 without VNNI) add pairs of
+    # 7-bit weights (-64..64): x86 int8 kernels without VNNI (AVX2, AVX-512 without VNNI) add pairs of
     # uint8 x int8 products in 16-bit registers, which 8-bit weights can overflow (255 * 127 * 2 > 32767)
-    # and 7-bit ones cannot; with VNNI or AMX the sum is 32-bit either way (docs/METRICS.md).
-    reduce_range: bool = False
+    # and 7-bit ones cannot (2 * 255 * 64 = 32640); with VNNI or AMX the sum is 32-bit either way (docs/METRICS.md).
+    reduce_range: bool = True
     activations: str = "uint8"  # uint8 | int8
     weights: str = "int8"  # int8 | uint8
 
@@ -113,19 +114,56 @@ def record_recipe(int8: Path, fp32: Path, recipe: Int8Recipe) -> None:
     onnx.save(model, str(int8))
 
 
+def int8_summary(int8: Path, recipe: Int8Recipe, metrics: dict | None) -> dict:
+    """What the model card says of an int8 file (export.model_card._int8_text)."""
+    return {"file": int8.name, "mb": round(int8.stat().st_size / 1e6, 1), "sha256": sha256_file(int8),
+            "recipe": recipe.to_dict(), "metrics": metrics and {k: v for k, v in metrics.items() if k != "per_image"}}
+
+
+def evaluate_int8(int8: Path, data: Path) -> dict:
+    """The int8 file on the validation split with its own post-processing defaults (as `cellseg
+    evaluate --split val`), written beside it as <stem>.metrics.json (what `register` reads)."""
+    from cellseg.cpu import describe_cpu
+    from cellseg.evaluate import evaluate_segmentations
+    from cellseg.onnx_model import OnnxModel
+
+    samples = load_split(data, "val")
+    model = OnnxModel(int8)
+    metrics = {**evaluate_segmentations(samples, model.segment([s.image() for s in samples])), "cpu": describe_cpu()}
+    int8.with_suffix(".metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m export int8", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, default=Path("models/livecell-unet.onnx"))
-    p.add_argument("--out", type=Path, default=Path("models/livecell-unet.int8.onnx"))
+    p.add_argument("--out", type=Path, required=True, help="the int8 file to write, e.g. outputs/livecell-unet.int8.onnx")
     p.add_argument("--data", type=Path, default=default_data_root())
     p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor (default: per channel)")
     p.add_argument("--calibration-images", type=int, default=Int8Recipe.calibration_images)
     p.add_argument("--method", choices=METHODS, default=Int8Recipe.method)
     p.add_argument("--keep-head-fp32", action="store_true")
+    p.add_argument("--full-range-weights", action="store_true",
+                   help="8-bit weights (default: 7-bit, exact on CPUs without VNNI; see Int8Recipe.reduce_range)")
+    p.add_argument("--evaluate", action="store_true",
+                   help="also score it on the validation split and write <out stem>.metrics.json beside it")
+    p.add_argument("--card", type=Path, help="a model card whose '## int8 variant' section to rewrite (with --evaluate)")
     args = p.parse_args(argv)
-    recipe = Int8Recipe(not args.per_tensor, args.calibration_images, args.method, args.keep_head_fp32)
+    recipe = Int8Recipe(not args.per_tensor, args.calibration_images, args.method, args.keep_head_fp32,
+                        reduce_range=not args.full_range_weights)
     quantize(args.model, args.out, calibration_images(args.data, recipe.calibration_images), recipe)
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB) with {recipe.to_dict()}")
+    if args.evaluate:
+        from cellseg.evaluate import format_table
+
+        metrics = evaluate_int8(args.out, args.data)
+        print(format_table(metrics))
+        if args.card:
+            from cellseg.variants import variant_metrics
+            from export.model_card import replace_int8_section
+
+            replace_int8_section(args.card, int8_summary(args.out, recipe, metrics), variant_metrics(args.model))
+            print(f"rewrote the int8 section of {args.card}")
     return 0
 
 

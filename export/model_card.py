@@ -79,17 +79,37 @@ def _int8_text(int8: dict | None, fp32_metrics: dict | None) -> str:
     recipe = int8.get("recipe") or {}
     how = ", ".join(f"{k} {v}" for k, v in recipe.items()) if recipe else "static QDQ"
     text = (f"\n## int8 variant\n`{int8['file']}` — {int8['mb']} MB, static QDQ quantisation ({how}; "
-            f"`python -m export int8`, recipe chosen in docs/int8_comparison.json), sha256 `{int8['sha256']}`.\n")
+            f"`python -m export int8`, recipe chosen in docs/int8_comparison.json: the one as accurate on CPUs "
+            f"without VNNI as with it), sha256 `{int8['sha256']}`.\n")
     if int8.get("metrics") and fp32_metrics:
         q = int8["metrics"]
         compared = ", ".join(f"{k} {q[k]:.4f} (fp32 {fp32_metrics[k]:.4f})" for k in ("foreground_iou", "ap50", "msa"))
         text += f"Validation, same split and post-processing: {compared}.\n"
         from cellseg.variants import INT8_TOLERANCE, default_precision
 
-        chosen = default_precision(fp32_metrics, q)
-        text += (f"**Served by default: {chosen}** (int8 is the default where its AP50 and mSA are each within "
-                 f"{INT8_TOLERANCE} of fp32; `CELLSEG_PRECISION=fp32|int8` overrides).\n\n{_metrics_table(q)}\n")
+        measured = f" on {q['cpu']}" if q.get("cpu") else ""
+        if recipe.get("reduce_range"):
+            text += ("Its 7-bit weights keep the int8 kernels' 16-bit sums of CPUs without VNNI (AVX2, AVX-512 without "
+                     "VNNI) from saturating, so it gives the same cells there as with VNNI or AMX: its validation "
+                     "figures on an emulated AVX2 CPU are the same to the last digit (docs/METRICS.md, \"int8 across "
+                     "CPUs\").\n")
+        if default_precision(fp32_metrics, q) == "int8":
+            text += (f"Its AP50 and mSA are each within {INT8_TOLERANCE} of fp32's{measured}, so int8 **may** answer "
+                     "by default; each machine that loads it runs int8 only where, on its own CPU, int8's cells agree "
+                     "with fp32's on the reference images and it is faster (`cellseg/precision.py`), and says which "
+                     "precision answers and why. `CELLSEG_PRECISION=fp32|int8` forces one.\n")
+        else:
+            text += f"**fp32 answers by default**: int8 is not within {INT8_TOLERANCE} AP50 and mSA of fp32{measured}.\n"
+        text += f"\n{_metrics_table(q)}\n"
     return text
+
+
+def replace_int8_section(card: Path, int8: dict, fp32_metrics: dict) -> None:
+    """Rewrite the '## int8 variant' section of a model card (after `python -m export int8`), up to the next section."""
+    text = card.read_text()
+    start = text.index("\n## int8 variant\n")
+    end = text.index("\n## ", start + 1)
+    card.write_text(text[:start] + _int8_text(int8, fp32_metrics) + text[end:])
 
 
 def write_model_card(path: Path, onnx_path: Path, meta: dict, sha256: str, export_command: str,

@@ -18,7 +18,7 @@ from cellseg.onnx_model import METADATA_KEY, OnnxModel, sha256_file
 from cellseg.postprocess import PostprocessParams
 from cellseg.preprocess import NORMALIZATION, SIZE_DIVISOR, normalize
 from cellseg.targets import BOUNDARY_WIDTH, OUTPUT_CHANNELS
-from export.int8 import Int8Recipe, calibration_images, quantize
+from export.int8 import Int8Recipe, calibration_images, int8_summary, quantize
 from export.model_card import write_model_card
 from train.model import WithSigmoid, load_checkpoint, save_weights
 
@@ -185,22 +185,20 @@ def main(argv=None) -> int:
     # The learning curve (loss and validation metrics per epoch) ships with the model as evidence.
     args.out.with_suffix(".history.json").write_text(json.dumps(checkpoint["history"], indent=1))
 
-    int8_summary = None
+    summary = None
     if args.int8:
         int8 = args.out.with_suffix(".int8.onnx")
         recipe = Int8Recipe()
         quantize(args.out, int8, calibration_images(args.data, recipe.calibration_images), recipe)
         qmetrics = None if args.no_eval else evaluate_segmentations(
             samples, OnnxModel(int8).segment(images, PostprocessParams(**config["postprocess"])))
-        int8_summary = {"file": int8.name, "mb": round(int8.stat().st_size / 1e6, 1), "sha256": sha256_file(int8),
-                        "recipe": recipe.to_dict(),
-                        "metrics": qmetrics and {k: v for k, v in qmetrics.items() if k != "per_image"}}
-        print(f"int8 model {int8} ({int8_summary['mb']} MB):")
+        summary = int8_summary(int8, recipe, qmetrics)
+        print(f"int8 model {int8} ({summary['mb']} MB):")
         if qmetrics:
             print(format_table(qmetrics))
             int8.with_suffix(".metrics.json").write_text(json.dumps(qmetrics, indent=2))
     card = args.card or args.out.parent / "MODEL_CARD.md"
     sha256 = sha256_file(args.out)
-    write_model_card(card, args.out, metadata, sha256, " ".join(["python -m export", *(argv or [])]), int8_summary)
+    write_model_card(card, args.out, metadata, sha256, " ".join(["python -m export", *(argv or [])]), summary)
     print(f"metadata written into {args.out}; model card {card}; sha256 {sha256}")
     return 0

@@ -37,11 +37,11 @@ from cellseg.preprocess import normalize  # noqa: E402
 from export.int8 import Int8Recipe, calibration_images, quantize  # noqa: E402
 
 RECIPES = {
-    "U8S8 (shipped before)": Int8Recipe(),
-    "U8S8, 7-bit weights": Int8Recipe(reduce_range=True),
-    "U8U8": Int8Recipe(weights="uint8"),
-    "S8S8": Int8Recipe(activations="int8"),
-    "U8S8, stem+head fp32": Int8Recipe(keep_head_fp32=True),
+    "U8S8 (shipped before)": Int8Recipe(reduce_range=False),
+    "U8S8, 7-bit weights (shipped)": Int8Recipe(),
+    "U8U8": Int8Recipe(reduce_range=False, weights="uint8"),
+    "S8S8": Int8Recipe(reduce_range=False, activations="int8"),
+    "U8S8, stem+head fp32": Int8Recipe(reduce_range=False, keep_head_fp32=True),
 }
 TOLERANCE = 0.01
 KEYS = ("ap50", "msa", "foreground_iou")

@@ -170,3 +170,16 @@ def test_int8_kernels_are_named_from_the_cpu_flags():
     assert int8_kernels({"avx2", "fma"}) == "AVX2 without VNNI" and not has_vnni({"avx2", "fma"})
     assert has_vnni({"avx2", "avx512bw", "avx512_vnni"})
     assert describe_cpu().endswith(int8_kernels())
+
+
+def test_shipped_int8_weights_are_7_bit(model_path):
+    """The recipe that holds without VNNI: every int8 weight in -64..64, so a pair of uint8 x int8
+    products (2 x 255 x 64 = 32640 < 32768) fits the 16-bit sums of AVX2 kernels; the file records the recipe."""
+    from cellseg.onnx_model import read_metadata
+    from export.int8 import Int8Recipe
+
+    int8 = model_path.with_suffix(".int8.onnx")
+    weights = [onnx.numpy_helper.to_array(t) for t in onnx.load(str(int8)).graph.initializer
+               if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]
+    assert len(weights) > 20 and all(w.min() >= -64 and w.max() <= 64 for w in weights)
+    assert Int8Recipe().reduce_range and read_metadata(int8)["quantization"]["reduce_range"] is True
