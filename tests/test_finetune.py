@@ -106,3 +106,68 @@ def test_a_two_minute_finetune_registers_serves_and_evaluates(tmp_path, data_roo
         assert answer.json()["params"]["fg_threshold"] == results["postprocess"]["fg_threshold"]
     finally:
         stop_server(proc)
+
+
+def annotated_folder(root):
+    """One tiny annotated image (X.png + X_masks.png), enough for the checks that come before training."""
+    from PIL import Image
+
+    folder = root / "lab"
+    folder.mkdir()
+    Image.fromarray(np.full((64, 64), 80, np.uint8)).save(folder / "a.png")
+    mask = np.zeros((64, 64), np.uint16)
+    mask[10:30, 10:30] = 1
+    Image.fromarray(mask).save(folder / "a_masks.png")
+    return folder
+
+
+@pytest.mark.parametrize("where", ["models", "input", "inside_input_parent", "non_empty"])
+def test_out_never_overwrites_the_shipped_models_the_inputs_or_a_full_folder(tmp_path, where, capsys):
+    """Issue 27 (8): --out models overwrote the shipped MODEL_CARD.md; --out the input folder or a
+    non-empty folder was written over silently."""
+    from train.finetune import main
+
+    folder = annotated_folder(tmp_path)
+    out = {"models": REPO / "models", "input": folder, "inside_input_parent": tmp_path,
+           "non_empty": tmp_path / "full"}[where]
+    if where == "non_empty":
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+    card = (REPO / "models" / "MODEL_CARD.md").read_bytes()
+    assert main([str(folder), "--out", str(out), "--minutes", "1"]) == 2
+    error = capsys.readouterr().err
+    assert {"models": "shipped models/", "input": "holds the annotated images",
+            "inside_input_parent": "holds the annotated images", "non_empty": "is not empty"}[where] in error
+    assert (REPO / "models" / "MODEL_CARD.md").read_bytes() == card
+    if where == "non_empty":
+        assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+@pytest.mark.parametrize("option, value", [("--minutes", "0"), ("--minutes", "-1"), ("--minutes", "nan"),
+                                           ("--minutes", "inf"), ("--minutes", "1e9"), ("--batch-size", "0"),
+                                           ("--crop", "0"), ("--threads", "0"), ("--hold-out", "-1"),
+                                           ("--lr", "nan")])
+def test_impossible_settings_are_usage_errors_not_tracebacks(tmp_path, option, value, capsys):
+    """Issue 27 (13): these trained 0 steps, held back n-1 images or ended in a traceback."""
+    from train.finetune import parse_args
+
+    with pytest.raises(SystemExit) as exit_:
+        parse_args([str(tmp_path), "--out", str(tmp_path / "out"), option, value])
+    assert exit_.value.code == 2 and f"argument {option}" in capsys.readouterr().err
+
+
+def test_a_full_disk_leaves_no_half_written_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    import torch
+
+    from train.loop import save_checkpoint
+
+    def full_disk(obj, path):
+        open(path, "wb").write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError):
+        save_checkpoint(tmp_path / "finetune.pt", {})
+    assert list(tmp_path.iterdir()) == []

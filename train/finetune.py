@@ -54,6 +54,7 @@ from train.speed import choose_precision, describe_device, to_layout  # noqa: E4
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_BASE = REPO / "models" / "livecell-unet.safetensors"
 CHECKPOINT = "finetune.pt"
+EXIT_WRITE_FAILED = 4  # as `cellseg segment`: an output could not be written
 SUMMARY_KEYS = ("ap50", "ap75", "msa", "foreground_iou", "count_error")
 # Thresholds tried on the training images: the two that decide what is a cell and where one cell ends
 # (foreground, seed), and the hysteresis peak that stops thin processes seeding cells of their own.
@@ -64,28 +65,48 @@ class FinetuneError(ValueError):
     """The run cannot start: no image left to train on, no base weights, or no checkpoint to resume."""
 
 
+MAX_MINUTES = 7 * 24 * 60  # a week: beyond it a number is a typo, not a budget
+
+
+def _number(kind, low: float, high: float | None = None):
+    """An argparse type: a finite `kind` within [low, high], or a one-line error naming the bounds."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from None
+        if not np.isfinite(value) or value < low or (high is not None and value > high):
+            bounds = f"at least {low}" if high is None else f"between {low} and {high}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: give a value {bounds}")
+        return value
+    return parse
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m train finetune", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("annotated", nargs="+", type=Path, metavar="ANNOTATED",
                    help="annotated images: files or folders (label masks, Fiji ROI sets, QuPath GeoJSON, COCO)")
-    p.add_argument("--out", type=Path, required=True, help="folder for the model, its metrics and card")
+    p.add_argument("--out", type=Path, required=True,
+                   help="folder for the model, its metrics and card: new or empty (or --overwrite, or --resume)")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out, replacing its files")
     p.add_argument("--base", type=Path, default=DEFAULT_BASE,
                    help="weights to start from (.safetensors; default: the shipped model's)")
-    p.add_argument("--minutes", type=float, default=10.0, help="training time budget, wall clock (default 10)")
+    p.add_argument("--minutes", type=_number(float, 0.05, MAX_MINUTES), default=10.0,
+                   help="training time budget, wall clock (default 10)")
     p.add_argument("--name", default="cellseg-finetuned", help="model name (metadata, model store, page)")
-    p.add_argument("--hold-out", type=int, default=None,
+    p.add_argument("--hold-out", type=_number(int, 0), default=None,
                    help="images held back to measure before/after (default: one in five, at least one when "
                         "there are three or more images, none below three)")
-    p.add_argument("--crop", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (a third of training's)")
+    p.add_argument("--crop", type=_number(int, 32, 2048), default=256)
+    p.add_argument("--batch-size", type=_number(int, 1, 512), default=8)
+    p.add_argument("--lr", type=_number(float, 1e-7, 1.0), default=3e-4, help="peak learning rate (a third of training's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                    help="keep NCHW layout (channels_last with bf16 is about 2x faster on CPUs, docs/BENCHMARKS.md)")
-    p.add_argument("--threads", type=int, default=max(1, os.cpu_count() or 1))
+    p.add_argument("--threads", type=_number(int, 1, 1024), default=max(1, os.cpu_count() or 1))
     p.add_argument("--resume", action="store_true", help=f"continue from DIR/{CHECKPOINT} within its budget")
     return p.parse_args(argv)
 
@@ -99,6 +120,24 @@ class Split:
     def measured_on(self) -> list[Sample]:
         """Where before/after is measured: the held-back images, or the training ones when none is."""
         return self.held_back or self.train
+
+
+def check_out(out: Path, inputs: list[Path], overwrite: bool) -> None:
+    """Refuse an --out that would overwrite what the run must not: the project's shipped models/, a
+    folder of the annotated inputs (or one holding them), or a non-empty folder without --overwrite."""
+    out = out.resolve()
+    if out == (REPO / "models").resolve():
+        raise FinetuneError(f"--out {out} is the project's shipped models/ folder: give a folder of your own, "
+                            "e.g. runs/my-lab")
+    for given in inputs:
+        folder = given.resolve() if given.is_dir() else given.resolve().parent
+        if out == folder or folder.is_relative_to(out):
+            raise FinetuneError(f"--out {out} holds the annotated images ({given}): give another folder")
+    if out.exists() and not out.is_dir():
+        raise FinetuneError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FinetuneError(f"--out {out} is not empty: give a new folder, --overwrite to replace its files, or "
+                            "--resume to continue the run in it")
 
 
 def split_held_back(samples: list[Sample], seed: int, hold_out: int | None = None) -> Split:
@@ -207,6 +246,7 @@ def main(argv=None) -> int:
         split = split_held_back(samples, args.seed, args.hold_out)
         if args.resume and not (args.out / CHECKPOINT).is_file():
             raise FinetuneError(f"--resume: no {CHECKPOINT} in {args.out}")
+        check_out(args.out, args.annotated, args.overwrite or args.resume)
         if not args.base.is_file():
             raise FinetuneError(f"base weights not found: {args.base}")
     except (FinetuneError, AnnotationError, OSError, ValueError) as exc:
@@ -214,7 +254,17 @@ def main(argv=None) -> int:
         return 2
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+        return run(args, command, samples, split)
+    except OSError as exc:  # a full disk, a read-only folder: one line; the last checkpoint stays for --resume
+        print(f"python -m train finetune: error: could not write {exc.filename or args.out}: "
+              f"{exc.strerror or exc}; fix it and run the same command with --resume", file=sys.stderr)
+        return EXIT_WRITE_FAILED
+
+
+def run(args: argparse.Namespace, command: str, samples: list[Sample], split: Split) -> int:
+    """Measure, train, pick thresholds, export and measure again (the module's steps 1-4)."""
     started = time.time()
     print(f"{len(samples)} annotated images: training on {len(split.train)}, measuring on "
           f"{len(split.held_back)} held back{'' if split.held_back else ' (none: measured on the training images)'}; "

@@ -59,8 +59,12 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images:
 def save_checkpoint(path: Path, checkpoint: dict) -> None:
     """torch.save to `path`.tmp, then renamed over `path`: a kill never leaves half a checkpoint."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, a kill: no half-written file stays behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def lr_factor(step: int, total: int, warmup: int, progress: float | None = None) -> float:
