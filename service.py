@@ -78,7 +78,7 @@ from cellseg.upload_guard import UploadGuard
 
 logger = logging.getLogger("cellseg.service")
 configure_allocator()  # image-sized arrays go back to the system after a request: see cellseg/memory.py
-MODEL_TAG = os.environ.get("CELLSEG_MODEL_TAG", "livecell-unet:latest")
+MODEL_TAG = os.environ.get("CELLSEG_MODEL_TAG") or "livecell-unet:latest"  # set but empty: the default too
 # Which variant of the registered model the network runs: auto (default), fp32 or int8. auto runs int8
 # only where its validation accuracy was within 0.01 AP50 and mSA of fp32 (the model's metadata) and,
 # checked at startup on this CPU, its cells agree with fp32's and it is faster (cellseg/precision.py).

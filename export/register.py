@@ -5,14 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 from pathlib import Path
 
-from cellseg.onnx_model import default_model_path, read_metadata, sha256_file
+from cellseg.onnx_model import DEFAULT_MODEL, default_model_path, read_metadata, sha256_file
 from cellseg.variants import INT8_TOLERANCE, default_precision, variant_metrics
 
 MODEL_NAME = "livecell-unet"
+SHIPPED_MODEL = DEFAULT_MODEL  # the only file that may be registered as MODEL_NAME
 MODEL_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
+
+
 def find_registered(sha256: str, name: str = MODEL_NAME, int8_sha256: str | None = None):
     """The stored model of this name whose files have these sha256s, if any."""
     import bentoml
@@ -80,22 +84,82 @@ def register(path: Path, name: str = MODEL_NAME, int8: Path | None = None):
     return bentoml.models.get(model.tag), True
 
 
+class RegisterError(ValueError):
+    """The model cannot be registered as asked: one line says why."""
+
+
+def check_name(name: str) -> str:
+    """A model-store name as BentoML accepts it (no version: the store gives one)."""
+    from bentoml._internal.tag import validate_tag_str
+
+    if ":" in name:
+        raise RegisterError(f"--name {name!r}: give a name without ':' (the store gives each registration a version)")
+    try:
+        validate_tag_str(name)
+    except ValueError:
+        raise RegisterError(f"--name {name!r}: use 1-63 letters, digits, '-', '_' or '.', starting and ending with a "
+                            "letter or digit") from None
+    return name.lower()
+
+
+def check_model_file(path: Path, what: str = "--model") -> None:
+    """An ONNX file of this project's network: one grayscale input (N, 1, H, W) and three output maps
+    (N, 3, H, W); anything else would register, serve and answer 500 to every request."""
+    import onnx
+
+    if not path.is_file():
+        raise RegisterError(f"{what} {path}: no such file")
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as exc:  # noqa: BLE001  (protobuf raises several kinds)
+        raise RegisterError(f"{what} {path} is not an ONNX file ({type(exc).__name__})") from None
+
+    def dims(value) -> list:
+        return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in value.type.tensor_type.shape.dim]
+
+    inputs = [i for i in graph.input if i.name not in {t.name for t in graph.initializer}]
+    if len(inputs) != 1 or len(graph.output) != 1 or len(dims(inputs[0])) != 4 or dims(inputs[0])[1] != 1 \
+            or len(dims(graph.output[0])) != 4 or dims(graph.output[0])[1] != 3:
+        shapes = [dims(i) for i in inputs], [dims(o) for o in graph.output]
+        raise RegisterError(f"{what} {path} is not a cellseg network (inputs {shapes[0]}, outputs {shapes[1]}; "
+                            "expected one (N, 1, H, W) input and one (N, 3, H, W) output)")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m export register", description=__doc__)
     p.add_argument("--model", type=Path, default=default_model_path(), help="ONNX file to register")
     p.add_argument("--int8", type=Path, default=None,
                    help="its int8 variant (default: <model>.int8.onnx beside it, if present)")
     p.add_argument("--no-int8", action="store_true", help="register the fp32 model alone")
-    p.add_argument("--name", default=MODEL_NAME)
+    p.add_argument("--name", default=None,
+                   help=f"model-store name (default {MODEL_NAME}, which only the shipped model may take: it is what "
+                        "the service serves by default)")
     args = p.parse_args(argv)
+    try:
+        model, created = register_checked(args)
+    except RegisterError as exc:
+        print(f"python -m export register: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary(model, created)))
+    return 0
+
+
+def register_checked(args: argparse.Namespace):
+    """`register` after checking the name and the files (RegisterError names what is wrong)."""
+    check_model_file(args.model)
+    name = check_name(MODEL_NAME if args.name is None else args.name)
+    if name == MODEL_NAME and sha256_file(args.model) != sha256_file(SHIPPED_MODEL):
+        raise RegisterError(f"{args.model} is not the shipped model: register it under a name of its own "
+                            f"(--name my-lab), so that {MODEL_NAME}:latest, which the service serves by default, "
+                            "stays the shipped model")
     int8 = None if args.no_int8 else (args.int8 or args.model.with_suffix(".int8.onnx"))
     if int8 is not None and not int8.is_file():
         if args.int8:
-            raise SystemExit(f"int8 model not found: {int8}")
+            raise RegisterError(f"--int8 {int8}: no such file")
         int8 = None
-    model, created = register(args.model, args.name, int8)
-    print(json.dumps(summary(model, created)))
-    return 0
+    if int8 is not None:
+        check_model_file(int8, "--int8")
+    return register(args.model, name, int8)
 
 
 def summary(model, created: bool) -> dict:

@@ -171,3 +171,60 @@ def test_batch_jobs_default_to_the_shipped_model_and_choose_its_precision_here(m
     args = build_parser().parse_args(["segment", "x.tif", "--out", "o"])
     assert args.model == model_path and args.precision is None
     assert choose_for_model(args.model).path == choose_precision(model_path).path
+
+
+@pytest.mark.parametrize("name", ["../x", "", " ", "a b", "x" * 300, "细胞", "a:b:c", "livecell-unet:v1", "-x"])
+def test_register_refuses_hostile_names_in_one_line(name, model_path, monkeypatch, capsys):
+    """Issue 27 (14): these gave tracebacks; 'livecell-unet:v1' registered as livecell-unet:latest."""
+    import export.register as register
+
+    monkeypatch.setattr(register, "register", lambda *a: pytest.fail("nothing may be registered"))
+    assert register.main(["--model", str(model_path), f"--name={name}"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("python -m export register: error: --name") and error.count("\n") == 1
+
+
+def test_only_the_shipped_model_takes_the_default_name(tmp_path, model_path, monkeypatch, capsys):
+    """Issue 27 (9): a fine-tuned model registered without --name became livecell-unet:latest, what the
+    service serves by default."""
+    import onnx
+
+    import export.register as register
+
+    calls = []
+    monkeypatch.setattr(register, "register", lambda path, name, int8: calls.append(name) or (None, True))
+    monkeypatch.setattr(register, "summary", lambda model, created: {})
+    other = tmp_path / "lab.onnx"
+    model = onnx.load(str(model_path))
+    model.doc_string = "fine-tuned elsewhere"  # another file, the same network
+    onnx.save(model, str(other))
+    assert register.main(["--model", str(other)]) == 2
+    assert "not the shipped model" in capsys.readouterr().err and calls == []
+    assert register.main(["--model", str(other), "--name", "lab"]) == 0 and calls == ["lab"]
+    assert register.main(["--model", str(model_path)]) == 0 and calls == ["lab", "livecell-unet"]
+
+
+def test_register_refuses_missing_foreign_and_non_onnx_files(tmp_path, monkeypatch, capsys):
+    import onnx
+    from onnx import TensorProto, helper
+
+    import export.register as register
+
+    monkeypatch.setattr(register, "register", lambda *a: pytest.fail("nothing may be registered"))
+    (tmp_path / "text.onnx").write_text("not a model")
+    rgb = helper.make_model(helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "rgb",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, "h", "w"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3, "h", "w"])]))
+    onnx.save(rgb, str(tmp_path / "rgb.onnx"))
+    for path, says in ((tmp_path / "missing.onnx", "no such file"), (tmp_path / "text.onnx", "is not an ONNX file"),
+                       (tmp_path / "rgb.onnx", "is not a cellseg network")):
+        assert register.main(["--model", str(path), "--name", "x"]) == 2
+        assert says in capsys.readouterr().err
+
+
+def test_an_empty_model_tag_means_the_default():
+    """Issue 27 (14): CELLSEG_MODEL_TAG="" gave a 69-line traceback at startup."""
+    run = subprocess.run([sys.executable, "-c", "import service; print(service.MODEL_TAG)"], cwd=REPO, text=True,
+                         env={**os.environ, "CELLSEG_MODEL_TAG": ""}, capture_output=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "livecell-unet:latest", run.stderr[-1000:]
