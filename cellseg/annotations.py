@@ -74,6 +74,12 @@ MASK_STEM_ENDINGS = ("_cp_masks", "_masks", "_labels")  # longest first: X_cp_ma
 ROI_ENDINGS = (".zip", "_roiset.zip", ".roi")
 GEOJSON_ENDING = ".geojson"
 MAX_ROI_BYTES = 64 * 2**20  # one ROI in a set; a real one is kilobytes, so more is a damaged (or hostile) zip
+# Bounds that keep reading any annotation within memory and time. A LIVECell or Sartorius image holds
+# at most a few thousand cells and its cells cover it about once; beyond these, a file is not cell
+# outlines (a mask whose every pixel is its own label, hundreds of full-frame shapes).
+MAX_CELLS_PER_IMAGE = 65_535  # as many as a 16-bit label image holds
+MAX_COVERAGE = 64  # the cells' bounding boxes may cover the image at most this many times over
+MAX_COORDINATE = 1e7  # |x|, |y| of any vertex, in pixels: beyond it a coordinate is damage, not an image
 
 LABEL_MASK, IMAGEJ_ROI, QUPATH_GEOJSON, COCO_JSON = "label-mask", "imagej-roi", "qupath-geojson", "coco-json"
 LAB_SOURCE = "lab"
@@ -317,6 +323,10 @@ class _Scan:
     def add_coco(self, json_path: Path, dataset: dict, base: Path) -> list[Path]:
         """Samples of every image a COCO file (parsed as `dataset`) names; returns their resolved paths."""
         coco = _coco_index(json_path, dataset)
+        orphans = sorted({str(a.get("image_id")) for a in coco.anns.values()} - {str(i) for i in coco.imgs})
+        if orphans:
+            raise AnnotationError(f"{json_path} has annotations of image_id {_printable(', '.join(orphans[:5]))}, which "
+                                  "its 'images' list does not hold")
         read = []
         for image_id in sorted(coco.imgs):
             entry = coco.imgs[image_id]
@@ -329,7 +339,7 @@ class _Scan:
                 raise AnnotationError(f"{json_path} says {entry['file_name']} is {entry['width']}x{entry['height']}, "
                                       f"but {image} is {width}x{height}")
             note = AnnotatedImage(self.new_id(image, base), image, json_path, COCO_JSON)
-            cells = coco_cells(coco, image_id, note)
+            cells = coco_cells(coco, image_id, height, width, json_path, note)
             self.add_sample(image, paint_cells(cells, (height, width), note), note)
         return read
 
@@ -378,48 +388,83 @@ def _bytes_rles(rles: list[dict]) -> list[dict]:
 # --- cells to labels ------------------------------------------------------------------------------
 
 
-@dataclass
-class CellMask:
-    """One cell's pixels: a boolean window of the image whose top-left pixel is (top, left)."""
-
-    top: int
-    left: int
-    mask: np.ndarray
-
-    def window(self) -> tuple[slice, slice]:
-        return (slice(self.top, self.top + self.mask.shape[0]), slice(self.left, self.left + self.mask.shape[1]))
-
-
-def paint_cells(cells: Sequence[CellMask], shape: tuple[int, int], note: AnnotatedImage) -> np.ndarray:
-    """int32 labels 1..N in the annotation's order; where cells overlap the smaller one keeps the pixels
-    (largest painted first). Overlaps and wholly covered cells are counted in `note`."""
-    labels = np.zeros(shape, dtype=np.int32)
-    claims = np.zeros(shape, dtype=np.int32)
-    for cell in cells:
-        claims[cell.window()] += cell.mask
-    areas = np.array([cell.mask.sum() for cell in cells])
-    for index in np.argsort(-areas, kind="stable"):
-        cell = cells[index]
-        labels[cell.window()][cell.mask] = index + 1
-    shared = claims > 1
-    note.overlap_pixels = int(shared.sum())
-    note.overlapping_cells = sum(bool(shared[cell.window()][cell.mask].any()) for cell in cells)
-    labels = relabel_sequential(labels)
-    note.cells = int(labels.max(initial=0))
-    note.hidden_cells = len(cells) - note.cells
-    return labels
-
-
 Fill = Callable[[int, int, tuple[int, int]], np.ndarray]  # (top, left, window shape) -> mask
 
 
+@dataclass
+class Cell:
+    """One annotated cell before painting: its pixel window (cut at the image edge) and how to fill it.
+    Its pixels are made when asked, so a file's cells never all hold image-sized masks at once."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+    fill: Fill
+    clipped: bool = False  # its shape reaches beyond the image edge
+
+    def window(self) -> tuple[slice, slice]:
+        return (slice(self.top, self.top + self.height), slice(self.left, self.left + self.width))
+
+    def pixels(self) -> np.ndarray:
+        return self.fill(self.top, self.left, (self.height, self.width))
+
+
+def paint_cells(cells: Sequence[Cell], shape: tuple[int, int], note: AnnotatedImage) -> np.ndarray:
+    """int32 labels 1..N in the annotation's order; where cells overlap the smaller one keeps the pixels
+    (largest painted first). Overlaps and wholly covered cells are counted in `note`. Two passes over
+    the cells, one cell's pixels at a time: memory stays at two image-sized arrays whatever the file
+    holds, and time at the cells' windows, which MAX_COVERAGE bounds."""
+    _check_cell_count(len(cells), note.annotation)
+    windows = sum(cell.height * cell.width for cell in cells)
+    if windows > MAX_COVERAGE * shape[0] * shape[1]:
+        raise AnnotationError(f"{note.annotation}: its {len(cells):,} shapes cover the {shape[1]}x{shape[0]} image "
+                              f"{windows / (shape[0] * shape[1]):,.0f} times over (at most {MAX_COVERAGE}): these are "
+                              "not cell outlines")
+    claims = np.zeros(shape, dtype=np.int32)
+    kept, areas = [], []
+    for cell in cells:
+        pixels = cell.pixels()
+        area = int(pixels.sum())
+        if not area:
+            note.empty_shapes += 1  # too thin to hold a pixel centre
+            continue
+        note.clipped_cells += cell.clipped
+        claims[cell.window()] += pixels
+        kept.append(cell)
+        areas.append(area)
+    shared = claims > 1
+    del claims
+    labels = np.zeros(shape, dtype=np.int32)
+    note.overlapping_cells = 0
+    for index in np.argsort(-np.array(areas, dtype=np.int64), kind="stable"):
+        cell = kept[index]
+        pixels = cell.pixels()
+        labels[cell.window()][pixels] = index + 1
+        note.overlapping_cells += bool(shared[cell.window()][pixels].any())
+    note.overlap_pixels = int(shared.sum())
+    labels = relabel_sequential(labels)
+    note.cells = int(labels.max(initial=0))
+    note.hidden_cells = len(kept) - note.cells
+    return labels
+
+
+def _check_cell_count(count: int, path: Path) -> None:
+    if count > MAX_CELLS_PER_IMAGE:
+        raise AnnotationError(f"{path}: {count:,} cells in one image, over the {MAX_CELLS_PER_IMAGE:,} an annotation "
+                              "here may hold (a label image with that many values is not one cell per label)")
+
+
 def rasterise(bounds: tuple[float, float, float, float], fill: Fill, shape: tuple[int, int], what: str,
-              note: AnnotatedImage) -> CellMask | None:
-    """Pixels of a shape with corner-origin `bounds` (x0, y0, x1, y1) whose centres `fill` marks, cut
-    at the image edge. None (counted) for a shape that holds no pixel centre; an error for one wholly
-    outside the image."""
+              note: AnnotatedImage) -> Cell | None:
+    """A shape with corner-origin `bounds` (x0, y0, x1, y1), whose pixel centres `fill` marks, as a
+    Cell cut at the image edge. None (counted) for a shape too thin to hold a pixel centre; an error
+    for one wholly outside the image or with coordinates that are not finite, sane numbers."""
     x0, y0, x1, y1 = bounds
     height, width = shape
+    if not all(np.isfinite(v) and abs(v) <= MAX_COORDINATE for v in bounds):
+        raise AnnotationError(f"{what} has a vertex at x {x0:g}..{x1:g}, y {y0:g}..{y1:g}: coordinates must be finite "
+                              f"numbers within ±{MAX_COORDINATE:g} pixels")
     if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
         raise AnnotationError(f"{what} lies wholly outside the {width}x{height} image "
                               f"(x {x0:g}..{x1:g}, y {y0:g}..{y1:g})")
@@ -428,25 +473,39 @@ def rasterise(bounds: tuple[float, float, float, float], fill: Fill, shape: tupl
     cols = (int(np.floor(x0 + 0.5)), int(np.ceil(x1 - 0.5)))
     top, bottom = max(rows[0], 0), min(rows[1], height)
     left, right = max(cols[0], 0), min(cols[1], width)
-    mask = fill(top, left, (bottom - top, right - left)) if bottom > top and right > left else np.zeros((0, 0), bool)
-    if not mask.any():
+    if bottom <= top or right <= left:
         note.empty_shapes += 1
         return None
-    note.clipped_cells += int((top, bottom, left, right) != (*rows, *cols))
-    return CellMask(top, left, mask)
+    return Cell(top, left, bottom - top, right - left, fill, clipped=(top, bottom, left, right) != (*rows, *cols))
 
 
 def fill_rings(rings: Sequence[np.ndarray]) -> Fill:
     """Even-odd fill of (x, y) corner-origin rings by pixel centres (ImageJ's rule for polygons and
-    composite ROIs): pixel centres are integer points once the rings move by half a pixel."""
-    from skimage.draw import polygon2mask
+    composite ROIs), by scanlines: each edge is crossed with the pixel-centre rows it spans and the
+    crossings toggle the pixels to their right, so the time is the edges' rows plus the window's
+    pixels, not vertices times pixels (a 1,000,000-vertex ROI fills in a second)."""
+    rings = [r for r in (np.asarray(ring, dtype=np.float64).reshape(-1, 2) for ring in rings) if len(r) >= 3]
 
     def fill(top: int, left: int, window: tuple[int, int]) -> np.ndarray:
-        mask = np.zeros(window, bool)
+        height, width = window
+        toggles = np.zeros((height, width + 1), np.uint8)
         for ring in rings:
-            if len(ring) >= 3:
-                mask ^= polygon2mask(window, np.column_stack([ring[:, 1] - 0.5 - top, ring[:, 0] - 0.5 - left]))
-        return mask
+            x0, y0 = ring[:, 0], ring[:, 1]
+            x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
+            # rows r whose centre top + r + 0.5 lies in [min(y0, y1), max(y0, y1)): a vertex on a centre
+            # row is counted once where the ring passes through it and twice (no change) at a turn
+            first = np.clip(np.ceil(np.minimum(y0, y1) - 0.5 - top), 0, height).astype(np.int64)
+            stop = np.clip(np.ceil(np.maximum(y0, y1) - 0.5 - top), 0, height).astype(np.int64)
+            spans = stop - first
+            if not spans.sum():
+                continue
+            edge = np.repeat(np.arange(len(spans)), spans)
+            rows = np.arange(spans.sum()) - np.repeat(np.cumsum(spans) - spans, spans) + first[edge]
+            x = x0[edge] + (rows + top + 0.5 - y0[edge]) * (x1[edge] - x0[edge]) / (y1[edge] - y0[edge])
+            # the first pixel whose centre lies right of the crossing: c + left + 0.5 > x
+            cols = np.clip(np.floor(x - 0.5 - left) + 1, 0, width).astype(np.int64)
+            np.bitwise_xor.at(toggles, (rows, cols), 1)
+        return np.bitwise_xor.accumulate(toggles, axis=1)[:, :width].astype(bool)
 
     return fill
 
@@ -469,16 +528,12 @@ def fill_ellipse(bounds: tuple[float, float, float, float]) -> Fill:
 
 
 def fill_geometry(geometry) -> Fill:
-    """A shapely geometry (corner-origin) by pixel centres, as QuPath fills a GeoJSON polygon."""
+    """A valid shapely (Multi)Polygon (corner-origin) by pixel centres, as QuPath fills a GeoJSON
+    polygon: the even-odd fill of its shells and holes (for a valid polygon, its interior)."""
     import shapely
 
-    shapely.prepare(geometry)
-
-    def fill(top: int, left: int, window: tuple[int, int]) -> np.ndarray:
-        rows, cols = np.mgrid[: window[0], : window[1]]
-        return shapely.contains_xy(geometry, cols + left + 0.5, rows + top + 0.5)
-
-    return fill
+    rings = [np.asarray(ring.coords) for ring in shapely.get_rings(shapely.get_parts(geometry)).tolist()]
+    return fill_rings(rings)
 
 
 def _ring_bounds(rings: Iterable[np.ndarray]) -> tuple[float, float, float, float]:
@@ -505,6 +560,7 @@ def read_label_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
         raise AnnotationError(f"{path} holds negative values: a label mask needs 0 for background and 1, 2, ... for cells")
     foreground = values != 0
     cell_values = np.unique(values[foreground])
+    _check_cell_count(len(cell_values), path)
     if len(cell_values) == 1 and ndi.label(foreground)[1] > 1:
         raise AnnotationError(f"{path} looks like a binary mask (one value, {int(cell_values[0])}, over several separate "
                               "blobs): instance labels are needed, one value per cell, and connected components would "
@@ -541,11 +597,11 @@ def _decode_mask(path: Path) -> np.ndarray:
 # --- ImageJ / Fiji ROIs ---------------------------------------------------------------------------
 
 
-def read_roi_set(path: Path, shape: tuple[int, int], note: AnnotatedImage) -> list[CellMask]:
+def read_roi_set(path: Path, shape: tuple[int, int], note: AnnotatedImage) -> list[Cell]:
     """Cells of an ImageJ ROI set (.zip) or single ROI (.roi), in the file's order."""
     cells = []
     for entry, roi in _read_rois(path):
-        what = f"{path}: ROI {roi.name or entry!r}"
+        what = f"{path}: ROI '{_printable(roi.name or entry)}'"
         try:
             cell = _roi_cell(roi, shape, what, note)
         except (NotImplementedError, RuntimeError, ValueError) as exc:
@@ -568,9 +624,14 @@ def _read_rois(path: Path) -> list[tuple[str, object]]:
             for info in archive.infolist():
                 if info.is_dir() or not info.filename.lower().endswith(".roi") or _hidden(Path(info.filename)):
                     continue
+                name = _printable(info.filename)
                 if info.file_size > MAX_ROI_BYTES:
-                    raise AnnotationError(f"{path}: {info.filename} is {info.file_size:,} bytes, not an ImageJ ROI")
-                rois.append((info.filename, _roi_from_bytes(archive.read(info), path, info.filename)))
+                    raise AnnotationError(f"{path}: {name} is {info.file_size:,} bytes, not an ImageJ ROI")
+                with archive.open(info) as entry:  # the header's size may lie: read no more than the limit
+                    data = entry.read(MAX_ROI_BYTES + 1)
+                if len(data) > MAX_ROI_BYTES:
+                    raise AnnotationError(f"{path}: {name} inflates past {MAX_ROI_BYTES:,} bytes, not an ImageJ ROI")
+                rois.append((info.filename, _roi_from_bytes(data, path, name)))
         return rois
     except AnnotationError:
         raise
@@ -587,7 +648,7 @@ def _roi_from_bytes(data: bytes, path: Path, entry: str):
         raise AnnotationError(f"{path}: {entry} is not a readable ImageJ ROI ({exc})") from exc
 
 
-def _roi_cell(roi, shape: tuple[int, int], what: str, note: AnnotatedImage) -> CellMask | None:
+def _roi_cell(roi, shape: tuple[int, int], what: str, note: AnnotatedImage) -> Cell | None:
     from roifile import ROI_SUBTYPE, ROI_TYPE
 
     if roi.subtype in (ROI_SUBTYPE.TEXT, ROI_SUBTYPE.ARROW, ROI_SUBTYPE.IMAGE):
@@ -619,7 +680,7 @@ QUPATH_LEGACY_IDS = {"PathAnnotationObject": "annotation", "PathDetectionObject"
                      "PathCellObject": "cell", "PathTileObject": "tile", "TMACoreObject": "tma_core"}
 
 
-def read_geojson(path: Path, shape: tuple[int, int], note: AnnotatedImage) -> list[CellMask]:
+def read_geojson(path: Path, shape: tuple[int, int], note: AnnotatedImage) -> list[Cell]:
     """Cells of a QuPath GeoJSON export: the polygonal features (a cell's `geometry`, not its nucleus)."""
     features = _geojson_features(path)
     types = [_object_type(f) for f in features]
@@ -632,7 +693,7 @@ def read_geojson(path: Path, shape: tuple[int, int], note: AnnotatedImage) -> li
         if geometry is None or is_region or object_type not in QUPATH_OBJECT_TYPES:
             note.not_cells += 1
             continue
-        what = f"{path}: feature {feature.get('id') or number}"
+        what = f"{path}: feature {_printable(feature.get('id') or number)}"
         cell = rasterise(tuple(geometry.bounds), fill_geometry(geometry), shape, what, note)
         if cell is not None:
             cells.append(cell)
@@ -652,6 +713,8 @@ def _geojson_features(path: Path) -> list[dict]:
         document = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AnnotationError(f"{path} is not readable GeoJSON ({exc})") from exc
+    except RecursionError:
+        raise AnnotationError(f"{path}: its JSON is nested too deeply to be GeoJSON") from None
     if isinstance(document, dict) and document.get("type") == "FeatureCollection":
         document = document.get("features")
     elif isinstance(document, dict) and document.get("type") == "Feature":
@@ -668,10 +731,14 @@ def _polygonal(feature: dict, path: Path, number: int):
 
     if not feature.get("geometry"):
         return None
+    what = f"{path}: feature {_printable(feature.get('id') or number)}"
     try:
         geometry = to_shape(feature["geometry"])
+        coordinates = shapely.get_coordinates(geometry)
     except Exception as exc:  # shapely raises several types for malformed coordinates
-        raise AnnotationError(f"{path}: feature {feature.get('id') or number} has an unreadable geometry ({exc})") from exc
+        raise AnnotationError(f"{what} has an unreadable geometry ({_printable(str(exc))})") from exc
+    if not np.isfinite(coordinates).all() or (coordinates.size and np.abs(coordinates).max() > MAX_COORDINATE):
+        raise AnnotationError(f"{what}: coordinates must be finite numbers within ±{MAX_COORDINATE:g} pixels")
     if not geometry.is_valid:
         geometry = shapely.make_valid(geometry)
     polygons = [g for g in shapely.get_parts(geometry) if g.geom_type in ("Polygon", "MultiPolygon")]
@@ -694,6 +761,8 @@ def _coco_dataset(path: Path) -> dict | None:
         document = json.loads(path.read_bytes())
     except (OSError, ValueError):
         return None
+    except RecursionError:
+        raise AnnotationError(f"{path}: its JSON is nested too deeply to be an annotation file") from None
     return document if isinstance(document, dict) and "images" in document and "annotations" in document else None
 
 
@@ -709,6 +778,9 @@ def _coco_image_path(json_path: Path, entry: dict) -> Path:
     """An image a COCO file names, beside the file or in images/ beside it (by its path, then its name)."""
     name = Path(str(entry.get("file_name", "")))
     folder = json_path.parent
+    if name.is_absolute() or ".." in name.parts:
+        raise AnnotationError(f"{json_path} names the image {_printable(str(name))!r}: a COCO file_name must be a path "
+                              "inside the file's folder (no absolute path, no '..')")
     for candidate in (folder / name, folder / "images" / name, folder / name.name, folder / "images" / name.name):
         if name.name and candidate.is_file():
             return candidate
@@ -716,24 +788,89 @@ def _coco_image_path(json_path: Path, entry: dict) -> Path:
                           f"{folder / 'images'}")
 
 
-def coco_cells(coco, image_id: int, note: AnnotatedImage) -> list[CellMask]:
-    """Cells of one image of a COCO dataset (crowd regions are not cells)."""
+def coco_cells(coco, image_id: int, height: int, width: int, json_path: Path, note: AnnotatedImage) -> list[Cell]:
+    """Cells of one image of a COCO dataset (crowd regions are not cells), each checked first."""
     from pycocotools import mask as mask_utils
 
+    ann_ids = coco.getAnnIds(imgIds=[image_id], iscrowd=None)
+    _check_cell_count(len(ann_ids), json_path)
     cells = []
-    for ann_id in coco.getAnnIds(imgIds=[image_id], iscrowd=None):
+    for ann_id in ann_ids:
         annotation = coco.anns[ann_id]
         if annotation.get("iscrowd"):
             note.not_cells += 1
             continue
-        mask = mask_utils.decode(coco.annToRLE(annotation)).astype(bool)
-        window = ndi.find_objects(mask.astype(np.uint8))
-        if not window:
+        rle = coco_rle(annotation, height, width, f"{json_path}: annotation {_printable(ann_id)}")
+        x, y, w, h = (int(v) for v in mask_utils.toBbox(rle))
+        if not w or not h:
             note.empty_shapes += 1
             continue
-        rows, cols = window[0]
-        cells.append(CellMask(rows.start, cols.start, mask[rows, cols]))
+
+        def fill(top: int, left: int, window: tuple[int, int], rle=rle) -> np.ndarray:
+            return mask_utils.decode(rle)[top : top + window[0], left : left + window[1]].astype(bool)
+
+        cells.append(Cell(y, x, h, w, fill))
     return cells
+
+
+def coco_rle(annotation: dict, height: int, width: int, what: str) -> dict:
+    """The annotation's mask as a compressed RLE of the image's size, after checking that it is one:
+    pycocotools trusts its input (a NaN vertex or a 100000x100000 RLE exhausts memory, corrupt counts
+    write past the mask)."""
+    from pycocotools import mask as mask_utils
+
+    segmentation = annotation.get("segmentation")
+    usage = "a list of polygons [[x1, y1, x2, y2, ...], ...] or an RLE {size, counts}"
+    if isinstance(segmentation, list) and segmentation and all(isinstance(poly, list) for poly in segmentation):
+        for poly in segmentation:
+            try:
+                values = np.asarray(poly, dtype=np.float64)
+            except (TypeError, ValueError):
+                raise AnnotationError(f"{what}: a polygon holds something other than numbers") from None
+            if values.ndim != 1 or len(values) < 6 or len(values) % 2:
+                raise AnnotationError(f"{what}: a polygon needs an even count of at least 6 numbers (3 x, y points), "
+                                      f"got {values.size}")
+            if not np.isfinite(values).all() or np.abs(values).max() > MAX_COORDINATE:
+                raise AnnotationError(f"{what}: polygon coordinates must be finite numbers within ±{MAX_COORDINATE:g}")
+        return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    if isinstance(segmentation, dict) and "counts" in segmentation:
+        size, counts = segmentation.get("size"), segmentation["counts"]
+        if not isinstance(size, list) or [v for v in size] != [height, width]:
+            raise AnnotationError(f"{what}: its RLE is of size {_printable(size)}, but the image is [height, width] = "
+                                  f"[{height}, {width}]")
+        if isinstance(counts, str):
+            counts = _rle_string_counts(counts, what)
+        if not isinstance(counts, list) or not all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
+            raise AnnotationError(f"{what}: RLE counts must be a COCO string or a list of whole numbers")
+        if any(c < 0 for c in counts) or sum(counts) != height * width:
+            raise AnnotationError(f"{what}: RLE counts must be non-negative and add up to the image's {height * width:,} "
+                                  f"pixels (they add up to {sum(counts):,})")
+        return mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width)
+    raise AnnotationError(f"{what} has no usable segmentation ({_printable(segmentation)}): give {usage}")
+
+
+def _rle_string_counts(text: str, what: str) -> list[int]:
+    """The run lengths of a compressed COCO RLE string (pycocotools' rleFrString, checked as it reads)."""
+    data, counts, at = text.encode("ascii", "replace"), [], 0
+    while at < len(data):
+        value, shift, more = 0, 0, True
+        while more:
+            if at >= len(data) or shift > 60:
+                raise AnnotationError(f"{what}: its RLE string is truncated or damaged")
+            chunk = data[at] - 48
+            value |= (chunk & 0x1F) << shift
+            more, at, shift = bool(chunk & 0x20), at + 1, shift + 5
+            if not more and chunk & 0x10:
+                value |= -1 << shift
+        counts.append(value + (counts[-2] if len(counts) > 2 else 0))
+    return counts
+
+
+def _printable(value, limit: int = 80) -> str:
+    """A value from a file, safe to print: escapes (ANSI, newlines) shown as such, cut at `limit`."""
+    text = repr(value) if not isinstance(value, str) else value
+    text = text.encode("unicode_escape").decode("ascii")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 # is_data_root is cellseg.data's, re-exported (scan_annotated hands such folders to read_any)
