@@ -575,10 +575,15 @@ def _decode_mask(path: Path) -> np.ndarray:
     """The mask's values, decoded under the runtime's limits; a palette PNG gives its indices (labels),
     and a colour image whose channels are equal gives one channel."""
     data = path.read_bytes()
+    if not data.startswith((b"\x89PNG\r\n\x1a\n", b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")):
+        raise AnnotationError(f"{path} is not a PNG or TIFF file (whatever its name): a label mask must be stored "
+                              "losslessly, as a 16-bit PNG or a TIFF")
     try:
         values = decode_image(data)
     except ImageError as exc:
         raise AnnotationError(f"{path}: {exc}") from exc
+    if values.dtype.kind not in "uif":
+        raise AnnotationError(f"{path} holds {values.dtype} values: a label mask needs whole numbers")
     if values.ndim == 3 and values.shape[-1] in (3, 4):
         with Image.open(io.BytesIO(data)) as img:
             if img.mode == "P":

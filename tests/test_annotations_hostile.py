@@ -229,3 +229,17 @@ def test_roi_vertices_that_are_not_finite_sane_numbers_are_refused(tmp_path, val
     roiwrite(tmp_path / "a.roi", roi)
     line = one_line_error(scan([tmp_path / "a.png"]), "a.roi", "finite numbers")
     assert "\x1b" not in line and "evil\\x1b[31mname\\nnext" in line  # escapes shown, not obeyed
+
+
+def test_label_masks_that_are_jpeg_bytes_or_complex_values_are_refused(tmp_path):
+    """Item 16: JPEG bytes named _masks.png and complex-valued TIFF masks were silently accepted."""
+    import tifffile
+
+    write_image(tmp_path / "a.png", (64, 64))
+    labels = np.zeros((64, 64), np.uint8)
+    labels[10:20, 10:20] = 1
+    Image.fromarray(labels).save(tmp_path / "a_masks.png", format="JPEG")
+    one_line_error(scan([tmp_path]), "a_masks.png", "not a PNG or TIFF")
+    (tmp_path / "a_masks.png").unlink()
+    tifffile.imwrite(tmp_path / "a_masks.tif", labels.astype(np.complex64))
+    one_line_error(scan([tmp_path]), "a_masks.tif", "complex64")
