@@ -486,6 +486,8 @@ IMAGE_AXES = {"Y", "X", "S"}
 AXIS_NAMES = {"Z": "Z-slices", "C": "channels", "T": "frames", "I": "planes", "Q": "planes"}
 # Time units ImageJ (`tunit`, "sec" unless written) and OME (`TimeIncrementUnit`, "s" unless written)
 # use, in seconds. An interval in a unit not listed is left unknown rather than guessed.
+# A frame interval outside these is damage, not an experiment (it would make every time 0, or infinite).
+MIN_INTERVAL_S, MAX_INTERVAL_S = 1e-6, 1e8
 SECONDS_PER_UNIT = {"s": 1.0, "sec": 1.0, "second": 1.0, "seconds": 1.0, "ms": 1e-3, "µs": 1e-6, "us": 1e-6,
                     "min": 60.0, "minute": 60.0, "minutes": 60.0, "h": 3600.0, "hr": 3600.0, "hour": 3600.0,
                     "hours": 3600.0, "d": 86400.0, "day": 86400.0, "days": 86400.0}
@@ -622,9 +624,10 @@ def _seconds(value: object, unit: object) -> float | None:
     except (TypeError, ValueError):
         return None
     factor = SECONDS_PER_UNIT.get(str(unit).strip().lower())
-    if factor is None or not np.isfinite(number) or number <= 0:
+    if factor is None:
         return None
-    return number * factor
+    seconds = number * factor  # checked after the conversion: 1e308 days is not finite in seconds
+    return seconds if np.isfinite(seconds) and MIN_INTERVAL_S <= seconds <= MAX_INTERVAL_S else None
 
 
 def _check_tiff_page(page: tifffile.TiffPage, max_pixels: int) -> None:

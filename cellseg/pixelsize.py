@@ -150,6 +150,19 @@ def _sane(x_um: float, y_um: float, source: str) -> PixelSize | None:
     return PixelSize(float(f"{x_um:.9g}"), float(f"{y_um:.9g}"), source)
 
 
+def _resolution(page: tifffile.TiffPage) -> tuple[float, float] | None:
+    """Pixels per unit in X and Y from the page's rational tags; None where either is missing or n/0.
+    (tifffile reads n/0 as n and a missing tag as 1: a made-up calibration.)"""
+    values = []
+    for code in (282, 283):  # XResolution, YResolution
+        tag = page.tags.get(code)
+        value = tag.value if tag is not None else None
+        if not (isinstance(value, tuple) and len(value) == 2 and value[1]):
+            return None
+        values.append(value[0] / value[1])
+    return values[0], values[1]
+
+
 def _per_resolution(unit_um: float | None, pixels_per_unit: float) -> float | None:
     if unit_um is None or not pixels_per_unit or not math.isfinite(pixels_per_unit):
         return None
@@ -172,7 +185,10 @@ def _imagej_pixel_size(tif: tifffile.TiffFile) -> PixelSize | None:
     metadata = tif.imagej_metadata
     if not metadata or "unit" not in metadata:
         return None
-    x_res, y_res = tif.pages.first.resolution
+    resolution = _resolution(tif.pages.first)
+    if resolution is None:
+        return None
+    x_res, y_res = resolution
     x_um = _per_resolution(_um_per_unit(metadata["unit"]), x_res)
     y_um = _per_resolution(_um_per_unit(metadata.get("yunit", metadata["unit"])), y_res)
     return None if x_um is None or y_um is None else _sane(x_um, y_um, SOURCE_IMAGEJ)
@@ -182,7 +198,10 @@ def _centimetre_pixel_size(tif: tifffile.TiffFile) -> PixelSize | None:
     page = tif.pages.first
     if page.resolutionunit != tifffile.RESUNIT.CENTIMETER:
         return None  # inches (TIFF's default) or none: see the module docstring
-    x_res, y_res = page.resolution
+    resolution = _resolution(page)
+    if resolution is None:
+        return None
+    x_res, y_res = resolution
     x_um, y_um = _per_resolution(1e4, x_res), _per_resolution(1e4, y_res)
     return None if x_um is None or y_um is None else _sane(x_um, y_um, SOURCE_TIFF_CM)
 

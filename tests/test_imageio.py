@@ -623,3 +623,13 @@ def test_ome_xml_with_a_dtd_is_not_read_for_frame_intervals_either():
     assert ome_pixels_attributes(plain) == {"TimeIncrement": "600"}
     with_dtd = '<!DOCTYPE OME [<!ENTITY t "600">]><OME><Image><Pixels TimeIncrement="&t;"/></Image></OME>'
     assert ome_pixels_attributes(with_dtd) == {}
+
+
+@pytest.mark.parametrize("metadata, ome", [({"axes": "TYX", "TimeIncrement": "1e308", "TimeIncrementUnit": "d"}, True),
+                                           ({"axes": "TYX", "finterval": 1e-300}, False)])
+def test_a_frame_interval_that_is_no_time_is_unknown(tmp_path, metadata, ome):
+    """Issue 27 (15): 1e308 days made time_s infinite (invalid JSON, nan in summary.csv); 1e-300 s made
+    every frame time 0. Both are now unknown, as an interval in an unknown unit is."""
+    path = write_tiff(tmp_path / "t.tif", time_lapse(3), ome=ome, imagej=not ome, metadata=metadata)
+    info = stack_info(path)
+    assert info.frames == 3 and info.interval_s is None and info.time_s(2) is None

@@ -115,3 +115,23 @@ def test_physical_measurements_scale_areas_exactly_and_lengths_by_the_geometric_
     oblong = add_physical_measurements([dict(cells[0])], PixelSize(0.4, 0.9, "test"))[0]
     assert oblong["area_um2"] == pytest.approx(100 * 0.4 * 0.9)
     assert oblong["perimeter_um"] == pytest.approx(40 * math.sqrt(0.4 * 0.9))
+
+
+def over_zero(data: bytes, codes=(282, 283)) -> bytes:
+    """The TIFF with the denominators of its resolution rationals set to 0 (tifffile refuses to write them)."""
+    raw = bytearray(data)
+    with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        for code in codes:
+            offset = tif.pages.first.tags[code].valueoffset
+            raw[offset + 4 : offset + 8] = bytes(4)
+    return bytes(raw)
+
+
+@pytest.mark.parametrize("options, codes", [({"resolutionunit": "CENTIMETER"}, (282, 283)),
+                                            ({"imagej": True, "metadata": {"unit": "micron"}}, (282, 283)),
+                                            ({"imagej": True, "metadata": {"unit": "cm"}}, (283,))])
+def test_a_resolution_over_zero_is_no_calibration(options, codes):
+    """Issue 27 (15): a TIFF resolution rational 1/0 was read as 1 px per unit (1 µm/px, or 1e4 µm/px in cm)."""
+    data = tiff(resolution=(2.0, 2.0), **options)
+    assert read_pixel_size(data) is not None  # calibrated as written
+    assert read_pixel_size(over_zero(data, codes)) is None
