@@ -221,8 +221,8 @@ def output_names(paths: list[Path], frames: dict[Path, int] | None = None) -> di
 
 
 def frame_name(stem: str, frame: int, frames: int) -> str:
-    """`<stem>_t0003` for frame 3: 0-based, zero-padded to 4 digits (more for stacks of over 10,000
-    frames) so that a stack's files sort in frame order."""
+    """`<stem>_t0003` for frame 3: 0-based, zero-padded to 4 digits (enough for MAX_STACK_FRAMES; more
+    only if that limit grows) so that a stack's files sort in frame order."""
     return f"{stem}_t{frame:0{max(4, len(str(frames - 1)))}d}"
 
 
