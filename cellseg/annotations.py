@@ -66,7 +66,7 @@ from scipy import ndimage as ndi
 
 from cellseg.data import LIVECELL_SPLITS, Sample, _load_coco, is_data_root, read_any
 from cellseg.imageio import IMAGE_SUFFIXES, ImageError, decode_image, read_image
-from cellseg.rle import labels_to_coco_rles
+from cellseg.rle import checked_counts, labels_to_coco_rles
 from cellseg.targets import relabel_sequential
 
 MASK_SUFFIXES = (".tif", ".tiff", ".png")  # lossless only: JPEG would blur label values
@@ -839,36 +839,12 @@ def coco_rle(annotation: dict, height: int, width: int, what: str) -> dict:
                 raise AnnotationError(f"{what}: polygon coordinates must be finite numbers within ±{MAX_COORDINATE:g}")
         return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
     if isinstance(segmentation, dict) and "counts" in segmentation:
-        size, counts = segmentation.get("size"), segmentation["counts"]
-        if not isinstance(size, list) or [v for v in size] != [height, width]:
-            raise AnnotationError(f"{what}: its RLE is of size {_printable(size)}, but the image is [height, width] = "
-                                  f"[{height}, {width}]")
-        if isinstance(counts, str):
-            counts = _rle_string_counts(counts, what)
-        if not isinstance(counts, list) or not all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
-            raise AnnotationError(f"{what}: RLE counts must be a COCO string or a list of whole numbers")
-        if any(c < 0 for c in counts) or sum(counts) != height * width:
-            raise AnnotationError(f"{what}: RLE counts must be non-negative and add up to the image's {height * width:,} "
-                                  f"pixels (they add up to {sum(counts):,})")
-        return mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width)
+        try:
+            counts = checked_counts(segmentation, height, width)
+        except ValueError as exc:
+            raise AnnotationError(f"{what}: {exc}") from None
+        return mask_utils.frPyObjects({"size": [height, width], "counts": counts.tolist()}, height, width)
     raise AnnotationError(f"{what} has no usable segmentation ({_printable(segmentation)}): give {usage}")
-
-
-def _rle_string_counts(text: str, what: str) -> list[int]:
-    """The run lengths of a compressed COCO RLE string (pycocotools' rleFrString, checked as it reads)."""
-    data, counts, at = text.encode("ascii", "replace"), [], 0
-    while at < len(data):
-        value, shift, more = 0, 0, True
-        while more:
-            if at >= len(data) or shift > 60:
-                raise AnnotationError(f"{what}: its RLE string is truncated or damaged")
-            chunk = data[at] - 48
-            value |= (chunk & 0x1F) << shift
-            more, at, shift = bool(chunk & 0x20), at + 1, shift + 5
-            if not more and chunk & 0x10:
-                value |= -1 << shift
-        counts.append(value + (counts[-2] if len(counts) > 2 else 0))
-    return counts
 
 
 def _printable(value, limit: int = 80) -> str:

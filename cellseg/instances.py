@@ -42,7 +42,7 @@ def labels_from_instances(instances: list[dict], height: int, width: int) -> np.
     columns = np.zeros((width, height), dtype=np.int32)
     flat = columns.reshape(-1)
     for inst in instances:
-        paint_coco(flat, inst["rle"], inst["id"])
+        paint_coco(flat, inst["rle"], inst["id"], height, width)
     return np.ascontiguousarray(columns.T)
 
 

@@ -67,16 +67,19 @@ def labels_to_coco_rles(labels: np.ndarray) -> list[dict]:
 
 def coco_counts(rle: dict) -> np.ndarray:
     """Run lengths of a COCO RLE (alternating background/foreground, column-major), decoded from
-    the compressed string without materialising the mask (pycocotools' maskApi.c rleFrString)."""
+    the compressed string without materialising the mask (pycocotools' maskApi.c rleFrString).
+    ValueError for a truncated or damaged string."""
     counts = rle["counts"]
     if isinstance(counts, list):
         return np.asarray(counts, dtype=np.int64)
-    data = counts.encode("ascii") if isinstance(counts, str) else counts
+    data = counts.encode("ascii", "replace") if isinstance(counts, str) else bytes(counts)
     values: list[int] = []
     p = 0
     while p < len(data):
         x, k, more = 0, 0, True
         while more:
+            if p >= len(data) or k > 12:
+                raise ValueError("the RLE string is truncated or damaged")
             c = data[p] - 48
             x |= (c & 0x1F) << (5 * k)
             more = bool(c & 0x20)
@@ -90,10 +93,27 @@ def coco_counts(rle: dict) -> np.ndarray:
     return np.asarray(values, dtype=np.int64)
 
 
-def paint_coco(target_colmajor: np.ndarray, rle: dict, value: int) -> None:
-    """Set the pixels of `rle` to `value` in a flat column-major view of the image (see
-    `labels_from_instances`); cost grows with the number of runs, not the image size."""
-    bounds = np.cumsum(coco_counts(rle))
+def checked_counts(rle: dict, height: int, width: int) -> np.ndarray:
+    """`coco_counts` of an RLE checked to be one of a height x width image: its size, and runs that
+    are non-negative and add up to the image's pixels (pycocotools trusts them and writes past the
+    mask otherwise). ValueError says what is wrong."""
+    size = rle.get("size") if isinstance(rle, dict) else None
+    if not isinstance(size, list) or size != [height, width]:
+        raise ValueError(f"the RLE is of size {str(size)[:60]}, not the image's [height, width] = [{height}, {width}]")
+    try:
+        counts = coco_counts(rle)
+    except (KeyError, TypeError, OverflowError) as exc:
+        raise ValueError(f"the RLE's counts are unreadable ({type(exc).__name__})") from None
+    if counts.ndim != 1 or (counts < 0).any() or int(counts.sum()) != height * width:
+        raise ValueError(f"the RLE's runs must be non-negative and add up to the image's {height * width:,} pixels")
+    return counts
+
+
+def paint_coco(target_colmajor: np.ndarray, rle: dict, value: int, height: int, width: int) -> None:
+    """Set the pixels of `rle` to `value` in a flat column-major view of a height x width image (see
+    `labels_from_instances`); cost grows with the number of runs, not the image size. ValueError for
+    an RLE that is not one of this image (`checked_counts`)."""
+    bounds = np.cumsum(checked_counts(rle, height, width))
     for start, end in zip(bounds[0::2], bounds[1::2]):
         target_colmajor[start:end] = value
 
