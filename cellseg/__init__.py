@@ -8,7 +8,7 @@ __all__ = ["Client", "__version__"]
 
 
 def __getattr__(name: str):
-    # The client needs bentoml; import it only when asked so evaluation/batch jobs stay light.
+    # The client needs httpx; import it only when asked so evaluation/batch jobs stay light.
     if name == "Client":
         from cellseg.client import Client
 

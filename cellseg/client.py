@@ -1,4 +1,4 @@
-"""Python client for the cellseg service, built on `bentoml.SyncHTTPClient`.
+"""Python client for the cellseg service (httpx; bounded in time and answer size, errors as CellsegError).
 
     from cellseg import Client
     with Client("http://localhost:3000") as client:
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import json
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +59,10 @@ class SegmentResult:
     def labels(self) -> np.ndarray:
         """(H, W) int32 label image rebuilt from the cells' RLE masks (0 = background)."""
         if self._labels is None:
-            self._labels = labels_from_instances([c.__dict__ for c in self.cells], self.height, self.width)
+            try:
+                self._labels = labels_from_instances([c.__dict__ for c in self.cells], self.height, self.width)
+            except (ValueError, TypeError, KeyError) as exc:  # a damaged RLE: refused, not painted past the image
+                raise CellsegError(f"the service's answer holds a damaged cell mask ({exc})") from None
         return self._labels
 
     @classmethod
@@ -74,6 +76,10 @@ class SegmentResult:
                          data.get("params", {}), data.get("pixel_size"))
         except (KeyError, TypeError) as exc:
             raise CellsegError(f"the service's answer is not a segmentation (missing or malformed {exc})") from exc
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (result.width, result.height)) \
+                or result.width * result.height > MAX_ANSWER_PIXELS:
+            raise CellsegError(f"the service's answer gives an image of {result.width!r:.20} x {result.height!r:.20} "
+                               f"pixels: not a size this client accepts (at most {MAX_ANSWER_PIXELS:,} pixels)")
         for cell in cells:
             size = cell.rle.get("size") if isinstance(cell.rle, dict) else None
             if size != [result.height, result.width]:
@@ -82,9 +88,9 @@ class SegmentResult:
         return result
 
 
-def _error_from(exc: Exception) -> CellsegError:
-    status = getattr(getattr(exc, "error_code", None), "value", None) or getattr(exc, "error_code", None)
-    text = getattr(exc, "message", None) or str(exc)
+def _error_from(status: int, text: str) -> CellsegError:
+    """The service's error answer ({"error", "status"}; BentoML's own as a list or with pydantic's
+    `detail`) as a CellsegError."""
     try:
         body = json.loads(text)
         if isinstance(body, list) and body:  # BentoML wraps some errors in a one-element list
@@ -93,23 +99,15 @@ def _error_from(exc: Exception) -> CellsegError:
         if isinstance(detail, list):  # pydantic validation errors: name the parameter and the rule
             reasons = "; ".join(f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" for d in detail)
             message = f"{message}: {reasons}"
-        return CellsegError(message, body.get("status", status), detail)
-    except (ValueError, AttributeError):
-        return CellsegError(text, status if isinstance(status, int) else None)
-
-
-def _is_transport_error(exc: Exception) -> bool:
-    """Errors of the exchange itself (dropped or timed-out connections, an answer that cannot be
-    decoded), as opposed to mistakes in the caller's own arguments."""
-    import httpx
-
-    return isinstance(exc, (httpx.HTTPError, httpx.StreamError, UnicodeDecodeError, json.JSONDecodeError, KeyError))
+        return CellsegError(str(message)[:2000], body.get("status", status), detail)
+    except (ValueError, AttributeError, TypeError):
+        return CellsegError(text[:2000] or f"HTTP {status}", status)
 
 
 def wait_until_ready(url: str, timeout: float) -> None:
     """Return once `url` answers /readyz with 200. A refused or failed connection raises at once (no
     server is there); a server that answers but is not ready yet is polled, with pauses, until
-    `timeout`. BentoML's own wait polls in a tight loop for the whole request timeout."""
+    `timeout`."""
     import httpx
 
     deadline = time.monotonic() + timeout
@@ -125,24 +123,30 @@ def wait_until_ready(url: str, timeout: float) -> None:
         time.sleep(0.5)
 
 
+# What a call may bring back: the largest answer (a 16 MP report is ~60 MB of JSON) and image (pixels).
+MAX_ANSWER_BYTES = 512 * 2**20
+MAX_ANSWER_PIXELS = 64_000_000
+
+
 class Client:
     """Segment images with a running cellseg service. Accepts paths, NumPy arrays and PIL images.
 
     Raises `CellsegError` at once where no server answers at `url`, and waits up to `ready_timeout`
-    seconds for one that is still starting. One client per thread: BentoML's client closes the
-    files it uploaded after each call, so threads must not share one.
+    seconds for one that is still starting. Every call raises only CellsegError for what the server
+    or the connection does, and ends within `timeout` seconds in all (a server trickling its answer
+    byte by byte included), with at most `max_answer_bytes` read (decompressed); redirects are not
+    followed. One client per thread.
     """
 
-    def __init__(self, url: str = "http://localhost:3000", timeout: float = 300, ready_timeout: float = 30):
-        import bentoml
+    def __init__(self, url: str = "http://localhost:3000", timeout: float = 300, ready_timeout: float = 30,
+                 max_answer_bytes: int = MAX_ANSWER_BYTES):
+        import httpx
 
-        self.url = url
-        wait_until_ready(url, ready_timeout)
-        try:
-            self._client = bentoml.SyncHTTPClient(url, timeout=timeout, server_ready_timeout=0)
-        except Exception as exc:  # e.g. no BentoML schema at that URL
-            raise CellsegError(f"{url} does not look like a cellseg service: {exc}") from exc
-        self._tmp = tempfile.TemporaryDirectory(prefix="cellseg-client-")
+        self.url, self.timeout, self.max_answer_bytes = url.rstrip("/"), float(timeout), max_answer_bytes
+        wait_until_ready(self.url, ready_timeout)
+        # per-operation limits; the whole call's deadline is kept by `_exchange`
+        self._http = httpx.Client(base_url=self.url, follow_redirects=False, headers={"Accept-Encoding": "gzip, identity"},
+                                  timeout=httpx.Timeout(min(self.timeout, 60.0)))
 
     def __enter__(self) -> Client:
         return self
@@ -151,67 +155,127 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        self._client.close()
-        self._tmp.cleanup()
+        self._http.close()
 
     def is_ready(self) -> bool:
-        return bool(self._client.is_ready())
+        try:
+            return self._http.get("/readyz").status_code == 200
+        except Exception:  # noqa: BLE001
+            return False
 
-    def _as_path(self, image) -> Path:
-        """A file BentoML can upload. Arrays and in-memory PIL images are written losslessly first:
-        BentoML's own PIL encoding needs `image.format`, which images built in memory lack."""
+    @staticmethod
+    def _upload(image) -> tuple[str, bytes, str]:
+        """(file name, bytes, media type) of a path, an array (lossless TIFF) or a PIL image (PNG/TIFF)."""
         if isinstance(image, (str, Path)):
             path = Path(image)
             if not path.is_file():
                 raise FileNotFoundError(f"no such image file: {path}")
-            return path
-        fd, name = tempfile.mkstemp(dir=self._tmp.name)
-        with open(fd, "wb") as fh:
-            if isinstance(image, Image.Image):
-                image.save(fh, format="PNG" if image.mode in ("1", "L", "LA", "I;16", "P", "RGB", "RGBA") else "TIFF")
-            elif isinstance(image, np.ndarray):
-                import tifffile
+            return path.name, path.read_bytes(), "application/octet-stream"
+        buffer = io.BytesIO()
+        if isinstance(image, Image.Image):
+            lossless_png = image.mode in ("1", "L", "LA", "I;16", "P", "RGB", "RGBA")
+            image.save(buffer, format="PNG" if lossless_png else "TIFF")
+            return ("image.png", buffer.getvalue(), "image/png") if lossless_png else \
+                ("image.tif", buffer.getvalue(), "image/tiff")
+        if isinstance(image, np.ndarray):
+            import tifffile
 
-                buffer = io.BytesIO()
-                tifffile.imwrite(buffer, image)
-                fh.write(buffer.getvalue())
-            else:
-                raise TypeError(f"expected a path, NumPy array or PIL image, got {type(image).__name__}")
-        return Path(name)
+            tifffile.imwrite(buffer, image)
+            return "image.tif", buffer.getvalue(), "image/tiff"
+        raise TypeError(f"expected a path, NumPy array or PIL image, got {type(image).__name__}")
 
-    def _call(self, endpoint: str, image, **kwargs):
-        path = self._as_path(image)
-        params = {k: v for k, v in kwargs.items() if v is not None}
+    @staticmethod
+    def _fields(params: dict) -> dict[str, str]:
+        """Form fields as the service reads them (JSON values: 0.5, 30, true)."""
+        return {k: json.dumps(v) for k, v in params.items() if v is not None}
+
+    def _exchange(self, endpoint: str, **request) -> tuple[bytes, str]:
+        """(body, media type) of one POST, within the call's deadline and the answer's size bound,
+        in a worker thread: the caller waits at most `timeout`, whatever the server does; the worker
+        stops at its next chunk once the deadline has passed."""
+        import concurrent.futures
+
+        deadline = time.monotonic() + self.timeout
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        future = pool.submit(self._post, endpoint, deadline, request)
         try:
-            return getattr(self._client, endpoint)(image=path, **params)
-        except Exception as exc:  # bentoml raises its own exception types per status
-            if type(exc).__module__.startswith(("bentoml", "_bentoml")):
-                raise _error_from(exc) from exc
-            if _is_transport_error(exc):
-                raise CellsegError(f"{endpoint}: the connection to the service failed "
-                                   f"({type(exc).__name__}: {exc or 'no detail'})") from exc
-            raise
+            return future.result(timeout=self.timeout + 1)
+        except concurrent.futures.TimeoutError:
+            raise CellsegError(f"{endpoint}: no complete answer within {self.timeout:.0f} s") from None
         finally:
-            if path.parent == Path(self._tmp.name):
-                path.unlink(missing_ok=True)
+            pool.shutdown(wait=False)
+
+    def _post(self, endpoint: str, deadline: float, request: dict) -> tuple[bytes, str]:
+        import zlib
+
+        import httpx
+
+        try:
+            with self._http.stream("POST", f"/{endpoint}", **request) as response:
+                if response.is_redirect:
+                    raise CellsegError(f"{endpoint}: the service answered a redirect to "
+                                       f"{response.headers.get('location', '?')[:200]!r}, which is not followed",
+                                       response.status_code)
+                encoding = response.headers.get("content-encoding", "identity").lower()
+                inflate = zlib.decompressobj(16 + zlib.MAX_WBITS) if encoding == "gzip" else \
+                    zlib.decompressobj() if encoding == "deflate" else None
+                body = bytearray()
+                # a response built in memory (httpx.MockTransport) arrives already read
+                chunks = iter([response.content]) if response.is_stream_consumed else response.iter_raw()
+                for chunk in chunks:
+                    if time.monotonic() > deadline:
+                        raise CellsegError(f"{endpoint}: no complete answer within {self.timeout:.0f} s")
+                    if inflate is not None:
+                        chunk = inflate.decompress(chunk, self.max_answer_bytes + 1 - len(body))
+                    body += chunk
+                    if len(body) > self.max_answer_bytes:
+                        raise CellsegError(f"{endpoint}: the answer is over {self.max_answer_bytes:,} bytes")
+                media_type = response.headers.get("content-type", "")
+                if response.status_code >= 400:
+                    raise _error_from(response.status_code, bytes(body).decode("utf-8", "replace"))
+                return bytes(body), media_type
+        except CellsegError:
+            raise
+        except (httpx.HTTPError, httpx.StreamError, zlib.error, OSError) as exc:
+            raise CellsegError(f"{endpoint}: the connection to the service failed "
+                               f"({type(exc).__name__}: {exc or 'no detail'})") from exc
+
+    def _call(self, endpoint: str, image, **params) -> tuple[bytes, str]:
+        name, data, media_type = self._upload(image)
+        return self._exchange(endpoint, files={"image": (name, data, media_type)}, data=self._fields(params))
+
+    def _json(self, endpoint: str, image=None, **params) -> dict:
+        body, media_type = self._call(endpoint, image, **params) if image is not None else \
+            self._exchange(endpoint, json={})
+        try:
+            answer = json.loads(body)
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise CellsegError(f"{endpoint}: the service's answer is not JSON ({type(exc).__name__})") from None
+        if not isinstance(answer, dict):
+            raise CellsegError(f"{endpoint}: the service's answer is not a JSON object")
+        return answer
+
+    def model(self) -> dict:
+        """Which model answers, in which precision and why (POST /model)."""
+        return self._json("model")
 
     def segment(self, image, fg_threshold: float | None = None, seed_threshold: float | None = None,
                 min_size: int | None = None, tta: bool | None = None, pixel_size: float | None = None) -> SegmentResult:
         """Cells of the image. `pixel_size` (µm per pixel) overrides the size in the image's metadata;
         where either is known, every cell has `area_um2` and `result.pixel_size` says which size was used."""
-        data = self._call("segment", image, fg_threshold=fg_threshold, seed_threshold=seed_threshold,
+        data = self._json("segment", image, fg_threshold=fg_threshold, seed_threshold=seed_threshold,
                           min_size=min_size, tta=tta, pixel_size=pixel_size)
         return SegmentResult.from_json(data)
 
-    def _file(self, endpoint: str, image, **kwargs) -> bytes:
-        path = Path(self._call(endpoint, image, **kwargs))  # BentoML saves file outputs to a temp file
-        data = path.read_bytes()
-        path.unlink(missing_ok=True)
-        return data
+    def _png(self, endpoint: str, image, **params) -> np.ndarray:
+        """A PNG answer, decoded under the runtime's limits (a PNG bomb is refused, not decoded)."""
+        from cellseg.imageio import ImageError, decode_image
 
-    def _png(self, endpoint: str, image, **kwargs) -> np.ndarray:
-        with Image.open(io.BytesIO(self._file(endpoint, image, **kwargs))) as img:
-            return np.asarray(img)
+        body, _ = self._call(endpoint, image, **params)
+        try:
+            return decode_image(body, max_pixels=MAX_ANSWER_PIXELS)
+        except ImageError as exc:
+            raise CellsegError(f"{endpoint}: the service's answer is not a usable PNG ({exc})") from None
 
     def mask(self, image, binary: bool = False, fg_threshold: float | None = None,
              seed_threshold: float | None = None, min_size: int | None = None, tta: bool | None = None) -> np.ndarray:
@@ -223,15 +287,15 @@ class Client:
     def rois(self, image, fg_threshold: float | None = None, seed_threshold: float | None = None,
              min_size: int | None = None, tta: bool | None = None) -> bytes:
         """ImageJ/Fiji ROI set (.zip bytes: write them to RoiSet.zip and open it in Fiji)."""
-        return self._file("rois", image, fg_threshold=fg_threshold, seed_threshold=seed_threshold, min_size=min_size,
-                          tta=tta)
+        return self._call("rois", image, fg_threshold=fg_threshold, seed_threshold=seed_threshold, min_size=min_size,
+                          tta=tta)[0]
 
     def geojson(self, image, fg_threshold: float | None = None, seed_threshold: float | None = None,
                 min_size: int | None = None, tta: bool | None = None, pixel_size: float | None = None) -> dict:
         """QuPath GeoJSON FeatureCollection of the cells (one detection per cell, with measurements; in µm
         too where `pixel_size` is given or the image's metadata has one)."""
-        return self._call("geojson", image, fg_threshold=fg_threshold, seed_threshold=seed_threshold, min_size=min_size,
-                          tta=tta, pixel_size=pixel_size)
+        return self._json("geojson", image, fg_threshold=fg_threshold, seed_threshold=seed_threshold,
+                          min_size=min_size, tta=tta, pixel_size=pixel_size)
 
     def overlay(self, image, fg_threshold: float | None = None, seed_threshold: float | None = None,
                 min_size: int | None = None, tta: bool | None = None) -> np.ndarray:

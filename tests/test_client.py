@@ -1,0 +1,164 @@
+"""`cellseg.Client` against servers that misbehave (issue 27, 12): every call ends within its timeout,
+reads a bounded answer, follows no redirect, and raises only CellsegError. The server is scripted
+with httpx's MockTransport (what it sends, and how slowly); the real service is tested in
+tests/test_service.py."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from cellseg.client import CellsegError, Client, SegmentResult
+from cellseg.rle import encode_coco
+
+SQUARE = np.zeros((16, 20), bool)
+SQUARE[:2, :2] = True
+CELL = {"id": 1, "area": 4, "bbox": [0, 0, 2, 2], "centroid": [0.5, 0.5], "score": 0.9, "rle": encode_coco(SQUARE)}
+ANSWER = {"width": 20, "height": 16, "count": 1, "confluence": 1.0, "cells": [CELL], "model": {}}
+
+
+def client_for(handler, timeout: float = 5, max_answer_bytes: int = 1 << 20) -> Client:
+    """A Client whose server is `handler` (request -> httpx.Response)."""
+    client = Client.__new__(Client)  # no /readyz wait: the transport is the handler
+    client.url, client.timeout, client.max_answer_bytes = "http://cellseg.test", timeout, max_answer_bytes
+    client._http = httpx.Client(base_url=client.url, transport=httpx.MockTransport(handler), follow_redirects=False)
+    return client
+
+
+class Trickle(httpx.SyncByteStream):
+    """A body sent one byte every `pause` seconds, for ever unless `limit`."""
+
+    def __init__(self, pause: float, limit: int | None = None):
+        self.pause, self.limit = pause, limit
+
+    def __iter__(self):
+        sent = 0
+        while self.limit is None or sent < self.limit:
+            time.sleep(self.pause)
+            sent += 1
+            yield b"{"
+
+
+class Endless(httpx.SyncByteStream):
+    def __iter__(self):
+        while True:
+            yield b"0" * 65536
+
+
+def png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_a_trickling_server_cannot_hold_a_call_past_its_timeout():
+    client = client_for(lambda request: httpx.Response(200, stream=Trickle(0.2)), timeout=2)
+    t0 = time.monotonic()
+    with pytest.raises(CellsegError, match="within 2 s"):
+        client.segment(np.zeros((8, 8), np.uint8))
+    assert time.monotonic() - t0 < 4
+
+
+def test_endless_and_compressed_bomb_answers_are_cut_at_the_bound():
+    client = client_for(lambda request: httpx.Response(200, stream=Endless()), max_answer_bytes=1 << 20)
+    with pytest.raises(CellsegError, match="over 1,048,576 bytes"):
+        client.segment(np.zeros((8, 8), np.uint8))
+    bomb = gzip.compress(b"0" * (64 << 20))  # 64 MB in ~64 KB
+    client = client_for(lambda request: httpx.Response(200, stream=httpx.ByteStream(bomb),
+                                                       headers={"Content-Encoding": "gzip"}), max_answer_bytes=1 << 20)
+    with pytest.raises(CellsegError, match="over 1,048,576 bytes"):
+        client.segment(np.zeros((8, 8), np.uint8))
+
+
+@pytest.mark.parametrize("status, location", [(307, "http://127.0.0.1:9/segment"), (302, "http://elsewhere.test/x")])
+def test_redirects_are_not_followed(status, location):
+    followed = []
+
+    def handler(request):
+        if request.url.host != "cellseg.test":
+            followed.append(request.url)
+            return httpx.Response(200, json=ANSWER)
+        return httpx.Response(status, headers={"Location": location})
+
+    with pytest.raises(CellsegError, match="redirect .* not followed"):
+        client_for(handler).segment(np.zeros((8, 8), np.uint8))
+    assert not followed
+
+
+@pytest.mark.parametrize("answer, says", [
+    ({**ANSWER, "width": 200000, "height": 200000}, "not a size this client accepts"),
+    ({**ANSWER, "width": "20"}, "not a size"),
+    ({**ANSWER, "cells": [{**CELL, "rle": {"size": [16, 20], "counts": [5, 10**9]}}]}, "damaged cell mask"),
+    ({**ANSWER, "cells": [{**CELL, "rle": {"size": [16, 20], "counts": "0d1zzzz"}}]}, "damaged cell mask"),
+    ([1, 2], "not a JSON object"), ("[" * 100000, "not JSON"),
+])
+def test_hostile_segment_answers_raise_cellseg_errors(answer, says):
+    body = answer.encode() if isinstance(answer, str) else json.dumps(answer).encode()
+    client = client_for(lambda request: httpx.Response(200, content=body, headers={"Content-Type": "application/json"}))
+    with pytest.raises(CellsegError, match=says):
+        client.segment(np.zeros((8, 8), np.uint8)).labels  # noqa: B018  (the labels are decoded lazily)
+
+
+def test_hostile_file_answers_raise_cellseg_errors():
+    bomb = png(np.zeros((9000, 9000), np.uint8))  # 81 MP of zeros: a small file, over the pixel bound
+    for body, headers, says in ((bomb, {}, "not a usable PNG"), (b"GIF89a not a png", {}, "not a usable PNG"),
+                                (png(np.zeros((16, 16), np.uint16)),
+                                 {"Content-Disposition": 'attachment; filename="../../../etc/x\x00"'}, None)):
+        client = client_for(lambda request, body=body, headers=headers: httpx.Response(200, content=body,
+                                                                                        headers=headers))
+        if says:
+            with pytest.raises(CellsegError, match=says):
+                client.mask(np.zeros((8, 8), np.uint8))
+        else:  # the name the server suggests is never used as a path: the bytes come back
+            assert client.mask(np.zeros((8, 8), np.uint8)).shape == (16, 16)
+
+
+@pytest.mark.parametrize("error", [httpx.RemoteProtocolError("Server disconnected"), httpx.ReadError("reset"),
+                                   httpx.ReadTimeout("timed out"), httpx.ConnectError("refused")])
+def test_transport_errors_are_cellseg_errors(error):
+    def handler(request):
+        raise error
+
+    with pytest.raises(CellsegError, match="connection to the service failed"):
+        client_for(handler).segment(np.zeros((8, 8), np.uint8))
+
+
+def test_error_answers_carry_the_servers_message_and_status():
+    client = client_for(lambda request: httpx.Response(413, json={"error": "image too large", "status": 413}))
+    with pytest.raises(CellsegError, match=r"image too large \(HTTP 413\)") as raised:
+        client.segment(np.zeros((8, 8), np.uint8))
+    assert raised.value.status == 413
+
+
+def test_parameters_and_pixel_size_go_as_form_fields():
+    """Issue 19: `pixel_size=` goes to the service like `min_size`; the answer's µm² areas and the
+    size used come back on the result; parameters not given are not sent."""
+    sent = []
+    size = {"x_um": 0.65, "y_um": 0.65, "source": "given (pixel_size field)"}
+
+    def handler(request):
+        body = request.read().decode("latin-1")
+        sent.append({name: body.split(f'name="{name}"\r\n\r\n')[1].split("\r\n")[0]
+                     for name in ("min_size", "pixel_size", "tta") if f'name="{name}"' in body})
+        return httpx.Response(200, json={**ANSWER, "cells": [{**CELL, "area_um2": 1.69}], "pixel_size": size})
+
+    client = client_for(handler)
+    result = client.segment(np.zeros((8, 8), np.uint8), min_size=30, pixel_size=0.65, tta=True)
+    client.segment(Image.fromarray(np.zeros((8, 8), np.uint8)))
+    assert sent == [{"min_size": "30", "pixel_size": "0.65", "tta": "true"}, {}]
+    assert result.pixel_size == size and result.cells[0].area_um2 == 1.69 and result.labels.sum() == 4
+
+
+def test_an_answer_whose_masks_are_not_the_image_size_is_refused():
+    cell = {**CELL, "rle": {"size": [10, 10], "counts": "0d1"}}
+    with pytest.raises(CellsegError, match="not the image's"):
+        SegmentResult.from_json({**ANSWER, "cells": [cell]})
+    with pytest.raises(CellsegError, match="not a segmentation"):
+        SegmentResult.from_json({"width": 20})
