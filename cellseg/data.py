@@ -144,7 +144,7 @@ def read_kaggle(root: Path) -> list[Sample]:
     samples = []
     for image_id in sorted(rows):
         cell_rows = rows[image_id]
-        height, width = int(cell_rows[0]["height"]), int(cell_rows[0]["width"])
+        height, width = _kaggle_size(root, image_id, cell_rows[0])
 
         def rles(cell_rows=cell_rows, height=height, width=width):
             return [mask_utils.encode(np.asfortranarray(decode_kaggle(r["annotation"], height, width).astype(np.uint8)))
@@ -155,6 +155,24 @@ def read_kaggle(root: Path) -> list[Sample]:
                    root / "train" / f"{image_id}.png", height, width, rles)
         )
     return samples
+
+
+def _kaggle_size(root: Path, image_id: str, row: dict) -> tuple[int, int]:
+    """(height, width) of a Kaggle row, checked: whole numbers within the runtime's image limit, and
+    the image's PNG present (a bad row is an error naming the CSV, not a traceback or a 6 GB mask)."""
+    from cellseg.imageio import DEFAULT_MAX_PIXELS
+
+    where = f"{root / 'train.csv'}: image {image_id!r:.80}"
+    try:
+        height, width = int(row["height"]), int(row["width"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{where} has no whole-number height and width") from None
+    if not (0 < height and 0 < width and height * width <= DEFAULT_MAX_PIXELS):
+        raise ValueError(f"{where} is {width}x{height}: not an image size this reads (at most "
+                         f"{DEFAULT_MAX_PIXELS:,} pixels)")
+    if not (root / "train" / f"{image_id}.png").is_file():
+        raise ValueError(f"{where}: {root / 'train' / f'{image_id}.png'} is missing")
+    return height, width
 
 
 PACKED_INDEX = "packed.json"

@@ -243,3 +243,19 @@ def test_label_masks_that_are_jpeg_bytes_or_complex_values_are_refused(tmp_path)
     (tmp_path / "a_masks.png").unlink()
     tifffile.imwrite(tmp_path / "a_masks.tif", labels.astype(np.complex64))
     one_line_error(scan([tmp_path]), "a_masks.tif", "complex64")
+
+
+@pytest.mark.parametrize("problem", ["missing png", "huge", "not a number"])
+def test_kaggle_rows_with_a_missing_png_or_an_impossible_size_are_one_line_errors(tmp_path, problem, capsys):
+    """Item 7: a Kaggle CSV whose PNG is missing, or whose size is 100000², gave a traceback or ran out
+    of memory in `cellseg evaluate --data`."""
+    from cellseg.cli import main
+
+    (tmp_path / "train").mkdir()
+    size = {"huge": ("100000", "100000"), "not a number": ("x", "1")}.get(problem, ("64", "64"))
+    if problem != "missing png":
+        write_image(tmp_path / "train" / "a1.png", (64, 64))
+    (tmp_path / "train.csv").write_text(f"id,annotation,width,height,cell_type\na1,1 5,{size[1]},{size[0]},astro\n")
+    assert main(["evaluate", "--data", str(tmp_path), "--split", "all", "--quiet"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "train.csv" in error and "a1" in error, error
