@@ -99,6 +99,15 @@ MIN_UPLOAD_BYTES_PER_S = float(os.environ.get("CELLSEG_MIN_UPLOAD_BYTES_PER_S", 
 # timeout leaves an admitted request time to finish within the 300 s traffic timeout.
 PIXEL_BUDGET = int(os.environ.get("CELLSEG_PIXEL_BUDGET", 16_000_000))
 QUEUE_TIMEOUT_S = float(os.environ.get("CELLSEG_QUEUE_TIMEOUT_S", 180))
+# Small requests (up to SMALL_REQUEST_PIXELS network pixels: a LIVECell image is 0.36 MP, 1.4 MP with TTA)
+# take their pixels from a lane of their own, so they never queue behind large images for admission;
+# it adds SMALL_LANE_PIXELS to what may be in work at once. And a large image's pieces go to the
+# network NETWORK_CHUNK_PIXELS at a time, one call after another, so other requests' pieces run
+# between them instead of after all of them: a 16 MP image held the network ~20 s in one go, and a
+# 256x256 request behind four of them waited up to 77 s (issue 27).
+SMALL_REQUEST_PIXELS = int(os.environ.get("CELLSEG_SMALL_REQUEST_PIXELS", 2_000_000))
+SMALL_LANE_PIXELS = int(os.environ.get("CELLSEG_SMALL_LANE_PIXELS", 4_000_000))
+NETWORK_CHUNK_PIXELS = int(os.environ.get("CELLSEG_NETWORK_CHUNK_PIXELS", 1_500_000))
 PREDICT_ATTEMPTS = 3
 IDLE_TRIM_SECONDS = 1.0  # free memory goes back to the system after this long without a request
 ORT_THREADS = int(os.environ.get("CELLSEG_ORT_THREADS", os.cpu_count() or 1))
@@ -128,6 +137,23 @@ ENDPOINT_FIELDS = {"/segment": MEASURING_FIELDS, "/overlay": COMMON_FIELDS, "/ma
                    "/rois": COMMON_FIELDS, "/geojson": MEASURING_FIELDS, "/report": MEASURING_FIELDS}
 PngFile = Annotated[Path, ContentType("image/png")]
 ZipFile = Annotated[Path, ContentType("application/zip")]
+
+
+class ClientGone(Exception):
+    """The client closed its connection: the rest of its work is dropped."""
+
+
+def network_chunks(pieces: list[np.ndarray], max_pixels: int) -> list[list[np.ndarray]]:
+    """Consecutive groups of pieces of at most `max_pixels` each (a piece larger than that alone)."""
+    chunks: list[list[np.ndarray]] = []
+    pixels = max_pixels
+    for piece in pieces:
+        if pixels + piece.size > max_pixels:
+            chunks.append([])
+            pixels = 0
+        chunks[-1].append(piece)
+        pixels += piece.size
+    return chunks
 
 
 class RequestError(Exception):
@@ -237,6 +263,7 @@ class StageClock:
 # The clock of the request being answered (each request runs in its own asyncio task and context).
 REQUEST_CLOCK: contextvars.ContextVar[StageClock] = contextvars.ContextVar("request_clock")
 REQUEST_RESOURCES: contextvars.ContextVar[contextlib.AsyncExitStack] = contextvars.ContextVar("request_resources")
+REQUEST: contextvars.ContextVar[Any] = contextvars.ContextVar("request")  # the request's starlette Request
 
 
 def json_response(answer: Any) -> Any:
@@ -327,6 +354,7 @@ class CellSegmentation:
         # CPU-bound decode / watershed run in threads so the event loop keeps accepting requests.
         self.cpu = anyio.CapacityLimiter(max(2, os.cpu_count() or 2))
         self.budget = PixelBudget(PIXEL_BUDGET, QUEUE_TIMEOUT_S)
+        self.small_lane = PixelBudget(SMALL_LANE_PIXELS, QUEUE_TIMEOUT_S)
         self.in_flight = 0  # requests being answered
         self.idle_trim: asyncio.TimerHandle | None = None  # the pending trim once none is
 
@@ -375,7 +403,9 @@ class CellSegmentation:
         comes from the file's header, so nothing is decoded before the request is admitted."""
         pixels = await anyio.to_thread.run_sync(declared_pixels, image, limiter=self.cpu)
         cost = self.budget.capacity if pixels is None else pixels * (4 if tta else 1)
-        await REQUEST_RESOURCES.get().enter_async_context(self.budget.admit(cost))
+        lane = self.small_lane if cost <= SMALL_REQUEST_PIXELS else self.budget
+        await REQUEST_RESOURCES.get().enter_async_context(lane.admit(cost))
+        await self._check_client()  # a client that hung up while it waited: its image is not decoded
 
     def _read_and_split(self, image: Path) -> tuple[np.ndarray, list[np.ndarray], ImagePlan]:
         raw = self._read(image)
@@ -392,6 +422,23 @@ class CellSegmentation:
         return labels, Segmentation(labels, probs).scores()
 
     async def _predict(self, pieces: list[np.ndarray]) -> list[np.ndarray]:
+        """The network's maps of `pieces`, sent NETWORK_CHUNK_PIXELS at a time (see there); before
+        each chunk after the first, the work stops if the client has hung up."""
+        outputs: list[np.ndarray] = []
+        for chunk in network_chunks(pieces, NETWORK_CHUNK_PIXELS):
+            if outputs:
+                await self._check_client()
+            outputs += await self._predict_call(chunk)
+        return outputs
+
+    @staticmethod
+    async def _check_client() -> None:
+        """Raise ClientGone where the request's client has closed its connection."""
+        request = REQUEST.get(None)
+        if request is not None and await request.is_disconnected():
+            raise ClientGone("the client closed the connection")
+
+    async def _predict_call(self, pieces: list[np.ndarray]) -> list[np.ndarray]:
         """Call the UNet service, retrying connection drops (aiohttp's ServerDisconnectedError). Their
         cause, BentoML's periodic session refresh, is switched off (NO_SESSION_REFRESH); the retry
         stays for a network process that restarts. The call is idempotent, so a retry is safe."""
@@ -428,13 +475,23 @@ class CellSegmentation:
             return False
         return True
 
-    async def _guarded(self, work) -> Any:
+    async def _guarded(self, work, ctx=None) -> Any:
+        """`work()`'s answer, or the refusal its error gets. Given the API's context (which gives the
+        request, to see whether its client is still there), the answer's status is set on it too:
+        BentoML gives an API that takes a context the context's status, not the Response's."""
+        answer = await self._answer(work, ctx)
+        if ctx is not None and isinstance(answer, Response):
+            ctx.response.status_code = answer.status_code
+        return answer
+
+    async def _answer(self, work, ctx) -> Any:
         self.in_flight += 1
         if self.idle_trim is not None:
             self.idle_trim.cancel()
             self.idle_trim = None
         clock = StageClock()
         REQUEST_CLOCK.set(clock)
+        REQUEST.set(getattr(ctx, "request", None))
         try:
             async with contextlib.AsyncExitStack() as resources:  # what the request holds until answered
                 REQUEST_RESOURCES.set(resources)
@@ -447,6 +504,9 @@ class CellSegmentation:
                                               status=422))
         except (RequestError, ImageError, Overloaded) as exc:
             return self._refused(exc)
+        except ClientGone:
+            logger.warning("request dropped: its client closed the connection before the answer")
+            return Response(status_code=499)  # nginx's "client closed request": nobody reads it
         finally:
             self.in_flight -= 1
             # Memory goes back to the system once the service has been idle for a moment: trimming
@@ -470,8 +530,9 @@ class CellSegmentation:
         return await self._model_info()
 
     @bentoml.api
-    async def segment(self, image: Path, fg_threshold: FgThreshold = None, seed_threshold: SeedThreshold = None,
-                      min_size: MinSize = None, tta: Tta = False, pixel_size: PixelSizeUm = None) -> dict:
+    async def segment(self, image: Path, ctx: bentoml.Context, fg_threshold: FgThreshold = None,
+                      seed_threshold: SeedThreshold = None, min_size: MinSize = None,
+                      tta: Tta = False, pixel_size: PixelSizeUm = None) -> dict:
         """Cells as JSON: count, confluence (% of pixels covered) and per cell id, area, bbox [x, y, w, h],
         centroid [x, y], score and COCO RLE mask; plus the model's name, version and sha256. Where a pixel
         size is known (the pixel_size field, else the image's metadata) each cell adds area_um2, and
@@ -486,11 +547,12 @@ class CellSegmentation:
                     "params": {**params.to_dict(), "tta": tta},
                     "pixel_size": size.to_dict() if size else None,
                     "cells": add_physical_measurements(cells, size)}
-        return await self._guarded(work)
+        return await self._guarded(work, ctx)
 
     @bentoml.api
-    async def mask(self, image: Path, fg_threshold: FgThreshold = None, seed_threshold: SeedThreshold = None,
-                   min_size: MinSize = None, binary: bool = False, tta: Tta = False) -> PngFile:
+    async def mask(self, image: Path, ctx: bentoml.Context, fg_threshold: FgThreshold = None,
+                   seed_threshold: SeedThreshold = None, min_size: MinSize = None,
+                   binary: bool = False, tta: Tta = False) -> PngFile:
         """PNG mask: 16-bit label image (0 = background, 1..N cells), or 8-bit 0/255 with binary=true.
         An image with more than 65,535 cells gets a 422: use /segment or binary=true."""
         async def work():
@@ -501,21 +563,23 @@ class CellSegmentation:
             except TooManyCellsError as exc:
                 raise RequestError(f"{exc}: use /segment (one RLE mask per cell) or binary=true", status=422) from exc
             return Response(png, media_type="image/png", headers={"X-Cell-Count": str(int(labels.max()))})
-        return await self._guarded(work)
+        return await self._guarded(work, ctx)
 
     @bentoml.api
-    async def overlay(self, image: Path, fg_threshold: FgThreshold = None, seed_threshold: SeedThreshold = None,
-                      min_size: MinSize = None, tta: Tta = False) -> PngFile:
+    async def overlay(self, image: Path, ctx: bentoml.Context, fg_threshold: FgThreshold = None,
+                      seed_threshold: SeedThreshold = None, min_size: MinSize = None,
+                      tta: Tta = False) -> PngFile:
         """PNG of the image with every cell's outline drawn, for people to look at."""
         async def work():
             raw, labels, _ = await self._segment(image, self._params(fg_threshold, seed_threshold, min_size), tta)
             png = await anyio.to_thread.run_sync(overlay_png_bytes, raw, labels, limiter=self.cpu)
             return Response(png, media_type="image/png", headers={"X-Cell-Count": str(int(labels.max()))})
-        return await self._guarded(work)
+        return await self._guarded(work, ctx)
 
     @bentoml.api
-    async def rois(self, image: Path, fg_threshold: FgThreshold = None, seed_threshold: SeedThreshold = None,
-                   min_size: MinSize = None, tta: Tta = False) -> ZipFile:
+    async def rois(self, image: Path, ctx: bentoml.Context, fg_threshold: FgThreshold = None,
+                   seed_threshold: SeedThreshold = None, min_size: MinSize = None,
+                   tta: Tta = False) -> ZipFile:
         """ImageJ/Fiji ROI set: a .zip of .roi files, one per cell, named cell-00042 (its label id): a polygon, or a
         composite ROI for a cell of several pieces or with holes (open with Fiji's ROI Manager)."""
         async def work():
@@ -523,11 +587,12 @@ class CellSegmentation:
             data = await anyio.to_thread.run_sync(imagej_roi_zip, labels, limiter=self.cpu)
             return Response(data, media_type="application/zip", headers={
                 "X-Cell-Count": str(int(labels.max())), "Content-Disposition": 'attachment; filename="RoiSet.zip"'})
-        return await self._guarded(work)
+        return await self._guarded(work, ctx)
 
     @bentoml.api
-    async def geojson(self, image: Path, fg_threshold: FgThreshold = None, seed_threshold: SeedThreshold = None,
-                      min_size: MinSize = None, tta: Tta = False, pixel_size: PixelSizeUm = None) -> dict:
+    async def geojson(self, image: Path, ctx: bentoml.Context, fg_threshold: FgThreshold = None,
+                      seed_threshold: SeedThreshold = None, min_size: MinSize = None,
+                      tta: Tta = False, pixel_size: PixelSizeUm = None) -> dict:
         """QuPath GeoJSON (as JSON): a FeatureCollection of detections, one per cell (a Polygon with its holes, or a
         MultiPolygon for a cell of several pieces), with each cell's measurements (in µm too where a pixel size is
         known). Save it as cells.geojson and drag it onto the image in QuPath."""
@@ -540,12 +605,13 @@ class CellSegmentation:
                 return qupath_geojson(labels, add_physical_measurements(measure_cells(labels, raw), size))
 
             return await anyio.to_thread.run_sync(collect, limiter=self.cpu)
-        return await self._guarded(work)
+        return await self._guarded(work, ctx)
 
 
     @bentoml.api
-    async def report(self, image: Path, fg_threshold: FgThreshold = None, seed_threshold: SeedThreshold = None,
-                     min_size: MinSize = None, tta: Tta = False, pixel_size: PixelSizeUm = None) -> dict:
+    async def report(self, image: Path, ctx: bentoml.Context, fg_threshold: FgThreshold = None,
+                     seed_threshold: SeedThreshold = None, min_size: MinSize = None,
+                     tta: Tta = False, pixel_size: PixelSizeUm = None) -> dict:
         """Everything the web page (/ui) shows and offers, from one segmentation: count, confluence,
         per-cell measurements (area, centroid, perimeter, eccentricity, score...; in µm too where a pixel
         size is known, and pixel_size says which and from where), their units, the image rendered to
@@ -558,7 +624,7 @@ class CellSegmentation:
             result = await anyio.to_thread.run_sync(page_report, raw, labels, scores, upload_name(image), size,
                                                     limiter=self.cpu)
             return {"model": await self._model_info(), "params": {**params.to_dict(), "tta": tta}, **result}
-        return await self._guarded(work)
+        return await self._guarded(work, ctx)
 
 
 def document_error_responses() -> None:

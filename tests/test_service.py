@@ -6,6 +6,7 @@ import io
 import json
 import os
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -574,3 +575,32 @@ def test_a_disagreeing_int8_variant_is_not_served(tmp_path_factory, model_path, 
         assert "int8 disagrees with fp32" in (home / "serve.log").read_text()
     finally:
         local_server.stop_server(proc)
+
+
+def test_network_chunks_keep_a_large_images_pieces_apart():
+    """Issue 27 (10): a large image's pieces go to the network a chunk at a time, so that another
+    request's pieces run between them."""
+    import service
+
+    tile, small = np.zeros((1152, 1152), np.float32), np.zeros((544, 704), np.float32)
+    assert [len(c) for c in service.network_chunks([tile] * 3 + [small], 1_500_000)] == [1, 1, 1, 1]
+    assert [len(c) for c in service.network_chunks([small] * 4, 1_500_000)] == [3, 1]
+    assert service.network_chunks([], 1_500_000) == []
+
+
+def test_work_whose_client_hung_up_is_dropped(served, tmp_path):
+    """Issue 27 (10): three abandoned 16 MP requests kept the network busy for 53 s. A large image whose
+    client hangs up stops before its next chunk of pieces; the service keeps serving."""
+    server, log = served
+    side = 1400  # four 1024-px tiles, within the test server's 2 MP limit
+    pixels = (np.indices((side, side)).sum(axis=0) % 251).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    before = log.read_text().count("request dropped")
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{server}/segment", files={"image": ("big.png", buffer.getvalue())}, timeout=0.5)
+    deadline = time.time() + 60
+    while time.time() < deadline and log.read_text().count("request dropped") == before:
+        time.sleep(0.5)
+    assert log.read_text().count("request dropped") == before + 1
+    assert_still_serving(server)
