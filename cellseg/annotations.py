@@ -335,8 +335,12 @@ class _Scan:
             if image.resolve() in self.done:
                 continue
             height, width = _image_size(image)
-            if (int(entry.get("height", height)), int(entry.get("width", width))) != (height, width):
-                raise AnnotationError(f"{json_path} says {entry['file_name']} is {entry['width']}x{entry['height']}, "
+            stated = entry.get("height", height), entry.get("width", width)
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in stated):
+                raise AnnotationError(f"{json_path}: the image {_printable(entry.get('file_name'))!r} has a height or width "
+                                      f"that is not a whole number ({_printable(stated)})")
+            if stated != (height, width):
+                raise AnnotationError(f"{json_path} says {_printable(entry.get('file_name'))} is {stated[1]}x{stated[0]}, "
                                       f"but {image} is {width}x{height}")
             note = AnnotatedImage(self.new_id(image, base), image, json_path, COCO_JSON)
             cells = coco_cells(coco, image_id, height, width, json_path, note)
@@ -746,9 +750,9 @@ def _polygonal(feature: dict, path: Path, number: int):
         raise AnnotationError(f"{what}: coordinates must be finite numbers within ±{MAX_COORDINATE:g} pixels")
     if not geometry.is_valid:
         geometry = shapely.make_valid(geometry)
-    polygons = [g for g in shapely.get_parts(geometry) if g.geom_type in ("Polygon", "MultiPolygon")]
+    polygons = [g for g in shapely.get_parts(geometry) if g.geom_type in ("Polygon", "MultiPolygon") and not g.is_empty]
     if not polygons:
-        return None
+        return None  # a point, a line, or an empty polygon: no area, not a cell
     return shapely.union_all(polygons)
 
 

@@ -259,3 +259,20 @@ def test_kaggle_rows_with_a_missing_png_or_an_impossible_size_are_one_line_error
     assert main(["evaluate", "--data", str(tmp_path), "--split", "all", "--quiet"]) == 2
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and "train.csv" in error and "a1" in error, error
+
+
+def test_empty_polygons_are_not_cells_and_coco_sizes_must_be_whole_numbers(tmp_path):
+    """Item 7: an empty GeoJSON polygon was 'wholly outside the image (x 0..0)'; a COCO image height
+    of "abc" gave "invalid literal for int()" without naming the file."""
+    write_image(tmp_path / "a.png", (64, 64))
+    square = [[[10, 10], [30, 10], [30, 30], [10, 30], [10, 10]]]
+    features = [{"type": "Feature", "properties": {}, "geometry": {"type": "Polygon", "coordinates": c}}
+                for c in ([], square)]
+    (tmp_path / "a.geojson").write_text(json.dumps(features))
+    code, text, _ = scan([tmp_path])
+    assert code == 0 and text.split() == ["1", "1"], text
+    coco = tmp_path / "coco"
+    coco.mkdir()
+    path = coco_file(coco, [{"segmentation": [SQUARE]}],
+                     images=[{"id": 1, "file_name": "a.png", "height": "abc", "width": 128}])
+    one_line_error(scan([path]), str(path), "not a whole number")
