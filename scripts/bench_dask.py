@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from bench_inference import command_line, machine_description, publish_report  # noqa: E402
 from cellseg.data import default_data_root  # noqa: E402
 from cellseg.onnx_model import default_model_path  # noqa: E402
-from cellseg.variants import default_variant  # noqa: E402
+from cellseg.variants import choose_for_model  # noqa: E402
 
 DEFAULT = "labels,csv,coco"  # cellseg segment's default outputs
 OPTIONAL = ("rois", "geojson")  # each measured added to the default ones
@@ -90,14 +90,15 @@ def peak_rss(client) -> list[int]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, default=default_variant(default_model_path()),
-                   help="the ONNX file every row runs (default: the one `cellseg segment` runs by default)")
+    p.add_argument("--model", type=Path, help="the ONNX file every row runs (default: the one `cellseg segment` "
+                                               "runs by default on this CPU)")
     p.add_argument("--data", type=Path, default=default_data_root())
     p.add_argument("--images", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--json", type=Path)
     args = p.parse_args()
+    args.model = args.model or choose_for_model(default_model_path()).path
     sources = (sorted((args.data / "livecell" / "images").rglob("*.tif"))
                + sorted((args.data / "sartorius" / "train").glob("*.png")))[: args.images]
     format_sets = {"default": DEFAULT, **{fmt: f"{DEFAULT},{fmt}" for fmt in OPTIONAL}}
