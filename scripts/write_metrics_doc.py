@@ -66,7 +66,8 @@ with and without VNNI: its row's two columns are identical, and it runs the same
 file, at the same speed. U8U8 is as accurate everywhere but 3× slower than fp32 here (no VNNI kernel
 for it); S8S8 is slower than fp32 here (a user measured it accurate on an AVX2 EPYC, 0.453 / 0.206);
 keeping the first and last convolutions in fp32 holds on AVX2 too, within 0.01, but its maps still
-differ between the two CPUs (the other layers' sums still saturate there). The 7-bit file ships; the runtime still checks int8 against fp32 on each CPU that loads it (README, "Which precision
+differ between the two CPUs (the other layers' sums still saturate there). The 7-bit file ships;
+the runtime still checks int8 against fp32 on each CPU that loads it (README, "Which precision
 answers").
 """
 
