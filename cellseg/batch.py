@@ -162,6 +162,20 @@ def _comparable(settings: dict) -> dict:
     return {k: v for k, v in {**SETTINGS_ADDED_LATER, **settings}.items() if k not in NOT_COMPARED}
 
 
+def _differences(then: dict, now: dict, prefix: str = "") -> list[str]:
+    """'params.min_size: 20 then, 5000 now' for each setting that differs (inside dicts: the keys that do)."""
+    lines = []
+    for key in sorted(set(then) | set(now)):
+        old, new = then.get(key), now.get(key)
+        if old == new:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):
+            lines += _differences(old, new, f"{prefix}{key}.")
+        else:
+            lines.append(f"{prefix}{key}: {old!r} then, {new!r} now")
+    return lines
+
+
 def prepare_output(out: Path, settings: dict, overwrite: bool) -> None:
     """Create `out` and record the job's settings there, refusing to mix settings in one folder."""
     try:
@@ -172,9 +186,7 @@ def prepare_output(out: Path, settings: dict, overwrite: bool) -> None:
     if job_file.is_file() and not overwrite:
         recorded, settings = _comparable(json.loads(job_file.read_text())), _comparable(settings)
         if recorded != settings:
-            changed = sorted(k for k in set(recorded) | set(settings) if recorded.get(k) != settings.get(k))
-            raise JobError(f"{out} holds results made with other settings ({', '.join(changed)}: "
-                           f"{ {k: recorded.get(k) for k in changed} } then, { {k: settings.get(k) for k in changed} } now); "
+            raise JobError(f"{out} holds results made with other settings ({'; '.join(_differences(recorded, settings))}); "
                            "use another --out, or --overwrite to redo every image with the new settings")
     elif not job_file.is_file() and any((out / "records").glob("*.json")) and not overwrite:
         raise JobError(f"{out} holds results of a job with unknown settings; use another --out or --overwrite")

@@ -83,7 +83,10 @@ def test_rerun_with_other_settings_is_refused_unless_overwrite(inputs, tmp_path,
     assert len(job["model_sha256"]) == 64 and job["params"]["min_size"] > 0
     capsys.readouterr()
     assert run(inputs, out, "--min-size", "5000") == 2
-    assert "other settings (params" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    # issue 25: only the setting that differs, not both whole settings
+    assert f"other settings (params.min_size: {job['params']['min_size']} then, 5000 now)" in error, error
+    assert "fg_threshold" not in error
     assert run(inputs, out, "--min-size", "5000", "--overwrite") == 3
     assert json.loads((out / "job.json").read_text())["params"]["min_size"] == 5000
     after = json.loads((out / "records" / f"{before['name']}.json").read_text())

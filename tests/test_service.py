@@ -458,11 +458,12 @@ def test_readme_examples_write_only_under_ignored_outputs(server, tif, tmp_path)
         assert run.returncode == 0, (heading, run.stderr[-2000:])
     written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
     assert written == [f"outputs/{name}" for name in
-                       ("RoiSet.zip", "cells.geojson", "fg.png", "labels.png", "overlay.png")], written
+                       ("RoiSet.zip", "cells.geojson", "fg.png", "labels.png", "overlay.png", "report.json")], written
     for name in ("labels.png", "fg.png", "overlay.png"):
         assert (tmp_path / "outputs" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     assert zipfile.ZipFile(tmp_path / "outputs" / "RoiSet.zip").namelist()[0] == "cell-00001.roi"
     assert json.loads((tmp_path / "outputs" / "cells.geojson").read_text())["type"] == "FeatureCollection"
+    assert json.loads((tmp_path / "outputs" / "report.json").read_text())["count"] > 0  # issue 25: not printed
     if (REPO / ".git").exists():  # a checkout, not an unpacked copy
         ignored = subprocess.run(["git", "check-ignore", "-q", "outputs/labels.png"], cwd=REPO)
         assert ignored.returncode == 0, "outputs/ is not ignored by git"
