@@ -46,8 +46,9 @@ def console() -> list[str]:
     return []
 
 
-def open_page(browser, served, console, width: int, height: int):
-    context = browser.new_context(viewport={"width": width, "height": height}, accept_downloads=True)
+def open_page(browser, served, console, width: int, height: int, touch: bool = False):
+    context = browser.new_context(viewport={"width": width, "height": height}, accept_downloads=True,
+                                  has_touch=touch, is_mobile=touch)
     page = context.new_page()
     page.on("console", lambda message: console.append(message.text))
     page.goto(f"{served[0]}/ui")
@@ -113,6 +114,8 @@ def test_page_segments_reruns_downloads_and_reports_errors(page, served, tif, cl
     assert page.text_content("#median-area").endswith("px²")
     histogram = page.text_content("#histogram")
     assert "cell area (px²)" in histogram and "number of cells" in histogram
+    ticks = histogram_ticks(page)  # issue 25: 0/250/500, not 0/204/408
+    assert len(ticks) >= 3 and ticks[0] == 0 and all(is_round(t) for t in ticks), ticks
     assert "mean foreground probability" in page.get_attribute("#cells th[data-key=score]", "title")
     for name in ("fg_threshold", "seed_threshold", "min_size", "tta"):
         help_id = page.get_attribute(f"#{name}", "aria-describedby")
@@ -187,7 +190,14 @@ def test_page_shows_square_micrometres_and_says_which_pixel_size(page, client, t
     expected = sorted(c.area_um2 for c in client.segment(calibrated).cells)
     page.click("#cells th[data-key=area]")  # ascending
     shown = [float(a) for a in page.locator("#cells tbody tr td:nth-child(2)").all_text_contents()]
-    assert shown == pytest.approx(expected)
+    # issue 25: shown to three significant digits (the unit from 100 on), every digit in the cell's title
+    assert shown == pytest.approx(expected, rel=5e-3, abs=0.5)
+    assert all(len(text.replace(".", "").lstrip("0")) <= 3 or "." not in text
+               for text in page.locator("#cells tbody tr td:nth-child(2)").all_text_contents())
+    cells = [page.locator(f"#cells tbody tr:nth-child({i + 1}) td:nth-child(2)") for i in range(3)]
+    assert [float(c.get_attribute("title") or c.text_content()) for c in cells] == pytest.approx(expected[:3])
+    ticks = histogram_ticks(page)
+    assert len(ticks) >= 3 and ticks[0] == 0 and all(is_round(t) for t in ticks), ticks
 
     # a typed size overrides the image's
     before = results_shown(page)
@@ -196,7 +206,7 @@ def test_page_shows_square_micrometres_and_says_which_pixel_size(page, client, t
     wait_for_result(page, before)
     assert page.text_content("#pixel-size-note") == "Pixel size 0.5 µm (given in the pixel size field)."
     shown = [float(a) for a in page.locator("#cells tbody tr td:nth-child(2)").all_text_contents()]
-    assert shown == pytest.approx(sorted(c.area * 0.25 for c in client.segment(tif).cells))
+    assert shown == pytest.approx(sorted(c.area * 0.25 for c in client.segment(tif).cells), rel=5e-3, abs=0.5)
 
     # emptied, on an image without a size: pixels, and the page says so
     before = results_shown(page)
@@ -222,6 +232,22 @@ def assert_no_result_shown(page) -> None:
     assert page.locator("#downloads a[href]").count() == 0 and not page.is_visible("#downloads")
     assert not page.is_visible("#view-image") and not page.is_visible("#view-outlines")
     assert page.is_disabled("#run")
+    # issue 25: the table's units follow the histogram's (after a calibrated result, µm² stayed)
+    assert "(px²)" in page.text_content("#cells th[data-key=area]") and "(px²)" in page.text_content("#histogram")
+
+
+def histogram_ticks(page) -> list[float]:
+    return [float(t) for t in page.locator("#histogram text.tick").all_text_contents()]
+
+
+def is_round(value: float) -> bool:
+    """0, or 1, 2, 2.5 or 5 times a power of ten, or a whole multiple of one (250, 750, 1500)."""
+    import math
+
+    if value == 0:
+        return True
+    power = 10 ** math.floor(math.log10(value))
+    return any(abs(value / (m * power) - round(value / (m * power))) < 1e-9 for m in (1, 2.5))
 
 
 def test_image_over_the_limit_clears_the_previous_result(page, tif, tmp_path):
@@ -241,6 +267,28 @@ def test_image_over_the_limit_clears_the_previous_result(page, tif, tmp_path):
     assert "huge.png" in page.text_content("#error")
     assert "HTTP 413" in page.text_content("#status-text")
     assert_no_result_shown(page)
+
+
+def test_page_reads_well_on_a_phone(browser, served, tif, console):
+    """Issue 25: on a phone the hints say tap and pinch (not drop and Ctrl + wheel); a tapped row brings
+    the image, with its cell, back into view; Fit leaves no scrollbar gutter (the black strip)."""
+    context, page = open_page(browser, served, console, 390, 844, touch=True)
+    try:
+        assert page.is_visible("text=Tap to choose an image") and not page.is_visible("text=Drop an image here")
+        assert page.is_visible("text=pinch to zoom") and not page.is_visible("text=Ctrl + wheel")
+        page.set_input_files("#file", str(tif))
+        wait_for_result(page, 0)
+        page.wait_for_function("document.querySelector('#view-image').complete")
+        gutter = "(v => [v.offsetWidth - v.clientWidth, v.offsetHeight - v.clientHeight])(document.querySelector('#viewer'))"
+        assert page.evaluate(gutter) == [0, 0]
+        page.locator("#cells tbody tr").nth(5).scroll_into_view_if_needed()
+        assert page.evaluate("document.querySelector('#viewer').getBoundingClientRect().bottom") < 0  # scrolled away
+        page.locator("#cells tbody tr").nth(5).click()
+        page.wait_for_function("""() => { const r = document.querySelector('#viewer').getBoundingClientRect();
+                                          return r.top >= -1 && r.bottom <= window.innerHeight + 1; }""", timeout=5_000)
+        assert page.is_visible("#marker")
+    finally:
+        context.close()
 
 
 def test_page_fits_a_phone(browser, served, tif, console):
