@@ -102,6 +102,12 @@ def test_page_segments_reruns_downloads_and_reports_errors(page, served, tif, cl
     assert width == 704  # the server-rendered overlay of the TIFF, at full size
     assert float(page.text_content("#confluence").rstrip("%")) > 0
     min_size = int(page.input_value("#min_size"))  # the model's default, filled in after the run
+    # issue 25: fitted, the image fills the viewer: no black strip beside it (the box keeps the image's shape)
+    page.wait_for_function("document.querySelector('#view-image').complete")
+    strip = page.evaluate("""() => { const v = document.querySelector('#viewer').getBoundingClientRect();
+                                     const i = document.querySelector('#view-image').getBoundingClientRect();
+                                     return [v.right - i.right, v.bottom - i.bottom]; }""")
+    assert max(strip) <= 3, strip
     shot = SCREENSHOT if os.environ.get("CELLSEG_UPDATE_DOCS") == "1" else tmp_path / "web-ui.png"
     page.screenshot(path=str(shot))
     from PIL import Image
