@@ -93,17 +93,25 @@ def load_test(url: str, payloads: list[tuple[str, bytes]], concurrency: int, req
             "statuses": sorted({status for status, _, _ in results}),
             "p50_ms": round(percentile(latencies, 50), 1), "p95_ms": round(percentile(latencies, 95), 1),
             "images_per_s": round(len(latencies) / wall, 2),
-            "mean_batch_size": round((sum1 - sum0) / max(count1 - count0, 1), 2),
+            # None where this URL's /metrics has no batch-size metric for predict (the network process's
+            # metrics are not the front's on every BentoML setup): unknown, not 0
+            "mean_batch_size": round((sum1 - sum0) / (count1 - count0), 2) if count1 > count0 else None,
             # the service's own account of each request (its Server-Timing header), median per stage
             "server_timing_p50_ms": medians(stages),
             # with --server-pid: CPU milliseconds each of the service's processes spent per request
             "cpu_ms_per_request": {role: round((cpu1[role] - cpu0.get(role, 0.0)) * 1000 / requests, 1)
-                                   for role in cpu1}}
+                                   for role in cpu1} if server_pid else None}
 
 
-def medians(dicts: list[dict], digits: int = 1) -> dict:
-    """Per key of the first dict, the median of its values over all of them ({} for none)."""
-    return {key: round(statistics.median(d[key] for d in dicts), digits) for key in dicts[0]} if dicts else {}
+def medians(dicts: list[dict | None], digits: int = 1) -> dict:
+    """Per key of the first dict, the median of its known values over all of them (None where none is
+    known; {} for no dicts)."""
+    dicts = [d for d in dicts if d]
+    out = {}
+    for key in dicts[0] if dicts else ():
+        known = [d[key] for d in dicts if d.get(key) is not None]
+        out[key] = round(statistics.median(known), digits) if known else None
+    return out
 
 
 def server_timing(response: httpx.Response) -> dict[str, float]:
@@ -178,7 +186,7 @@ def main() -> int:
                        "fresh_connections": args.fresh_connections, "failed": sum(s["failed"] for s in same),
                        **medians([{key: s[key] for key in ("p50_ms", "p95_ms", "images_per_s", "mean_batch_size")}
                                   for s in same], digits=2),
-                       "cpu_ms_per_request": medians([s["cpu_ms_per_request"] for s in same])})
+                       "cpu_ms_per_request": medians([s["cpu_ms_per_request"] for s in same]) or None})
     best_server = max(level["images_per_s"] for level in levels)
     c1 = next((level for level in levels if level["concurrency"] == 1), None)
     network_ms = statistics.median(r["in_process_network_only_ms"] for r in rounds)
