@@ -28,6 +28,11 @@ def test_bentoml_build(tmp_path, model_path):
     src = bento / "src"
     assert (src / "service.py").is_file() and (src / "cellseg" / "inference.py").is_file()
     assert (src / "cellseg" / "web" / "index.html").is_file()  # the /ui page works inside the container
+    # the precision check's reference images: without them the container could never serve int8
+    from cellseg.precision import REFERENCE_DIR
+
+    assert sorted(p.name for p in (src / "cellseg" / "reference").glob("*.png")) == \
+        sorted(p.name for p in REFERENCE_DIR.glob("*.png"))
     assert not (src / "train").exists() and not (src / "tests").exists()
     lines = (bento / "env" / "python" / "requirements.txt").read_text().lower().splitlines()
     packages = {line.split("==")[0].strip() for line in lines if line.strip() and not line.startswith("#")}
