@@ -60,6 +60,10 @@ def test_containerized_service(tmp_path, model_path, demo_images, served_model):
         labels = np.asarray(Image.open(io.BytesIO(r.content)))
         # the image serves the default variant (int8 where its accuracy allows), as `bentoml serve` does
         np.testing.assert_array_equal(labels, served_model.segment([read_image(tif)])[0].labels)
+        # issue 24: the container checked int8 on this CPU with the reference images it carries
+        model = httpx.post(f"http://127.0.0.1:{port}/model", json={}, timeout=60).json()
+        served = "int8" if served_model.path.name.endswith(".int8.onnx") else "fp32"
+        assert model["precision"] == served and "could not be checked" not in model["precision_reason"], model
         bad = httpx.post(f"http://127.0.0.1:{port}/segment", files={"image": ("x.png", b"junk")}, timeout=60)
         assert bad.status_code == 400 and "error" in json.loads(bad.text)
     finally:
