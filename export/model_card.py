@@ -206,9 +206,11 @@ def write_finetune_card(path: Path, results: dict, fp32: Path, int8: Path) -> No
     training = results["training"]
     held = results["held_back"]
     here = _here_text(results.get("precision_here"))
+    verdict = results.get("verdict")
+    lead = f"**{verdict['line']}**\n\n" if verdict else ""
     text = f"""# Model card: {results['name']}
 
-Fine-tuned from `{Path(results['base']).name}` (sha256 `{results['base_sha256']}`) on a lab's own annotated
+{lead}Fine-tuned from `{Path(results['base']).name}` (sha256 `{results['base_sha256']}`) on a lab's own annotated
 images with `python -m train finetune`.
 
 - `{fp32.name}`: fp32 ONNX, sha256 `{sha256_file(fp32)}`; thresholds and provenance in its metadata (`cellseg`).

@@ -131,6 +131,8 @@ def main(argv=None) -> int:
     p.add_argument("--int8", type=Path, default=None,
                    help="its int8 variant (default: <model>.int8.onnx beside it, if present)")
     p.add_argument("--no-int8", action="store_true", help="register the fp32 model alone")
+    p.add_argument("--force", action="store_true",
+                   help="register a fine-tuned model whose run found it not better than its base (metrics.json)")
     p.add_argument("--name", default=None,
                    help=f"model-store name (default {MODEL_NAME}, which only the shipped model may take: it is what "
                         "the service serves by default)")
@@ -144,6 +146,15 @@ def main(argv=None) -> int:
     return 0
 
 
+def finetune_verdict(model: Path) -> dict | None:
+    """The verdict `python -m train finetune` wrote beside a model it made (its metrics.json), if any."""
+    metrics = Path(model).parent / "metrics.json"
+    try:
+        return json.loads(metrics.read_text()).get("verdict") if metrics.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def register_checked(args: argparse.Namespace):
     """`register` after checking the name and the files (RegisterError names what is wrong)."""
     check_model_file(args.model)
@@ -152,6 +163,10 @@ def register_checked(args: argparse.Namespace):
         raise RegisterError(f"{args.model} is not the shipped model: register it under a name of its own "
                             f"(--name my-lab), so that {MODEL_NAME}:latest, which the service serves by default, "
                             "stays the shipped model")
+    verdict = finetune_verdict(args.model)
+    if verdict and verdict.get("outcome") == "not better" and not getattr(args, "force", False):
+        raise RegisterError(f"{args.model}'s fine-tuning found it not better than its base ({verdict.get('line')}); "
+                            "keep the base model, or --force to register it anyway")
     int8 = None if args.no_int8 else (args.int8 or args.model.with_suffix(".int8.onnx"))
     if int8 is not None and not int8.is_file():
         if args.int8:

@@ -78,6 +78,9 @@ def test_a_two_minute_finetune_registers_serves_and_evaluates(tmp_path, data_roo
     results = json.loads((out / "metrics.json").read_text())
     assert results["images"] and results["measured_on"].startswith("training images")  # 2 images: none held back
     assert {"ap50", "msa"} <= set(results["before"]) and {"fp32", "int8"} <= set(results["after"])
+    # issue 29: two images (none held back) cannot tell; the run says so last, the card says so first
+    assert results["verdict"]["outcome"] == "can't tell" and "VERDICT: CAN'T TELL" in run.stdout.splitlines()[-1]
+    assert results["verdict"]["line"] in (out / "MODEL_CARD.md").read_text().split("\n\n")[1]
     from cellseg.onnx_model import OnnxModel
 
     model = OnnxModel(out / "model.onnx")
@@ -171,3 +174,42 @@ def test_a_full_disk_leaves_no_half_written_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         save_checkpoint(tmp_path / "finetune.pt", {})
     assert list(tmp_path.iterdir()) == []
+
+
+def rows(msa: list[float]) -> list[dict]:
+    return [{"id": f"lab:{i}.png", "msa": value} for i, value in enumerate(msa)]
+
+
+@pytest.mark.parametrize("before, after, held_back, outcome, status", [
+    ([0.10, 0.20, 0.15, 0.12, 0.18, 0.11], [0.15, 0.26, 0.19, 0.17, 0.24, 0.15], True, "better", 0),
+    ([0.10, 0.20, 0.15, 0.12, 0.18, 0.11], [0.05, 0.13, 0.10, 0.08, 0.11, 0.07], True, "not better", 5),
+    ([0.10, 0.20, 0.15, 0.12, 0.18, 0.11], [0.16, 0.12, 0.19, 0.06, 0.22, 0.10], True, "can't tell", 0),
+    ([0.10, 0.20], [0.30, 0.40], True, "can't tell", 0),  # two images cannot tell, however large the gain
+    ([0.10, 0.20, 0.15], [0.30, 0.40, 0.35], False, "can't tell", 0),  # measured on its training images
+])
+def test_the_verdict_says_better_not_better_or_cant_tell(before, after, held_back, outcome, status):
+    """Issue 29: every run ends with one of three answers; a worse model is said to be so and exits 5."""
+    from train.verdict import judge
+
+    verdict = judge(rows(before), rows(after), held_back, steps=500)
+    assert (verdict.outcome, verdict.exit_status) == (outcome, status), verdict
+    assert verdict.line().startswith(f"VERDICT: {outcome.upper()}: mSA ")
+    assert "busy" not in verdict.line() and "busy" in judge(rows(before), rows(after), held_back, steps=20).line()
+
+
+def test_register_refuses_a_model_its_run_found_not_better_unless_forced(tmp_path, model_path, monkeypatch, capsys):
+    import shutil
+
+    import export.register as register
+    from train.verdict import judge
+
+    calls = []
+    monkeypatch.setattr(register, "register", lambda path, name, int8: calls.append(name) or (None, True))
+    monkeypatch.setattr(register, "summary", lambda model, created: {})
+    shutil.copy(model_path, tmp_path / "model.onnx")
+    worse = judge(rows([0.2, 0.3, 0.25, 0.2]), rows([0.1, 0.15, 0.12, 0.1]), True, steps=500)
+    (tmp_path / "metrics.json").write_text(json.dumps({"verdict": worse.to_dict()}))
+    assert register.main(["--model", str(tmp_path / "model.onnx"), "--name", "lab"]) == 2
+    assert "not better than its base" in capsys.readouterr().err and calls == []
+    assert register.main(["--model", str(tmp_path / "model.onnx"), "--name", "lab", "--force"]) == 0
+    assert calls == ["lab"]

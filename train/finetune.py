@@ -50,6 +50,7 @@ from train.dataset import CropDataset  # noqa: E402
 from train.loop import lr_factor, save_checkpoint, torch_predictor, train_step  # noqa: E402
 from train.model import load_weights, weights_architecture  # noqa: E402
 from train.speed import choose_precision, describe_device, to_layout  # noqa: E402
+from train.verdict import judge  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_BASE = REPO / "models" / "livecell-unet.safetensors"
@@ -303,6 +304,8 @@ def run(args: argparse.Namespace, command: str, samples: list[Sample], split: Sp
         "training": metadata["training"], "parity_max_abs_diff": diff,
         "command": command,
     }
+    verdict = judge(before["per_image"], after["fp32"]["per_image"], bool(split.held_back), state["step"])
+    results["verdict"] = verdict.to_dict()
     # what `python -m export register` and batch jobs read to pick the precision to serve
     for path, metrics in ((fp32, after["fp32"]), (int8, after["int8"])):
         path.with_suffix(".metrics.json").write_text(json.dumps(
@@ -317,4 +320,5 @@ def run(args: argparse.Namespace, command: str, samples: list[Sample], split: Sp
     print(f"wrote {fp32}, {int8}, {args.out / 'metrics.json'}, {args.out / 'MODEL_CARD.md'} "
           f"in {results['minutes_total']} min; register with: "
           f"python -m export register --model {fp32} --name {args.name}", flush=True)
-    return 0
+    print(verdict.line(), flush=True)  # the last word: better, not better (exit 5) or can't tell
+    return verdict.exit_status

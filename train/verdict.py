@@ -1,0 +1,73 @@
+"""Is a fine-tuned model better than its base? One clear answer from the held-back images, with its
+uncertainty, so that no run hands back a worse model unannounced (issue 29).
+
+The per-image mSA differences (after - before, the same images) are resampled (paired bootstrap) for
+a 90% interval of their mean: better where the whole interval is above 0, not better where it is
+below 0, can't tell otherwise, or with fewer than MIN_IMAGES held-back images (two images cannot tell
+better from worse: issue 29 saw them disagree with ten unseen ones), or none (a run of fewer than
+three images measures on its own training images).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+MIN_IMAGES = 3
+RESAMPLES = 2000
+LEVEL = 0.90
+EXIT_NOT_BETTER = 5  # the run's exit status where the fine-tuned model is not better (0 otherwise)
+BETTER, NOT_BETTER, CANT_TELL = "better", "not better", "can't tell"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    outcome: str  # better | not better | can't tell
+    reason: str
+    images: int  # held-back images measured
+    msa_before: float
+    msa_after: float
+    low: float  # LEVEL interval of the mean per-image mSA difference
+    high: float
+
+    @property
+    def exit_status(self) -> int:
+        return EXIT_NOT_BETTER if self.outcome == NOT_BETTER else 0
+
+    def line(self) -> str:
+        interval = f", {LEVEL:.0%} interval of the per-image difference {self.low:+.3f}..{self.high:+.3f}" \
+            if self.images >= MIN_IMAGES else ""
+        return (f"VERDICT: {self.outcome.upper()}: mSA {self.msa_before:.3f} -> {self.msa_after:.3f} on "
+                f"{self.images} held-back image{'s' if self.images != 1 else ''}{interval}; {self.reason}")
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "line": self.line(), "exit_status": self.exit_status}
+
+
+def judge(before: list[dict], after: list[dict], held_back: bool, steps: int, seed: int = 0) -> Verdict:
+    """The verdict from `evaluate_segmentations`' per-image rows of the base (`before`) and the
+    fine-tuned model (`after`) on the same images; `steps` made, to say when training barely ran."""
+    after_by_id = {row["id"]: row["msa"] for row in after}
+    differences = np.array([after_by_id[row["id"]] - row["msa"] for row in before])
+    msa_before = float(np.mean([row["msa"] for row in before])) if before else 0.0
+    msa_after = float(np.mean(list(after_by_id.values()))) if after else 0.0
+    few_steps = f" (only {steps} training steps were made: the machine may have been busy)" if steps < 100 else ""
+    if not held_back:
+        return Verdict(CANT_TELL, "no image was held back (fewer than 3 annotated images): these figures come from "
+                       f"the training images themselves; annotate more images to know{few_steps}", len(before),
+                       msa_before, msa_after, 0.0, 0.0)
+    if len(differences) < MIN_IMAGES:
+        return Verdict(CANT_TELL, f"{len(differences)} held-back images are too few to tell better from worse; hold "
+                       f"back at least {MIN_IMAGES} (--hold-out){few_steps}", len(differences), msa_before, msa_after,
+                       0.0, 0.0)
+    rng = np.random.default_rng(seed)
+    means = differences[rng.integers(0, len(differences), size=(RESAMPLES, len(differences)))].mean(axis=1)
+    low, high = (float(v) for v in np.quantile(means, [(1 - LEVEL) / 2, (1 + LEVEL) / 2]))
+    if low > 0:
+        outcome, reason = BETTER, "use it"
+    elif high < 0:
+        outcome, reason = NOT_BETTER, "keep the base model; `export register` refuses this one without --force"
+    else:
+        outcome, reason = CANT_TELL, "the difference is within what these images vary by"
+    return Verdict(outcome, reason + few_steps, len(differences), msa_before, msa_after, low, high)
