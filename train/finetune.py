@@ -17,6 +17,10 @@ LIVECell and Kaggle layouts). The run:
 
 `python -m export register --model DIR/model.onnx --name NAME` then puts it in the BentoML store, and
 `cellseg segment --model DIR/model.onnx` runs it in batch jobs.
+
+The run ends with its verdict (train/verdict.py): better, not better or can't tell. Exit status:
+0 better or can't tell; 2 usage error (nothing trained); 4 an output could not be written (resume
+with --resume); 5 not better than the base on the held-back images (register refuses it without --force).
 """
 
 from __future__ import annotations
