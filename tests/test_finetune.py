@@ -213,3 +213,23 @@ def test_register_refuses_a_model_its_run_found_not_better_unless_forced(tmp_pat
     assert "not better than its base" in capsys.readouterr().err and calls == []
     assert register.main(["--model", str(tmp_path / "model.onnx"), "--name", "lab", "--force"]) == 0
     assert calls == ["lab"]
+
+
+@pytest.mark.data
+def test_the_ready_example_folder_reads_back_as_its_annotations(tmp_path, data_root):
+    """Issue 29 (5): `python scripts/make_example.py` makes the README's fine-tuning folder from the data."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from make_example import main as make_example
+
+    from cellseg.annotations import scan_annotated
+    from cellseg.data import load_split
+
+    assert make_example(["--cell-type", "astro", "--images", "2", "--out", str(tmp_path / "my_lab"),
+                         "--data", str(data_root)]) == 0
+    scan = scan_annotated([tmp_path / "my_lab" / "astro"])
+    truth = {s.id.split(":")[-1]: s for s in load_split(data_root, "train") if s.cell_type == "astro"}
+    assert len(scan.samples) == 2 and {s.cell_type for s in scan.samples} == {"astro"}
+    for sample in scan.samples:
+        expected = truth[sample.image_path.stem]
+        assert sample.labels().max() == len(np.unique(expected.labels())) - 1
+        assert np.array_equal(sample.labels() > 0, expected.labels() > 0)
