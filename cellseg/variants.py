@@ -39,23 +39,22 @@ def choose_for_model(model: Path, requested: str | None = None, providers=None, 
     within tolerance and, on this CPU, it agrees with fp32 and is faster; else the fp32 file. An int8
     file given by name is asked for (unless `requested` says otherwise) and checked against its fp32
     sibling where there is one."""
-    from cellseg.precision import PrecisionChoice, choose_precision, fp32_sibling, requested_precision
+    from cellseg.precision import PrecisionChoice, choose_precision, fp32_sibling, int8_sibling, requested_precision
 
     model = Path(model)
     if not model.is_file():
         raise FileNotFoundError(f"ONNX model not found: {model}")
     fp32 = fp32_sibling(model)
     if fp32 is None:  # an fp32 file
-        int8 = model.with_suffix(".int8.onnx")
-        int8 = int8 if int8.is_file() else None
+        int8 = int8_sibling(model) if int8_sibling(model).is_file() else None
         return choose_precision(model, int8, requested, providers, threads,
                                 int8_validated=int8 is not None and int8_validated(model, int8))
     wanted = requested_precision(requested or "int8")
-    if wanted == "fp32" or not fp32.is_file():
-        if wanted == "fp32":
-            if not fp32.is_file():
-                raise FileNotFoundError(f"fp32 asked for, but {model} has no fp32 file beside it ({fp32.name})")
-            return choose_precision(fp32, None, "fp32", providers, threads)
+    if wanted == "fp32":
+        if not fp32.is_file():
+            raise FileNotFoundError(f"fp32 asked for, but {model} has no fp32 file beside it ({fp32.name})")
+        return choose_precision(fp32, None, "fp32", providers, threads)
+    if not fp32.is_file():
         return PrecisionChoice("int8", model, f"int8 file given; no fp32 file beside it ({fp32.name}) to check it against",
                                wanted)
     return choose_precision(fp32, model, wanted, providers, threads, int8_validated=int8_validated(fp32, model))
