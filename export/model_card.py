@@ -226,12 +226,12 @@ images with `python -m train finetune`.
 ## Before and after ({'held-back' if held else 'training'} images, `cellseg.evaluate`)
 {table}
 
-Thresholds picked on the training images (never on the held-back ones): `{results['postprocess']}`
+Thresholds: {results.get('thresholds', {}).get('reason', 'picked on the training images')}: `{results['postprocess']}`
 (the base model's: `{results['base_postprocess']}`).
 
 ## Training
 {training['steps']} steps of {training['batch_size']} x {training['crop']}² crops in {training['train_minutes']} min
-(budget {training['minutes']} min) on {training['device']}, precision {training['precision']}, peak learning rate
+({training.get('steps_per_minute', '?')} a minute; the whole run's budget {training['minutes']} min) on {training['device']}, precision {training['precision']}, peak learning rate
 {training['lr']}, seed {training['seed']}; {results['minutes_total']} min in all with measuring and export.
 
 Command: `{training['command']}`

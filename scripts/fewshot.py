@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -61,6 +62,11 @@ def main() -> int:
                         "train: the test images are ones the shipped model never saw (validation)")
     p.add_argument("--base-model", type=Path, default=default_model_path(),
                    help="the base ONNX (before); its weights, <stem>.safetensors beside it, are fine-tuned")
+    p.add_argument("--hold-out", default="0",
+                   help="passed to finetune: images held back for its verdict ('auto': finetune's default, as a lab "
+                        "runs it; default 0: all k train)")
+    p.add_argument("--finetune-args", default="",
+                   help="more finetune options, one string (e.g. \"--freeze-encoder --lr 1e-3\")")
     p.add_argument("--data", type=Path, default=default_data_root())
     p.add_argument("--work", type=Path, default=Path("runs/fewshot"))
     p.add_argument("--json", type=Path)
@@ -80,7 +86,7 @@ def main() -> int:
               "test_images_the_base_trained_on": sum(s.id in base_trained_on for s in test),
               "base_model": str(args.base_model),
               "before": measure(args.base_model, test, images), "runs": [], "machine": machine_description(),
-              "command": command_line()}
+              "command": command_line(), "finetune_args": args.finetune_args, "hold_out": args.hold_out}
     print(f"{args.type}: before {result['before']} on {len(test)} images", flush=True)
     for k in (int(v) for v in args.k.split(",")):
         if k > len(pool):
@@ -89,13 +95,19 @@ def main() -> int:
         run = args.work / f"{args.type}-k{k}"
         write_lab_folder(pool[:k], run / args.type)  # the folder's name is the cell type in reports
         started = time.time()
-        subprocess.run([sys.executable, "-m", "train", "finetune", str(run / args.type), "--out", str(run / "model"),
-                        "--minutes", str(args.minutes), "--hold-out", "0", "--name", f"{args.type}-k{k}",
-                        "--base", str(args.base_model.with_suffix(".safetensors"))],
-                       cwd=ROOT, check=True)
+        hold_out = [] if args.hold_out == "auto" else ["--hold-out", args.hold_out]
+        finished = subprocess.run([sys.executable, "-m", "train", "finetune", str(run / args.type), "--out",
+                                   str(run / "model"), "--overwrite", "--minutes", str(args.minutes), *hold_out,
+                                   "--name", f"{args.type}-k{k}", "--base", str(args.base_model.with_suffix(".safetensors")),
+                                   *shlex.split(args.finetune_args)], cwd=ROOT)
+        if finished.returncode not in (0, 5):  # 5: its verdict was "not better", recorded below
+            raise SystemExit(f"finetune failed (exit {finished.returncode})")
         minutes = round((time.time() - started) / 60, 1)
-        steps = json.loads((run / "model" / "metrics.json").read_text())["training"]["steps"]
+        metrics = json.loads((run / "model" / "metrics.json").read_text())
+        steps = metrics["training"]["steps"]
         row = {"k": k, "train_images": [s.id for s in pool[:k]], "minutes_total": minutes, "steps": steps,
+               "steps_per_minute": metrics["training"].get("steps_per_minute"),
+               "verdict": metrics["verdict"]["line"], "thresholds": metrics.get("thresholds"),
                "after_fp32": measure(run / "model" / "model.onnx", test, images),
                "after_int8": measure(run / "model" / "model.int8.onnx", test, images)}
         result["runs"].append(row)

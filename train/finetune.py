@@ -8,9 +8,11 @@ LIVECell and Kaggle layouts). The run:
 
 1. holds back part of the images (one in five, at least one, when there are three or more) and
    measures the base model on them: the "before";
-2. trains the base weights on the rest for a wall-clock budget (`--minutes`), on the GPU when there is
-   one; a checkpoint is written every minute, so `--resume` continues a stopped run within its budget;
-3. picks post-processing thresholds for these cells on the training images (never the held-back ones);
+2. trains the base weights on the rest, on the GPU when there is one, for what the wall-clock budget
+   (`--minutes`, the whole run's) leaves after measuring and an estimate of steps 3-4; a checkpoint
+   is written every minute, so `--resume` continues a stopped run within its budget;
+3. keeps the base's post-processing thresholds unless another set wins on the training images by a
+   margin and the held-back images confirm it;
 4. exports `DIR/model.onnx` (fp32, with the thresholds and where it came from in its metadata) and
    `DIR/model.int8.onnx`, measures both on the held-back images (the "after") and writes
    `DIR/metrics.json` and `DIR/MODEL_CARD.md`.
@@ -42,16 +44,16 @@ from tqdm import tqdm  # noqa: E402
 from cellseg.annotations import AnnotationError, scan_annotated  # noqa: E402
 from cellseg.data import Sample  # noqa: E402
 from cellseg.evaluate import evaluate_segmentations, format_table  # noqa: E402
-from cellseg.inference import predict_maps, segment_images  # noqa: E402
+from cellseg.inference import Segmentation, predict_maps, segment_images  # noqa: E402
 from cellseg.onnx_model import OnnxModel, read_metadata  # noqa: E402
-from cellseg.postprocess import PostprocessParams  # noqa: E402
+from cellseg.postprocess import PostprocessParams, maps_to_labels  # noqa: E402
 from cellseg.tuning import params_grid, rank_params  # noqa: E402
 from cellseg.variants import choose_for_model  # noqa: E402
 from export.int8 import Int8Recipe, calibration_arrays, quantize  # noqa: E402
 from export.model_card import write_finetune_card  # noqa: E402
 from export.onnx_export import export_checked, finetune_metadata, write_exported  # noqa: E402
 from train.dataset import CropDataset  # noqa: E402
-from train.loop import lr_factor, save_checkpoint, torch_predictor, train_step  # noqa: E402
+from train.loop import freeze_encoder, lr_factor, save_checkpoint, torch_predictor, train_step  # noqa: E402
 from train.model import load_weights, weights_architecture  # noqa: E402
 from train.speed import choose_precision, describe_device, to_layout  # noqa: E402
 from train.verdict import judge  # noqa: E402
@@ -64,6 +66,14 @@ SUMMARY_KEYS = ("ap50", "ap75", "msa", "foreground_iou", "count_error")
 # Thresholds tried on the training images: the two that decide what is a cell and where one cell ends
 # (foreground, seed), and the hysteresis peak that stops thin processes seeding cells of their own.
 THRESHOLD_GRID = {"fg_threshold": (0.5, 0.6, 0.7), "seed_threshold": (0.2, 0.3, 0.4, 0.5), "seed_peak": (0.0, 0.35, 0.5)}
+
+
+# A threshold change must win on the training images by this much (selection score: mean of AP50 and
+# mSA) and not lose on the held-back ones: 8 images reward noise otherwise (issue 29 saw the re-pick
+# switch off seed_peak and lose on unseen astrocytes).
+THRESHOLD_MARGIN = 0.01
+# Below this share of the budget left for training the run says the machine could not train enough.
+MIN_TRAIN_SHARE = 0.5
 
 
 class FinetuneError(ValueError):
@@ -98,7 +108,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--base", type=Path, default=DEFAULT_BASE,
                    help="weights to start from (.safetensors; default: the shipped model's)")
     p.add_argument("--minutes", type=_number(float, 0.05, MAX_MINUTES), default=10.0,
-                   help="training time budget, wall clock (default 10)")
+                   help="wall-clock budget of the whole run: measuring, training, export, int8 (default 10)")
     p.add_argument("--name", default="cellseg-finetuned", help="model name (metadata, model store, page)")
     p.add_argument("--hold-out", type=_number(int, 0), default=None,
                    help="images held back to measure before/after (default: one in five, at least one when "
@@ -106,6 +116,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--crop", type=_number(int, 32, 2048), default=256)
     p.add_argument("--batch-size", type=_number(int, 1, 512), default=8)
     p.add_argument("--lr", type=_number(float, 1e-7, 1.0), default=3e-4, help="peak learning rate (a third of training's)")
+    p.add_argument("--freeze-encoder", action=argparse.BooleanOptionalAction, default=False,
+                   help="train only the decoder and head: faster steps, the encoder's features kept")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
@@ -114,6 +126,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=_number(int, 1, 1024), default=max(1, os.cpu_count() or 1))
     p.add_argument("--resume", action="store_true", help=f"continue from DIR/{CHECKPOINT} within its budget")
     return p.parse_args(argv)
+
+
+class Budget:
+    """The run's wall-clock budget (`--minutes`), counted from the command's start: measuring,
+    training, threshold choice, export, int8 and the after-measurements all spend it."""
+
+    def __init__(self, minutes: float):
+        self.seconds = minutes * 60
+        self.started = time.monotonic()
+
+    def spent(self) -> float:
+        return time.monotonic() - self.started
+
+    def left(self) -> float:
+        return self.seconds - self.spent()
+
+
+def reserve_after_training(seconds_per_image: float, train_images: int, measured_images: int,
+                           candidates: int) -> float:
+    """Seconds to keep for what follows training, from the measured seconds per image of the "before"
+    (network + watershed + scoring, the same work the later steps repeat): the network on the
+    training images and a watershed per threshold candidate (about a fifth of an image's cost),
+    fp32 and int8 on the held-back images (twice each: confirmation and "after"), int8 calibration
+    (about two images' worth per calibration image), plus a fixed 10 s for export and the checks.
+    A quarter is added for safety: this is an estimate, the final minutes are reported as measured."""
+    calibration = min(train_images, Int8Recipe().calibration_images)
+    images = train_images * (1 + 0.2 * candidates) + 3 * measured_images + 2 * calibration
+    return 1.25 * (10.0 + seconds_per_image * images)
 
 
 @dataclass
@@ -167,27 +207,30 @@ def summary(metrics: dict) -> dict:
 
 
 def train_for_budget(model: torch.nn.Module, images: list[np.ndarray], labels: list[np.ndarray],
-                     args: argparse.Namespace, out: Path) -> dict:
-    """Train on the (raw image, label image) pairs until the wall-clock budget is spent, checkpointing
-    every minute. Returns the state."""
+                     args: argparse.Namespace, out: Path, seconds: float) -> dict:
+    """Train on the (raw image, label image) pairs for `seconds` of wall clock (crops drawn and steps
+    made: both are training time), at least one step, checkpointing every minute. Returns the state."""
     precision = choose_precision(args.precision, args.device)
     model = to_layout(model.to(args.device), args.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
-    state = {"step": 0, "train_seconds": 0.0, "loss": None}
+    model.train()
+    trained = freeze_encoder(model) if args.freeze_encoder else list(model.parameters())
+    optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=1e-4)
+    state = {"step": 0, "train_seconds": 0.0, "loss": None, "budget_seconds": seconds}
     checkpoint_path = out / CHECKPOINT
     if args.resume:
         saved = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         state = saved["state"]
-        print(f"resumed at step {state['step']}, {state['train_seconds'] / 60:.1f} of {args.minutes} minutes spent")
+        state.setdefault("budget_seconds", seconds)  # the first run's training share stays the budget
+        print(f"resumed at step {state['step']}, {state['train_seconds'] / 60:.1f} of "
+              f"{state['budget_seconds'] / 60:.1f} training minutes spent")
 
     def save() -> None:
         save_checkpoint(checkpoint_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state})
 
-    budget = args.minutes * 60
+    budget = state["budget_seconds"]
     warmup = 20
-    model.train()
     bar = tqdm(total=round(budget), initial=min(round(state["train_seconds"]), round(budget)), unit="s",
                desc="fine-tuning", bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s {postfix}",
                mininterval=1 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s
@@ -196,19 +239,19 @@ def train_for_budget(model: torch.nn.Module, images: list[np.ndarray], labels: l
     # dataset (images normalised once) is built once; it reads its seed, set below, as each crop is drawn.
     dataset = CropDataset(images, labels, args.crop, 50 * args.batch_size, seed=0)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=0, drop_last=True)
-    while state["train_seconds"] < budget:
+    while state["train_seconds"] < budget or state["step"] == 0:
         dataset.seed = args.seed * 100_003 + state["step"]
+        started = time.monotonic()
         for batch, targets in loader:
-            started = time.monotonic()
             for group in optimizer.param_groups:
-                group["lr"] = args.lr * lr_factor(state["step"], 0, warmup, state["train_seconds"] / budget)
+                group["lr"] = args.lr * lr_factor(state["step"], 0, warmup, state["train_seconds"] / budget if budget else 1.0)
             losses = train_step(model, optimizer, batch, targets, args.device, precision, args.channels_last)
             loss = losses["total"].item()
             state["loss"] = loss if state["loss"] is None else 0.9 * state["loss"] + 0.1 * loss
             state["step"] += 1
-            spent = time.monotonic() - started
+            spent, started = time.monotonic() - started, time.monotonic()  # the crops' time included
             state["train_seconds"] += spent
-            bar.update(min(spent, budget - bar.n))
+            bar.update(max(0.0, min(spent, budget - bar.n)))
             bar.set_postfix_str(f"step {state['step']}, loss {state['loss']:.3f}, "
                                 f"{max(0.0, budget - state['train_seconds']) / 60:.1f} min left", refresh=False)
             if state["train_seconds"] >= budget:
@@ -222,12 +265,50 @@ def train_for_budget(model: torch.nn.Module, images: list[np.ndarray], labels: l
     return state
 
 
-def pick_thresholds(model, samples: list[Sample], images: list[np.ndarray], base: PostprocessParams,
-                    device: str) -> tuple[PostprocessParams, list]:
-    """The best thresholds on the training samples and their images (network once, watershed per candidate)."""
-    maps = predict_maps(torch_predictor(model, device), images)
-    ranked = rank_params(samples, maps, params_grid(base, **THRESHOLD_GRID), progress=True)
-    return ranked[0][0], [row for _, row in ranked[:5]]
+@dataclass
+class ThresholdChoice:
+    params: PostprocessParams
+    changed: bool
+    reason: str
+    candidates: list[dict]  # the best five on the training images, and the base's row
+
+    def to_dict(self) -> dict:
+        return {"changed": self.changed, "reason": self.reason, "postprocess": self.params.to_dict()}
+
+
+def threshold_candidates(base: PostprocessParams) -> list[PostprocessParams]:
+    """The grid's combinations, the base's own thresholds first (always a candidate)."""
+    return [base] + [p for p in params_grid(base, **THRESHOLD_GRID) if p != base]
+
+
+def mean_msa(samples: list[Sample], maps: list[np.ndarray], params: PostprocessParams) -> float:
+    return float(evaluate_segmentations(samples, [Segmentation(maps_to_labels(m, params), m) for m in maps])["msa"])
+
+
+def pick_thresholds(model, split: Split, train_images: list[np.ndarray], held_images: list[np.ndarray],
+                    base: PostprocessParams, device: str) -> ThresholdChoice:
+    """The base's thresholds, unless another candidate beats them on the training images by
+    THRESHOLD_MARGIN and the held-back images (where there are some) confirm it: not lower mSA there."""
+    predictor = torch_predictor(model, device)
+    ranked = rank_params(split.train, predict_maps(predictor, train_images), threshold_candidates(base), progress=True)
+    best, best_row = ranked[0]
+    base_row = next(row for params, row in ranked if params == base)
+    shown = [row for _, row in ranked[:5]] + ([] if any(p == base for p, _ in ranked[:5]) else [base_row])
+    margin = best_row["score"] - base_row["score"]
+    if best == base or margin < THRESHOLD_MARGIN:
+        return ThresholdChoice(base, False, f"kept the base's: no candidate beat them on the {len(split.train)} "
+                               f"training images by {THRESHOLD_MARGIN} (best {margin:+.3f})", shown)
+    if not split.held_back:
+        return ThresholdChoice(best, True, f"{margin:+.3f} over the base's on the training images (no held-back "
+                               "image to confirm it)", shown)
+    held_maps = predict_maps(predictor, held_images)
+    on_held = {name: mean_msa(split.held_back, held_maps, params) for name, params in (("best", best), ("base", base))}
+    if on_held["best"] < on_held["base"]:
+        return ThresholdChoice(base, False, f"kept the base's: {margin:+.3f} on the training images, but the "
+                               f"held-back images did not confirm it (mSA {on_held['best']:.3f} vs "
+                               f"{on_held['base']:.3f} with the base's)", shown)
+    return ThresholdChoice(best, True, f"{margin:+.3f} over the base's on the training images, confirmed on the "
+                           f"held-back images (mSA {on_held['best']:.3f} vs {on_held['base']:.3f})", shown)
 
 
 def export_models(model, out: Path, metadata: dict, train_images: list[np.ndarray],
@@ -243,6 +324,7 @@ def export_models(model, out: Path, metadata: dict, train_images: list[np.ndarra
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    budget = Budget(args.minutes)  # from the command's start: scanning and decoding count too
     command = "python -m train finetune " + " ".join(sys.argv[2:] if argv is None else argv)
     try:
         scan = scan_annotated(args.annotated)  # FileNotFoundError when nothing annotated is found
@@ -261,20 +343,41 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     try:
         args.out.mkdir(parents=True, exist_ok=True)
-        return run(args, command, samples, split)
+        return run(args, command, samples, split, budget)
     except OSError as exc:  # a full disk, a read-only folder: one line; the last checkpoint stays for --resume
         print(f"python -m train finetune: error: could not write {exc.filename or args.out}: "
               f"{exc.strerror or exc}; fix it and run the same command with --resume", file=sys.stderr)
         return EXIT_WRITE_FAILED
 
 
-def run(args: argparse.Namespace, command: str, samples: list[Sample], split: Split) -> int:
-    """Measure, train, pick thresholds, export and measure again (the module's steps 1-4)."""
-    started = time.time()
+def machine_load_note(threads: int) -> str:
+    """Where other work shared the CPU during training (1-minute load average beyond this run's own
+    threads), a note for the verdict: its steps/minute are then not what this machine can do."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # not on every platform
+        return ""
+    cores = os.cpu_count() or 1
+    others = load - min(threads, cores)
+    if others < 0.5 * cores:
+        return ""
+    return (f"other work shared the CPU while it trained (load {load:.1f} on {cores} cores): fewer steps than "
+            "this machine makes idle")
+
+
+def run(args: argparse.Namespace, command: str, samples: list[Sample], split: Split, budget: Budget) -> int:
+    """Measure, train, pick thresholds, export and measure again (the module's steps 1-4), all within
+    the budget: training gets what measuring leaves, less what the steps after it are estimated to take."""
     print(f"{len(samples)} annotated images: training on {len(split.train)}, measuring on "
           f"{len(split.held_back)} held back{'' if split.held_back else ' (none: measured on the training images)'}; "
-          f"{args.minutes} minutes on {describe_device(args.device)}", flush=True)
+          f"{args.minutes} minutes in all on {describe_device(args.device)}", flush=True)
+    phases: dict[str, float] = {}
 
+    def phase_done(name: str, since: float) -> float:
+        phases[name] = round(time.monotonic() - since, 1)
+        return time.monotonic()
+
+    mark = time.monotonic()
     base_params = base_postprocess(args.base)
     measured = split.measured_on
     train_images = [s.image() for s in split.train]  # decoded once for training, thresholds, calibration...
@@ -282,33 +385,50 @@ def run(args: argparse.Namespace, command: str, samples: list[Sample], split: Sp
     model = load_weights(args.base)
     before = evaluate_segmentations(measured, segment_images(torch_predictor(model, "cpu"), measured_images, base_params))
     print("before (base model, its thresholds):\n" + format_table(before), flush=True)
+    mark = phase_done("before", mark)
 
-    state = train_for_budget(model, train_images, [s.labels() for s in split.train], args, args.out)
-    params, tuning = pick_thresholds(model, split.train, train_images, base_params, args.device)
-    print(f"thresholds picked on the {len(split.train)} training images: {params.to_dict()}", flush=True)
+    reserve = reserve_after_training(phases["before"] / len(measured), len(split.train), len(split.held_back),
+                                     len(threshold_candidates(base_params)))
+    train_seconds = max(0.0, budget.left() - reserve)
+    print(f"training for {train_seconds / 60:.1f} of the {args.minutes} minutes ({reserve / 60:.1f} kept for "
+          "thresholds, export, int8 and measuring)", flush=True)
+    state = train_for_budget(model, train_images, [s.labels() for s in split.train], args, args.out, train_seconds)
+    load_note = machine_load_note(args.threads)
+    mark = phase_done("training", mark)
+    choice = pick_thresholds(model, split, train_images, [s.image() for s in split.held_back], base_params, args.device)
+    params = choice.params
+    print(f"thresholds: {choice.reason}: {params.to_dict()}", flush=True)
+    mark = phase_done("thresholds", mark)
     model = model.cpu().float()
+    steps_per_minute = state["step"] / max(state["train_seconds"] / 60, 1e-9)
     metadata = finetune_metadata(
         name=args.name, base=args.base, postprocess=params.to_dict(), architecture=weights_architecture(args.base),
         images=[s.id for s in split.train], held_back=[s.id for s in split.held_back],
         training={"minutes": args.minutes, "train_minutes": round(state["train_seconds"] / 60, 2),
-                  "steps": state["step"], "batch_size": args.batch_size, "crop": args.crop, "lr": args.lr,
+                  "steps": state["step"], "steps_per_minute": round(steps_per_minute, 1),
+                  "batch_size": args.batch_size, "crop": args.crop, "lr": args.lr,
+                  "freeze_encoder": args.freeze_encoder,
                   "seed": args.seed, "device": describe_device(args.device),
                   "precision": choose_precision(args.precision, args.device), "command": command})
     fp32, int8, diff = export_models(model, args.out, metadata, train_images, measured_images)
+    mark = phase_done("export_int8", mark)
     after = {name: evaluate_segmentations(measured, OnnxModel(path).segment(measured_images, params))
              for name, path in (("fp32", fp32), ("int8", int8))}
     print("after (fine-tuned fp32):\n" + format_table(after["fp32"]), flush=True)
+    mark = phase_done("after", mark)
     results = {
         "name": args.name, "base": str(args.base), "base_sha256": metadata["finetune"]["base_sha256"],
         "measured_on": "held_back" if split.held_back else "training images (fewer than 3 images: none held back)",
         "images": metadata["finetune"]["images"], "held_back": metadata["finetune"]["held_back"],
         "before": summary(before), "after": {k: summary(v) for k, v in after.items()},
         "int8_loss": {k: round(after["fp32"][k] - after["int8"][k], 4) for k in ("ap50", "msa")},
-        "postprocess": params.to_dict(), "base_postprocess": base_params.to_dict(), "threshold_candidates": tuning,
+        "postprocess": params.to_dict(), "base_postprocess": base_params.to_dict(),
+        "thresholds": choice.to_dict(), "threshold_candidates": choice.candidates,
         "training": metadata["training"], "parity_max_abs_diff": diff,
         "command": command,
     }
-    verdict = judge(before["per_image"], after["fp32"]["per_image"], bool(split.held_back), state["step"])
+    verdict = judge(before["per_image"], after["fp32"]["per_image"], bool(split.held_back), state["step"],
+                    note=load_note)
     results["verdict"] = verdict.to_dict()
     # what `python -m export register` and batch jobs read to pick the precision to serve
     for path, metrics in ((fp32, after["fp32"]), (int8, after["int8"])):
@@ -318,11 +438,15 @@ def run(args: argparse.Namespace, command: str, samples: list[Sample], split: Sp
     here = choose_for_model(fp32)
     results["precision_here"] = here.to_dict()
     print(f"on this CPU: {here.precision} would answer ({here.reason})", flush=True)
-    results["minutes_total"] = round((time.time() - started) / 60, 1)
+    phase_done("precision_check", mark)
+    results["phases_seconds"] = phases
+    results["minutes_total"] = round(budget.spent() / 60, 1)
     (args.out / "metrics.json").write_text(json.dumps(results, indent=2))
     write_finetune_card(args.out / "MODEL_CARD.md", results, fp32, int8)
+    over = f", {(budget.spent() - budget.seconds) / 60:.1f} min over its budget" if budget.left() < 0 else ""
     print(f"wrote {fp32}, {int8}, {args.out / 'metrics.json'}, {args.out / 'MODEL_CARD.md'} "
-          f"in {results['minutes_total']} min; register with: "
+          f"in {results['minutes_total']} min{over}; {state['step']} training steps "
+          f"({steps_per_minute:.0f}/min); register with: "
           f"python -m export register --model {fp32} --name {args.name}", flush=True)
     print(verdict.line(), flush=True)  # the last word: better, not better (exit 5) or can't tell
     return verdict.exit_status

@@ -56,6 +56,16 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images:
     return losses
 
 
+def freeze_encoder(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Keep the encoder's weights and batch-norm statistics as they are (call after `model.train()`,
+    which would switch its batch norms back to learning): only the decoder and head learn, the
+    backward pass stops at the decoder. Returns the parameters left to train, for the optimiser."""
+    for parameter in model.encoder.parameters():
+        parameter.requires_grad_(False)
+    model.encoder.eval()
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def save_checkpoint(path: Path, checkpoint: dict) -> None:
     """torch.save to `path`.tmp, then renamed over `path`: a kill never leaves half a checkpoint."""
     tmp = path.with_name(path.name + ".tmp")

@@ -45,20 +45,24 @@ class Verdict:
         return {**asdict(self), "line": self.line(), "exit_status": self.exit_status}
 
 
-def judge(before: list[dict], after: list[dict], held_back: bool, steps: int, seed: int = 0) -> Verdict:
+def judge(before: list[dict], after: list[dict], held_back: bool, steps: int, seed: int = 0, note: str = "") -> Verdict:
     """The verdict from `evaluate_segmentations`' per-image rows of the base (`before`) and the
-    fine-tuned model (`after`) on the same images; `steps` made, to say when training barely ran."""
+    fine-tuned model (`after`) on the same images; `steps` made, to say when training barely ran, and
+    `note`, what else the reader must know (the machine was shared while it trained)."""
     after_by_id = {row["id"]: row["msa"] for row in after}
     differences = np.array([after_by_id[row["id"]] - row["msa"] for row in before])
     msa_before = float(np.mean([row["msa"] for row in before])) if before else 0.0
     msa_after = float(np.mean(list(after_by_id.values()))) if after else 0.0
-    few_steps = f" (only {steps} training steps were made: the machine may have been busy)" if steps < 100 else ""
+    few_steps = f" (only {steps} training steps were made: too few to learn much; give more --minutes)" if steps < 100 else ""
+    if note:
+        few_steps += f" ({note})"
     if not held_back:
         return Verdict(CANT_TELL, "no image was held back (fewer than 3 annotated images): these figures come from "
                        f"the training images themselves; annotate more images to know{few_steps}", len(before),
                        msa_before, msa_after, 0.0, 0.0)
     if len(differences) < MIN_IMAGES:
-        return Verdict(CANT_TELL, f"{len(differences)} held-back images are too few to tell better from worse; hold "
+        lower = "lower on them, but " if msa_after < msa_before else ""
+        return Verdict(CANT_TELL, f"{lower}{len(differences)} held-back images are too few to tell better from worse; hold "
                        f"back at least {MIN_IMAGES} (--hold-out){few_steps}", len(differences), msa_before, msa_after,
                        0.0, 0.0)
     rng = np.random.default_rng(seed)
