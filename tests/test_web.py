@@ -452,6 +452,9 @@ def test_many_images_agree_with_the_batch_command(browser, served, console, many
         assert_same_table(read_csv(page_cells), read_csv((batch_outputs / "cells.csv").read_text()))
         page_summary = open(downloaded(page, "#dl-summary").path(), newline="").read()
         assert_same_table(read_csv(page_summary), summary)
+        # ...byte for byte, even
+        assert page_cells == (batch_outputs / "cells.csv").read_bytes().decode()
+        assert page_summary == (batch_outputs / "summary.csv").read_bytes().decode()
         assert [r["median_area_um2"] != "" for r in read_csv(page_summary)] == [False] * 3 + [True] * 3
 
         with zipfile.ZipFile(downloaded(page, "#dl-zip").path()) as archive:
