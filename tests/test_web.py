@@ -513,3 +513,18 @@ def test_many_images_wait_for_a_busy_server_cancel_and_a_limit(page, many_inputs
     page.wait_for_selector("#error:not(.hidden)")
     assert "201 images" in page.text_content("#error") and "cellseg segment" in page.text_content("#error")
     assert page.locator("#images tbody tr").count() == 3  # the earlier batch's rows, nothing sent
+
+
+def test_a_folder_is_taken_with_its_images_only(page, many_inputs, tmp_path):
+    """Issue 25: *Choose a whole folder* takes the folder's PNG, JPEG and TIFF images, subfolders
+    included, in name order (as `cellseg segment FOLDER` does), and leaves other files out."""
+    folder = tmp_path / "plate"
+    (folder / "well B").mkdir(parents=True)
+    shutil.copy(many_inputs[1], folder / "b.png")
+    shutil.copy(many_inputs[0], folder / "well B" / "a.png")
+    shutil.copy(many_inputs[3], folder / "notes.txt")
+    page.set_input_files("#folder", str(folder))
+    wait_for_batch(page)
+    names = page.locator("#images tbody td:first-child > span").all_text_contents()
+    assert names == ["plate/b.png", "plate/well B/a.png"]
+    assert page.locator("#images td.status").all_text_contents() == ["done", "done"]
