@@ -24,7 +24,7 @@ import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Annotated, Any
 
 import aiohttp
@@ -39,8 +39,9 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from cellseg.admission import Overloaded, PixelBudget, batch_without_wait_memory
+from cellseg.batch import Item, read_item, upload_item
 from cellseg.formats import imagej_roi_zip, qupath_geojson
-from cellseg.imageio import ImageError, ImageTooLargeError, declared_pixels, read_image
+from cellseg.imageio import MAX_STACK_FRAMES, ImageError, ImageTooLargeError, declared_pixels, read_image
 from cellseg.inference import (
     ImagePlan,
     Segmentation,
@@ -130,11 +131,16 @@ PixelSizeUm = Annotated[float | None, Field(default=None, ge=MIN_UM, le=MAX_UM,
                                             description="µm per pixel (square pixels); overrides the image's metadata "
                                                         "(OME-TIFF, ImageJ, TIFF resolution in cm). Measurements then "
                                                         "add µm values (area_um2, ...)")]
+# A frame of a multi-page TIFF time-lapse (0-based), for /report only: the web page sends a stack once
+# per frame, each answer measured and named as a batch job's frame (cellseg.batch.upload_item).
+FrameIndex = Annotated[int | None, Field(default=None, ge=0, le=MAX_STACK_FRAMES - 1,
+                                         description="0-based frame of a multi-page TIFF time-lapse; 0 also takes "
+                                                     "a single image. The answer's stack says which of how many")]
 POSTPROCESS_FIELDS = ("fg_threshold", "seed_threshold", "min_size")
 COMMON_FIELDS = (*POSTPROCESS_FIELDS, "tta")
 MEASURING_FIELDS = (*COMMON_FIELDS, "pixel_size")
 ENDPOINT_FIELDS = {"/segment": MEASURING_FIELDS, "/overlay": COMMON_FIELDS, "/mask": (*COMMON_FIELDS, "binary"),
-                   "/rois": COMMON_FIELDS, "/geojson": MEASURING_FIELDS, "/report": MEASURING_FIELDS}
+                   "/rois": COMMON_FIELDS, "/geojson": MEASURING_FIELDS, "/report": (*MEASURING_FIELDS, "frame")}
 PngFile = Annotated[Path, ContentType("image/png")]
 ZipFile = Annotated[Path, ContentType("application/zip")]
 
@@ -187,6 +193,9 @@ def check_form_fields(path: str, fields: dict[str, str]) -> None:
     for name in ("binary", "tta"):
         if name in values and not isinstance(values[name], bool):
             raise ValueError(f"{name} must be true or false, got {fields[name]!r}")
+    if "frame" in values and (isinstance(values["frame"], bool) or not isinstance(values["frame"], int)
+                              or not 0 <= values["frame"] < MAX_STACK_FRAMES):
+        raise ValueError(f"frame must be a whole number from 0 to {MAX_STACK_FRAMES - 1}, got {fields['frame']!r}")
     if "pixel_size" in values:
         given_pixel_size(values["pixel_size"])  # a number, finite, within MIN_UM .. MAX_UM µm per pixel
     PostprocessParams().with_overrides(**{k: values.get(k) for k in POSTPROCESS_FIELDS})  # ranges
@@ -365,23 +374,26 @@ class CellSegmentation:
         except ValueError as exc:
             raise RequestError(str(exc)) from exc
 
-    def _read(self, image: Path) -> np.ndarray:
+    def _read(self, image: Path, frame: Item | None = None) -> np.ndarray:
         size = image.stat().st_size
         if size == 0:
             raise RequestError("empty upload: the 'image' file has no bytes")
         if size > MAX_UPLOAD_BYTES:
             raise RequestError(f"upload is {size:,} bytes, over the limit of {MAX_UPLOAD_BYTES:,}", status=413)
+        if frame is not None and frame.frame is not None:  # only that page is decoded, with the same limits
+            return read_item(frame, max_pixels=MAX_PIXELS)[0]
         return read_image(image, max_pixels=MAX_PIXELS)
 
-    async def _segment(self, image: Path, params: PostprocessParams,
-                       tta: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(raw image, labels, scores) for one upload. The CPU work before and after the network runs
-        in one worker thread each, so the event loop only moves requests along."""
+    async def _segment(self, image: Path, params: PostprocessParams, tta: bool = False,
+                       frame: Item | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(raw image, labels, scores) for one upload (of its frame `frame`, a stack's: see /report). The
+        CPU work before and after the network runs in one worker thread each, so the event loop only
+        moves requests along."""
         clock = REQUEST_CLOCK.get(None) or StageClock()
         with clock.stage("queue"):
             await self._admit(image, tta)
         with clock.stage("decode"):
-            raw, pieces, plan = await anyio.to_thread.run_sync(self._read_and_split, image, limiter=self.cpu)
+            raw, pieces, plan = await anyio.to_thread.run_sync(self._read_and_split, image, frame, limiter=self.cpu)
         with clock.stage("network"):  # with tta, the mirrored pieces are batched with everything else in flight
             codes = await self._predict(tta_expand(pieces) if tta else pieces)
         with clock.stage("cells"):
@@ -407,8 +419,8 @@ class CellSegmentation:
         await REQUEST_RESOURCES.get().enter_async_context(lane.admit(cost))
         await self._check_client()  # a client that hung up while it waited: its image is not decoded
 
-    def _read_and_split(self, image: Path) -> tuple[np.ndarray, list[np.ndarray], ImagePlan]:
-        raw = self._read(image)
+    def _read_and_split(self, image: Path, frame: Item | None = None) -> tuple[np.ndarray, list[np.ndarray], ImagePlan]:
+        raw = self._read(image, frame)
         return (raw, *split_image(raw))
 
     @staticmethod
@@ -611,18 +623,25 @@ class CellSegmentation:
     @bentoml.api
     async def report(self, image: Path, ctx: bentoml.Context, fg_threshold: FgThreshold = None,
                      seed_threshold: SeedThreshold = None, min_size: MinSize = None,
-                     tta: Tta = False, pixel_size: PixelSizeUm = None) -> dict:
+                     tta: Tta = False, pixel_size: PixelSizeUm = None, frame: FrameIndex = None) -> dict:
         """Everything the web page (/ui) shows and offers, from one segmentation: count, confluence,
         per-cell measurements (area, centroid, perimeter, eccentricity, score...; in µm too where a pixel
         size is known, and pixel_size says which and from where), their units, the image rendered to
-        8-bit PNG with transparent outline and filled-cell layers, and base64 downloads: label PNG, CSV,
-        COCO JSON, ImageJ ROI zip and QuPath GeoJSON."""
+        8-bit PNG with transparent outline and filled-cell layers, base64 downloads: label PNG, CSV,
+        COCO JSON, ImageJ ROI zip, QuPath GeoJSON and the image's summary.csv, and summary (that row).
+        With frame, the upload may be a multi-page TIFF time-lapse: that frame is segmented, named
+        <stem>_t0003 as a batch job names it, and stack says {name, frame, frames, time_s} (null for a
+        single image, whose frame is 0)."""
         async def work():
             params = self._params(fg_threshold, seed_threshold, min_size)
-            raw, labels, scores = await self._segment(image, params, tta)
+            name = PurePath(upload_name(image)).stem or "image"
+            item, frames = (None, 1) if frame is None else await anyio.to_thread.run_sync(
+                upload_item, image, name, frame, MAX_PIXELS, limiter=self.cpu)
+            raw, labels, scores = await self._segment(image, params, tta, item)
             size = await self._pixel_size(image, pixel_size)
+            place = item.record_fields() if item else None
             result = await anyio.to_thread.run_sync(page_report, raw, labels, scores, upload_name(image), size,
-                                                    limiter=self.cpu)
+                                                    item.name if item else None, place, frames, limiter=self.cpu)
             return {"model": await self._model_info(), "params": {**params.to_dict(), "tta": tta}, **result}
         return await self._guarded(work, ctx)
 

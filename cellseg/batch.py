@@ -280,6 +280,22 @@ def expand_inputs(paths: list[Path]) -> tuple[list[Item], list[dict]]:
     return items, failed
 
 
+def upload_item(path: Path, name: str, frame: int, max_pixels: int | None = None) -> tuple[Item, int]:
+    """The item a batch job makes of frame `frame` of the file at `path` if that file were named `name`
+    (the service's uploads sit under temp names), and the file's frame count (1: not a stack): the file
+    itself for frame 0 of a single image, else the stack's frame, named, placed and timed as
+    `expand_inputs` does. Only headers are read; a stack that is not a time-lapse, or a frame it
+    lacks, raises ImageError."""
+    info = stack_info(path, **({} if max_pixels is None else {"max_pixels": max_pixels}))
+    if info.frames == 1:
+        if frame != 0:
+            raise ImageError(f"frame {frame} asked of a single image: only a multi-page TIFF has frames")
+        return Item(path, name), 1
+    if not 0 <= frame < info.frames:
+        raise ImageError(f"the stack has no frame {frame} (it has {info.frames} frames)")
+    return Item(path, frame_name(name, frame, info.frames), frame, name, info.time_s(frame)), info.frames
+
+
 @dataclass
 class Result:
     labels: np.ndarray
@@ -339,13 +355,14 @@ Segmenter = Callable[[np.ndarray, "Path | np.ndarray"], Result]
 Backend = Callable[[list[Item]], Iterator[tuple[Item, "ImageOutputs | Exception"]]]
 
 
-def read_item(item: Item) -> tuple[np.ndarray, Path | np.ndarray]:
+def read_item(item: Item, max_pixels: int | None = None) -> tuple[np.ndarray, Path | np.ndarray]:
     """(raw float32 image, original) of a file or of one frame of a stack (only that frame is read).
     A gray frame's original keeps its own dtype (an upload as small as the file's page); a colour
-    frame's is its luminance, what the server would reduce it to."""
+    frame's is its luminance, what the server would reduce it to. `max_pixels`: the service's limit."""
+    limit = {} if max_pixels is None else {"max_pixels": max_pixels}
     if item.frame is None:
-        return read_image(item.path), item.path
-    pixels = read_frame(item.path, item.frame)
+        return read_image(item.path, **limit), item.path
+    pixels = read_frame(item.path, item.frame, **limit)
     image = to_grayscale(pixels)
     return image, (pixels if pixels.ndim == 2 else image)
 

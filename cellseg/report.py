@@ -1,7 +1,8 @@
 """One image's complete result for the web page: what it shows (rendered views, count, confluence,
 per-cell measurements, the pixel size used) and every download it offers, from one segmentation, so
-what a person downloads is exactly what is on screen. Formats come from `cellseg.outputs`, as in batch
-jobs.
+what a person downloads is exactly what is on screen. Formats and the summary row come from
+`cellseg.outputs` and `cellseg.summary`, as in batch jobs, so that the page's tables of many images
+equal a batch job's.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from skimage.segmentation import find_boundaries
 from cellseg.instances import display_gray, png_bytes
 from cellseg.outputs import cells_csv, coco_document, image_record, per_image_files
 from cellseg.pixelsize import PHYSICAL_UNITS, PixelSize
+from cellseg.summary import summary_csv, summary_row
 
 OUTLINE_RGBA = (255, 64, 0, 255)
 FILL_ALPHA = 110  # filled labels stay see-through, so the cell under them can be judged
@@ -51,14 +53,20 @@ def rendered_views(image: np.ndarray, labels: np.ndarray) -> dict[str, bytes]:
 
 
 def page_report(image: np.ndarray, labels: np.ndarray, scores: np.ndarray | None, filename: str,
-                pixel_size: PixelSize | None = None) -> dict:
+                pixel_size: PixelSize | None = None, name: str | None = None, place: dict | None = None,
+                frames: int = 1) -> dict:
     """JSON for the web page: count, confluence, cells (measurements and score; in µm too where
     `pixel_size` is known), pixel_size ({x_um, y_um, source} or None), units (of the cells'
-    measurements), views (PNG data URLs) and downloads (name, media type and base64 bytes of the label
-    PNG, CSV, COCO, ROI zip, GeoJSON)."""
-    stem = PurePath(filename).stem or "image"
+    measurements), views (PNG data URLs), downloads (name, media type and base64 bytes of the label
+    PNG, CSV, COCO, ROI zip, GeoJSON, and the image's summary.csv) and summary (its summary.csv row).
+
+    `name` is the output name a batch job gives the image (default: the file's stem) and `place` what
+    a frame's record says of its stack (batch.Item.record_fields: stack, frame, time_s), so that the
+    page's combined tables equal `cellseg segment`'s; `stack` then says which frame of how many."""
+    stem = name or PurePath(filename).stem or "image"
     record = image_record(image, labels, scores, name=stem, source=PurePath(filename).name or "image",
-                          pixel_size=pixel_size)
+                          pixel_size=pixel_size) | (place or {})
+    row = summary_row(record)
     files = per_image_files(labels, record, ("labels", "rois", "geojson"))
     downloads = {
         "labels": (f"{stem}_labels.png", "image/png", files["labels"]),
@@ -66,11 +74,14 @@ def page_report(image: np.ndarray, labels: np.ndarray, scores: np.ndarray | None
         "coco": (f"{stem}.coco.json", "application/json", json.dumps(coco_document([record])).encode()),
         "rois": (f"{stem}_RoiSet.zip", "application/zip", files["rois"]),
         "geojson": (f"{stem}.geojson", "application/geo+json", files["geojson"]),
+        "summary": (f"{stem}_summary.csv", "text/csv", summary_csv([row])),
     }
+    stack = ({"name": place["stack"], "frame": place["frame"], "frames": frames, "time_s": place["time_s"]}
+             if place else None)
     return {
         "name": stem, "width": record["width"], "height": record["height"],
         "count": record["count"], "confluence": record["confluence"], "cells": record["cells"],
-        "pixel_size": record["pixel_size"],
+        "pixel_size": record["pixel_size"], "summary": row, "stack": stack,
         "units": {**CELL_UNITS, **(PHYSICAL_UNITS if pixel_size else {})},
         "views": {key: _data_url(png, "image/png") for key, png in rendered_views(image, labels).items()},
         "downloads": {key: {"filename": name, "media_type": media, "base64": base64.b64encode(data).decode()}

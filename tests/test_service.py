@@ -263,6 +263,34 @@ def test_multipage_tiff_gets_400(server):
     assert "batch jobs (`cellseg segment`) take time-lapse stacks" in r.json()["error"]
 
 
+def test_report_takes_a_stack_frame_by_frame_named_as_a_batch_job_names_it(server, tif):
+    """Issue 25: the web page sends a time-lapse stack once per frame (`frame`); each answer is that
+    frame's, named, placed and timed as `cellseg segment` does (a_t0001, time_s from the interval), with
+    its summary.csv row; frame 0 of a single image is the image; a frame the stack lacks is a 400."""
+    frames = read_image(tif).astype(np.uint8)[None].repeat(3, axis=0)
+    frames[1] = np.flipud(frames[1])
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, frames, imagej=True, metadata={"axes": "TYX", "finterval": 600, "tunit": "sec"})
+    stack = ("a.tif", buffer.getvalue())
+    answer = post(server, "report", files={"image": stack}, data={"frame": "1"}).json()
+    assert answer["name"] == "a_t0001" and answer["stack"] == {"name": "a", "frame": 1, "frames": 3, "time_s": 600.0}
+    assert answer["summary"]["image"] == "a" and answer["summary"]["frame"] == 1 and answer["summary"]["time_s"] == 600
+    assert answer["summary"]["count"] == answer["count"] > 0
+    flipped = post(server, "segment", files={"image": ("f.png", png_bytes(frames[1]))}).json()
+    assert answer["count"] == flipped["count"]  # the frame's own pixels, not frame 0's
+    single = post(server, "report", files={"image": ("b.png", png_bytes(frames[0]))}, data={"frame": "0"}).json()
+    assert single["name"] == "b" and single["stack"] is None and single["summary"]["frame"] is None
+    for bad, message in (("3", "the stack has no frame 3"), ("-1", "frame must be a whole number")):
+        r = post(server, "report", files={"image": stack}, data={"frame": bad})
+        assert r.status_code == 400 and message in r.json()["error"], r.text
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def test_client_raises_with_server_message(client, tmp_path):
     from cellseg.client import CellsegError
 

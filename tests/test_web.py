@@ -339,3 +339,208 @@ def test_ui_is_self_contained(served):
     html = httpx.get(f"{served[0]}/ui/", timeout=10).text.replace("http://www.w3.org/2000/svg", "")
     assert "<script>" in html and "report" in html
     assert "http://" not in html and "https://" not in html and "//cdn" not in html
+
+
+# ---- Issue 25: many images at once ------------------------------------------------------------------
+
+STACK_FRAMES = ("t01", "t13", "t25")  # of the real T98G time-lapse (10.2 min apart): every 12th, 2.04 h apart
+
+
+@pytest.fixture(scope="module")
+def many_inputs(tmp_path_factory, data_root) -> list:
+    """Three real Sartorius PNGs, a file the server refuses, and a 3-frame ImageJ stack of real
+    time-lapse frames (512 px crops, so that the stack fits the test server's 3 MB upload limit) with its
+    frame interval and pixel size, in the order the page and the batch command both take them."""
+    import numpy as np
+    import tifffile
+
+    folder = tmp_path_factory.mktemp("many")
+    pngs = sorted((data_root / "sartorius" / "train").glob("*.png"))[:3]
+    notes = folder / "notes.txt"
+    notes.write_text("these are not pixels")
+    frames_dir = data_root / "timelapse" / "usiigaci-t98g" / "frames"
+    frames = np.stack([tifffile.imread(frames_dir / f"20180101ef002xy01{t}.tif")[:512, :512] for t in STACK_FRAMES])
+    stack = folder / "t98g.tif"
+    tifffile.imwrite(stack, frames, imagej=True, resolution=(1 / 0.87, 1 / 0.87),
+                     metadata={"axes": "TYX", "finterval": 12 * 612, "unit": "micron"})
+    return [*pngs, notes, stack]
+
+
+@pytest.fixture(scope="module")
+def batch_outputs(tmp_path_factory, many_inputs, served):
+    """`cellseg segment` on the same files, with the model and precision the server answers with."""
+    import httpx
+
+    from cellseg.cli import main
+
+    precision = httpx.post(f"{served[0]}/model", json={}, timeout=30).json()["precision"]
+    out = tmp_path_factory.mktemp("batch")
+    assert main(["segment", *map(str, many_inputs), "--out", str(out), "--quiet", "--precision", precision,
+                 "--formats", "labels,csv,rois"]) == 3  # 3: notes.txt failed, the rest done
+    return out
+
+
+def read_csv(text: str) -> list[dict]:
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def assert_same_table(page_rows: list[dict], batch_rows: list[dict]) -> None:
+    """The same columns, rows and values (numbers compared as numbers: 130 and 130.0 are one value)."""
+    assert page_rows and [list(r) for r in page_rows] == [list(r) for r in batch_rows]
+    for mine, theirs in zip(page_rows, batch_rows, strict=True):
+        for key, value in theirs.items():
+            try:
+                assert float(mine[key]) == pytest.approx(float(value), rel=1e-9, abs=1e-9), key
+            except ValueError:
+                assert mine[key] == value, key
+
+
+def wait_for_batch(page, timeout: int = 240_000) -> None:
+    page.wait_for_function("document.body.dataset.batch === 'over'", timeout=timeout)
+
+
+def downloaded(page, selector: str):
+    with page.expect_download() as download:
+        page.click(selector)
+    return download.value
+
+
+@pytest.mark.parametrize("width,height,touch", [(1440, 900, False), (390, 844, True)], ids=["desktop", "phone"])
+def test_many_images_agree_with_the_batch_command(browser, served, console, many_inputs, batch_outputs, tmp_path,
+                                                  width, height, touch):
+    """Issue 25: several files at once, a refused one and a time-lapse stack among them: a row per image
+    (a stack: per frame) with its count, the refusal listed with the server's reason, a row opens its
+    image's view, the growth curve has a point per frame, and the combined cells CSV, summary CSV and ZIP
+    hold what `cellseg segment` writes for the same files."""
+    import zipfile
+
+    context, page = open_page(browser, served, console, width, height, touch=touch)
+    try:
+        page.set_input_files("#file", [str(p) for p in many_inputs])
+        wait_for_batch(page)
+        rows = page.locator("#images tbody tr")
+        assert rows.count() == 3 + 1 + len(STACK_FRAMES)
+        statuses = rows.locator("td.status").all_text_contents()
+        assert statuses.count("done") == 6, statuses
+        assert "not a recognised image" in statuses[3] and statuses[3].startswith("refused (HTTP 400)")
+        assert page.locator("#images tbody tr:nth-child(4) .status:visible").text_content() == statuses[3]
+        assert page.text_content("#batch-text") == "7 of 7 done, 1 refused"
+        summary = read_csv((batch_outputs / "summary.csv").read_text())
+        assert [int(c) for c in rows.locator("td:nth-child(2)").all_text_contents() if c] == [int(r["count"]) for r in summary]
+
+        # a row shows its image's view: the second image's count, table and picture
+        rows.nth(1).click()
+        page.wait_for_function("(name) => document.querySelector('#result-title').textContent === name",
+                               arg=many_inputs[1].stem)
+        assert int(page.text_content("#count")) == int(summary[1]["count"])
+        assert page.locator("#cells tbody tr").count() == int(summary[1]["count"])
+        assert page.is_visible("#view-outlines")
+        # ...and a frame's: µm² from the stack's pixel size
+        rows.nth(5).click()
+        page.wait_for_function("document.querySelector('#result-title').textContent === 't98g_t0001'")
+        # the view's median is the row's (numpy's median: 66 cells, the mean of the middle two)
+        assert page.text_content("#median-area").replace("\u00a0", " ").replace(" µm²", "") == \
+            rows.nth(5).locator("td:nth-child(4)").text_content().replace(" µm²", "")
+
+        # the growth curve: one point per frame, count and confluence, against time in hours
+        chart = page.locator("svg.growth[data-stack=t98g]")
+        assert chart.locator("circle.point.count").count() == len(STACK_FRAMES)
+        assert chart.locator("circle.point.confluence_pct").count() == len(STACK_FRAMES)
+        assert "time (h)" in chart.text_content()
+
+        cells = downloaded(page, "#dl-all-cells")
+        assert cells.suggested_filename == "cells.csv"
+        page_cells = open(cells.path(), newline="").read()
+        assert_same_table(read_csv(page_cells), read_csv((batch_outputs / "cells.csv").read_text()))
+        page_summary = open(downloaded(page, "#dl-summary").path(), newline="").read()
+        assert_same_table(read_csv(page_summary), summary)
+        # ...byte for byte, even
+        assert page_cells == (batch_outputs / "cells.csv").read_bytes().decode()
+        assert page_summary == (batch_outputs / "summary.csv").read_bytes().decode()
+        assert [r["median_area_um2"] != "" for r in read_csv(page_summary)] == [False] * 3 + [True] * 3
+
+        with zipfile.ZipFile(downloaded(page, "#dl-zip").path()) as archive:
+            assert archive.testzip() is None
+            names = [r["image"] if r["frame"] == "" else f"t98g_t{int(r['frame']):04d}" for r in summary]
+            assert sorted(archive.namelist()) == sorted(["cells.csv", "summary.csv", *(f"labels/{n}.png" for n in names),
+                                                         *(f"rois/{n}.zip" for n in names)])
+            assert archive.read("cells.csv").decode() == page_cells
+            for name in names:  # the same bytes as the batch command's files
+                assert archive.read(f"labels/{name}.png") == (batch_outputs / "labels" / f"{name}.png").read_bytes()
+                assert archive.read(f"rois/{name}.zip") == (batch_outputs / "rois" / f"{name}.zip").read_bytes()
+
+        page.locator("#batch").scroll_into_view_if_needed()
+        shot = tmp_path / f"many-{width}.png"
+        page.screenshot(path=str(shot), full_page=True)
+        if os.environ.get("CELLSEG_SHOTS"):  # to look at them: CELLSEG_SHOTS=folder
+            shutil.copy(shot, os.environ["CELLSEG_SHOTS"])
+        assert page.evaluate("document.documentElement.scrollWidth") <= width  # no sideways scrolling
+        for selector in ("#images-wrap", "#growth", "#batch-downloads"):
+            assert page.evaluate(f"document.querySelector('{selector}').getBoundingClientRect().right") <= width
+    finally:
+        context.close()
+
+
+def test_many_images_wait_for_a_busy_server_cancel_and_a_limit(page, many_inputs):
+    """Issue 25: a 503 with Retry-After is waited out and sent again ("waiting for the server"), Cancel
+    stops the queue and aborts what is in flight, and over 200 files nothing is sent: the page points
+    to the batch command."""
+    busy = {"left": 1}
+
+    def once_busy(route):
+        if busy["left"]:
+            busy["left"] -= 1
+            route.fulfill(status=503, headers={"Retry-After": "1"}, content_type="application/json",
+                          body='{"error": "busy", "status": 503, "retry_after_s": 1}')
+        else:
+            route.continue_()
+
+    page.route("**/report", once_busy)
+    page.set_input_files("#file", [str(p) for p in many_inputs[:2]])
+    page.wait_for_selector("#images td.status:text('waiting for the server (1 s)')", timeout=10_000)
+    assert "waiting for the server" in page.text_content("#batch-text")
+    wait_for_batch(page)
+    assert page.locator("#images td.status").all_text_contents() == ["done", "done"]
+    assert busy["left"] == 0 and page.text_content("#batch-text") == "2 of 2 done"
+
+    page.set_input_files("#file", [str(p) for p in many_inputs[:3]])
+    page.click("#cancel")
+    wait_for_batch(page)
+    assert page.text_content("#batch-text").endswith("; cancelled")
+    assert "cancelled" in page.locator("#images td.status").all_text_contents()
+    assert page.is_disabled("#cancel") and page.is_enabled("#run")
+
+    many = [{"name": f"{i}.png", "mimeType": "image/png", "buffer": b"x"} for i in range(201)]
+    page.set_input_files("#file", many)
+    page.wait_for_selector("#error:not(.hidden)")
+    assert "201 images" in page.text_content("#error") and "cellseg segment" in page.text_content("#error")
+    assert page.locator("#images tbody tr").count() == 3  # the earlier batch's rows, nothing sent
+
+
+def test_a_folder_is_taken_with_its_images_only(page, many_inputs, tmp_path):
+    """Issue 25: *Choose a whole folder* takes the folder's PNG, JPEG and TIFF images, subfolders
+    included, in name order (as `cellseg segment FOLDER` does), and leaves other files out."""
+    folder = tmp_path / "plate"
+    (folder / "well B").mkdir(parents=True)
+    shutil.copy(many_inputs[1], folder / "b.png")
+    shutil.copy(many_inputs[0], folder / "well B" / "a.png")
+    shutil.copy(many_inputs[3], folder / "notes.txt")
+    page.set_input_files("#folder", str(folder))
+    wait_for_batch(page)
+    names = page.locator("#images tbody td:first-child > span").all_text_contents()
+    assert names == ["plate/b.png", "plate/well B/a.png"]
+    assert page.locator("#images td.status").all_text_contents() == ["done", "done"]
+
+
+def test_a_stack_chosen_alone_is_taken_frame_by_frame(page, many_inputs):
+    """Issue 25: one multi-page TIFF chosen alone goes to the Images table, a row per frame, with its
+    growth curve; Run again sends every frame again."""
+    page.set_input_files("#file", str(many_inputs[4]))
+    wait_for_batch(page)
+    assert page.locator("#images td.status").all_text_contents() == ["done"] * len(STACK_FRAMES)
+    assert page.locator("svg.growth circle.point.count").count() == len(STACK_FRAMES)
+    assert page.text_content("#result-title") == "t98g_t0000"
+    page.click("#run")
+    page.wait_for_function("document.body.dataset.batch === 'running'")
+    wait_for_batch(page)
+    assert page.text_content("#batch-text") == f"{len(STACK_FRAMES)} of {len(STACK_FRAMES)} done"
