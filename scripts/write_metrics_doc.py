@@ -153,6 +153,29 @@ def curve(history: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def fewshot_table(result: dict) -> str:
+    """One scripts/fewshot.py output as a table: a row per k, with the verdict the tool printed where
+    the run held images back (issue 29)."""
+    b = result["before"]
+    verdicts = any("verdict" in run for run in result["runs"])
+    head = "| k images | minutes in all (steps, steps/min) | AP50 before → after (int8) | mSA before → after (int8) | " \
+           "AP75 | count error |" + (" thresholds | verdict printed |" if verdicts else "")
+    lines = [head, "|" + "---|" * head.count(" | ")]
+    for run in result["runs"]:
+        a, q = run["after_fp32"], run["after_int8"]
+        rate = f", {run['steps_per_minute']:.0f}/min" if run.get("steps_per_minute") else ""
+        row = (f"| {run['k']} | {run['minutes_total']} ({run.get('steps', '?')}{rate}) | "
+               f"{b['ap50']:.3f} → **{a['ap50']:.3f}** ({q['ap50']:.3f}) | "
+               f"{b['msa']:.3f} → **{a['msa']:.3f}** ({q['msa']:.3f}) | {a['ap75']:.3f} | "
+               f"{b['count_error']:.2f} → {a['count_error']:.2f} |")
+        if verdicts:
+            changed = (run.get("thresholds") or {}).get("changed")
+            row += f" {'changed' if changed else 'kept the base' if changed is False else '?'} | " \
+                   f"{run.get('verdict', '–').removeprefix('VERDICT: ')} |"
+        lines.append(row)
+    return "\n".join(lines) + "\n"
+
+
 def fewshot_section(paths: list[Path], target: Path | None) -> str:
     """Fine-tuning on a lab's own images: the issue 15 target run and the few-shot curves
     (scripts/fewshot.py), before and after on other images of the same type."""
@@ -160,36 +183,28 @@ def fewshot_section(paths: list[Path], target: Path | None) -> str:
 ## Fine-tuning on a lab's own images
 
 `python -m train finetune` on k images of one cell type, written as a lab would hand them over
-(`X.png` + `X_masks.png`), nothing held back; measured on other images of that type (each table
-says whether the base model trained on them: if it did, its "before" is flattering).
-Thresholds: each model's own (the fine-tuned ones picked on their k training images). Analysis in
-"Fine-tuning (issue 15): what the figures say" below.
+(`X.png` + `X_masks.png`); measured on other images of that type (each table says whether the base
+model trained on them: if it did, its "before" is flattering, and how many of the k the run held back
+for its own verdict). Thresholds: each model's own. Analysis in the notes below.
 """
     runs = ([("target", json.loads(target.read_text()))] if target else []) + \
         [("curve", json.loads(path.read_text())) for path in paths]
     for kind, result in runs:
-        b = result["before"]
         title = "Target run (issue 15)" if kind == "target" else "Few-shot curve"
         seen = result.get("test_images_the_base_trained_on")
         base = "the shipped model" if Path(result["base_model"]).name == "livecell-unet.onnx" else \
             f"`{result['base_model']}`"
+        held = result.get("hold_out", "0")
+        recipe = f"; finetune options `{result['finetune_args']}`" if result.get("finetune_args") else ""
         text += f"""
 ### {title}: {result['type']}, base {base}, measured on {len(result['test_images'])} other images ({
     "unknown whether the base trained on them" if seen is None else
     f"the base trained on {seen} of them" if seen else "none of which the base ever saw"})
 
-Command: `{result['command']}` ({result['machine']})
+Command: `{result['command']}` ({result['machine']}); held back: {
+    "none" if held == "0" else "finetune's default (one in five, at least one from three)" if held == "auto" else held}{recipe}
 
-| k images | minutes (steps of 8 crops) | AP50 before → after (int8) | mSA before → after (int8) | AP75 | count error |
-|---|---|---|---|---|---|
-"""
-        for run in result["runs"]:
-            a, q = run["after_fp32"], run["after_int8"]
-            steps = run.get("steps", "?")
-            text += (f"| {run['k']} | {run['minutes_total']} ({steps}) | "
-                     f"{b['ap50']:.3f} → **{a['ap50']:.3f}** ({q['ap50']:.3f}) | "
-                     f"{b['msa']:.3f} → **{a['msa']:.3f}** ({q['msa']:.3f}) | {a['ap75']:.3f} | "
-                     f"{b['count_error']:.2f} → {a['count_error']:.2f} |\n")
+{fewshot_table(result)}"""
     return text
 
 
