@@ -386,8 +386,10 @@ def tail(path: Path, n: int = 12) -> list[str]:
 
 
 class Runner:
-    def __init__(self, clone: Path, work: Path, env: dict[str, str], timeout: float, ready_timeout: float):
+    def __init__(self, clone: Path, work: Path, env: dict[str, str], timeout: float, ready_timeout: float,
+                 setup_section: str):
         self.clone, self.work, self.env = clone, work, env
+        self.setup_section = setup_section  # the README's first section, which makes and activates .venv
         self.timeout, self.ready_timeout = timeout, ready_timeout
         self.servers: list[tuple[Command, int]] = []
 
@@ -397,7 +399,7 @@ class Runner:
         try:
             for cmd in commands:
                 if cmd.section not in sessions:
-                    sessions[cmd.section] = self._session(cmd.section, first=not sessions)
+                    sessions[cmd.section] = self._session(cmd.section)
                 if cmd.treatment in ("skip", "reuse"):
                     cmd.status = "skipped" if cmd.treatment == "skip" else "reused"
                 elif cmd.chain in failed_chains:
@@ -412,11 +414,11 @@ class Runner:
         finally:
             self.stop_servers()
 
-    def _session(self, section: str, first: bool) -> Session:
+    def _session(self, section: str) -> Session:
         work = self.work / re.sub(r"\W+", "_", section).strip("_")
         work.mkdir(parents=True, exist_ok=True)
         session = Session(work, self.clone, self.env)
-        if not first:  # a reader who followed "Two commands" has the venv active
+        if section != self.setup_section:  # a reader who followed "Two commands" has the venv active
             session.run("[ -f .venv/bin/activate ] && . .venv/bin/activate; true", 60, work / "prelude.log")
         return session
 
@@ -534,13 +536,14 @@ def main(argv: list[str] | None = None) -> int:
         print("check_readme: warning: uncommitted changes are not in the clone (it is of HEAD)", file=sys.stderr)
     base, clone = make_clone(ROOT, args.reuse_venv)
     commands = extract((clone / "README.md").read_text(), bool(args.reuse_venv))
-    stale = stale_allow_list(commands)
+    stale, setup_section = stale_allow_list(commands), commands[0].section
     if args.section:
         commands = pick_sections(commands, args.section)
     print(f"check_readme: {len(commands)} commands in {clone}", flush=True)
     start = time.time()
     try:
-        Runner(clone, base / "logs", check_env(base, clone, args.reuse_venv), args.timeout, args.ready_timeout).run_all(commands)
+        Runner(clone, base / "logs", check_env(base, clone, args.reuse_venv), args.timeout, args.ready_timeout,
+               setup_section).run_all(commands)
     finally:
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
