@@ -26,7 +26,8 @@ What it does:
 
 Placeholders (`SCHEDULER`, `/data/LIVECell`) are in ALLOW_LIST. The check's environment is the
 caller's, minus CELLSEG_* / VIRTUAL_ENV / PYTHONPATH, with BENTOML_HOME in the temporary folder (the
-clone's model store, not yours) and BentoML's and albumentations' network calls switched off.
+clone's model store, not yours), BentoML's and albumentations' network calls switched off, and a
+.curlrc with `fail-with-body`, so a curl example that gets an HTTP error fails the check.
 
 The full fresh run, which creates `.venv` and pip-installs requirements.txt as the first command
 says, is the documented way:
@@ -184,7 +185,7 @@ def fenced_blocks(readme: str) -> list[tuple[str, str, list[str]]]:
             blocks.append((section, lang, body))
             inside = False
         elif inside:
-            body.append(line[indent:] if line[:indent].isspace() else line.lstrip())
+            body.append(line[indent:] if not line[:indent].strip() else line.lstrip())  # keep Python's indentation
         elif heading := re.match(r"^#{2,4}\s+(.*)$", line):
             section = heading.group(1).strip()
     return blocks
@@ -486,7 +487,10 @@ def check_env(base: Path, clone: Path, reuse_venv: Path | None) -> dict[str, str
     env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
     if reuse_venv:  # the venv's editable install points at its own checkout; the clone's code must run
         env["PYTHONPATH"] = str(clone)
-    env.update(BENTOML_HOME=str(base / "bentoml"), BENTOML_DO_NOT_TRACK="true", NO_ALBUMENTATIONS_UPDATE="1",
+    # curl answers a 4xx/5xx with exit status 0; a .curlrc with fail-with-body makes it count as the
+    # failure it is, without changing the README's command (the reader still sees the error body).
+    (base / ".curlrc").write_text("fail-with-body\n")
+    env.update(CURL_HOME=str(base), BENTOML_HOME=str(base / "bentoml"), BENTOML_DO_NOT_TRACK="true", NO_ALBUMENTATIONS_UPDATE="1",
                PIP_DISABLE_PIP_VERSION_CHECK="1", PYTHONUNBUFFERED="1")
     env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if "/.venv/" not in p + "/")
     return env
