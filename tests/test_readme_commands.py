@@ -137,7 +137,9 @@ def test_the_cheap_sections_run_as_written_in_a_fresh_clone(tmp_path, data_root)
     run = subprocess.run([sys.executable, str(REPO / "scripts" / "check_readme.py"), "--reuse-venv", sys.prefix,
                           *sections, "--json", str(report)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
-    results = json.loads(report.read_text())["commands"]
+    report = json.loads(report.read_text())
+    assert report["changed_in_clone"] == []  # everything written is git-ignored
+    results = report["commands"]
     ran = {check_readme.normalise(c["text"]): c["status"] for c in results}
     assert ran["cellseg segment ../shared/data/demo --out outputs/demo"] == "ok"
     assert ran["cellseg segment ../shared/data/demo --out outputs/demo2 --server http://localhost:3000 --concurrency 4"] == "ok"
