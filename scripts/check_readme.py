@@ -37,11 +37,12 @@ says, is the documented way:
     nice -n 19 python scripts/check_readme.py --json outputs/readme_check.json
 
 `--reuse-venv PATH` links the clone's `.venv` to an existing virtualenv instead (for the test and
-quick re-checks); then `python3 -m venv .venv` and `pip install -r requirements.txt` are not run (the
-report says so) and PYTHONPATH points at the clone, so the clone's code runs, not the code the venv's
-editable install points to.
+quick re-checks); then the README's `python3 -m venv .venv` and pip installs are not run, so the lent
+venv is never changed (the report lists them as reused), and PYTHONPATH points at the clone, so the
+clone's code runs, not the code the venv's editable install points to.
 
-Exit status: 0 when every command that was not allow-listed succeeded and the clone is clean, 1 otherwise, 2 on usage errors.
+Exit status: 0 when every command that was not allow-listed succeeded and the clone is clean, 1
+otherwise, 2 on usage errors.
 
 Measured on this 2-core machine under nice, with other work running: creating the venv and installing
 requirements.txt (the wheels on disk) took 244 s, which the full fresh run adds to the --reuse-venv
@@ -110,8 +111,8 @@ ALLOW_LIST: dict[str, str] = {
     "kubectl -n cellseg port-forward svc/cellseg 3000:80": "needs a Kubernetes cluster",
     "python - <<'EOF' from dask_jobqueue import SLURMCluster": "needs a SLURM cluster and dask-jobqueue",
 }
-# With --reuse-venv these are replaced by the linked virtualenv.
-VENV_SETUP = {"python3 -m venv .venv", "pip install -r requirements.txt"}
+# With --reuse-venv these are replaced by the linked virtualenv: a lent venv is not installed into.
+VENV_SETUP = {"python3 -m venv .venv", "pip install -r requirements.txt", "pip install --no-deps bioimageio.core==0.11.0"}
 # Longer limits than --timeout for the commands known to take long.
 TIMEOUTS = {"python -m train finetune": 1800}
 
