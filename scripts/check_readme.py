@@ -467,7 +467,8 @@ def short(text: str, width: int = 110) -> str:
 def make_clone(checkout: Path, reuse_venv: Path | None) -> tuple[Path, Path]:
     """(temporary folder, clone): the committed HEAD cloned into a folder beside `checkout`, with
     `shared` beside the clone linked to the checkout's ../shared."""
-    base = Path(tempfile.mkdtemp(prefix=".readme-check-", dir=checkout.parent))
+    # Not a hidden folder: `bentoml build` refuses a bentofile.yaml whose path has a hidden component.
+    base = Path(tempfile.mkdtemp(prefix="readme-check-", dir=checkout.parent))
     clone = base / "repo"
     head = git(checkout, "rev-parse", "HEAD")
     subprocess.run(["git", "clone", "--quiet", str(checkout), str(clone)], check=True)
