@@ -235,6 +235,21 @@ def test_the_verdict_says_better_not_better_or_cant_tell(before, after, held_bac
     assert "other work shared the CPU" in shared.line()
 
 
+@pytest.mark.parametrize("margin, held, changed, said", [
+    (0.004, {"best": 0.30, "base": 0.10}, False, "no candidate beat them"),
+    (0.030, None, False, "no held-back image to confirm it"),  # issue 29: one image switched seed_peak off
+    (0.030, {"best": 0.12, "base": 0.14}, False, "did not confirm it"),
+    (0.030, {"best": 0.15, "base": 0.14}, True, "confirmed on the held-back images"),
+])
+def test_thresholds_change_only_with_a_margin_the_held_back_images_confirm(margin, held, changed, said):
+    """Issue 29 (2): the base's thresholds stay unless a change wins on the training images by the
+    margin and is not worse on the held-back ones."""
+    from train.finetune import threshold_decision
+
+    decision = threshold_decision(margin, 8, held)
+    assert decision[0] is changed and said in decision[1]
+
+
 def test_register_refuses_a_model_its_run_found_not_better_unless_forced(tmp_path, model_path, monkeypatch, capsys):
     import shutil
 

@@ -287,30 +287,39 @@ def mean_msa(samples: list[Sample], maps: list[np.ndarray], params: PostprocessP
     return float(evaluate_segmentations(samples, [Segmentation(maps_to_labels(m, params), m) for m in maps])["msa"])
 
 
+def threshold_decision(margin: float, train_images: int, held_msa: dict[str, float] | None) -> tuple[bool, str]:
+    """Whether to change to the best candidate, and why: its selection-score `margin` over the base's
+    thresholds on the training images, and mean mSA of "best" and "base" on the held-back images
+    (None: none held back, or not measured because the margin already failed)."""
+    if margin < THRESHOLD_MARGIN:
+        return False, (f"kept the base's: no candidate beat them on the {train_images} training images by "
+                       f"{THRESHOLD_MARGIN} (best {margin:+.3f})")
+    if held_msa is None:  # nothing to confirm a change with: one or two images reward their own noise
+        return False, f"kept the base's: {margin:+.3f} on the training images, but no held-back image to confirm it"
+    if held_msa["best"] < held_msa["base"]:
+        return False, (f"kept the base's: {margin:+.3f} on the training images, but the held-back images did not "
+                       f"confirm it (mSA {held_msa['best']:.3f} vs {held_msa['base']:.3f} with the base's)")
+    return True, (f"{margin:+.3f} over the base's on the training images, confirmed on the held-back images "
+                  f"(mSA {held_msa['best']:.3f} vs {held_msa['base']:.3f})")
+
+
 def pick_thresholds(model, split: Split, train_images: list[np.ndarray], held_images: list[np.ndarray],
                     base: PostprocessParams, device: str) -> ThresholdChoice:
     """The base's thresholds, unless another candidate beats them on the training images by
-    THRESHOLD_MARGIN and the held-back images (where there are some) confirm it: not lower mSA there."""
+    THRESHOLD_MARGIN and the held-back images confirm it (not lower mSA there); with none held back
+    (fewer than three images) nothing can confirm a change, so the base's stay."""
     predictor = torch_predictor(model, device)
     ranked = rank_params(split.train, predict_maps(predictor, train_images), threshold_candidates(base), progress=True)
     best, best_row = ranked[0]
     base_row = next(row for params, row in ranked if params == base)
     shown = [row for _, row in ranked[:5]] + ([] if any(p == base for p, _ in ranked[:5]) else [base_row])
-    margin = best_row["score"] - base_row["score"]
-    if best == base or margin < THRESHOLD_MARGIN:
-        return ThresholdChoice(base, False, f"kept the base's: no candidate beat them on the {len(split.train)} "
-                               f"training images by {THRESHOLD_MARGIN} (best {margin:+.3f})", shown)
-    if not split.held_back:
-        return ThresholdChoice(best, True, f"{margin:+.3f} over the base's on the training images (no held-back "
-                               "image to confirm it)", shown)
-    held_maps = predict_maps(predictor, held_images)
-    on_held = {name: mean_msa(split.held_back, held_maps, params) for name, params in (("best", best), ("base", base))}
-    if on_held["best"] < on_held["base"]:
-        return ThresholdChoice(base, False, f"kept the base's: {margin:+.3f} on the training images, but the "
-                               f"held-back images did not confirm it (mSA {on_held['best']:.3f} vs "
-                               f"{on_held['base']:.3f} with the base's)", shown)
-    return ThresholdChoice(best, True, f"{margin:+.3f} over the base's on the training images, confirmed on the "
-                           f"held-back images (mSA {on_held['best']:.3f} vs {on_held['base']:.3f})", shown)
+    margin = 0.0 if best == base else best_row["score"] - base_row["score"]
+    held_msa = None
+    if margin >= THRESHOLD_MARGIN and split.held_back:
+        held_maps = predict_maps(predictor, held_images)
+        held_msa = {name: mean_msa(split.held_back, held_maps, params) for name, params in (("best", best), ("base", base))}
+    changed, reason = threshold_decision(margin, len(split.train), held_msa)
+    return ThresholdChoice(best if changed else base, changed, reason, shown)
 
 
 def export_models(model, out: Path, metadata: dict, train_images: list[np.ndarray],
