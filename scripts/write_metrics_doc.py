@@ -160,7 +160,7 @@ def fewshot_table(result: dict) -> str:
     verdicts = any("verdict" in run for run in result["runs"])
     head = "| k images | minutes in all (steps, steps/min) | AP50 before → after (int8) | mSA before → after (int8) | " \
            "AP75 | count error |" + (" thresholds | verdict printed |" if verdicts else "")
-    lines = [head, "|" + "---|" * head.count(" | ")]
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for run in result["runs"]:
         a, q = run["after_fp32"], run["after_int8"]
         rate = f", {run['steps_per_minute']:.0f}/min" if run.get("steps_per_minute") else ""

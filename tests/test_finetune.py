@@ -229,6 +229,7 @@ def test_the_verdict_says_better_not_better_or_cant_tell(before, after, held_bac
     verdict = judge(rows(before), rows(after), held_back, steps=500)
     assert (verdict.outcome, verdict.exit_status) == (outcome, status), verdict
     assert verdict.line().startswith(f"VERDICT: {outcome.upper()}: mSA ")
+    assert f"on {len(before)} {'held-back' if held_back else 'training'} images" in verdict.line()
     few = "training steps were made"
     assert few not in verdict.line() and few in judge(rows(before), rows(after), held_back, steps=20).line()
     shared = judge(rows(before), rows(after), held_back, steps=500, note="other work shared the CPU")

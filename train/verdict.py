@@ -30,6 +30,7 @@ class Verdict:
     msa_after: float
     low: float  # LEVEL interval of the mean per-image mSA difference
     high: float
+    held_back: bool = True  # False: measured on the training images (fewer than 3 images)
 
     @property
     def exit_status(self) -> int:
@@ -38,8 +39,9 @@ class Verdict:
     def line(self) -> str:
         interval = f", {LEVEL:.0%} interval of the per-image difference {self.low:+.3f}..{self.high:+.3f}" \
             if self.images >= MIN_IMAGES else ""
+        kind = "held-back" if self.held_back else "training"
         return (f"VERDICT: {self.outcome.upper()}: mSA {self.msa_before:.3f} -> {self.msa_after:.3f} on "
-                f"{self.images} held-back image{'s' if self.images != 1 else ''}{interval}; {self.reason}")
+                f"{self.images} {kind} image{'s' if self.images != 1 else ''}{interval}; {self.reason}")
 
     def to_dict(self) -> dict:
         return {**asdict(self), "line": self.line(), "exit_status": self.exit_status}
@@ -59,7 +61,7 @@ def judge(before: list[dict], after: list[dict], held_back: bool, steps: int, se
     if not held_back:
         return Verdict(CANT_TELL, "no image was held back (fewer than 3 annotated images): these figures come from "
                        f"the training images themselves; annotate more images to know{few_steps}", len(before),
-                       msa_before, msa_after, 0.0, 0.0)
+                       msa_before, msa_after, 0.0, 0.0, held_back=False)
     if len(differences) < MIN_IMAGES:
         lower = "lower on them, but " if msa_after < msa_before else ""
         return Verdict(CANT_TELL, f"{lower}{len(differences)} held-back images are too few to tell better from worse; hold "
