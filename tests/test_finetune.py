@@ -33,6 +33,18 @@ def test_one_image_in_five_is_held_back_at_least_one_from_three(n, held):
     assert split.measured_on == (split.held_back or split.train)
 
 
+def test_images_given_to_measure_on_are_held_back_and_never_training_images(tmp_path):
+    """Issue 29: held-back images from the training images' own plates flatter the result; a lab can
+    name its own (e.g. another day's) with --measure-on, and the same files in both are refused."""
+    from train.finetune import FinetuneError, measure_on_given
+
+    train, other = fake_samples(4), fake_samples(6)[4:]
+    split = measure_on_given(train, other)
+    assert split.train == train and split.held_back == other and split.measured_on == other
+    with pytest.raises(FinetuneError, match="repeats 1 training image"):
+        measure_on_given(train, [train[0], other[0]])
+
+
 def test_holding_back_every_image_is_refused():
     from train.finetune import FinetuneError, split_held_back
 
@@ -192,6 +204,14 @@ def test_impossible_settings_are_usage_errors_not_tracebacks(tmp_path, option, v
     with pytest.raises(SystemExit) as exit_:
         parse_args([str(tmp_path), "--out", str(tmp_path / "out"), option, value])
     assert exit_.value.code == 2 and f"argument {option}" in capsys.readouterr().err
+
+
+def test_measure_on_with_hold_out_is_a_usage_error(tmp_path, capsys):
+    from train.finetune import main
+
+    folder = annotated_folder(tmp_path)
+    assert main([str(folder), "--measure-on", str(folder), "--hold-out", "1", "--out", str(tmp_path / "o")]) == 2
+    assert "--measure-on or --hold-out, not both" in capsys.readouterr().err
 
 
 def test_a_full_disk_leaves_no_half_written_checkpoint(tmp_path, monkeypatch):

@@ -113,6 +113,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hold-out", type=_number(int, 0), default=None,
                    help="images held back to measure before/after (default: one in five, at least one when "
                         "there are three or more images, none below three)")
+    p.add_argument("--measure-on", nargs="+", type=Path, metavar="ANNOTATED", default=None,
+                   help="annotated images kept for measuring only (e.g. another plate or day than the training "
+                        "images: a fairer before/after); then every ANNOTATED image trains and --hold-out is unused")
     p.add_argument("--crop", type=_number(int, 32, 2048), default=256)
     p.add_argument("--batch-size", type=_number(int, 1, 512), default=8)
     p.add_argument("--lr", type=_number(float, 1e-7, 1.0), default=3e-4, help="peak learning rate (a third of training's)")
@@ -195,6 +198,17 @@ def split_held_back(samples: list[Sample], seed: int, hold_out: int | None = Non
     order = np.random.default_rng(seed).permutation(len(samples))
     held = sorted(int(i) for i in order[:count])
     return Split([s for i, s in enumerate(samples) if i not in held], [samples[i] for i in held])
+
+
+def measure_on_given(train: list[Sample], measured: list[Sample]) -> Split:
+    """Every given image trains; `measured` (--measure-on) are held back, refused where they are the
+    same files as training images (a before/after on training images would flatter the result)."""
+    trained = {s.image_path.resolve() for s in train}
+    shared = [s.id for s in measured if s.image_path.resolve() in trained]
+    if shared:
+        raise FinetuneError(f"--measure-on repeats {len(shared)} training image(s) ({', '.join(shared[:3])}): "
+                            "give images that are not among ANNOTATED")
+    return Split(list(train), list(measured))
 
 
 def base_postprocess(base: Path) -> PostprocessParams:
@@ -341,7 +355,14 @@ def main(argv=None) -> int:
         scan = scan_annotated(args.annotated)  # FileNotFoundError when nothing annotated is found
         print(scan.summary(), flush=True)
         samples = scan.samples
-        split = split_held_back(samples, args.seed, args.hold_out)
+        if args.measure_on:
+            if args.hold_out is not None:
+                raise FinetuneError("give --measure-on or --hold-out, not both")
+            measured = scan_annotated(args.measure_on)
+            print(f"measured on: {measured.summary()}", flush=True)
+            split = measure_on_given(samples, measured.samples)
+        else:
+            split = split_held_back(samples, args.seed, args.hold_out)
         if args.resume and not (args.out / CHECKPOINT).is_file():
             raise FinetuneError(f"--resume: no {CHECKPOINT} in {args.out}")
         check_out(args.out, args.annotated, args.overwrite or args.resume)
