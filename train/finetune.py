@@ -44,7 +44,7 @@ from tqdm import tqdm  # noqa: E402
 from cellseg.annotations import AnnotationError, scan_annotated  # noqa: E402
 from cellseg.data import Sample  # noqa: E402
 from cellseg.evaluate import evaluate_segmentations, format_table  # noqa: E402
-from cellseg.inference import Segmentation, predict_maps, segment_images  # noqa: E402
+from cellseg.inference import Segmentation, predict_maps  # noqa: E402
 from cellseg.onnx_model import OnnxModel, read_metadata  # noqa: E402
 from cellseg.postprocess import PostprocessParams, maps_to_labels  # noqa: E402
 from cellseg.tuning import params_grid, rank_params  # noqa: E402
@@ -72,8 +72,10 @@ THRESHOLD_GRID = {"fg_threshold": (0.5, 0.6, 0.7), "seed_threshold": (0.2, 0.3, 
 # mSA) and not lose on the held-back ones: 8 images reward noise otherwise (issue 29 saw the re-pick
 # switch off seed_peak and lose on unseen astrocytes).
 THRESHOLD_MARGIN = 0.01
-# Below this share of the budget left for training the run says the machine could not train enough.
-MIN_TRAIN_SHARE = 0.5
+# The threshold search may take at most this share of the budget: on dense SH-SY5Y images one
+# candidate costs about half a second per image (watershed + COCO scoring), and the whole grid on 8
+# images took 157 s of a 5-minute run. Candidates nearest the base's are tried first.
+THRESHOLD_SEARCH_SHARE = 0.15
 
 
 class FinetuneError(ValueError):
@@ -146,19 +148,32 @@ class Budget:
         return self.seconds - self.spent()
 
 
-def reserve_after_training(seconds_per_image: float, train_images: int, measured_images: int,
-                           candidates: int) -> float:
-    """Seconds to keep for what follows training, from the measured seconds per image of the "before"
-    (network + watershed + scoring, the same work the later steps repeat; with the first call's
-    warm-up in it, so on the safe side): the network on the training images and a watershed per
-    threshold candidate (about a twentieth of an image's cost each), fp32 and int8 on the held-back
-    images (confirmation and "after"), int8 calibration (about one and a half images' worth per
-    calibration image), plus a fixed 10 s for export and the checks, and a quarter for safety.
-    Measured on 8 training and 2 held-back astrocyte images (2-core Xeon): 122 s reserved, 58 s used;
-    the final minutes are reported as measured."""
+@dataclass(frozen=True)
+class Costs:
+    """Seconds per image measured on the "before": the network, and one post-processing candidate
+    (watershed + scoring), which the later steps repeat."""
+    network: float
+    candidate: float
+
+
+def reserve_after_training(costs: Costs, train_images: int, measured_images: int, candidates: int) -> float:
+    """Seconds to keep for what follows training: the network on the training images, the candidates
+    tried on them, fp32 and int8 on the held-back images (confirmation and "after": network and one
+    candidate each), int8 calibration (about one and a half network passes per calibration image),
+    10 s for export and the checks, and a quarter for safety. The final minutes are reported as
+    measured (`phases_seconds` in metrics.json)."""
     calibration = min(train_images, Int8Recipe().calibration_images)
-    images = train_images * (1 + 0.05 * candidates) + 3 * measured_images + 1.5 * calibration
-    return 1.25 * (10.0 + seconds_per_image * images)
+    network = costs.network * (train_images + 3 * measured_images + 1.5 * calibration)
+    scoring = costs.candidate * (train_images * candidates + 3 * measured_images)
+    return 1.25 * (10.0 + network + scoring)
+
+
+def affordable_candidates(base: PostprocessParams, costs: Costs, train_images: int, budget_seconds: float
+                          ) -> list[PostprocessParams]:
+    """The threshold candidates the budget affords (THRESHOLD_SEARCH_SHARE of it), nearest the base's
+    first; the base's own always."""
+    allowed = int(THRESHOLD_SEARCH_SHARE * budget_seconds / max(costs.candidate * train_images, 1e-6))
+    return threshold_candidates(base)[: max(1, allowed)]
 
 
 @dataclass
@@ -293,8 +308,13 @@ class ThresholdChoice:
 
 
 def threshold_candidates(base: PostprocessParams) -> list[PostprocessParams]:
-    """The grid's combinations, the base's own thresholds first (always a candidate)."""
-    return [base] + [p for p in params_grid(base, **THRESHOLD_GRID) if p != base]
+    """The grid's combinations, the base's own thresholds first (always a candidate), then the
+    nearest to them first (the sum of each threshold's change), so a shortened search tries the
+    small changes."""
+    def distance(params: PostprocessParams) -> float:
+        return sum(abs(getattr(params, name) - getattr(base, name)) for name in THRESHOLD_GRID)
+
+    return [base] + sorted((p for p in params_grid(base, **THRESHOLD_GRID) if p != base), key=distance)
 
 
 def mean_msa(samples: list[Sample], maps: list[np.ndarray], params: PostprocessParams) -> float:
@@ -318,12 +338,12 @@ def threshold_decision(margin: float, train_images: int, held_msa: dict[str, flo
 
 
 def pick_thresholds(model, split: Split, train_images: list[np.ndarray], held_images: list[np.ndarray],
-                    base: PostprocessParams, device: str) -> ThresholdChoice:
+                    base: PostprocessParams, candidates: list[PostprocessParams], device: str) -> ThresholdChoice:
     """The base's thresholds, unless another candidate beats them on the training images by
     THRESHOLD_MARGIN and the held-back images confirm it (not lower mSA there); with none held back
     (fewer than three images) nothing can confirm a change, so the base's stay."""
     predictor = torch_predictor(model, device)
-    ranked = rank_params(split.train, predict_maps(predictor, train_images), threshold_candidates(base), progress=True)
+    ranked = rank_params(split.train, predict_maps(predictor, train_images), candidates, progress=True)
     best, best_row = ranked[0]
     base_row = next(row for params, row in ranked if params == base)
     shown = [row for _, row in ranked[:5]] + ([] if any(p == base for p, _ in ranked[:5]) else [base_row])
@@ -333,6 +353,9 @@ def pick_thresholds(model, split: Split, train_images: list[np.ndarray], held_im
         held_maps = predict_maps(predictor, held_images)
         held_msa = {name: mean_msa(split.held_back, held_maps, params) for name, params in (("best", best), ("base", base))}
     changed, reason = threshold_decision(margin, len(split.train), held_msa)
+    total = len(threshold_candidates(base))
+    if len(candidates) < total:
+        reason += f" ({len(candidates)} of {total} candidates tried, nearest the base's first: the budget's share)"
     return ThresholdChoice(best if changed else base, changed, reason, shown)
 
 
@@ -415,19 +438,22 @@ def run(args: argparse.Namespace, command: str, samples: list[Sample], split: Sp
     train_images = [s.image() for s in split.train]  # decoded once for training, thresholds, calibration...
     measured_images = [s.image() for s in split.held_back] or train_images  # ... and measuring (split.measured_on)
     model = load_weights(args.base)
-    before = evaluate_segmentations(measured, segment_images(torch_predictor(model, "cpu"), measured_images, base_params))
+    maps = predict_maps(torch_predictor(model, "cpu"), measured_images)
+    network_seconds = time.monotonic() - mark
+    before = evaluate_segmentations(measured, [Segmentation(maps_to_labels(m, base_params), m) for m in maps])
     print("before (base model, its thresholds):\n" + format_table(before), flush=True)
     mark = phase_done("before", mark)
-
-    reserve = reserve_after_training(phases["before"] / len(measured), len(split.train), len(split.held_back),
-                                     len(threshold_candidates(base_params)))
+    costs = Costs(network_seconds / len(measured), (phases["before"] - network_seconds) / len(measured))
+    candidates = affordable_candidates(base_params, costs, len(split.train), budget.seconds)
+    reserve = reserve_after_training(costs, len(split.train), len(split.held_back), len(candidates))
     train_seconds = max(0.0, budget.left() - reserve)
     print(f"training for {train_seconds / 60:.1f} of the {args.minutes} minutes ({reserve / 60:.1f} kept for "
           "thresholds, export, int8 and measuring)", flush=True)
     state = train_for_budget(model, train_images, [s.labels() for s in split.train], args, args.out, train_seconds)
     load_note = machine_load_note(args.threads)
     mark = phase_done("training", mark)
-    choice = pick_thresholds(model, split, train_images, [s.image() for s in split.held_back], base_params, args.device)
+    choice = pick_thresholds(model, split, train_images, [s.image() for s in split.held_back], base_params,
+                             candidates, args.device)
     params = choice.params
     print(f"thresholds: {choice.reason}: {params.to_dict()}", flush=True)
     mark = phase_done("thresholds", mark)
