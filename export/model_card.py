@@ -231,8 +231,9 @@ Thresholds: {results.get('thresholds', {}).get('reason', 'picked on the training
 
 ## Training
 {training['steps']} steps of {training['batch_size']} x {training['crop']}² crops in {training['train_minutes']} min
-({training.get('steps_per_minute', '?')} a minute; the whole run's budget {training['minutes']} min) on {training['device']}, precision {training['precision']}, peak learning rate
-{training['lr']}, seed {training['seed']}; {results['minutes_total']} min in all with measuring and export.
+({training.get('steps_per_minute', '?')} a minute; the whole run's budget {training['minutes']} min)
+on {training['device']}, precision {training['precision']}, peak learning rate {training['lr']},
+seed {training['seed']}; {results['minutes_total']} min in all with measuring and export.
 
 Command: `{training['command']}`
 
