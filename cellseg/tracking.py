@@ -54,9 +54,17 @@ class Tracking:
         return sum(1 for m in set(mothers) if mothers.count(m) >= 2)
 
 
+class TrackingUnavailable(ValueError):
+    """laptrack is not installed."""
+
+
 def _link(frames: Sequence[np.ndarray]):
     """laptrack's track table (frame, label -> track_id) and split table."""
-    from laptrack import OverLapTrack
+    try:
+        from laptrack import OverLapTrack
+    except ImportError as exc:  # not in the runtime's dependencies: its scipy pin would clash (requirements.txt)
+        raise TrackingUnavailable("tracking needs laptrack: pip install --no-deps laptrack==0.17.0 "
+                                  "(its other needs: pip install scikit-learn==1.9.1 pooch==1.9.0)") from exc
 
     tracker = OverLapTrack(metric_coefs=LINK_COEFS, cutoff=LINK_CUTOFF,
                            splitting_metric_coefs=SPLIT_COEFS, splitting_cutoff=SPLIT_CUTOFF,
