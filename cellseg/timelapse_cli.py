@@ -70,7 +70,7 @@ def cmd_track(args: argparse.Namespace) -> int:
         if not sequences:
             raise ValueError(f"{source} is a segment job without stacks or series: nothing to track over time")
     elif source.is_dir():
-        sequences = [folder_sequence(source)]
+        sequences = [folder_sequence(source, args.interval)]
     else:
         raise FileNotFoundError(f"{source}: no such folder (give a folder of label images or a segment job's --out)")
     for summary in track_all(sequences, args.out, atomic_write, force=args.overwrite):
@@ -86,5 +86,7 @@ def add_track_parser(sub) -> None:
     tr.add_argument("labels", help="a folder of per-frame label images (TIFF/PNG, frames in name order), or the "
                                    "--out folder of a `cellseg segment` job (each stack and series tracked)")
     tr.add_argument("--out", type=Path, required=True, help="output folder")
+    tr.add_argument("--interval", type=interval_argument, metavar="DURATION",
+                    help="time between the frames of a folder of label images (30min, 10.2min): tracks.csv's time_s")
     tr.add_argument("--overwrite", action="store_true", help="track again even where nothing changed")
     tr.set_defaults(func=cmd_track)

@@ -47,12 +47,14 @@ def png16(labels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def folder_sequence(folder: Path) -> TrackInput:
-    """A folder of per-frame label images (TIFF/PNG), frames in name order, untimed."""
+def folder_sequence(folder: Path, interval_s: float | None = None) -> TrackInput:
+    """A folder of per-frame label images (TIFF/PNG), frames in name order, `interval_s` apart
+    (untimed without it)."""
     paths, _ = tracking.read_label_folder(folder, read=False)
     if not paths:
         raise ValueError(f"{folder} holds no label images (TIFF or PNG)")
-    return TrackInput(Path(folder).name, [p.stem for p in paths], [None] * len(paths), paths,
+    times = [None if interval_s is None else i * interval_s for i in range(len(paths))]
+    return TrackInput(Path(folder).name, [p.stem for p in paths], times, paths,
                      lambda i: tracking.read_labels(paths[i]))
 
 
