@@ -68,7 +68,8 @@ def score(res: Path, gt: Path) -> dict:
     from ctc_metrics.scripts.evaluate import evaluate_sequence
 
     scores = evaluate_sequence(str(res), str(gt), metrics=METRICS, threads=1)
-    return {k: round(float(scores[k]), 4) for k in ("TRA", "DET", "LNK", "BC(0)", "BC(1)") if k in scores}
+    kept = ("TRA", "DET", "LNK", "BC(0)", "BC(1)", "gt_divisions", "tp_div(0)", "fp_div(0)", "fn_div(0)")
+    return {k: round(float(scores[k]), 4) for k in kept if scores.get(k) is not None}
 
 
 def gt_divisions(gt: Path) -> int:
@@ -142,6 +143,7 @@ def bench_usiigaci(data: Path, out: Path) -> dict:
     reference = out / "usiigaci-reference"
     reference_tracks = reference_as_ctc(data / USIIGACI / "reference", reference)
     doubling = (job / "doubling.csv").read_text().splitlines()
+    counts = [int(line.split(",")[3]) for line in (job / "summary.csv").read_text().splitlines()[1:]]
     return {"data": str(data / USIIGACI), "frames": len(frames), "segment_status": status,
             "segment_seconds": round(wall, 1), "segment_cpu_seconds": round(cpu, 1),
             "segment_seconds_per_frame": round(wall / len(frames), 3),
@@ -149,8 +151,32 @@ def bench_usiigaci(data: Path, out: Path) -> dict:
             "track_seconds": summary["seconds"], "track_cpu_seconds": summary["cpu_seconds"],
             "track_cpu_seconds_per_frame": round(summary["cpu_seconds"] / len(frames), 4),
             "tracks_found": summary["tracks"], "divisions_found": summary["divisions"],
-            "reference_tracks": reference_tracks,
-            "agreement_with_reference": score(series / "ctc", reference), "doubling_csv": doubling}
+            "reference_tracks": reference_tracks, "cells_per_frame": round(sum(counts) / len(counts), 1),
+            "reference_cells_per_frame": reference_cells_per_frame(data / USIIGACI / "reference"),
+            "agreement_with_reference": score(series / "ctc", reference),
+            "reference_masks_tracked": track_reference_masks(data / USIIGACI / "reference", out, reference),
+            "doubling_csv": doubling}
+
+
+def reference_cells_per_frame(reference: Path) -> float:
+    counts = [len(np.unique(np.asarray(Image.open(p)))) - 1 for p in sorted((reference / "masks").glob("*.png"))]
+    return round(sum(counts) / len(counts), 1)
+
+
+def track_reference_masks(reference: Path, out: Path, reference_ctc: Path) -> dict:
+    """The tracker alone on the source project's own masks (so segmentation plays no part), scored
+    against that project's tracks of the same masks."""
+    frames = [np.asarray(Image.open(p)).astype(np.int32) for p in sorted((reference / "masks").glob("*.png"))]
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = tracking.track_labels(frames)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    res = out / "usiigaci-reference-masks-tracked"
+    res.mkdir(parents=True, exist_ok=True)
+    for name, data_bytes in tracking.ctc_files(result).items():
+        (res / name).write_bytes(data_bytes)
+    return {"tracks_found": len(result.spans()), "divisions_found": result.divisions(),
+            "track_seconds": round(wall, 2), "track_cpu_seconds": round(cpu, 2),
+            "agreement_with_reference": score(res, reference_ctc)}
 
 
 def main() -> int:
