@@ -133,12 +133,10 @@ def bench_usiigaci(data: Path, out: Path) -> dict:
     status = main(["segment", str(data / USIIGACI / "frames"), "--out", str(job), "--interval", "10.2min",
                    "--pixel-size", "0.87", "--formats", "labels,csv", "--quiet", "--overwrite"])
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    series = next((job / "tracks").glob("*")) if (job / "tracks").is_dir() else None
-    if series is None:  # tracking runs here, timed apart from segmenting
-        from cellseg.timelapse_cli import track_segmented
+    from cellseg.timelapse_cli import track_segmented
 
-        track_segmented(job, quiet=True)
-        series = next((job / "tracks").glob("*"))
+    track_segmented(job, quiet=True)  # what --track runs after segmenting, timed apart (tracking.json)
+    series = next((job / "tracks").glob("*"))
     summary = json.loads((series / "tracking.json").read_text())
     reference = out / "usiigaci-reference"
     reference_tracks = reference_as_ctc(data / USIIGACI / "reference", reference)
