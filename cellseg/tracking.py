@@ -26,6 +26,9 @@ LINK_COEFS = (1.0, 0.0, -1.0, 0.0, 0.0)
 # while it is only half the mother, so IoU would undervalue the link.
 SPLIT_COEFS = (1.0, 0.0, 0.0, 0.0, -1.0)
 LINK_CUTOFF = 0.9  # at least 10% IoU
+# A "daughter" shorter than this that divides no further is a mask flickering into two pieces (see
+# drop_flicker_divisions); 1 keeps every division laptrack finds.
+MIN_DAUGHTER_FRAMES = 3
 SPLIT_CUTOFF = 0.97  # at least 3% of a daughter inside its mother (0.8: 23 of 28 CTC divisions, 0.9: 24, 0.97: 25)
 
 
@@ -84,6 +87,8 @@ def track_labels(frames: Sequence[np.ndarray]) -> Tracking:
     parents = {int(tid) + 1: 0 for tid in track_df["track_id"].unique()}
     for mother, daughter in zip(split_df["parent_track_id"], split_df["child_track_id"], strict=True):
         parents[int(daughter) + 1] = int(mother) + 1
+    if MIN_DAUGHTER_FRAMES > 1:
+        new_id, parents = drop_flicker_divisions(new_id, parents, len(frames))
     labels, cell_ids = [], []
     for t, frame in enumerate(frames):
         ids = {new_id[(t, int(label))]: int(label) for label in np.unique(frame) if label and (t, int(label)) in new_id}
@@ -93,6 +98,44 @@ def track_labels(frames: Sequence[np.ndarray]) -> Tracking:
         labels.append(lookup[frame])
         cell_ids.append(ids)
     return Tracking(labels, parents, cell_ids)
+
+
+def drop_flicker_divisions(new_id: dict[tuple[int, int], int], parents: dict[int, int],
+                           frames: int) -> tuple[dict[tuple[int, int], int], dict[int, int]]:
+    """Undo the divisions that are a mask flickering into pieces: a daughter that lives fewer than
+    MIN_DAUGHTER_FRAMES frames, divides no further and ends before the last frame is no daughter
+    (it keeps its own track, without a parent); a mother left with one daughter continues as her
+    (the daughter's cells take the mother's id, her daughters name the mother). Real masks do this
+    often (a cell cut in two for a frame); the simulated ground truth's true daughters never do."""
+    spans: dict[int, list[int]] = {}
+    for (t, _), track in new_id.items():
+        span = spans.setdefault(track, [t, t])
+        span[0], span[1] = min(span[0], t), max(span[1], t)
+    children: dict[int, list[int]] = {}
+    for daughter, mother in parents.items():
+        if mother:
+            children.setdefault(mother, []).append(daughter)
+    alias: dict[int, int] = {}
+    for mother in sorted(children, key=lambda m: spans[m][0]):
+        daughters = children[mother]
+        brief = [d for d in daughters if spans[d][1] - spans[d][0] + 1 < MIN_DAUGHTER_FRAMES
+                 and d not in children and spans[d][1] < frames - 1]
+        if not brief:
+            continue
+        for d in brief:
+            parents[d] = 0
+        lasting = [d for d in daughters if d not in brief]
+        if len(lasting) == 1:  # no division: the one lasting daughter is the mother going on
+            alias[lasting[0]] = _resolve(alias, mother)
+            parents.pop(lasting[0])
+    parents = {track: _resolve(alias, parent) if parent else 0 for track, parent in parents.items()}
+    return {key: _resolve(alias, track) for key, track in new_id.items()}, parents
+
+
+def _resolve(alias: dict[int, int], track: int) -> int:
+    while track in alias:
+        track = alias[track]
+    return track
 
 
 TRACKS_FIELDS = ["track_id", "frame", "time_s", "cell_id", "centroid_x", "centroid_y", "area_px", "parent_track_id"]
@@ -150,7 +193,8 @@ def settings() -> dict:
     """What the tracker was told, for the record (tracking.json)."""
     return {"tracker": "laptrack.OverLapTrack", "laptrack": _version("laptrack"),
             "link": {"metric_coefs": LINK_COEFS, "cutoff": LINK_CUTOFF},
-            "split": {"metric_coefs": SPLIT_COEFS, "cutoff": SPLIT_CUTOFF}, "gap_closing": False, "merging": False}
+            "split": {"metric_coefs": SPLIT_COEFS, "cutoff": SPLIT_CUTOFF, "min_daughter_frames": MIN_DAUGHTER_FRAMES},
+            "gap_closing": False, "merging": False}
 
 
 def _version(package: str) -> str | None:
