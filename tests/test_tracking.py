@@ -125,3 +125,27 @@ def test_segment_track_on_a_named_series(tmp_path, monkeypatch):
     with open(series / "tracks.csv", newline="") as fh:
         times = {float(r["time_s"]) for r in csv.DictReader(fh)}
     assert times == {600.0 * t for t in range(6)}
+
+
+def test_a_mask_flickering_into_two_pieces_is_no_division(monkeypatch):
+    """A cell cut in two for one frame (as real masks often are) keeps its track; without the rule,
+    laptrack reports the cut as a division. (True divisions: the CTC test above.)"""
+    import cellseg.tracking
+    from cellseg.tracking import track_labels
+
+    frames = []
+    for t in range(8):
+        labels = np.zeros((40, 60), dtype=np.int32)
+        if t == 3:  # the flicker: two pieces for one frame
+            labels[5:15, 5 + t:12 + t], labels[5:15, 13 + t:20 + t] = 1, 2
+        else:
+            labels[5:15, 5 + t:20 + t] = 1
+        labels[25:35, 30:45] = 3  # a cell that stays put
+        frames.append(labels)
+    result = track_labels(frames)
+    cell = result.labels[0][7, 10]
+    assert result.spans()[cell] == (0, 7) and result.divisions() == 0
+    assert all(result.labels[t][7, 8 + t] == cell for t in range(8) if t != 3)
+    assert cell in (result.labels[3][7, 10], result.labels[3][7, 18])  # one piece goes on, the other is new
+    monkeypatch.setattr(cellseg.tracking, "MIN_DAUGHTER_FRAMES", 1)
+    assert track_labels(frames).divisions() == 1
