@@ -14,6 +14,12 @@ Outputs in --out DIR (--formats picks among labels, csv, coco, rois, geojson; de
     summary.csv            always: one row per image and frame (count, confluence, median cell area in px, and
                            in µm² where the pixel size is known)
     plots/<stem>_growth.png  always, per stack: cell count and confluence against frame or time
+    series.json            where names place files in wells (cellseg/series.py): layouts matched, series, and
+                           the files that fit none (segmented as single images, never guessed into a well)
+    wells.csv, doubling.csv, plots/wells/, plots/plate_<plate>.png
+                           where files are in wells: per well and time point over fields, doubling times,
+                           growth curves and a plate overview (cellseg/wells.py)
+    tracks/<series>/       with --track: tracks.csv, labels of track ids, CTC layout (cellseg/track_job.py)
     errors.json            inputs that could not be processed in the last run, with the reason
     job.json               the job's settings: model sha256, post-processing parameters, tta, pixel_size (the
                            --pixel-size given, or null: each image's metadata) (and server URL; with --server,
