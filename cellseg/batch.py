@@ -14,6 +14,12 @@ Outputs in --out DIR (--formats picks among labels, csv, coco, rois, geojson; de
     summary.csv            always: one row per image and frame (count, confluence, median cell area in px, and
                            in µm² where the pixel size is known)
     plots/<stem>_growth.png  always, per stack: cell count and confluence against frame or time
+    series.json            where names place files in wells (cellseg/series.py): layouts matched, series, and
+                           the files that fit none (segmented as single images, never guessed into a well)
+    wells.csv, doubling.csv, plots/wells/, plots/plate_<plate>.png
+                           where files are in wells: per well and time point over fields, doubling times,
+                           growth curves and a plate overview (cellseg/wells.py)
+    tracks/<series>/       with --track: tracks.csv, labels of track ids, CTC layout (cellseg/track_job.py)
     errors.json            inputs that could not be processed in the last run, with the reason
     job.json               the job's settings: model sha256, post-processing parameters, tta, pixel_size (the
                            --pixel-size given, or null: each image's metadata) (and server URL; with --server,
@@ -76,7 +82,9 @@ from cellseg.outputs import (
 )
 from cellseg.pixelsize import PixelSize, read_pixel_size
 from cellseg.postprocess import PostprocessParams
+from cellseg.series_items import SeriesOptions, place_in_series
 from cellseg.summary import growth_plot_png, stack_rows, summary_csv, summary_row
+from cellseg.well_outputs import write_well_outputs
 
 DEFAULT_FORMATS = ("labels", "csv", "coco")
 # Per-image files of each per-image format: folder and suffix under --out.
@@ -247,14 +255,27 @@ class Item:
     frame: int | None = None  # 0-based frame index; None for a file that is not a stack
     stack: str | None = None  # the stack's output name (its stem), for a frame
     time_s: float | None = None  # seconds since frame 0, where the stack's metadata gives the interval
+    # Where the file's name places it in a plate (cellseg/series.py); a series' time point is a frame.
+    plate: str | None = None
+    well: str | None = None
+    field: str | None = None
+    # A time point of a series placed by its file name: `frame` is its place in the series, and the
+    # whole file is that frame (not a page of a stack).
+    by_name: bool = False
+
+    @property
+    def page(self) -> int | None:
+        """The page of a stack to read; None where the whole file is the image."""
+        return None if self.by_name else self.frame
 
     def record_fields(self) -> dict:
-        """What a frame's record says of its place in the stack (nothing for a single image)."""
-        return {} if self.frame is None else {"stack": self.stack, "frame": self.frame, "time_s": self.time_s}
+        """What a frame's record says of its place in the stack or series (nothing for a single image)."""
+        place = {} if self.well is None else {"plate": self.plate, "well": self.well, "field": self.field}
+        return place if self.frame is None else {"stack": self.stack, "frame": self.frame, "time_s": self.time_s} | place
 
     def failure(self, error: str) -> dict:
         """This item's entry in errors.json."""
-        return {"path": str(self.path), **({"frame": self.frame} if self.frame is not None else {}), "error": error}
+        return {"path": str(self.path), **({"frame": self.page} if self.page is not None else {}), "error": error}
 
 
 def expand_inputs(paths: list[Path]) -> tuple[list[Item], list[dict]]:
@@ -316,6 +337,7 @@ class JobReport:
     completed: list[str] = field(default_factory=list)  # done before; per-image formats added from their records
     skipped: list[str] = field(default_factory=list)  # done before, with every requested file
     failed: list[dict] = field(default_factory=list)
+    unmatched: list[str] = field(default_factory=list)  # files whose names fit no series layout (series.json)
 
 
 # What to do about a failed write, by errno; any other error: fix its cause.
@@ -360,9 +382,9 @@ def read_item(item: Item, max_pixels: int | None = None) -> tuple[np.ndarray, Pa
     A gray frame's original keeps its own dtype (an upload as small as the file's page); a colour
     frame's is its luminance, what the server would reduce it to. `max_pixels`: the service's limit."""
     limit = {} if max_pixels is None else {"max_pixels": max_pixels}
-    if item.frame is None:
+    if item.page is None:
         return read_image(item.path, **limit), item.path
-    pixels = read_frame(item.path, item.frame, **limit)
+    pixels = read_frame(item.path, item.page, **limit)
     image = to_grayscale(pixels)
     return image, (pixels if pixels.ndim == 2 else image)
 
@@ -605,7 +627,8 @@ def write_growth_plots(out: Path, rows: list[dict], changed: set[str]) -> None:
 
 
 def run_job(inputs: list[str], out: Path, backend_factory: Callable[[], Backend], settings: dict,
-            overwrite: bool = False, progress: bool = True, formats: tuple[str, ...] = DEFAULT_FORMATS) -> JobReport:
+            overwrite: bool = False, progress: bool = True, formats: tuple[str, ...] = DEFAULT_FORMATS,
+            series: SeriesOptions | None = None) -> JobReport:
     """Segment every input into `out`: collect inputs, skip finished ones, run the rest through the
     backend, write each image's outputs as it arrives, then the aggregates. `settings` (model sha256
     or server, parameters) identify what the results depend on; they are recorded in job.json and
@@ -617,6 +640,10 @@ def run_job(inputs: list[str], out: Path, backend_factory: Callable[[], Backend]
         paths, missing = collect_inputs(inputs, exclude=out)
         items, refused = expand_inputs(paths)
         report.failed += missing + refused
+        items, placement = place_in_series(items, series or SeriesOptions())
+        if placement:
+            report.unmatched = placement["unmatched"]
+            atomic_write(out / "series.json", json.dumps(placement, indent=2).encode())
         to_segment, to_complete = [], []
         for item in items:
             if overwrite or not record_path(out, item.name).is_file():
@@ -627,11 +654,15 @@ def run_job(inputs: list[str], out: Path, backend_factory: Callable[[], Backend]
                 report.skipped.append(item.name)
         to_segment += complete_from_records(out, to_complete, formats, report, progress)
         segment_images(out, to_segment, backend_factory, formats, report, progress)
-        records = (json.loads(record_path(out, item.name).read_text()) for item in items
+        # An item's place (series, well, time) is this run's reading of the names, not the record's:
+        # a new --interval or --name-pattern re-places finished images without segmenting them again.
+        records = (json.loads(record_path(out, item.name).read_text()) | item.record_fields() for item in items
                    if is_done(out, item.name, formats))
         rows = write_aggregates(out, records, formats)
         done_now = set(report.done)
-        write_growth_plots(out, rows, changed={item.stack for item in to_segment if item.name in done_now})
+        changed = {item.stack for item in to_segment if item.name in done_now}
+        write_growth_plots(out, rows, changed)
+        write_well_outputs(out, rows, {(i.plate or "", i.well) for i in to_segment if i.name in done_now}, atomic_write)
         write_errors(out, report.failed)
     except OutputWriteError as exc:
         raise JobStopped(exc, report, _try_write_errors(out, report.failed)) from exc

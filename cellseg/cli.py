@@ -1,4 +1,5 @@
-"""The `cellseg` command: `cellseg evaluate ...` and `cellseg segment ...` (also `python -m cellseg`)."""
+"""The `cellseg` command: `cellseg evaluate ...`, `cellseg segment ...` and `cellseg track ...` (also
+`python -m cellseg`)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from cellseg.onnx_model import default_model_path
 from cellseg.pixelsize import SOURCE_GIVEN_CLI, PixelSize, parse_pixel_size
 from cellseg.postprocess import PostprocessParams
 from cellseg.precision import PRECISIONS
+from cellseg.timelapse_cli import add_series_args, add_track_parser, series_options, track_segmented
 
 if TYPE_CHECKING:
     from cellseg.annotations import AnnotationScan
@@ -135,12 +137,14 @@ def cmd_segment(args: argparse.Namespace) -> int:
     settings["pixel_size"] = pixel_size.to_dict() if pixel_size else None
     try:
         report = run_job(args.inputs, args.out, factory, settings, overwrite=args.overwrite, progress=not args.quiet,
-                         formats=formats)
+                         formats=formats, series=series_options(args))
     except JobStopped as stopped:
         print_summary(stopped.report, args.out)
         print(f"cellseg segment: error: {stopped}", file=sys.stderr)
         return EXIT_WRITE_FAILED
     print_summary(report, args.out)
+    if args.track:
+        track_segmented(args.out, quiet=args.quiet)
     return EXIT_SOME_FAILED if report.failed else 0
 
 
@@ -152,6 +156,11 @@ def print_summary(report: JobReport, out: Path) -> None:
     for failure in report.failed:
         frame = f" frame {failure['frame']}" if "frame" in failure else ""
         print(f"  FAILED {failure['path']}{frame}: {failure['error']}", file=sys.stderr)
+    if report.unmatched:  # listed, never guessed into a well (series.json has them all)
+        shown = ", ".join(Path(p).name for p in report.unmatched[:5])
+        more = f" and {len(report.unmatched) - 5} more" if len(report.unmatched) > 5 else ""
+        print(f"  {len(report.unmatched)} file(s) fit no series name layout, segmented as single images: "
+              f"{shown}{more} (series.json)", file=sys.stderr)
 
 
 def pixel_size_argument(text: str) -> PixelSize:
@@ -212,7 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="redo every image, also those with outputs (needed to change settings in an existing --out)")
     sg.add_argument("--quiet", action="store_true", help="no progress bar")
     add_postprocess_args(sg)
+    add_series_args(sg)
     sg.set_defaults(func=cmd_segment)
+    add_track_parser(sub)
     return parser
 
 

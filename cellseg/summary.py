@@ -9,6 +9,8 @@ summary.csv has one row per image, and per frame of a stack, in input order:
     confluence_pct   % of the image covered by cells
     median_area_px   median cell area in pixels; empty where no cell was found
     median_area_um2  the same in µm², where the record carries the image's pixel size; else empty
+    plate, well, field  where the file's name places it in a plate (cellseg/series.py); else empty
+    time_h           time_s in hours (elapsed since the series' start), for reading at a glance
 Every column is always there, empty where unknown, so a script reads every job's table alike. A
 frame's files and its rows in cells.csv are named <image>_t<frame>, zero-padded (`a_t0003`).
 """
@@ -21,7 +23,9 @@ from collections.abc import Iterable
 
 import numpy as np
 
-SUMMARY_FIELDS = ["image", "frame", "time_s", "count", "confluence_pct", "median_area_px", "median_area_um2"]
+# New columns go last, so a script that reads the older columns by position reads them still.
+SUMMARY_FIELDS = ["image", "frame", "time_s", "count", "confluence_pct", "median_area_px", "median_area_um2",
+                  "plate", "well", "field", "time_h"]
 
 
 def summary_row(record: dict) -> dict:
@@ -31,7 +35,9 @@ def summary_row(record: dict) -> dict:
     median_px = float(np.median(areas)) if areas else None
     return {"image": record.get("stack", record["name"]), "frame": record.get("frame"), "time_s": record.get("time_s"),
             "count": record["count"], "confluence_pct": record["confluence"], "median_area_px": median_px,
-            "median_area_um2": _to_um2(median_px, record.get("pixel_size"))}
+            "median_area_um2": _to_um2(median_px, record.get("pixel_size")), "plate": record.get("plate"),
+            "well": record.get("well"), "field": record.get("field"),
+            "time_h": None if record.get("time_s") is None else round(record["time_s"] / 3600, 4)}
 
 
 def _to_um2(area_px: float | None, pixel_size: dict | None) -> float | None:

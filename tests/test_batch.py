@@ -648,7 +648,7 @@ def test_a_stack_is_segmented_frame_by_frame_and_resumes_mid_stack(small_inputs,
 
     summary = read_csv(out / "summary.csv")
     assert list(summary[0]) == ["image", "frame", "time_s", "count", "confluence_pct", "median_area_px",
-                                "median_area_um2"]
+                                "median_area_um2", "plate", "well", "field", "time_h"]
     singles = [row for row in summary if row["frame"] == ""]
     stack = [row for row in summary if row["image"] == "well"]
     assert len(singles) == 8 and len(summary) == 8 + 5
@@ -723,10 +723,11 @@ def test_summary_csv_gives_um2_from_the_records_pixel_size():
     ]
     rows = list(csv.DictReader(summary_csv(map(summary_row, records)).decode().splitlines()))
     assert list(rows[0]) == SUMMARY_FIELDS
+    unplaced = {"plate": "", "well": "", "field": ""}  # no well in these names
     assert rows[0] == {"image": "a", "frame": "", "time_s": "", "count": "4", "confluence_pct": "12.5",
-                       "median_area_px": "250.0", "median_area_um2": "31.25"}
+                       "median_area_px": "250.0", "median_area_um2": "31.25", "time_h": ""} | unplaced
     assert rows[1] == {"image": "well", "frame": "1", "time_s": "0.0", "count": "0", "confluence_pct": "0.0",
-                       "median_area_px": "", "median_area_um2": ""}  # no cells: no median
+                       "median_area_px": "", "median_area_um2": "", "time_h": "0.0"} | unplaced  # no cells: no median
     assert rows[2]["median_area_um2"] == "" and rows[2]["median_area_px"] == "250.0"
 
 

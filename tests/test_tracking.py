@@ -1,0 +1,151 @@
+"""Tracking (cellseg/tracking.py, cellseg/track_job.py): the Cell Tracking Challenge's exact ground
+truth, relabelled frame by frame so that the ids carry no identity, must be tracked back to TRA >=
+0.99 and division F1 >= 0.9, scored by py-ctcmetrics on the CTC files `cellseg track` writes."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from cellseg.cli import main
+
+CTC = Path("tracking/ctc-fluo-n2dh-sim-01/GT")
+
+
+def relabelled_frames(gt: Path, seed: int = 0) -> list[np.ndarray]:
+    """Each frame of the ground truth with its cells renumbered at random, independently of the others."""
+    rng = np.random.default_rng(seed)
+    frames = []
+    for path in sorted((gt / "TRA").glob("man_track*.tif")):
+        truth = tifffile.imread(path)
+        ids = np.unique(truth)[1:]
+        lookup = np.zeros(int(truth.max()) + 1, dtype=np.uint16)
+        lookup[ids] = rng.permutation(len(ids)) + 1
+        frames.append(lookup[truth])
+    return frames
+
+
+@pytest.fixture(scope="module")
+def ctc_gt(data_root) -> Path:
+    gt = data_root / CTC
+    if not (gt / "TRA" / "man_track.txt").is_file():
+        pytest.skip(f"no CTC tracking ground truth at {gt}")
+    return gt
+
+
+@pytest.fixture(scope="module")
+def tracked(ctc_gt, tmp_path_factory) -> tuple[Path, Path, list[np.ndarray]]:
+    """(cellseg track's output for the sequence, the input folder, the relabelled frames)."""
+    folder = tmp_path_factory.mktemp("ctc") / "sim01"
+    folder.mkdir()
+    frames = relabelled_frames(ctc_gt)
+    for t, labels in enumerate(frames):
+        tifffile.imwrite(folder / f"frame{t:03d}.tif", labels)
+    out = folder.parent / "tracked"
+    assert main(["track", str(folder), "--out", str(out)]) == 0
+    return out / "sim01", folder, frames
+
+
+@pytest.mark.data
+def test_tracking_the_relabelled_ctc_ground_truth(tracked, ctc_gt):
+    from ctc_metrics.scripts.evaluate import evaluate_sequence
+
+    out, _, _ = tracked
+    scores = evaluate_sequence(str(out / "ctc"), str(ctc_gt), metrics=["TRA", "DET", "BC"], threads=1)
+    assert scores["DET"] == pytest.approx(1.0)  # the masks are the ground truth's: only links can be wrong
+    assert scores["TRA"] >= 0.99
+    assert scores["BC(0)"] >= 0.9  # division F1, the division's frame exact
+
+
+@pytest.mark.data
+def test_track_outputs_agree_with_each_other(tracked):
+    out, folder, frames = tracked
+    with open(out / "tracks.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == sum(len(np.unique(f)) - 1 for f in frames)  # every cell of every frame, once
+    lines = [list(map(int, line.split())) for line in (out / "ctc" / "res_track.txt").read_text().splitlines()]
+    assert {r["track_id"] for r in rows} == {str(line[0]) for line in lines}
+    summary = json.loads((out / "tracking.json").read_text())
+    assert summary["divisions"] == sum(1 for line in lines if sum(other[3] == line[0] for other in lines) == 2)
+    for t in (0, 30, 64):  # a label image of track ids holds the same masks as the input
+        tracked_labels = np.asarray(Image.open(out / "labels" / f"frame{t:03d}.png"))
+        assert np.array_equal(tracked_labels > 0, frames[t] > 0)
+        for row in (r for r in rows if int(r["frame"]) == t):
+            cell = frames[t] == int(row["cell_id"])
+            assert np.all(tracked_labels[cell] == int(row["track_id"])) and cell.sum() == int(row["area_px"])
+    assert main(["track", str(folder), "--out", str(out.parent)]) == 0  # nothing changed: not tracked again
+    assert json.loads((out / "tracking.json").read_text()) == summary
+
+
+def moving_cells(t: int) -> np.ndarray:
+    """Frame t of a synthetic phase image: two bright squares drifting right; the second divides at t=3."""
+    image = np.full((64, 96), 20, dtype=np.uint8)
+    image[10:22, 5 + 3 * t:17 + 3 * t] = 200
+    if t < 3:
+        image[36:50, 30 + 2 * t:44 + 2 * t] = 200
+    else:
+        image[34:42, 30 + 2 * t:40 + 2 * t] = 200
+        image[45:53, 32 + 2 * t:42 + 2 * t] = 200
+    return image
+
+
+def test_segment_track_on_a_named_series(tmp_path, monkeypatch):
+    """segment --track with a fake network (the image thresholded): files named xy01t01... make one
+    series, timed by --interval, tracked with its division."""
+    from skimage.measure import label
+
+    import cellseg.batch
+    import cellseg.onnx_model
+
+    def fake_onnx_segmenter(model, params, tta):
+        def segment(image, original):
+            labels = label(image > 100)
+            return cellseg.batch.Result(labels, np.full(labels.max(), 0.9, dtype=np.float32))
+        return segment
+
+    monkeypatch.setattr(cellseg.batch, "onnx_segmenter", fake_onnx_segmenter)
+    monkeypatch.setattr(cellseg.onnx_model, "OnnxModel", lambda *args, **kwargs: None)
+    for t in range(6):
+        Image.fromarray(moving_cells(t)).save(tmp_path / f"exp1xy01t{t + 1:02d}.png")
+    out = tmp_path / "out"
+    assert main(["segment", str(tmp_path), "--out", str(out), "--quiet", "--interval", "10min", "--track",
+                 "--precision", "fp32"]) == 0
+    with open(out / "summary.csv", newline="") as fh:
+        summary = list(csv.DictReader(fh))
+    assert [(r["well"], r["frame"], r["time_s"]) for r in summary] == [("xy01", str(t), str(600.0 * t)) for t in range(6)]
+    series = tmp_path / "out" / "tracks" / "exp1_xy01_f1"
+    lines = sorted(tuple(map(int, line.split())) for line in (series / "ctc" / "res_track.txt").read_text().splitlines())
+    assert len(lines) == 4 and sum(line[3] != 0 for line in lines) == 2  # two cells, one of which divided
+    with open(series / "tracks.csv", newline="") as fh:
+        times = {float(r["time_s"]) for r in csv.DictReader(fh)}
+    assert times == {600.0 * t for t in range(6)}
+
+
+def test_a_mask_flickering_into_two_pieces_is_no_division(monkeypatch):
+    """A cell cut in two for one frame (as real masks often are) keeps its track; without the rule,
+    laptrack reports the cut as a division. (True divisions: the CTC test above.)"""
+    import cellseg.tracking
+    from cellseg.tracking import track_labels
+
+    frames = []
+    for t in range(8):
+        labels = np.zeros((40, 60), dtype=np.int32)
+        if t == 3:  # the flicker: two pieces for one frame
+            labels[5:15, 5 + t:12 + t], labels[5:15, 13 + t:20 + t] = 1, 2
+        else:
+            labels[5:15, 5 + t:20 + t] = 1
+        labels[25:35, 30:45] = 3  # a cell that stays put
+        frames.append(labels)
+    result = track_labels(frames)
+    cell = result.labels[0][7, 10]
+    assert result.spans()[cell] == (0, 7) and result.divisions() == 0
+    assert all(result.labels[t][7, 8 + t] == cell for t in range(8) if t != 3)
+    assert cell in (result.labels[3][7, 10], result.labels[3][7, 18])  # one piece goes on, the other is new
+    monkeypatch.setattr(cellseg.tracking, "MIN_DAUGHTER_FRAMES", 1)
+    assert track_labels(frames).divisions() == 1
