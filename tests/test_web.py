@@ -447,6 +447,8 @@ def test_many_images_agree_with_the_batch_command(browser, served, console, many
         assert chart.locator("circle.point.count").count() == len(STACK_FRAMES)
         assert chart.locator("circle.point.confluence_pct").count() == len(STACK_FRAMES)
         assert "time (h)" in chart.text_content()
+        ticks = [float(t) for t in chart.locator("text.tick").all_text_contents()]  # both panels and time
+        assert len(ticks) >= 7 and all(is_round(t) for t in ticks), ticks  # 0/50/100 cells, not 0/96
 
         cells = downloaded(page, "#dl-all-cells")
         assert cells.suggested_filename == "cells.csv"
