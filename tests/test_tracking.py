@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,21 +15,18 @@ import tifffile
 from PIL import Image
 
 from cellseg.cli import main
+from conftest import REPO
 
 CTC = Path("tracking/ctc-fluo-n2dh-sim-01/GT")
 
 
 def relabelled_frames(gt: Path, seed: int = 0) -> list[np.ndarray]:
-    """Each frame of the ground truth with its cells renumbered at random, independently of the others."""
-    rng = np.random.default_rng(seed)
-    frames = []
-    for path in sorted((gt / "TRA").glob("man_track*.tif")):
-        truth = tifffile.imread(path)
-        ids = np.unique(truth)[1:]
-        lookup = np.zeros(int(truth.max()) + 1, dtype=np.uint16)
-        lookup[ids] = rng.permutation(len(ids)) + 1
-        frames.append(lookup[truth])
-    return frames
+    """Each frame of the ground truth with its cells renumbered at random, independently of the others
+    (the benchmark's own relabelling, so test and benchmark score the same task)."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from bench_tracking import relabelled
+
+    return relabelled(gt, seed)
 
 
 @pytest.fixture(scope="module")
