@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -50,14 +50,21 @@ def _to_um2(area_px: float | None, pixel_size: dict | None) -> float | None:
         return None
 
 
-def summary_csv(rows: Iterable[dict]) -> bytes:
-    """summary.csv of `summary_row`s."""
+def csv_table(rows: Iterable[dict], fields: Sequence[str], ignore_extra: bool = False) -> bytes:
+    """A job's CSV table (summary.csv, wells.csv, doubling.csv, tracks.csv): `fields` as the header,
+    None and missing values as empty cells; a key outside `fields` is an error unless `ignore_extra`."""
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=SUMMARY_FIELDS, lineterminator="\n")
+    writer = csv.DictWriter(text, fieldnames=list(fields), lineterminator="\n",
+                            extrasaction="ignore" if ignore_extra else "raise")
     writer.writeheader()
     for row in rows:
         writer.writerow({key: "" if value is None else value for key, value in row.items()})
     return text.getvalue().encode()
+
+
+def summary_csv(rows: Iterable[dict]) -> bytes:
+    """summary.csv of `summary_row`s."""
+    return csv_table(rows, SUMMARY_FIELDS)
 
 
 def stack_rows(rows: Iterable[dict]) -> dict[str, list[dict]]:

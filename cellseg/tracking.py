@@ -10,7 +10,6 @@ name it as their parent. Ids are 1-based (0 is background in every label image).
 
 from __future__ import annotations
 
-import csv
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 from skimage.measure import regionprops
+
+from cellseg.summary import csv_table
 
 # Distances are 1 - (a share of the overlap); laptrack links a pair whose distance is under the cutoff.
 # Frame to frame: 1 - IoU, so a cell that moved by a fraction of its size still links.
@@ -156,12 +157,7 @@ def tracks_rows(tracking: Tracking, times_s: Sequence[float | None] | None = Non
 
 
 def tracks_csv(rows: Sequence[dict]) -> bytes:
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=TRACKS_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: "" if v is None else v for k, v in row.items()})
-    return text.getvalue().encode()
+    return csv_table(rows, TRACKS_FIELDS)
 
 
 def res_track_txt(tracking: Tracking) -> bytes:

@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from cellseg.wells import DOUBLING_FIELDS, WELL_FIELDS, by_well, doubling_rows, table_csv, well_table
+from cellseg.summary import csv_table
+from cellseg.wells import DOUBLING_FIELDS, WELL_FIELDS, by_well, doubling_rows, well_table
 
 
 def _safe(text: str) -> str:
@@ -33,8 +34,8 @@ def write_well_outputs(out: Path, rows: Sequence[dict], changed: set[tuple[str, 
     if not table:
         return
     fits = {(r["plate"], r["well"]): r for r in doubling_rows(table)}
-    write(out / "wells.csv", table_csv(table, WELL_FIELDS))
-    write(out / "doubling.csv", table_csv(fits.values(), DOUBLING_FIELDS))
+    write(out / "wells.csv", csv_table(table, WELL_FIELDS, ignore_extra=True))
+    write(out / "doubling.csv", csv_table(fits.values(), DOUBLING_FIELDS, ignore_extra=True))
     wells = by_well(table)
     for (plate, well), points in wells.items():
         path = well_plot_path(out, plate, well)

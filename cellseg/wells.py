@@ -18,8 +18,6 @@ construction. A well where no such stretch rises is reported as never growing ex
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from collections.abc import Iterable, Sequence
 from statistics import mean, median, pstdev
@@ -140,12 +138,3 @@ def doubling_rows(table: Sequence[dict]) -> list[dict]:
             fit = fit_doubling([p["time_h"] for p in timed], [p["count_mean"] for p in timed])
         rows.append(base | fit)
     return rows
-
-
-def table_csv(rows: Iterable[dict], fields: list[str]) -> bytes:
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=fields, lineterminator="\n", extrasaction="ignore")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: "" if row.get(k) is None else row[k] for k in fields})
-    return text.getvalue().encode()
