@@ -438,12 +438,15 @@ def run(args: argparse.Namespace, command: str, samples: list[Sample], split: Sp
     train_images = [s.image() for s in split.train]  # decoded once for training, thresholds, calibration...
     measured_images = [s.image() for s in split.held_back] or train_images  # ... and measuring (split.measured_on)
     model = load_weights(args.base)
+    network_started = time.monotonic()  # the network alone: decoding and loading above are done once
     maps = predict_maps(torch_predictor(model, "cpu"), measured_images)
-    network_seconds = time.monotonic() - mark
+    network_seconds = time.monotonic() - network_started
+    scoring_started = time.monotonic()
     before = evaluate_segmentations(measured, [Segmentation(maps_to_labels(m, base_params), m) for m in maps])
     print("before (base model, its thresholds):\n" + format_table(before), flush=True)
+    scoring_seconds = time.monotonic() - scoring_started
     mark = phase_done("before", mark)
-    costs = Costs(network_seconds / len(measured), (phases["before"] - network_seconds) / len(measured))
+    costs = Costs(network_seconds / len(measured), scoring_seconds / len(measured))
     candidates = affordable_candidates(base_params, costs, len(split.train), budget.seconds)
     reserve = reserve_after_training(costs, len(split.train), len(split.held_back), len(candidates))
     train_seconds = max(0.0, budget.left() - reserve)
@@ -452,8 +455,7 @@ def run(args: argparse.Namespace, command: str, samples: list[Sample], split: Sp
     state = train_for_budget(model, train_images, [s.labels() for s in split.train], args, args.out, train_seconds)
     load_note = machine_load_note(args.threads)
     mark = phase_done("training", mark)
-    choice = pick_thresholds(model, split, train_images, [s.image() for s in split.held_back], base_params,
-                             candidates, args.device)
+    choice = pick_thresholds(model, split, train_images, measured_images, base_params, candidates, args.device)
     params = choice.params
     print(f"thresholds: {choice.reason}: {params.to_dict()}", flush=True)
     mark = phase_done("thresholds", mark)
@@ -501,7 +503,7 @@ def run(args: argparse.Namespace, command: str, samples: list[Sample], split: Sp
     results["minutes_total"] = round(budget.spent() / 60, 1)
     (args.out / "metrics.json").write_text(json.dumps(results, indent=2))
     write_finetune_card(args.out / "MODEL_CARD.md", results, fp32, int8)
-    over = f", {(budget.spent() - budget.seconds) / 60:.1f} min over its budget" if budget.left() < 0 else ""
+    over = f", {-budget.left() / 60:.1f} min over its budget" if budget.left() < 0 else ""
     print(f"wrote {fp32}, {int8}, {args.out / 'metrics.json'}, {args.out / 'MODEL_CARD.md'} "
           f"in {results['minutes_total']} min{over}; {state['step']} training steps "
           f"({steps_per_minute:.0f}/min); register with: "
