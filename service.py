@@ -76,6 +76,7 @@ from cellseg.postprocess import PostprocessParams, maps_to_labels
 from cellseg.precision import PrecisionChoice, choose_precision, requested_precision
 from cellseg.report import page_report
 from cellseg.upload_guard import UploadGuard
+from cellseg.variants import registered_variants
 
 logger = logging.getLogger("cellseg.service")
 configure_allocator()  # image-sized arrays go back to the system after a request: see cellseg/memory.py
@@ -199,11 +200,6 @@ def check_form_fields(path: str, fields: dict[str, str]) -> None:
     if "pixel_size" in values:
         given_pixel_size(values["pixel_size"])  # a number, finite, within MIN_UM .. MAX_UM µm per pixel
     PostprocessParams().with_overrides(**{k: values.get(k) for k in POSTPROCESS_FIELDS})  # ranges
-
-
-def registered_variants(metadata: dict) -> dict[str, dict]:
-    """{precision: {file, sha256, metrics}} of a registered model (an old entry: its one fp32 file)."""
-    return metadata.get("variants") or {"fp32": {"file": "model.onnx", "sha256": metadata.get("sha256")}}
 
 
 def choose_variant(model_ref, requested: str = PRECISION, threads: int | None = None) -> tuple[PrecisionChoice, dict]:

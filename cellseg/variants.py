@@ -28,6 +28,12 @@ def default_precision(fp32: dict, int8: dict | None) -> str:
     return "int8" if all(fp32[k] - int8[k] <= INT8_TOLERANCE for k in ("ap50", "msa")) else "fp32"
 
 
+def registered_variants(metadata: dict) -> dict[str, dict]:
+    """{precision: {file, sha256, metrics}} of a model in the BentoML store, from its metadata (an old
+    entry: its one fp32 file); the service and the napari plugin read registered models through it."""
+    return metadata.get("variants") or {"fp32": {"file": "model.onnx", "sha256": metadata.get("sha256")}}
+
+
 def int8_validated(fp32_model: Path, int8_model: Path) -> bool:
     """Whether the int8 file's recorded validation AP50 and mSA are within INT8_TOLERANCE of fp32's."""
     return default_precision(variant_metrics(fp32_model), variant_metrics(int8_model)) == "int8"
