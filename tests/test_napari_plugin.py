@@ -17,6 +17,9 @@ import pytest
 
 napari = pytest.importorskip("napari", reason="the napari plugin's tests need napari (pip install -r requirements.txt)")
 pytest.importorskip("pytestqt", reason="the napari plugin's tests need pytest-qt")
+if not os.environ.get("DISPLAY"):  # Qt would abort the whole test run without one
+    pytest.skip("no X display: install Xvfb (apt-get install xvfb; .ci/run does) for pytest-xvfb to start one",
+                allow_module_level=True)
 
 from cellseg.inference import decode_maps  # noqa: E402
 from cellseg.napari_plugin import engine  # noqa: E402
@@ -86,9 +89,9 @@ def test_segmenting_a_livecell_image_finds_the_cells_cellseg_segment_finds(viewe
     assert widget.table.rowCount() == expected.max()
     assert widget.summary.text().startswith(f"{expected.max()} cells")
     if os.environ.get(SCREENSHOT_ENV):  # the README's picture, from this very run
-        widget.table.selectRow(4)
         viewer.window._qt_window.resize(1500, 950)
         qtbot.wait(300)
+        viewer.reset_view()
         viewer.screenshot(os.environ[SCREENSHOT_ENV], canvas_only=False)
 
 
@@ -251,3 +254,52 @@ def test_layer_scale_gives_the_pixel_size():
     size = engine.layer_pixel_size((1, 0.4, 0.5), ["second", "micrometer", "micrometer"])
     assert (size.x_um, size.y_um) == (0.5, 0.4)
     assert engine.layer_pixel_size((0.5, 0.5), ["nanometer", "nanometer"]).x_um == pytest.approx(0.0005)
+
+
+@pytest.mark.data
+def test_cancel_stops_between_frames_and_keeps_the_frames_done(viewer_widget, qtbot, t98g_frames):
+    viewer, widget = viewer_widget
+    viewer.add_image(np.concatenate([t98g_frames] * 3), name="t98g")  # 9 frames
+    widget.scope.setCurrentText("all frames")
+    widget.segment()
+    qtbot.waitUntil(lambda: len(widget.results) >= 1, timeout=120_000)
+    widget.cancel()
+    wait_idle(qtbot, widget)
+    done = sorted(widget.results)
+    assert 1 <= len(done) < 9 and done == list(range(len(done)))
+    assert "cancelled" in widget.status.text()
+    assert all(widget.labels_layer.data[f].max() > 0 for f in done)
+    assert widget.labels_layer.data[len(done):].max() == 0  # frames not reached stay empty
+    assert widget.segment_button.isEnabled() and not widget.cancel_button.isEnabled()
+
+
+def test_a_missing_model_file_is_a_clear_error_and_the_widget_stays_usable(viewer_widget, qtbot, tmp_path):
+    viewer, widget = viewer_widget
+    viewer.add_image(np.zeros((64, 64), np.uint8), name="blank")
+    widget.model_kind.setCurrentText(engine.FILE)
+    widget.model_target.setText(str(tmp_path / "nope.onnx"))
+    widget.segment()
+    qtbot.waitUntil(lambda: not widget.busy, timeout=60_000)
+    assert widget.status.text().startswith("failed: ") and "nope.onnx" in widget.status.text()
+    assert widget.segment_button.isEnabled() and widget.labels_layer is None
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_a_running_server_segments_for_the_widget(viewer_widget, qtbot, server, client, livecell_tif):
+    """Labs with one GPU box: the widget sends the frame to the service and shows its cells."""
+    import tifffile
+
+    viewer, widget = viewer_widget
+    viewer.add_image(tifffile.imread(livecell_tif), name="A172")
+    widget.model_kind.setCurrentText(engine.SERVER)
+    widget.model_target.setText(server)
+    widget.segment()
+    wait_idle(qtbot, widget)
+    expected = client.segment(livecell_tif).labels
+    assert expected.max() > 20 and np.array_equal(widget.labels_layer.data, expected)
+    assert widget.results[None].codes is None and widget.model_status.text().startswith(server.rstrip("/"))
+    widget.fg_threshold.setValue(0.8)  # new thresholds: asked of the server again (it keeps no maps for us)
+    widget.rethreshold()
+    wait_idle(qtbot, widget)
+    assert np.array_equal(widget.labels_layer.data, client.segment(livecell_tif, fg_threshold=0.8).labels)

@@ -75,7 +75,8 @@ class LocalModel:
 
         choice = choose_for_model(Path(path))
         self.model = OnnxModel(choice.path, threads=threads, spin=False)  # no busy-waiting: napari's UI shares the cores
-        self.description = f"{choice.path.name}: {choice.precision} ({choice.reason})"
+        self.description = f"{choice.path.name}: {choice.precision}"
+        self.reason = choice.reason  # why this precision on this CPU (the widget's tooltip)
         self.default_params = self.model.default_params
 
     def codes(self, image: np.ndarray) -> np.ndarray:
@@ -100,7 +101,8 @@ class ServerModel:
         settings = server_settings(url, {})  # the model and thresholds the server applies, as a batch job asks
         self.client = Client(url)
         precision = settings.get("precision", {}).get("precision", "precision not reported")
-        self.description = f"{settings['server']}: model sha256 {str(settings['model_sha256'])[:12]} ({precision})"
+        self.description = f"{settings['server']}: model sha256 {str(settings['model_sha256'])[:12]}, {precision}"
+        self.reason = settings.get("precision", {}).get("reason") or "the server's choice"
         self.default_params = PostprocessParams(**{k: v for k, v in settings["params"].items()
                                                    if k in PostprocessParams.__dataclass_fields__})
 

@@ -4,12 +4,13 @@ as training examples, fine-tune and switch to the new model. The work itself is 
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import napari
 import numpy as np
 from magicgui.widgets import create_widget
-from napari.qt.threading import thread_worker
+from napari.qt.threading import thread_worker as napari_thread_worker
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
@@ -44,6 +45,18 @@ TABLE_COLUMNS = (("cell_id", "cell"), ("area", "area px²"), ("area_um2", "area 
 WORK_FOLDER = Path.home() / "cellseg"
 
 
+def thread_worker(work):
+    """napari's generator thread worker, its failure yielded as ("error", exception): the widget shows
+    it and stays usable (a raised one would go to napari's global handler as a crash report)."""
+    @functools.wraps(work)
+    def reporting(*args, **kwargs):
+        try:
+            yield from work(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001  (any failure of the work is the user's to read)
+            yield ("error", exc)
+    return napari_thread_worker(reporting)
+
+
 class CellsegWidget(QWidget):
     def __init__(self, napari_viewer: napari.Viewer):
         super().__init__()
@@ -64,6 +77,7 @@ class CellsegWidget(QWidget):
         layout.addWidget(self._measure_box())
         layout.addWidget(self._train_box())
         layout.addStretch(1)
+        self.setMaximumWidth(520)  # the canvas keeps most of the window
         self.viewer.layers.events.inserted.connect(self.image_choice.reset_choices)
         self.viewer.layers.events.removed.connect(self.image_choice.reset_choices)
         self.viewer.dims.events.current_step.connect(lambda _event: self.show_table())
@@ -262,7 +276,6 @@ class CellsegWidget(QWidget):
         self.progress.setValue(0)
         self.status.setText(message)
         worker.yielded.connect(self._on_yield)
-        worker.errored.connect(self._on_error)
         worker.finished.connect(self._on_finished)
         self._update_buttons()
         worker.start()
@@ -271,6 +284,7 @@ class CellsegWidget(QWidget):
         kind, value = item
         if kind == "model":
             self.model_status.setText(self.model.description)
+            self.model_status.setToolTip(self.model.reason)
             self._show_params(self.model.default_params)
         elif kind == "frame":
             frame, result, done = value
@@ -279,6 +293,8 @@ class CellsegWidget(QWidget):
             self.progress.setValue(done)
         elif kind == "progress":
             self.progress.setValue(value)
+        elif kind == "error":
+            self._on_error(value)
         elif kind == "line":
             self.status.setText(value[-160:])
 
@@ -390,6 +406,8 @@ class CellsegWidget(QWidget):
         size = record["pixel_size"]
         unit = f"pixel size {size['x_um']:.4g} µm ({size['source']})" if size else "pixel size unknown: px only"
         self.summary.setText(f"{record['count']} cells, confluence {record['confluence']:.1f}%; {unit}")
+        for column, (key, _) in enumerate(TABLE_COLUMNS):  # µm columns only where the size is known
+            self.table.setColumnHidden(column, key.endswith(("_um", "_um2")) and not size)
         self.table.setRowCount(len(record["cells"]))
         for row, cell in enumerate(record["cells"]):
             for column, (key, _) in enumerate(TABLE_COLUMNS):
