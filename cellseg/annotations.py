@@ -195,10 +195,10 @@ def scan_annotated(paths: Sequence[Path | str], livecell_splits: tuple[str, ...]
 
 
 def _is_image_name(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES and _mask_image_stem(path) is None
+    return path.suffix.lower() in IMAGE_SUFFIXES and mask_image_stem(path) is None
 
 
-def _mask_image_stem(path: Path) -> str | None:
+def mask_image_stem(path: Path) -> str | None:
     """The image stem a label-mask file belongs to (``X`` for ``X_masks.png``), else None."""
     if path.suffix.lower() not in MASK_SUFFIXES:
         return None
@@ -209,10 +209,10 @@ def _mask_image_stem(path: Path) -> str | None:
     return None
 
 
-def _annotation_image_stem(path: Path) -> tuple[str, str] | None:
+def annotation_image_stem(path: Path) -> tuple[str, str] | None:
     """(image stem, format) of a per-image annotation file, else None."""
     name = path.name.lower()
-    if (stem := _mask_image_stem(path)) is not None:
+    if (stem := mask_image_stem(path)) is not None:
         return stem, LABEL_MASK
     for ending in (GEOJSON_ENDING, *sorted(ROI_ENDINGS, key=len, reverse=True)):
         if name.endswith(ending) and len(name) > len(ending):
@@ -228,7 +228,7 @@ def _annotation_names(stem: str) -> list[tuple[str, str]]:
     return [*masks, *rois, (f"{stem}{GEOJSON_ENDING}", QUPATH_GEOJSON)]
 
 
-def _folder_index(folder: Path) -> dict[str, Path]:
+def folder_index(folder: Path) -> dict[str, Path]:
     return {p.name.lower(): p for p in folder.iterdir() if p.is_file()}
 
 
@@ -258,7 +258,7 @@ class _Scan:
         self.ids.update(s.id for s in samples)
 
     def add_folder(self, folder: Path) -> None:
-        files = sorted(p for p in folder.rglob("*") if p.is_file() and not _hidden(p.relative_to(folder)))
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and not is_hidden(p.relative_to(folder)))
         coco_images = {}
         for json_path in (p for p in files if p.suffix.lower() == ".json"):
             if (dataset := _coco_dataset(json_path)) is None:
@@ -268,7 +268,7 @@ class _Scan:
         used: set[Path] = set()
         indexes: dict[Path, dict[str, Path]] = {}
         for image in filter(_is_image_name, files):
-            index = indexes.setdefault(image.parent, _folder_index(image.parent))
+            index = indexes.setdefault(image.parent, folder_index(image.parent))
             found = _annotations_beside(image, index)
             if image.resolve() in coco_images and found:
                 raise AnnotationError(f"{image} has two annotations: {coco_images[image.resolve()]} and {found[0][0]}")
@@ -280,8 +280,8 @@ class _Scan:
                                                               "or a COCO JSON naming it)"))
                 continue
             self.add_image(image, _only_annotation(image, found), folder)
-        for orphan in (p for p in files if _annotation_image_stem(p) and p not in used):
-            stem = _annotation_image_stem(orphan)[0]
+        for orphan in (p for p in files if annotation_image_stem(p) and p not in used):
+            stem = annotation_image_stem(orphan)[0]
             self.result.skipped.append(SkippedFile(orphan, f"annotation without its image ({stem}.tif, .png, ...) beside it"))
 
     def add_file(self, path: Path) -> None:
@@ -290,14 +290,14 @@ class _Scan:
                 raise AnnotationError(f"{path} is not a COCO annotation file (it needs 'images' and 'annotations')")
             self.add_coco(path, dataset, path.parent)
             return
-        index = _folder_index(path.parent)
+        index = folder_index(path.parent)
         if _is_image_name(path):
             found = _annotations_beside(path, index)
             if not found:
                 raise AnnotationError(f"{path} has no annotation beside it: expected one of {_expected_names(path)}")
             self.add_image(path, _only_annotation(path, found), path.parent)
             return
-        if (stem_format := _annotation_image_stem(path)) is None:
+        if (stem_format := annotation_image_stem(path)) is None:
             raise AnnotationError(f"{path} is neither an image ({', '.join(IMAGE_SUFFIXES)}) nor an annotation file")
         stem = stem_format[0]
         images = [index[f"{stem.lower()}{ext}"] for ext in IMAGE_SUFFIXES if f"{stem.lower()}{ext}" in index]
@@ -365,7 +365,7 @@ class _Scan:
         return sample_id
 
 
-def _hidden(relative: Path) -> bool:
+def is_hidden(relative: Path) -> bool:
     return any(part.startswith(".") or part == "__MACOSX" for part in relative.parts)
 
 
@@ -631,7 +631,7 @@ def _read_rois(path: Path) -> list[tuple[str, object]]:
         rois = []
         with zipfile.ZipFile(path) as archive:
             for info in archive.infolist():
-                if info.is_dir() or not info.filename.lower().endswith(".roi") or _hidden(Path(info.filename)):
+                if info.is_dir() or not info.filename.lower().endswith(".roi") or is_hidden(Path(info.filename)):
                     continue
                 name = _printable(info.filename)
                 if info.file_size > MAX_ROI_BYTES:

@@ -112,6 +112,8 @@ ALLOW_LIST: dict[str, str] = {
     "kubectl apply -k deploy/kubernetes": "needs a Kubernetes cluster",
     "kubectl -n cellseg port-forward svc/cellseg 3000:80": "needs a Kubernetes cluster",
     "python - <<'EOF' from dask_jobqueue import SLURMCluster": "needs a SLURM cluster and dask-jobqueue",
+    "napari ../shared/data/demo/A172_Phase_A7_1_00d00h00m_1.tif -w cellseg \"Segment cells\"":
+        "opens napari's window, a GUI (tests/test_napari_plugin.py drives the widget in napari under Xvfb)",
 }
 # With --reuse-venv these are replaced by the linked virtualenv: a lent venv is not installed into.
 VENV_SETUP = {"python3 -m venv .venv", "pip install -r requirements.txt", "pip install --no-deps bioimageio.core==0.11.0"}

@@ -303,3 +303,22 @@ def test_a_running_server_segments_for_the_widget(viewer_widget, qtbot, server, 
     widget.rethreshold()
     wait_idle(qtbot, widget)
     assert np.array_equal(widget.labels_layer.data, client.segment(livecell_tif, fg_threshold=0.8).labels)
+
+
+@pytest.mark.slow
+def test_a_registered_model_is_found_in_the_store_by_tag(tmp_path):
+    """The widget's "registered model": the store's fp32 file, checked against its recorded sha256."""
+    env = os.environ | {"BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"}
+    register = subprocess.run([sys.executable, "-m", "export", "register"], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=300)
+    assert register.returncode == 0, register.stderr[-2000:]
+    code = ("from cellseg.napari_plugin import engine\n"
+            "m = engine.load_model(engine.ModelChoice(engine.REGISTERED, 'livecell-unet:latest'))\n"
+            "print(m.model.path)\n"
+            "try:\n    engine.registered_model_file('no-such-model:latest')\n"
+            "except ValueError as exc:\n    print('refused:', exc)\n")
+    found = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert found.returncode == 0, found.stderr[-2000:]
+    path, refusal = found.stdout.strip().splitlines()[-2:]
+    assert path.startswith(str(tmp_path / "bentoml")) and path.endswith(".onnx")
+    assert "no model 'no-such-model:latest' in the BentoML store" in refusal

@@ -25,7 +25,7 @@ from cellseg.inference import Segmentation, decode_maps, encode_map, predict_map
 from cellseg.instances import label_png_bytes
 from cellseg.onnx_model import default_model_path
 from cellseg.outputs import cells_csv, image_record
-from cellseg.pixelsize import PixelSize, given_pixel_size, read_pixel_size
+from cellseg.pixelsize import UM_PER_UNIT, PixelSize, given_pixel_size, read_pixel_size
 from cellseg.postprocess import PostprocessParams, maps_to_labels
 from cellseg.summary import summary_csv, summary_row
 from cellseg.targets import relabel_sequential
@@ -177,22 +177,34 @@ def segment_frames(model, data, frames: list[int | None], params: PostprocessPar
         yield frame, model.segment(image, params, original)
 
 
-def layer_pixel_size(scale: Sequence[float], units: Sequence[str] | None = None,
+def layer_pixel_size(scale: Sequence[float], units: Sequence | None = None,
                      source: str | Path | None = None) -> PixelSize | None:
-    """µm per pixel from a layer: its scale (y, x; in µm, or in the length unit napari's `units`
-    names), else the pixel size in its file's metadata; None where neither says (pixels only).
-    A scale of 1 in 'pixel' units is napari's default, not a measurement."""
+    """µm per pixel from a layer: its scale (y, x) in the length unit napari's `units` names (pint
+    units: micrometer, nanometer...), or read as µm where the units say 'pixel' but the scale is not
+    1 (readers that predate napari's units put µm there); else the pixel size in its file's metadata;
+    None where nothing says (measurements in pixels only). A scale of 1 pixel is napari's default."""
     y_scale, x_scale = float(scale[-2]), float(scale[-1])
-    unit = str(units[-1]) if units else "pixel"
-    per_unit = {"micrometer": 1.0, "micron": 1.0, "µm": 1.0, "um": 1.0, "nanometer": 1e-3, "nm": 1e-3,
-                "millimeter": 1e3, "mm": 1e3, "meter": 1e6, "m": 1e6}
-    if unit in per_unit:
-        return given_pixel_size(x_scale * per_unit[unit], y_scale * per_unit[unit], source=f"layer scale ({unit})")
-    if (x_scale, y_scale) != (1.0, 1.0):  # napari's unitless scale: microscopy readers put µm there
+    factor = um_per_unit(units[-1]) if units else None
+    if factor is not None:
+        return given_pixel_size(x_scale * factor, y_scale * factor, source=f"layer scale ({units[-1]})")
+    if (x_scale, y_scale) != (1.0, 1.0):
         return given_pixel_size(x_scale, y_scale, source="layer scale (read as µm)")
     if source and Path(source).is_file():
         return read_pixel_size(source)
     return None
+
+
+def um_per_unit(unit) -> float | None:
+    """µm per `unit` (a pint unit, as napari gives, or a name); None for pixels and unknown units."""
+    name = str(unit).strip().lower()
+    if name in UM_PER_UNIT:
+        return UM_PER_UNIT[name]
+    try:  # napari's units are pint's (millimeter, nanometer...); pint comes with napari
+        import pint
+
+        return float(pint.get_application_registry().Quantity(1, name).to("micrometer").magnitude)
+    except Exception:  # noqa: BLE001  (not a length, e.g. pixel, or a name pint does not know)
+        return None
 
 
 def frame_record(image: np.ndarray, labels: np.ndarray, scores: np.ndarray | None, name: str, frame: int | None,

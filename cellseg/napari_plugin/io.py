@@ -42,16 +42,17 @@ from cellseg.annotations import (
     QUPATH_GEOJSON,
     AnnotatedImage,
     AnnotationError,
-    _annotation_image_stem,
-    _folder_index,
-    _hidden,
-    _mask_image_stem,
+    annotation_image_stem,
+    folder_index,
+    is_hidden,
+    mask_image_stem,
     paint_cells,
     read_geojson,
     read_label_mask,
     read_roi_set,
 )
 from cellseg.imageio import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, ImageError, decode_image, read_image
+from cellseg.napari_plugin import engine
 
 LayerData = tuple[Any, dict, str]
 PathOrPaths = str | list[str]
@@ -85,7 +86,7 @@ def read_labels(path: PathOrPaths) -> list[LayerData]:
 def file_format(path: Path) -> str | None:
     """LABEL_MASK, IMAGEJ_ROI or QUPATH_GEOJSON for a file this module reads, else None."""
     name = path.name.lower()
-    if _mask_image_stem(path) is not None or _is_job_label_image(path):
+    if mask_image_stem(path) is not None or _is_job_label_image(path):
         return LABEL_MASK
     if name.endswith(GEOJSON_ENDING):
         return QUPATH_GEOJSON
@@ -104,7 +105,7 @@ def _may_be_roi_set(path: Path) -> bool:
     opening it says what is wrong rather than that no reader knows it."""
     try:
         with zipfile.ZipFile(path) as archive:
-            names = [n for n in archive.namelist() if not n.endswith("/") and not _hidden(Path(n))]
+            names = [n for n in archive.namelist() if not n.endswith("/") and not is_hidden(Path(n))]
     except (OSError, zipfile.BadZipFile, ValueError):
         return path.is_file()
     return not names or any(n.lower().endswith(".roi") for n in names)
@@ -153,10 +154,10 @@ def _read_outlines(path: Path, fmt: str) -> tuple[np.ndarray, dict]:
 def image_beside(path: Path) -> Path | None:
     """The image an annotation file belongs to, as `cellseg.annotations` finds it: same stem, beside it
     (names compared without regard to case; the first of IMAGE_SUFFIXES where there are several)."""
-    found = _annotation_image_stem(path)
+    found = annotation_image_stem(path)
     if found is None:
         return None
-    index = _folder_index(path.parent)
+    index = folder_index(path.parent)
     names = [f"{found[0].lower()}{suffix}" for suffix in IMAGE_SUFFIXES]
     return next((index[name] for name in names if name in index), None)
 
@@ -201,7 +202,9 @@ def write_geojson(path: str, data: Any, meta: dict) -> list[str]:
     from cellseg.pixelsize import add_physical_measurements
 
     labels = labels_2d(data, "QuPath GeoJSON")
-    cells = add_physical_measurements(measure_cells(labels), layer_pixel_size(meta))
+    scale = meta.get("scale")
+    size = engine.layer_pixel_size(scale, meta.get("units")) if scale is not None and len(scale) >= 2 else None
+    cells = add_physical_measurements(measure_cells(labels), size)
     Path(path).write_bytes(per_image_files(labels, {"cells": cells}, ["geojson"])["geojson"])
     return [path]
 
@@ -225,33 +228,3 @@ def labels_2d(data: Any, what: str) -> np.ndarray:
         raise ValueError(f"cell ids must be 0 (background) to {np.iinfo(np.int32).max:,}; this layer holds "
                          f"{labels.min()}..{labels.max()}")
     return labels.astype(np.int32, copy=False)
-
-
-def layer_pixel_size(meta: dict):
-    """The layer's pixel size (`cellseg.pixelsize.PixelSize`) where its scale is in a length unit
-    (napari's default unit, pixel, gives None: measurements stay in pixels)."""
-    from cellseg.pixelsize import given_pixel_size
-
-    scale, units = meta.get("scale"), meta.get("units")
-    if scale is None or units is None or len(scale) < 2 or len(units) < 2:
-        return None
-    factors = [_um_per_unit(unit) for unit in units[-2:]]
-    if None in factors:
-        return None
-    (y_um, x_um) = (float(s) * f for s, f in zip(scale[-2:], factors))
-    return given_pixel_size(x_um, y_um, source="napari layer scale")
-
-
-def _um_per_unit(unit: Any) -> float | None:
-    """µm per `unit` (a pint unit, as napari gives, or a name); None for pixels and unknown units."""
-    from cellseg.pixelsize import UM_PER_UNIT
-
-    name = str(unit).strip().lower()
-    if name in UM_PER_UNIT:
-        return UM_PER_UNIT[name]
-    try:  # napari's units are pint's (millimeter, nanometer...); pint comes with napari
-        import pint
-
-        return float(pint.get_application_registry().Quantity(1, name).to("micrometer").magnitude)
-    except Exception:  # not a length (pixel), or a name pint does not know
-        return None

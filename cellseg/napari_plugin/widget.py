@@ -370,7 +370,7 @@ class CellsegWidget(QWidget):
     # ---- measurements ----
     def pixel_size(self):
         source = getattr(self.source.source, "path", None)
-        return engine.layer_pixel_size(self.source.scale, [str(u) for u in self.source.units], source)
+        return engine.layer_pixel_size(self.source.scale, self.source.units, source)
 
     def measure(self) -> None:
         """Measure every segmented frame from the labels as they are now (corrections included)."""
