@@ -266,16 +266,20 @@ def test_damaged_label_image_names_the_file(tmp_path):
 # --- writers --------------------------------------------------------------------------------------
 
 
-def test_writers_refuse_a_stack_and_say_to_pick_a_frame(plugins, tmp_path):
-    stack = np.stack([cells_labels()] * 3)
+def test_a_time_lapse_is_written_one_file_per_frame_named_as_batch_jobs_name_frames(plugins, tmp_path):
+    stack = np.stack([cells_labels(), np.zeros_like(cells_labels()), cells_labels()[:, ::-1]])
     for writer, suffix in ((io.write_roi_set, ".zip"), (io.write_geojson, ".geojson")):
-        with pytest.raises(ValueError, match=r"\(T, Y, X\).*Save one frame"):
-            writer(str(tmp_path / f"t{suffix}"), stack, {})
+        written = writer(str(tmp_path / f"t{suffix}"), stack, {})
+        assert written == [str(tmp_path / f"t_t000{t}{suffix}") for t in range(3)]
         assert not (tmp_path / f"t{suffix}").exists()
-    # npe2 passes the message on (napari's Layer.save turns any writer ValueError into "not a valid
-    # writer"; its save dialog, which names the writer, shows the message)
-    with pytest.raises(ValueError, match="Save one frame"):
-        npe2.write(tmp_path / "t.zip", [(stack, {}, "labels")], plugin_name="cellseg")
+        for t, path in enumerate(written):  # each frame reads back as its own cells (an empty one: none)
+            image = tmp_path / f"t_t000{t}.png"
+            image.write_bytes(png_bytes(np.zeros(stack.shape[1:], np.uint8)))  # beside it: gives the size
+            np.testing.assert_array_equal(read_one(Path(path))[0], relabel_sequential(stack[t]))
+            image.unlink()
+    assert npe2.write(tmp_path / "n.zip", [(stack, {}, "labels")], plugin_name="cellseg")  # through napari's writer
+    with pytest.raises(ValueError, match="4-D"):
+        io.write_roi_set(str(tmp_path / "x.zip"), np.zeros((2, 2, 8, 8), np.int32), {})
     io.write_roi_set(str(tmp_path / "one.zip"), stack[:1], {})  # (1, Y, X): one image
     np.testing.assert_array_equal(padded(read_one(tmp_path / "one.zip")[0], (64, 96)), relabel_sequential(stack[0]))
 

@@ -186,27 +186,52 @@ def _extent(cells: list, path: Path) -> tuple[int, int]:
 
 
 def write_roi_set(path: str, data: Any, meta: dict) -> list[str]:
-    """npe2 writer: a 2-D labels layer as a Fiji ROI set, one ROI per cell named cell-<id>."""
+    """npe2 writer: a labels layer as a Fiji ROI set, one ROI per cell named cell-<id>; a time-lapse's
+    (T, Y, X) labels as one set per frame, named as `cellseg segment` names frames (X_t0003.zip)."""
     from cellseg.outputs import per_image_files
 
-    labels = labels_2d(data, "an ImageJ ROI set")
-    Path(path).write_bytes(per_image_files(labels, {}, ["rois"])["rois"])
-    return [path]
+    return [_write(target, per_image_files(labels, {}, ["rois"])["rois"])
+            for target, labels in frame_files(path, data, "an ImageJ ROI set")]
 
 
 def write_geojson(path: str, data: Any, meta: dict) -> list[str]:
-    """npe2 writer: a 2-D labels layer as QuPath detections with their shape measurements (in µm too
-    where the layer's scale is in a length unit)."""
+    """npe2 writer: a labels layer as QuPath detections with their shape measurements (in µm too
+    where the layer's scale is in a length unit); a time-lapse's labels as one file per frame."""
     from cellseg.instances import measure_cells
     from cellseg.outputs import per_image_files
     from cellseg.pixelsize import add_physical_measurements
 
-    labels = labels_2d(data, "QuPath GeoJSON")
     scale = meta.get("scale")
     size = engine.layer_pixel_size(scale, meta.get("units")) if scale is not None and len(scale) >= 2 else None
-    cells = add_physical_measurements(measure_cells(labels), size)
-    Path(path).write_bytes(per_image_files(labels, {"cells": cells}, ["geojson"])["geojson"])
-    return [path]
+    written = []
+    for target, labels in frame_files(path, data, "QuPath GeoJSON"):
+        cells = add_physical_measurements(measure_cells(labels), size)
+        written.append(_write(target, per_image_files(labels, {"cells": cells}, ["geojson"])["geojson"]))
+    return written
+
+
+def _write(path: Path, data: bytes) -> str:
+    path.write_bytes(data)
+    return str(path)
+
+
+def frame_files(path: str, data: Any, what: str) -> list[tuple[Path, np.ndarray]]:
+    """(file, 2-D labels) to write: the one file for an image, or for a (T, Y, X) time-lapse one per
+    frame beside it, <stem>_t0000<suffix>..., as a batch job names a stack's frames. Every frame is
+    checked before any file is written."""
+    from cellseg.batch import frame_name
+
+    if isinstance(data, (list, tuple)):  # a multiscale layer: its full-resolution level
+        data = data[0]
+    array = np.asarray(data)
+    while array.ndim > 2 and array.shape[0] == 1:
+        array = array[0]
+    target = Path(path)
+    if array.ndim != 3:
+        return [(target, labels_2d(array, what))]
+    frames = [labels_2d(frame, what) for frame in array]
+    return [(target.with_name(frame_name(target.stem, t, len(frames)) + target.suffix), labels)
+            for t, labels in enumerate(frames)]
 
 
 def labels_2d(data: Any, what: str) -> np.ndarray:
@@ -218,10 +243,8 @@ def labels_2d(data: Any, what: str) -> np.ndarray:
     while labels.ndim > 2 and labels.shape[0] == 1:
         labels = labels[0]
     if labels.ndim != 2:
-        axes = "(T, Y, X)" if labels.ndim == 3 else f"{labels.ndim}-D"
-        raise ValueError(f"{what} holds the cells of one 2-D image; this labels layer is {axes}, shape "
-                         f"{labels.shape}. Save one frame: make a labels layer of it (e.g. in napari's console, "
-                         "viewer.add_labels(layer.data[t])) and save that layer")
+        raise ValueError(f"{what} holds the cells of 2-D images (a time-lapse: one file per frame); this labels "
+                         f"layer is {labels.ndim}-D, shape {labels.shape}")
     if labels.dtype.kind not in "ui":
         raise ValueError(f"a labels layer of {labels.dtype} values: {what} needs whole-number cell ids")
     if labels.size and (labels.min() < 0 or labels.max() > np.iinfo(np.int32).max):
