@@ -322,3 +322,21 @@ def test_a_registered_model_is_found_in_the_store_by_tag(tmp_path):
     path, refusal = found.stdout.strip().splitlines()[-2:]
     assert path.startswith(str(tmp_path / "bentoml")) and path.endswith(".onnx")
     assert "no model 'no-such-model:latest' in the BentoML store" in refusal
+
+
+@pytest.mark.data
+def test_the_time_lapse_sample_segments_with_its_micrometre_scale(viewer_widget, qtbot, data_root):
+    """As a biologist starts: File › Open Sample › cellseg, then Segment; the table is in µm."""
+    viewer, widget = viewer_widget
+    viewer.open_sample("cellseg", "timelapse")
+    layer = viewer.layers[-1]
+    assert layer.data.ndim == 3 and widget.image_choice.value is layer
+    viewer.dims.set_current_step(0, 4)
+    widget.segment()
+    wait_idle(qtbot, widget)
+    record = widget.records[4]
+    assert record["count"] > 20 and record["pixel_size"]["x_um"] == pytest.approx(0.87)
+    cell = record["cells"][0]
+    assert cell["area_um2"] == pytest.approx(cell["area"] * 0.87 ** 2, rel=1e-5)
+    assert not widget.table.isColumnHidden(2) and widget.table.item(0, 2).text() == f"{cell['area_um2']:g}"
+    assert "0.87 µm" in widget.summary.text()
