@@ -137,6 +137,13 @@ def registered_model_file(tag: str) -> Path:
     return path
 
 
+def file_params(path: Path) -> PostprocessParams:
+    """The thresholds an ONNX file carries in its metadata (read without loading the network)."""
+    from cellseg.onnx_model import read_metadata
+
+    return PostprocessParams(**read_metadata(path).get("postprocess", {}))
+
+
 def load_model(choice: ModelChoice, threads: int | None = None) -> LocalModel | ServerModel:
     if choice.kind == SERVER:
         return ServerModel(choice.target)

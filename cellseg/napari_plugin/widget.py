@@ -81,6 +81,7 @@ class CellsegWidget(QWidget):
         self.viewer.layers.events.inserted.connect(self.image_choice.reset_choices)
         self.viewer.layers.events.removed.connect(self.image_choice.reset_choices)
         self.viewer.dims.events.current_step.connect(lambda _event: self.show_table())
+        self._show_params(engine.file_params(engine.default_model_path()))  # what the first Segment applies
         self._update_buttons()
 
     # ---- layout ----
