@@ -259,14 +259,14 @@ def test_layer_scale_gives_the_pixel_size():
 @pytest.mark.data
 def test_cancel_stops_between_frames_and_keeps_the_frames_done(viewer_widget, qtbot, t98g_frames):
     viewer, widget = viewer_widget
-    viewer.add_image(np.concatenate([t98g_frames] * 3), name="t98g")  # 9 frames
+    viewer.add_image(np.concatenate([t98g_frames] * 15), name="t98g")  # 45 frames: cancel lands well before the end
     widget.scope.setCurrentText("all frames")
     widget.segment()
     qtbot.waitUntil(lambda: len(widget.results) >= 1, timeout=120_000)
     widget.cancel()
     wait_idle(qtbot, widget)
     done = sorted(widget.results)
-    assert 1 <= len(done) < 9 and done == list(range(len(done)))
+    assert 1 <= len(done) < 45 and done == list(range(len(done)))
     assert "cancelled" in widget.status.text()
     assert all(widget.labels_layer.data[f].max() > 0 for f in done)
     assert widget.labels_layer.data[len(done):].max() == 0  # frames not reached stay empty
@@ -340,3 +340,22 @@ def test_the_time_lapse_sample_segments_with_its_micrometre_scale(viewer_widget,
     assert cell["area_um2"] == pytest.approx(cell["area"] * 0.87 ** 2, rel=1e-5)
     assert not widget.table.isColumnHidden(2) and widget.table.item(0, 2).text() == f"{cell['area_um2']:g}"
     assert "0.87 µm" in widget.summary.text()
+
+
+def test_cancelling_a_fine_tune_ends_its_process_and_says_how_to_resume(viewer_widget, qtbot, tmp_path):
+    from conftest import disc
+
+    viewer, widget = viewer_widget
+    labels = (disc((96, 96), (30, 30), 12) + 2 * disc((96, 96), (64, 60), 14)).astype(np.int32)
+    engine.save_training_example(tmp_path / "examples", "synthetic", (labels > 0).astype(np.uint8) * 120 + 40, labels)
+    widget.examples_folder.setText(str(tmp_path / "examples"))
+    widget.runs_folder.setText(str(tmp_path / "runs"))
+    widget.minutes.setValue(5)
+    widget.start_finetune()
+    qtbot.waitUntil(lambda: len(widget.finetune.lines) >= 1, timeout=120_000)  # it has started
+    widget.cancel()
+    qtbot.waitUntil(lambda: not widget.busy, timeout=60_000)
+    run = widget.finetune
+    assert run.cancelled and run.returncode not in (0, None) and run._process.poll() is not None
+    assert "cancelled" in widget.verdict.text() and "--resume" in widget.verdict.text()
+    assert not widget.use_button.isEnabled()

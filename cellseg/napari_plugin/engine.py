@@ -13,7 +13,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -174,12 +174,9 @@ def frames_of(shape: Sequence[int], rgb: bool, scope: str, current: int) -> list
     return list(range(shape[0])) if scope == "all frames" else [current]
 
 
-def segment_frames(model, data, frames: list[int | None], params: PostprocessParams,
-                   cancelled: Callable[[], bool] = lambda: False) -> Iterator[tuple[int | None, FrameResult]]:
-    """(frame, result) for each frame in turn; stops between frames once `cancelled()`."""
+def segment_frames(model, data, frames: list[int | None], params: PostprocessParams) -> Iterator[tuple[int | None, FrameResult]]:
+    """(frame, result) for each frame in turn, lazily: a consumer that stops (Cancel) stops the work."""
     for frame in frames:
-        if cancelled():
-            return
         image, original = frame_pixels(data, frame)
         yield frame, model.segment(image, params, original)
 
@@ -271,6 +268,7 @@ class FinetuneRun:
     extra: list[str] = field(default_factory=list)
     lines: list[str] = field(default_factory=list)
     returncode: int | None = None
+    cancelled: bool = False
     _process: subprocess.Popen | None = None
 
     def command(self) -> list[str]:
@@ -300,6 +298,7 @@ class FinetuneRun:
 
     def cancel(self) -> None:
         if self._process and self._process.poll() is None:
+            self.cancelled = True
             self._process.terminate()
 
     @property
@@ -310,7 +309,7 @@ class FinetuneRun:
     @property
     def error(self) -> str | None:
         """Why a run failed: its last 'error:' line, or its last line."""
-        if self.returncode in (0, None) or self.verdict:
+        if self.returncode in (0, None) or self.verdict or self.cancelled:
             return None
         return next((line for line in reversed(self.lines) if "error" in line.lower()), self.lines[-1] if self.lines else
                     f"exit status {self.returncode}")

@@ -252,7 +252,8 @@ class CellsegWidget(QWidget):
             return
         if self.source is not layer:
             self.results, self.records, self.source = {}, {}, layer
-        self._start(self._segment_work(layer, frames), len(frames), f"segmenting {len(frames)} frame(s) of {layer.name}")
+        self._start(self._segment_work(layer, frames, self.params()), len(frames),
+                    f"segmenting {len(frames)} frame(s) of {layer.name}")
 
     def _current_frame(self, layer) -> int:
         spatial = 3 if layer.rgb else 2
@@ -262,11 +263,11 @@ class CellsegWidget(QWidget):
         return int(min(max(step, 0), layer.data.shape[0] - 1))
 
     @thread_worker
-    def _segment_work(self, layer, frames):
-        fresh = self._ensure_model()
-        if fresh:
+    def _segment_work(self, layer, frames, params: PostprocessParams):
+        """`params`: the widget's thresholds, read in the GUI thread; a newly loaded model runs with its own."""
+        if self._ensure_model():
             yield ("model", None)
-        params = self.params() if not fresh else self.model.default_params
+            params = self.model.default_params
         for done, (frame, result) in enumerate(engine.segment_frames(self.model, layer.data, frames, params), start=1):
             yield ("frame", (frame, result, done))
 
@@ -316,19 +317,22 @@ class CellsegWidget(QWidget):
                 self.status.setText(f"done: {done} frame(s); {self.summary.text()}")
 
     def cancel(self) -> None:
-        if self.worker is not None:
-            self.worker.quit()  # a generator worker stops at its next frame
+        if self.worker is None:
+            return
+        self.worker.quit()  # a generator worker stops at its next frame (or line of a fine-tune's output)
+        if self.finetune is not None and self.finetune.returncode is None:
+            self.finetune.cancel()  # ends the fine-tuning process itself
+            self.status.setText("fine-tuning cancelled")
+        else:
             self.status.setText("cancelled: the frames already segmented are kept")
-        if self.finetune is not None:
-            self.finetune.cancel()
 
     def rethreshold(self) -> None:
         frames = list(self.results)
-        self._start(self._rethreshold_work(frames), len(frames), f"applying thresholds to {len(frames)} frame(s)")
+        self._start(self._rethreshold_work(frames, self.params()), len(frames),
+                    f"applying thresholds to {len(frames)} frame(s)")
 
     @thread_worker
-    def _rethreshold_work(self, frames):
-        params = self.params()
+    def _rethreshold_work(self, frames, params: PostprocessParams):
         for done, frame in enumerate(frames, start=1):
             result = self.results[frame]
             if result.codes is not None:  # from the cached maps: no network
@@ -479,7 +483,9 @@ class CellsegWidget(QWidget):
         """The run's verdict, first; its model offered where it wrote one (a NOT BETTER model too: the
         verdict says so, and the choice is the user's)."""
         run = self.finetune
-        if run.returncode is None:
+        if run.cancelled:
+            self.verdict.setText(f"fine-tuning cancelled; to continue it: {' '.join(run.command())} --resume")
+        elif run.returncode is None:
             self.verdict.setText(f"fine-tuning stopped before its end; nothing to use ({run.out})")
         elif run.verdict:
             written = run.model.is_file()
