@@ -359,3 +359,22 @@ def test_cancelling_a_fine_tune_ends_its_process_and_says_how_to_resume(viewer_w
     assert run.cancelled and run.returncode not in (0, None) and run._process.poll() is not None
     assert "cancelled" in widget.verdict.text() and "--resume" in widget.verdict.text()
     assert not widget.use_button.isEnabled()
+
+
+@pytest.mark.data
+def test_the_pixel_size_in_an_opened_files_metadata_gives_micrometres(viewer_widget, qtbot, livecell_tif, tmp_path):
+    """A file opened with napari's own reader has no scale; its ImageJ metadata still gives µm."""
+    import tifffile
+
+    path = tmp_path / "calibrated.tif"
+    image = tifffile.imread(livecell_tif)[:256, :256]
+    tifffile.imwrite(path, image, imagej=True, resolution=(1 / 0.65, 1 / 0.65), metadata={"unit": "um"})
+    viewer, widget = viewer_widget
+    viewer.open(path, plugin="napari")
+    assert tuple(viewer.layers[-1].scale) == (1.0, 1.0)
+    widget.segment()
+    wait_idle(qtbot, widget)
+    size = widget.records[None]["pixel_size"]
+    assert size["x_um"] == pytest.approx(0.65) and size["source"] == "ImageJ metadata"
+    cell = widget.records[None]["cells"][0]
+    assert cell["area_um2"] == pytest.approx(cell["area"] * 0.65**2, rel=1e-5)
