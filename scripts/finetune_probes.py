@@ -1,0 +1,116 @@
+"""Two probes of why fine-tuning does not lift unseen astrocytes (issue 29), inference only.
+
+    python scripts/finetune_probes.py interpolate runs/ab-full/astro-k10/model/model.onnx --type astro
+    python scripts/finetune_probes.py offset --type astro
+
+`interpolate` (WiSE-FT, Wortsman et al. 2022): every weight of a fine-tuned ONNX model moved back
+towards the base's, w = a * fine-tuned + (1 - a) * base for a = 0, 0.25, ..., 1 (the two files must
+be exports of the same architecture), each measured with the base's thresholds. Where a fine-tune
+over-fits its few images, a blend often keeps what it learnt and what the base knew.
+
+`offset`: are the base's cells systematically smaller or larger than the annotated ones? For every
+annotated cell its best-overlapping predicted cell (IoU > 0.5): median area ratio and IoU; then the
+scores with every predicted cell grown by 1..4 pixels (skimage's expand_labels).
+
+Both measure on the validation images of `--type` (never trained on by the shipped model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cellseg.data import Sample, default_data_root, load_split  # noqa: E402
+from cellseg.evaluate import evaluate_segmentations  # noqa: E402
+from cellseg.inference import Segmentation, predict_maps  # noqa: E402
+from cellseg.onnx_model import OnnxModel, default_model_path  # noqa: E402
+from cellseg.postprocess import maps_to_labels  # noqa: E402
+
+KEYS = ("ap50", "ap75", "msa", "count_error")
+
+
+def scores(samples: list[Sample], segmentations: list[Segmentation]) -> str:
+    metrics = evaluate_segmentations(samples, segmentations)
+    return ", ".join(f"{k} {metrics[k]:.4f}" for k in KEYS)
+
+
+def interpolate(fine_tuned: Path, base: Path, samples: list[Sample], alphas: list[float]) -> None:
+    import onnx
+    from onnx import numpy_helper
+
+    base_weights = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(base)).graph.initializer}
+    params = OnnxModel(base).default_params
+    images = [s.image() for s in samples]
+    with tempfile.TemporaryDirectory() as tmp:
+        for alpha in alphas:
+            model = onnx.load(str(fine_tuned))
+            for tensor in model.graph.initializer:
+                tuned = numpy_helper.to_array(tensor)
+                start = base_weights.get(tensor.name)
+                if start is None or start.shape != tuned.shape or tuned.dtype.kind != "f":
+                    raise SystemExit(f"{fine_tuned} and {base} are not the same architecture ({tensor.name})")
+                blend = (alpha * tuned + (1 - alpha) * start).astype(tuned.dtype)
+                tensor.CopyFrom(numpy_helper.from_array(blend, tensor.name))
+            path = Path(tmp) / f"blend_{alpha}.onnx"
+            onnx.save(model, str(path))
+            maps = predict_maps(OnnxModel(path).predict, images)
+            print(f"a = {alpha:.2f}: " + scores(samples, [Segmentation(maps_to_labels(m, params), m) for m in maps]),
+                  flush=True)
+
+
+def offset(base: Path, samples: list[Sample], grow: list[int]) -> None:
+    from skimage.segmentation import expand_labels
+
+    model = OnnxModel(base)
+    maps = predict_maps(model.predict, [s.image() for s in samples])
+    labels = [maps_to_labels(m, model.default_params) for m in maps]
+    ratios, ious, annotated, found = [], [], 0, 0
+    for sample, predicted in zip(samples, labels):
+        truth = sample.labels()
+        annotated += len(np.unique(truth[truth > 0]))
+        found += len(np.unique(predicted[predicted > 0]))
+        for cell in np.unique(truth[truth > 0]):
+            inside = truth == cell
+            ids, counts = np.unique(predicted[inside], return_counts=True)
+            if not (ids > 0).any():
+                continue
+            best = predicted == ids[ids > 0][np.argmax(counts[ids > 0])]
+            iou = (inside & best).sum() / (inside | best).sum()
+            if iou > 0.5:
+                ratios.append(best.sum() / inside.sum())
+                ious.append(iou)
+    print(f"{found} cells predicted for {annotated} annotated; {len(ratios)} annotated cells "
+          f"({len(ratios) / annotated:.0%}) matched at IoU > 0.5: median area ratio predicted/annotated "
+          f"{np.median(ratios):.3f}, median IoU {np.median(ious):.3f}")
+    for pixels in grow:
+        grown = [Segmentation(expand_labels(lab, pixels) if pixels else lab, m) for lab, m in zip(labels, maps)]
+        print(f"cells grown by {pixels} px: " + scores(samples, grown), flush=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("probe", choices=("interpolate", "offset"))
+    p.add_argument("fine_tuned", nargs="?", type=Path, help="interpolate: the fine-tuned model.onnx")
+    p.add_argument("--base", type=Path, default=default_model_path())
+    p.add_argument("--type", default="astro", help="cell type measured on (validation split)")
+    p.add_argument("--data", type=Path, default=default_data_root())
+    args = p.parse_args(argv)
+    samples = [s for s in load_split(args.data, "val") if s.cell_type == args.type]
+    print(f"{len(samples)} validation {args.type} images")
+    if args.probe == "interpolate":
+        if args.fine_tuned is None:
+            p.error("interpolate needs the fine-tuned model.onnx")
+        interpolate(args.fine_tuned, args.base, samples, [0.0, 0.25, 0.5, 0.75, 1.0])
+    else:
+        offset(args.base, samples, [0, 1, 2, 3, 4])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
