@@ -44,7 +44,7 @@ def image_record(image: np.ndarray, labels: np.ndarray, scores: np.ndarray | Non
             cell["score"] = round(float(scores[cell["cell_id"] - 1]), 4)
     return {"source": source, "name": name, "height": int(image.shape[0]), "width": int(image.shape[1]),
             "pixel_size": pixel_size.to_dict() if pixel_size else None,
-            "count": int(labels.max()), "confluence": round(confluence(labels), 3),
+            "count": len(cells), "confluence": round(confluence(labels), 3),  # cells present: ids may have gaps
             "cells": cells, "instances": instances_from_labels(labels, scores, runs)}
 
 

@@ -866,3 +866,16 @@ def test_a_job_names_its_precision_and_why_and_fp32_can_be_forced(tmp_path, demo
     if here.precision == "int8":  # fp32 into the int8 job's folder: other results, refused
         capsys.readouterr()
         assert run(image, out, "--precision", "fp32") == 2 and "model_sha256" in capsys.readouterr().err
+
+
+def test_a_records_count_is_its_cells_when_label_ids_have_gaps():
+    """Corrected labels (a cell erased in napari) or tracked labels (track ids) skip numbers: the count
+    and summary.csv say how many cells there are, not the highest id (they said 500 for 2 cells)."""
+    from cellseg.outputs import image_record
+    from cellseg.summary import summary_row
+
+    labels = np.zeros((40, 40), np.int32)
+    labels[2:10, 2:10], labels[20:30, 20:30] = 7, 500
+    record = image_record(labels.astype(np.float32), labels, None, "gaps", "gaps.png")
+    assert record["count"] == len(record["cells"]) == 2
+    assert summary_row(record)["count"] == 2
