@@ -58,12 +58,24 @@ def calibration_images(data: Path, count: int) -> list[np.ndarray]:
 
 def calibration_arrays(images: Iterable[np.ndarray]) -> list[np.ndarray]:
     """Raw images normalised and padded to a multiple of 32 as the runtime does: what `quantize`
-    calibrates on."""
+    calibrates on. ONNX Runtime's calibrators stack each tensor's values over the calibration inputs,
+    so these must share one shape: images of several sizes (a lab's crops beside full frames, portrait
+    beside landscape) are cut into square tiles of the smallest side, every pixel in at least one."""
     arrays = []
     for image in images:
         x = normalize(image)
         arrays.append(pad_to(x, padded_size(x.shape[0]), padded_size(x.shape[1])))
-    return arrays
+    if len({a.shape for a in arrays}) <= 1:
+        return arrays
+    side = min(min(a.shape) for a in arrays)  # a multiple of 32, as every padded side is
+    return [a[y : y + side, x : x + side] for a in arrays for y in tile_starts(a.shape[0], side)
+            for x in tile_starts(a.shape[1], side)]
+
+
+def tile_starts(length: int, side: int) -> list[int]:
+    """Where tiles of `side` start along `length` to cover it: side apart, the last one at the end."""
+    starts = list(range(0, length - side + 1, side))
+    return starts if starts[-1] + side == length else [*starts, length - side]
 
 
 def head_and_stem_nodes(model_path: Path) -> list[str]:

@@ -70,3 +70,21 @@ def test_int8_quantisation_runs_and_stays_close(exported, data_root, tmp_path):
     fp32_out, int8_out = OnnxModel(path).predict(batch), OnnxModel(int8).predict(batch)
     assert int8_out.shape == fp32_out.shape
     assert np.abs(int8_out - fp32_out).mean() < 0.05
+
+
+def test_int8_calibrates_on_images_of_several_sizes(exported, tmp_path):
+    """A lab's examples: a crop beside full frames, portrait beside landscape. ONNX Runtime's calibrator
+    failed on them ('inhomogeneous shape'), so fine-tuning crashed at its int8 step; the calibration
+    inputs are now square tiles of one size covering every image."""
+    from export.int8 import Int8Recipe, calibration_arrays, quantize
+
+    _, path = exported
+    rng = np.random.default_rng(0)
+    images = [rng.uniform(0, 255, shape).astype(np.float32) for shape in ((200, 300), (300, 200), (96, 120))]
+    arrays = calibration_arrays(images)
+    assert {a.shape for a in arrays} == {(96, 96)}  # the smallest padded side (96x128 for the crop)
+    assert len(arrays) == 3 * 4 + 4 * 3 + 1 * 2  # 224x320 -> 3x4 tiles, 320x224 -> 4x3, 96x128 -> 1x2
+    same = [rng.uniform(0, 255, (64, 96)).astype(np.float32) for _ in range(2)]
+    assert [a.shape for a in calibration_arrays(same)] == [(64, 96)] * 2  # one size: as before, untiled
+    quantize(path, tmp_path / "model.int8.onnx", arrays, Int8Recipe(calibration_images=len(arrays)))
+    assert (tmp_path / "model.int8.onnx").stat().st_size < path.stat().st_size / 2
