@@ -72,6 +72,22 @@ def calibration_arrays(images: Iterable[np.ndarray]) -> list[np.ndarray]:
             for x in tile_starts(a.shape[1], side)]
 
 
+# ONNX Runtime's histogram calibrators (percentile, entropy) keep every activation of every calibration
+# input until they build the histograms: about 0.8 GB per 544x704 frame for this network (measured:
+# peak RSS 2.0 GB with 2 frames, 3.6 GB with 4), so 32 frames need ~26 GB. Fine-tuning calibrates
+# within this many pixels (~6 GB), so a lab's 40 images do not exhaust a workstation's memory.
+MAX_CALIBRATION_PIXELS = 3_000_000
+
+
+def within_pixels(images: list[np.ndarray], max_pixels: int = MAX_CALIBRATION_PIXELS,
+                  most: int = Int8Recipe.calibration_images) -> list[np.ndarray]:
+    """At most `most` of `images`, spread over the list (not its first plate only), as many as fit in
+    `max_pixels` (at least one)."""
+    mean_pixels = sum(image.size for image in images) / max(len(images), 1)
+    count = max(1, min(len(images), most, int(max_pixels // max(mean_pixels, 1))))
+    return [images[i] for i in np.linspace(0, len(images) - 1, count).round().astype(int)] if images else []
+
+
 def tile_starts(length: int, side: int) -> list[int]:
     """Where tiles of `side` start along `length` to cover it: side apart, the last one at the end."""
     starts = list(range(0, length - side + 1, side))

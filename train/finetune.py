@@ -49,7 +49,7 @@ from cellseg.onnx_model import OnnxModel, read_metadata  # noqa: E402
 from cellseg.postprocess import PostprocessParams, maps_to_labels  # noqa: E402
 from cellseg.tuning import params_grid, rank_params  # noqa: E402
 from cellseg.variants import choose_for_model  # noqa: E402
-from export.int8 import Int8Recipe, calibration_arrays, quantize  # noqa: E402
+from export.int8 import MAX_CALIBRATION_PIXELS, Int8Recipe, calibration_arrays, quantize, within_pixels  # noqa: E402
 from export.model_card import write_finetune_card  # noqa: E402
 from export.onnx_export import export_checked, finetune_metadata, write_exported  # noqa: E402
 from train.dataset import CropDataset  # noqa: E402
@@ -162,7 +162,7 @@ def reserve_after_training(costs: Costs, train_images: int, measured_images: int
     candidate each), int8 calibration (about one and a half network passes per calibration image),
     10 s for export and the checks, and a quarter for safety. The final minutes are reported as
     measured (`phases_seconds` in metrics.json)."""
-    calibration = min(train_images, Int8Recipe().calibration_images)
+    calibration = min(train_images, Int8Recipe().calibration_images, MAX_CALIBRATION_PIXELS // (520 * 704))  # LIVECell-size
     network = costs.network * (train_images + 3 * measured_images + 1.5 * calibration)
     scoring = costs.candidate * (train_images * candidates + 3 * measured_images)
     return 1.25 * (10.0 + network + scoring)
@@ -365,8 +365,8 @@ def export_models(model, out: Path, metadata: dict, train_images: list[np.ndarra
     _, diff = export_checked(model.cpu(), fp32, 18, measured_images[:2])
     write_exported(model, fp32, metadata, diff)
     int8 = out / "model.int8.onnx"
-    # calibrated on the user's training images
-    quantize(fp32, int8, calibration_arrays(train_images[: Int8Recipe().calibration_images]))
+    # calibrated on the user's training images, as many as the calibrator's memory allows
+    quantize(fp32, int8, calibration_arrays(within_pixels(train_images)))
     return fp32, int8, diff
 
 
