@@ -392,8 +392,8 @@ def test_timelapse_sample(data_root):
     assert kind == "image" and data.shape == (8, 1022, 1024) and data.dtype == np.uint16
     assert meta["metadata"]["frames"][0].endswith("t01.tif") and meta["metadata"]["frames"][-1].endswith("t08.tif")
     made = layer((data, meta, kind))
-    np.testing.assert_allclose(made.scale, (1, 0.87, 0.87))
-    assert [str(u) for u in made.units[1:]] == ["micrometer", "micrometer"] and made.axis_labels == ("t", "y", "x")
+    np.testing.assert_allclose(made.scale, (10.2, 0.87, 0.87))  # minutes between frames, µm per pixel
+    assert [str(u) for u in made.units] == ["minute", "micrometer", "micrometer"] and made.axis_labels == ("t", "y", "x")
 
 
 def test_timelapse_sample_without_data_says_where_it_looked(monkeypatch, tmp_path):

@@ -340,6 +340,8 @@ def test_the_time_lapse_sample_segments_with_its_micrometre_scale(viewer_widget,
     assert cell["area_um2"] == pytest.approx(cell["area"] * 0.87 ** 2, rel=1e-5)
     assert not widget.table.isColumnHidden(2) and widget.table.item(0, 2).text() == f"{cell['area_um2']:g}"
     assert "0.87 µm" in widget.summary.text()
+    assert record["time_s"] == pytest.approx(4 * 10.2 * 60)  # frame 4, 10.2 minutes apart: summary's time_s
+    assert tuple(widget.labels_layer.scale) == tuple(layer.scale) and widget.labels_layer.units == layer.units
 
 
 def test_cancelling_a_fine_tune_ends_its_process_and_says_how_to_resume(viewer_widget, qtbot, tmp_path):
@@ -357,8 +359,11 @@ def test_cancelling_a_fine_tune_ends_its_process_and_says_how_to_resume(viewer_w
     qtbot.waitUntil(lambda: not widget.busy, timeout=60_000)
     run = widget.finetune
     assert run.cancelled and run.returncode not in (0, None) and run._process.poll() is not None
-    assert "cancelled" in widget.verdict.text() and "--resume" in widget.verdict.text()
-    assert not widget.use_button.isEnabled()
+    assert widget.verdict.text().startswith("fine-tuning cancelled; ") and not widget.use_button.isEnabled()
+    assert "nothing to resume" in widget.verdict.text()  # cancelled within its first minute: no checkpoint yet
+    (run.out / "finetune.pt").write_bytes(b"")  # with one, the hint runs from anywhere
+    hint = run.resume_hint()
+    assert hint.startswith(f"to continue it: cd {REPO} && ") and hint.endswith("--resume") and str(run.out) in hint
 
 
 @pytest.mark.data
@@ -378,3 +383,45 @@ def test_the_pixel_size_in_an_opened_files_metadata_gives_micrometres(viewer_wid
     assert size["x_um"] == pytest.approx(0.65) and size["source"] == "ImageJ metadata"
     cell = widget.records[None]["cells"][0]
     assert cell["area_um2"] == pytest.approx(cell["area"] * 0.65**2, rel=1e-5)
+
+
+@pytest.mark.data
+def test_corrections_are_kept_when_segmenting_again_and_layers_do_not_pile_up(viewer_widget, qtbot, t98g_frames):
+    """Segment again (or new thresholds) must not silently wipe a biologist's painting; segmenting the
+    same image again reuses its layers, even after napari renamed a second image's to '... [1]'."""
+    viewer, widget = viewer_widget
+    first = viewer.add_image(t98g_frames[0], name="t98g")
+    widget.segment()
+    wait_idle(qtbot, widget)
+    cells_layer = widget.labels_layer
+    cells_layer.paint((40, 40), 999, refresh=True)  # napari's brush: a correction
+    painted = cells_layer.data.copy()
+    widget.fg_threshold.setValue(0.8)
+    widget.rethreshold()
+    wait_idle(qtbot, widget)
+    kept = [layer for layer in viewer.layers if layer.name.endswith("(your corrections)")]
+    assert len(kept) == 1 and np.array_equal(kept[0].data, painted) and not kept[0].visible
+    viewer.add_image(t98g_frames[1], name="t98g")  # napari names it 't98g [1]'
+    second = viewer.layers[-1]
+    for image in (second, first, first):
+        widget.image_choice.value = image
+        widget.segment()
+        wait_idle(qtbot, widget)
+    assert widget.labels_layer is cells_layer  # the first image's own layers again
+    outlines = [layer.name for layer in viewer.layers if "outlines" in layer.name]
+    assert len(outlines) == 2, outlines  # one pair per image, however often it is segmented
+
+
+def test_thresholds_set_before_the_first_segment_are_applied(viewer_widget, qtbot):
+    viewer, widget = viewer_widget
+    rng = np.random.default_rng(0)
+    viewer.add_image(rng.integers(90, 110, (96, 96)).astype(np.uint8), name="noise")
+    assert widget.fg_threshold.value() == pytest.approx(engine.file_params(engine.default_model_path()).fg_threshold)
+    widget.seed_threshold.setValue(0.6)
+    widget.min_size.setValue(100)
+    widget.segment()
+    wait_idle(qtbot, widget)
+    assert (widget.seed_threshold.value(), widget.min_size.value()) == (0.6, 100)  # not reset to the model's
+    params = widget.params()
+    expected = maps_to_labels(decode_maps([widget.results[None].codes])[0], params)
+    assert params.seed_threshold == 0.6 and params.min_size == 100 and np.array_equal(widget.labels_layer.data, expected)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -212,14 +213,28 @@ def um_per_unit(unit) -> float | None:
 
 
 def frame_record(image: np.ndarray, labels: np.ndarray, scores: np.ndarray | None, name: str, frame: int | None,
-                 frames: int, pixel_size: PixelSize | None) -> dict:
+                 frames: int, pixel_size: PixelSize | None, time_s: float | None = None) -> dict:
     """A frame's record as a batch job writes it (cells with measurements in px, and µm where the
-    size is known), named as `cellseg segment` names a stack's frames."""
+    size is known; the frame's time where known), named as `cellseg segment` names a stack's frames."""
     record_name = name if frame is None else frame_name(name, frame, frames)
     record = image_record(image, labels, scores, record_name, name, pixel_size=pixel_size)
     if frame is not None:
-        record |= {"stack": name, "frame": frame}
+        record |= {"stack": name, "frame": frame, "time_s": time_s}
     return record
+
+
+def frame_seconds(layer, frame: int | None) -> float | None:
+    """Seconds since frame 0 of a (T, Y, X) layer whose time axis has a time unit (napari's `units`,
+    e.g. minute, with the interval as its scale); None otherwise."""
+    if frame is None or not getattr(layer, "units", None):
+        return None
+    try:
+        import pint
+
+        seconds = pint.get_application_registry().Quantity(float(layer.scale[0]), str(layer.units[0])).to("second")
+    except Exception:  # noqa: BLE001  (pixels or frames: not a time)
+        return None
+    return round(frame * float(seconds.magnitude), 3)
 
 
 def write_tables(path: Path, records: Sequence[dict]) -> tuple[Path, Path]:
@@ -300,6 +315,12 @@ class FinetuneRun:
         if self._process and self._process.poll() is None:
             self.cancelled = True
             self._process.terminate()
+
+    def resume_hint(self) -> str:
+        """How to continue a cancelled run (from its last checkpoint, saved every minute)."""
+        if not (self.out / "finetune.pt").is_file():
+            return "it stopped before its first checkpoint: nothing to resume (start it again)"
+        return f"to continue it: cd {shlex.quote(str(REPO))} && {shlex.join(self.command())} --resume"
 
     @property
     def verdict(self) -> str | None:

@@ -53,7 +53,7 @@ def timelapse() -> list[LayerData]:
     metadata = {"source": str(folder), "frames": [f.name for f in frames], "pixel_size_um": T98G_UM_PER_PIXEL,
                 "frame_interval_min": T98G_MINUTES_PER_FRAME, "licence": T98G_LICENCE}
     kwargs = {"name": "T98G time-lapse (Usiigaci)", "metadata": metadata,
-              "scale": (1.0, T98G_UM_PER_PIXEL, T98G_UM_PER_PIXEL), "units": ("pixel", "µm", "µm"),
+              "scale": (T98G_MINUTES_PER_FRAME, T98G_UM_PER_PIXEL, T98G_UM_PER_PIXEL), "units": ("minute", "µm", "µm"),
               "axis_labels": ("t", "y", "x")}
     return [(stack, kwargs, "image")]
 

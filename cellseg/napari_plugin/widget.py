@@ -5,6 +5,7 @@ as training examples, fine-tune and switch to the new model. The work itself is 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import napari
@@ -20,10 +21,12 @@ from qtpy.QtWidgets import (
     QFormLayout,
     QGroupBox,
     QHBoxLayout,
+    QHeaderView,
     QLabel,
     QLineEdit,
     QProgressBar,
     QPushButton,
+    QScrollArea,
     QSpinBox,
     QTableWidget,
     QTableWidgetItem,
@@ -57,6 +60,21 @@ def thread_worker(work):
     return napari_thread_worker(reporting)
 
 
+@dataclass
+class LayerPair:
+    """An image layer's labels and outlines layers (one array), and the frames the user painted since
+    they were last segmented."""
+
+    source: object
+    labels: object
+    outlines: object
+    edited: set = field(default_factory=set)
+
+    @property
+    def layers(self) -> tuple:
+        return self.labels, self.outlines
+
+
 class CellsegWidget(QWidget):
     def __init__(self, napari_viewer: napari.Viewer):
         super().__init__()
@@ -66,18 +84,30 @@ class CellsegWidget(QWidget):
         self.results: dict[int | None, engine.FrameResult] = {}
         self.records: dict[int | None, dict] = {}
         self.source = None  # the image layer the results belong to
-        self.labels_layer = None
+        self.layer_pairs: dict[int, LayerPair] = {}  # by id of the image layer
+        self.labels_layer = None  # the current image's (its LayerPair's)
         self.outlines_layer = None
+        self.edited: set[int | None] = set()
         self.worker = None
         self.finetune: engine.FinetuneRun | None = None
+        self.pending = None  # the image layer a running Segment is for
+        self.base_params = PostprocessParams()  # the chosen model's thresholds, the widget's three over them
         self.finetuned_model: Path | None = None
         self.busy = False
-        layout = QVBoxLayout(self)
+        content = QWidget()
+        layout = QVBoxLayout(content)
         layout.addWidget(self._segment_box())
         layout.addWidget(self._measure_box())
         layout.addWidget(self._train_box())
         layout.addStretch(1)
-        self.setMaximumWidth(520)  # the canvas keeps most of the window
+        scroll = QScrollArea()  # on a small screen the panel scrolls instead of squeezing the canvas
+        scroll.setWidgetResizable(True)
+        scroll.setWidget(content)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.addWidget(scroll)
+        self.setMinimumWidth(400)
         self.viewer.layers.events.inserted.connect(self.image_choice.reset_choices)
         self.viewer.layers.events.removed.connect(self.image_choice.reset_choices)
         self.viewer.dims.events.current_step.connect(lambda _event: self.show_table())
@@ -92,12 +122,13 @@ class CellsegWidget(QWidget):
         self.model_kind = QComboBox()
         self.model_kind.addItems(engine.MODEL_KINDS)
         self.model_target = QLineEdit()
-        browse = QPushButton("…")
-        browse.setToolTip("choose an ONNX file (e.g. a fine-tune's model.onnx)")
-        browse.clicked.connect(self._browse_model)
+        self.browse = QPushButton("…")
+        self.browse.setToolTip("choose an ONNX file (e.g. a fine-tune's model.onnx)")
+        self.browse.clicked.connect(self._browse_model)
+        self.model_target.editingFinished.connect(self._model_changed)
         row = QHBoxLayout()
         row.addWidget(self.model_target)
-        row.addWidget(browse)
+        row.addWidget(self.browse)
         self.model_kind.currentTextChanged.connect(self._model_kind_changed)
         form.addRow("model", self.model_kind)
         form.addRow("", row)
@@ -144,7 +175,8 @@ class CellsegWidget(QWidget):
         self.table.setSelectionBehavior(QTableWidget.SelectRows)
         self.table.setEditTriggers(QTableWidget.NoEditTriggers)
         self.table.itemSelectionChanged.connect(self._row_selected)
-        self.table.setMinimumHeight(180)
+        self.table.setMinimumHeight(220)
+        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeToContents)
         layout.addWidget(self.table)
         buttons = QHBoxLayout()
         self.measure_button = QPushButton("Measure again")
@@ -160,7 +192,9 @@ class CellsegWidget(QWidget):
 
     def _train_box(self) -> QGroupBox:
         box, form = QGroupBox("Correct and fine-tune"), QFormLayout()
-        form.addRow(QLabel("Correct the labels with napari's own tools (paint, erase, fill, new label), then save."))
+        hint = QLabel("Correct the labels with napari's own tools (paint, erase, fill, new label), then save.")
+        hint.setWordWrap(True)
+        form.addRow(hint)
         self.examples_folder = QLineEdit(str(WORK_FOLDER / "training"))
         form.addRow("examples", self.examples_folder)
         self.save_button = QPushButton("Save as training example")
@@ -198,12 +232,34 @@ class CellsegWidget(QWidget):
     def _model_kind_changed(self, kind: str) -> None:
         self.model_target.setText(DEFAULT_TARGETS[kind])
         self.model_target.setEnabled(kind != engine.SHIPPED)
+        self.browse.setEnabled(kind in (engine.SHIPPED, engine.FILE))
+        self._model_changed()
+
+    def _model_changed(self) -> None:
+        """A newly chosen model: say it loads on the next Segment, and show a file's own thresholds now
+        (a registered model's or a server's are shown once it is loaded)."""
+        try:
+            choice = self.chosen_model()
+        except ValueError:
+            self.model_status.setText("choose a model")
+            return
+        if choice == self.model_choice:
+            return
+        self.model_status.setText(f"{choice.kind}: loads on the next Segment")
+        self.model_status.setToolTip("")
+        path = engine.default_model_path() if choice.kind == engine.SHIPPED else Path(choice.target).expanduser()
+        if choice.kind in (engine.SHIPPED, engine.FILE) and path.is_file():
+            try:
+                self._show_params(engine.file_params(path))
+            except Exception:  # noqa: BLE001  (not an ONNX file: Segment will say so)
+                pass
 
     def _browse_model(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "ONNX model", "", "ONNX models (*.onnx)")
         if path:
             self.model_kind.setCurrentText(engine.FILE)
             self.model_target.setText(path)
+            self._model_changed()
 
     def _update_buttons(self) -> None:
         self.segment_button.setEnabled(not self.busy)
@@ -221,11 +277,12 @@ class CellsegWidget(QWidget):
         return engine.ModelChoice(self.model_kind.currentText(), self.model_target.text().strip())
 
     def params(self) -> PostprocessParams:
-        base = self.model.default_params if self.model is not None else PostprocessParams()
-        return base.with_overrides(fg_threshold=round(self.fg_threshold.value(), 2),
+        return self.base_params.with_overrides(fg_threshold=round(self.fg_threshold.value(), 2),
                                    seed_threshold=round(self.seed_threshold.value(), 2), min_size=self.min_size.value())
 
     def _show_params(self, params: PostprocessParams) -> None:
+        """A model's thresholds into the widget; the ones it does not show (seed peak, merging...) kept."""
+        self.base_params = params
         self.fg_threshold.setValue(params.fg_threshold)
         self.seed_threshold.setValue(params.seed_threshold)
         self.min_size.setValue(params.min_size)
@@ -248,10 +305,9 @@ class CellsegWidget(QWidget):
             frames = engine.frames_of(layer.data.shape, layer.rgb, self.scope.currentText(), self._current_frame(layer))
             self.chosen_model()
         except ValueError as exc:
-            show_error(f"cellseg: {exc}")
+            self._on_error(exc)
             return
-        if self.source is not layer:
-            self.results, self.records, self.source = {}, {}, layer
+        self.pending = layer  # its results replace the last layer's once its first frame is done
         self._start(self._segment_work(layer, frames, self.params()), len(frames),
                     f"segmenting {len(frames)} frame(s) of {layer.name}")
 
@@ -264,10 +320,12 @@ class CellsegWidget(QWidget):
 
     @thread_worker
     def _segment_work(self, layer, frames, params: PostprocessParams):
-        """`params`: the widget's thresholds, read in the GUI thread; a newly loaded model runs with its own."""
+        """`params`: the widget's thresholds, read in the GUI thread (a file's own are shown when it is
+        chosen); a registered model or a server, newly loaded, runs with its own (shown then)."""
         if self._ensure_model():
             yield ("model", None)
-            params = self.model.default_params
+            if self.model_choice.kind in (engine.REGISTERED, engine.SERVER):
+                params = self.model.default_params
         for done, (frame, result) in enumerate(engine.segment_frames(self.model, layer.data, frames, params), start=1):
             yield ("frame", (frame, result, done))
 
@@ -287,9 +345,13 @@ class CellsegWidget(QWidget):
         if kind == "model":
             self.model_status.setText(self.model.description)
             self.model_status.setToolTip(self.model.reason)
-            self._show_params(self.model.default_params)
+            if self.model_choice.kind in (engine.REGISTERED, engine.SERVER):
+                self._show_params(self.model.default_params)
         elif kind == "frame":
             frame, result, done = value
+            if self.pending is not None and self.pending is not self.source:
+                self.results, self.records, self.source = {}, {}, self.pending
+            self.pending = None
             self.results[frame] = result
             self._put_labels(frame, result.labels)
             self.progress.setValue(done)
@@ -298,7 +360,7 @@ class CellsegWidget(QWidget):
         elif kind == "error":
             self._on_error(value)
         elif kind == "line":
-            self.status.setText(value[-160:])
+            self.status.setText(value if len(value) <= 160 else value[:159] + "…")
 
     def _on_error(self, exc: Exception) -> None:
         self.status.setText(f"failed: {exc}")
@@ -310,11 +372,11 @@ class CellsegWidget(QWidget):
         self._update_buttons()
 
     def _segmented(self) -> None:
+        self.pending = None
         if self.results:
             self.measure()
-            done = self.progress.value()
             if self.status.text().startswith(("segmenting", "applying")):
-                self.status.setText(f"done: {done} frame(s); {self.summary.text()}")
+                self.status.setText(f"done: {self.progress.value()} frame(s)")
 
     def cancel(self) -> None:
         if self.worker is None:
@@ -324,7 +386,8 @@ class CellsegWidget(QWidget):
             self.finetune.cancel()  # ends the fine-tuning process itself
             self.status.setText("fine-tuning cancelled")
         else:
-            self.status.setText("cancelled: the frames already segmented are kept")
+            self.status.setText(f"cancelled after {self.progress.value()} of {self.progress.maximum()} frame(s); "
+                                "those done are kept")
 
     def rethreshold(self) -> None:
         frames = list(self.results)
@@ -349,17 +412,9 @@ class CellsegWidget(QWidget):
         return layer.data.shape[:-1] if layer.rgb else layer.data.shape
 
     def _put_labels(self, frame: int | None, labels: np.ndarray) -> None:
-        name = f"{self.source.name} cells"
-        if self.labels_layer is None or self.labels_layer not in self.viewer.layers \
-                or self.labels_layer.data.shape != self._labels_shape() or self.labels_layer.name != name:
-            data = np.zeros(self._labels_shape(), dtype=np.int32)
-            common = {"scale": self.source.scale, "translate": self.source.translate}
-            self.labels_layer = self.viewer.add_labels(data, name=name, opacity=0.45, **common)
-            self.outlines_layer = self.viewer.add_labels(data, name=f"{self.source.name} outlines", opacity=1.0, **common)
-            self.outlines_layer.contour = 2  # the same array, drawn as outlines: corrections show in both
-            self.outlines_layer.editable = False
-            self.labels_layer.events.paint.connect(lambda _event: self.outlines_layer.refresh())
-            self.viewer.layers.selection.active = self.labels_layer
+        self._use_layers_of(self.source)
+        if frame in self.edited:
+            self._keep_corrections()
         target = self.labels_layer.data
         if frame is None:
             target[:] = labels
@@ -367,6 +422,46 @@ class CellsegWidget(QWidget):
             target[frame] = labels
         self.labels_layer.refresh()
         self.outlines_layer.refresh()
+
+    def _use_layers_of(self, source) -> None:
+        """Make the labels and outlines layers of `source` current: its own pair where it has one still
+        in the viewer (found by identity: napari renames a second 'X cells' to 'X cells [1]'), else a
+        new pair; both placed on the image as it is placed now (scale, translate, units)."""
+        pair = self.layer_pairs.get(id(source))
+        if pair is None or pair.source is not source or any(layer not in self.viewer.layers for layer in pair.layers) \
+                or pair.labels.data.shape != self._labels_shape():
+            data = np.zeros(self._labels_shape(), dtype=np.int32)
+            # placed as the image from the start: added at scale 1, they would move napari's current frame
+            place = {"scale": source.scale[-data.ndim:], "translate": source.translate[-data.ndim:],
+                     "units": source.units[-data.ndim:]}
+            labels = self.viewer.add_labels(data, name=f"{source.name} cells", opacity=0.45, **place)
+            outlines = self.viewer.add_labels(data, name=f"{source.name} outlines", opacity=1.0, **place)
+            outlines.contour = 2  # the same array, drawn as outlines: corrections show in both
+            outlines.editable = False
+            pair = LayerPair(source, labels, outlines)
+            labels.events.paint.connect(lambda _event, pair=pair: self._painted(pair))
+            self.layer_pairs[id(source)] = pair
+            self.viewer.layers.selection.active = labels
+        for layer in pair.layers:  # the image may have been rescaled since
+            place = {key: tuple(getattr(source, key)[-layer.ndim:]) for key in ("scale", "translate", "units")}
+            for key, value in place.items():
+                if tuple(getattr(layer, key)) != value:
+                    setattr(layer, key, value)
+        self.labels_layer, self.outlines_layer, self.edited = pair.labels, pair.outlines, pair.edited
+
+    def _painted(self, pair: LayerPair) -> None:
+        pair.outlines.refresh()
+        stack = pair.labels.ndim > 2
+        pair.edited.add(self._current_frame(pair.source) if stack else None)
+
+    def _keep_corrections(self) -> None:
+        """The user's painted labels, about to be replaced by a new run, kept as a layer of their own."""
+        kept = self.viewer.add_labels(self.labels_layer.data.copy(), name=f"{self.labels_layer.name} (your corrections)",
+                                      scale=self.labels_layer.scale, translate=self.labels_layer.translate,
+                                      units=self.labels_layer.units, visible=False)
+        self.edited.clear()
+        self.viewer.layers.selection.active = self.labels_layer
+        show_info(f"cellseg: your corrections were kept as the layer '{kept.name}' (hidden)")
 
     def frame_labels(self, frame: int | None) -> np.ndarray:
         data = self.labels_layer.data
@@ -387,7 +482,7 @@ class CellsegWidget(QWidget):
             labels = self.frame_labels(frame)
             image, _ = engine.frame_pixels(self.source.data, frame)
             self.records[frame] = engine.frame_record(image, labels, self._scores(labels, result), self.source.name,
-                                                      frame, frames, size)
+                                                      frame, frames, size, engine.frame_seconds(self.source, frame))
         self.show_table()
         self._update_buttons()
 
@@ -476,7 +571,7 @@ class CellsegWidget(QWidget):
     @thread_worker
     def _finetune_work(self, run: engine.FinetuneRun):
         for line, fraction in run.stream():
-            yield ("progress", round(1000 * fraction))
+            yield ("progress", min(990, round(1000 * fraction)))  # time spent; full only at its verdict
             yield ("line", line)
 
     def _finetuned(self) -> None:
@@ -484,7 +579,7 @@ class CellsegWidget(QWidget):
         verdict says so, and the choice is the user's)."""
         run = self.finetune
         if run.cancelled:
-            self.verdict.setText(f"fine-tuning cancelled; to continue it: {' '.join(run.command())} --resume")
+            self.verdict.setText(f"fine-tuning cancelled; {run.resume_hint()}")
         elif run.returncode is None:
             self.verdict.setText(f"fine-tuning stopped before its end; nothing to use ({run.out})")
         elif run.verdict:
@@ -501,4 +596,4 @@ class CellsegWidget(QWidget):
             return
         self.model_kind.setCurrentText(engine.FILE)
         self.model_target.setText(str(self.finetuned_model))
-        self.model_status.setText(f"{self.finetuned_model}: loads on the next Segment")
+        self._model_changed()  # its thresholds shown; it loads on the next Segment
