@@ -19,9 +19,9 @@ the same labels. Damaged files raise `AnnotationError` (a ValueError) whose mess
 Writers (`write_roi_set`, `write_geojson`): a 2-D labels layer as the very bytes `cellseg segment` writes
 for those labels (`cellseg.outputs.per_image_files`). The GeoJSON's measurements are the cells' shape
 measurements (no intensity image or network scores reach a writer, so no ``mean_intensity``/``score``),
-plus µm values where the layer's scale is in a length unit. A layer with more axes (a time-lapse) is
-refused with a ValueError saying to save one frame: a Fiji ROI set of a stack would need per-ROI
-positions, which `cellseg.annotations` does not read back, so such a file would not round-trip.
+plus µm values where the layer's scale is in a length unit. A (T, Y, X) time-lapse is written one file
+per frame, named as batch jobs name frames (``X_t0000.zip``...): `cellseg.annotations` reads no ROI
+positions, so one file per frame is what reads back.
 """
 
 from __future__ import annotations
@@ -59,7 +59,6 @@ PathOrPaths = str | list[str]
 
 # `cellseg segment` writes its label images as <out>/labels/<name>.png beside <out>/job.json: recognised
 # when a caller hands one over, though napari's filename patterns cannot select it (it is a plain X.png)
-JOB_LABELS_FOLDER, JOB_FILE = "labels", "job.json"
 # While outlines are rasterised without an image, the frame is as large as a coordinate may be; the
 # label image is then cut to the cells' extent, which must stay within what an image may hold
 UNBOUNDED = (int(MAX_COORDINATE) + 1, int(MAX_COORDINATE) + 1)
@@ -86,18 +85,13 @@ def read_labels(path: PathOrPaths) -> list[LayerData]:
 def file_format(path: Path) -> str | None:
     """LABEL_MASK, IMAGEJ_ROI or QUPATH_GEOJSON for a file this module reads, else None."""
     name = path.name.lower()
-    if mask_image_stem(path) is not None or _is_job_label_image(path):
+    if mask_image_stem(path) is not None:
         return LABEL_MASK
     if name.endswith(GEOJSON_ENDING):
         return QUPATH_GEOJSON
     if name.endswith(".roi") or (name.endswith(".zip") and _may_be_roi_set(path)):
         return IMAGEJ_ROI
     return None
-
-
-def _is_job_label_image(path: Path) -> bool:
-    return (path.suffix.lower() == ".png" and path.parent.name == JOB_LABELS_FOLDER
-            and (path.parent.parent / JOB_FILE).is_file())
 
 
 def _may_be_roi_set(path: Path) -> bool:
