@@ -361,7 +361,8 @@ def test_cancelling_a_fine_tune_ends_its_process_and_says_how_to_resume(viewer_w
     assert run.cancelled and run.returncode not in (0, None) and run._process.poll() is not None
     assert widget.verdict.text().startswith("fine-tuning cancelled; ") and not widget.use_button.isEnabled()
     assert "nothing to resume" in widget.verdict.text()  # cancelled within its first minute: no checkpoint yet
-    (run.out / "finetune.pt").write_bytes(b"")  # with one, the hint runs from anywhere
+    run.out.mkdir(parents=True, exist_ok=True)  # (cancelled this early, the run may not have made it)
+    (run.out / "finetune.pt").write_bytes(b"")  # with a checkpoint, the hint runs from anywhere
     hint = run.resume_hint()
     assert hint.startswith(f"to continue it: cd {REPO} && ") and hint.endswith("--resume") and str(run.out) in hint
 
