@@ -488,7 +488,7 @@ def run(args: argparse.Namespace, command: str, samples: list[Sample], split: Sp
         "command": command,
     }
     verdict = judge(before["per_image"], after["fp32"]["per_image"], bool(split.held_back), state["step"],
-                    note=load_note)
+                    note=load_note, same_source=not args.measure_on)
     results["verdict"] = verdict.to_dict()
     # what `python -m export register` and batch jobs read to pick the precision to serve
     for path, metrics in ((fp32, after["fp32"]), (int8, after["int8"])):
