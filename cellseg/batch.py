@@ -416,7 +416,6 @@ def onnx_segmenter(models: Sequence, params: PostprocessParams, tta: bool) -> Se
     for its duration, so threads beyond their number wait for one while the others read,
     post-process and encode."""
     from cellseg.inference import Segmentation, predict_maps
-    from cellseg.postprocess import maps_to_labels
 
     free: queue.SimpleQueue = queue.SimpleQueue()
     for model in models:
@@ -428,7 +427,7 @@ def onnx_segmenter(models: Sequence, params: PostprocessParams, tta: bool) -> Se
             maps = predict_maps(model.predict, [image], batch_size=1, tta=tta)[0]
         finally:
             free.put(model)
-        seg = Segmentation(maps_to_labels(maps, params), maps)
+        seg = Segmentation.from_maps(maps, params)
         return Result(seg.labels, seg.scores())
     return segment
 

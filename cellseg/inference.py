@@ -162,6 +162,11 @@ class Segmentation:
     labels: np.ndarray  # int32 (H, W), 0 = background, 1..N cells
     probs: np.ndarray  # float32 (3, H, W)
 
+    @classmethod
+    def from_maps(cls, probs: np.ndarray, params: PostprocessParams) -> Segmentation:
+        """The cells `params` cut from the network's (3, H, W) maps, the maps kept for the scores."""
+        return cls(maps_to_labels(probs, params), probs)
+
     @property
     def count(self) -> int:
         return int(self.labels.max())
@@ -182,4 +187,4 @@ def segment_images(
     tta: bool = False,
 ) -> list[Segmentation]:
     maps = predict_maps(predict, images, batch_size=batch_size, tile_size=tile_size, tta=tta)
-    return [Segmentation(maps_to_labels(m, params), m) for m in maps]
+    return [Segmentation.from_maps(m, params) for m in maps]

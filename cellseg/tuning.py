@@ -15,7 +15,7 @@ from tqdm import tqdm
 from cellseg.data import Sample
 from cellseg.evaluate import evaluate_segmentations, selection_score
 from cellseg.inference import Segmentation
-from cellseg.postprocess import PostprocessParams, maps_to_labels
+from cellseg.postprocess import PostprocessParams
 
 
 def params_grid(base: PostprocessParams, **values: Iterable) -> list[PostprocessParams]:
@@ -28,7 +28,7 @@ def params_grid(base: PostprocessParams, **values: Iterable) -> list[Postprocess
 def score_params(samples: Sequence[Sample], maps: Sequence[np.ndarray], params: PostprocessParams) -> dict:
     """One row: the settings, the selection score (mean over sources of (AP50 + mSA) / 2) and the
     per-source and per-cell-type figures."""
-    segs = [Segmentation(maps_to_labels(m, params), m) for m in maps]
+    segs = [Segmentation.from_maps(m, params) for m in maps]
     r = evaluate_segmentations(samples, segs, groups=("per_source", "per_cell_type"), overall=False)
     return {**params.to_dict(), "score": round(selection_score(r), 4),
             **{f"{source}_{k}": round(m[k], 4) for source, m in r["per_source"].items()

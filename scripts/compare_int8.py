@@ -33,7 +33,6 @@ from cellseg.evaluate import evaluate_segmentations  # noqa: E402
 from cellseg.imageio import read_image  # noqa: E402
 from cellseg.inference import Segmentation, predict_padded  # noqa: E402
 from cellseg.onnx_model import OnnxModel  # noqa: E402
-from cellseg.postprocess import maps_to_labels  # noqa: E402
 from cellseg.preprocess import normalize  # noqa: E402
 from export.int8 import Int8Recipe, calibration_images, quantize  # noqa: E402
 
@@ -110,7 +109,7 @@ def main() -> int:
     def measure_emulated(path: Path) -> dict:
         t0 = time.time()
         maps = emulated_maps(path, images, AVX2_CPU, threads=os.cpu_count() or 1)
-        segs = [Segmentation(maps_to_labels(m, params), m) for m in maps]
+        segs = [Segmentation.from_maps(m, params) for m in maps]
         return {**summary(evaluate_segmentations(samples, segs)), "emulation_s": round(time.time() - t0)}
 
     if args.retime:

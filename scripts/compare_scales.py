@@ -27,7 +27,6 @@ from cellseg.data import default_data_root, load_split  # noqa: E402
 from cellseg.evaluate import evaluate_segmentations, selection_score  # noqa: E402
 from cellseg.inference import Segmentation, predict_maps  # noqa: E402
 from cellseg.onnx_model import OnnxModel, default_model_path  # noqa: E402
-from cellseg.postprocess import maps_to_labels  # noqa: E402
 
 
 def maps_at_scale(model: OnnxModel, image: np.ndarray, scale: float) -> np.ndarray:
@@ -57,7 +56,7 @@ def main() -> int:
         t0 = time.perf_counter()
         maps = [maps_at_scale(model, im, scale) for im in tqdm(images, desc=f"scale {scale}")]
         seconds = (time.perf_counter() - t0) / len(images)
-        metrics = evaluate_segmentations(samples, [Segmentation(maps_to_labels(m, params), m) for m in maps])
+        metrics = evaluate_segmentations(samples, [Segmentation.from_maps(m, params) for m in maps])
         row = {"network_seconds_per_image": round(seconds, 3), "score": round(selection_score(metrics), 4),
                **{f"{name}_{k}": round(m[k], 4) for name, m in {**metrics["per_source"], **metrics["per_cell_type"]}.items()
                   for k in keys}}

@@ -60,7 +60,7 @@ def interpolate(fine_tuned: Path, base: Path, samples: list[Sample], alphas: lis
             path = Path(tmp) / f"blend_{alpha}.onnx"
             onnx.save(model, str(path))
             maps = predict_maps(OnnxModel(path).predict, images)
-            print(f"a = {alpha:.2f}: " + scores(samples, [Segmentation(maps_to_labels(m, params), m) for m in maps]),
+            print(f"a = {alpha:.2f}: " + scores(samples, [Segmentation.from_maps(m, params) for m in maps]),
                   flush=True)
 
 

@@ -27,7 +27,7 @@ from cellseg.data import default_data_root, load_split, subsample_per_type  # no
 from cellseg.evaluate import evaluate_segmentations, format_table  # noqa: E402
 from cellseg.inference import Segmentation, predict_maps  # noqa: E402
 from cellseg.onnx_model import OnnxModel, default_model_path  # noqa: E402
-from cellseg.postprocess import PostprocessParams, maps_to_labels  # noqa: E402
+from cellseg.postprocess import PostprocessParams  # noqa: E402
 from cellseg.tuning import params_grid, rank_params  # noqa: E402
 
 
@@ -74,7 +74,7 @@ def main() -> int:
               f"{r['min_size']:>4} {r['merge_threshold']:>5} {r['seed_peak']:>5} {r['score']:>7}  {per_source}  "
               f"{lowest.removeprefix('type_').removesuffix('_msa')} {r[lowest]:.3f}")
     best = results[0][0]
-    print(format_table(evaluate_segmentations(samples, [Segmentation(maps_to_labels(m, best), m) for m in maps])))
+    print(format_table(evaluate_segmentations(samples, [Segmentation.from_maps(m, best) for m in maps])))
     print("best:", json.dumps(rows[0]))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

@@ -46,7 +46,7 @@ from cellseg.data import Sample  # noqa: E402
 from cellseg.evaluate import evaluate_segmentations, format_table  # noqa: E402
 from cellseg.inference import Segmentation, predict_maps  # noqa: E402
 from cellseg.onnx_model import OnnxModel, read_metadata  # noqa: E402
-from cellseg.postprocess import PostprocessParams, maps_to_labels  # noqa: E402
+from cellseg.postprocess import PostprocessParams  # noqa: E402
 from cellseg.tuning import params_grid, rank_params  # noqa: E402
 from cellseg.variants import choose_for_model  # noqa: E402
 from export.int8 import MAX_CALIBRATION_PIXELS, Int8Recipe, calibration_arrays, quantize, within_pixels  # noqa: E402
@@ -318,7 +318,7 @@ def threshold_candidates(base: PostprocessParams) -> list[PostprocessParams]:
 
 
 def mean_msa(samples: list[Sample], maps: list[np.ndarray], params: PostprocessParams) -> float:
-    return float(evaluate_segmentations(samples, [Segmentation(maps_to_labels(m, params), m) for m in maps])["msa"])
+    return float(evaluate_segmentations(samples, [Segmentation.from_maps(m, params) for m in maps])["msa"])
 
 
 def threshold_decision(margin: float, train_images: int, held_msa: dict[str, float] | None) -> tuple[bool, str]:
@@ -442,7 +442,7 @@ def run(args: argparse.Namespace, command: str, samples: list[Sample], split: Sp
     maps = predict_maps(torch_predictor(model, "cpu"), measured_images)
     network_seconds = time.monotonic() - network_started
     scoring_started = time.monotonic()
-    before = evaluate_segmentations(measured, [Segmentation(maps_to_labels(m, base_params), m) for m in maps])
+    before = evaluate_segmentations(measured, [Segmentation.from_maps(m, base_params) for m in maps])
     print("before (base model, its thresholds):\n" + format_table(before), flush=True)
     scoring_seconds = time.monotonic() - scoring_started
     mark = phase_done("before", mark)
