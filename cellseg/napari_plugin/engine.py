@@ -27,7 +27,7 @@ from cellseg.instances import label_png_bytes
 from cellseg.onnx_model import default_model_path
 from cellseg.outputs import cells_csv, image_record
 from cellseg.pixelsize import UM_PER_UNIT, PixelSize, given_pixel_size, read_pixel_size
-from cellseg.postprocess import PostprocessParams, maps_to_labels
+from cellseg.postprocess import PostprocessParams
 from cellseg.summary import summary_csv, summary_row
 from cellseg.targets import relabel_sequential
 
@@ -68,8 +68,6 @@ class FrameResult:
 class LocalModel:
     """An ONNX model run in this process, in the precision `cellseg segment` would choose on this CPU."""
 
-    caches_maps = True
-
     def __init__(self, path: Path, threads: int | None = None):
         from cellseg.onnx_model import OnnxModel
         from cellseg.variants import choose_for_model
@@ -80,20 +78,16 @@ class LocalModel:
         self.reason = choice.reason  # why this precision on this CPU (the widget's tooltip)
         self.default_params = self.model.default_params
 
-    def codes(self, image: np.ndarray) -> np.ndarray:
-        """The network's (3, H, W) maps of a raw (H, W) image, as 8-bit codes (what batch jobs threshold)."""
-        return encode_map(predict_maps(self.model.predict, [image], batch_size=1)[0])
-
     def segment(self, image: np.ndarray, params: PostprocessParams, original: np.ndarray | None = None) -> FrameResult:
-        codes = self.codes(image)
-        return FrameResult(codes, *labels_from_codes(codes, params))
+        """Network then post-processing, as a batch job's; the maps kept as their 8-bit codes (the
+        values they already hold: `predict_maps` returns the service's 8-bit maps decoded)."""
+        seg = Segmentation.from_maps(predict_maps(self.model.predict, [image], batch_size=1)[0], params)
+        return FrameResult(encode_map(seg.probs), seg.labels, seg.scores())
 
 
 class ServerModel:
     """A running cellseg service (`cellseg.Client`): the network runs there, on its GPU if it has one.
     It sends labels, not maps, so new thresholds are a new request."""
-
-    caches_maps = False
 
     def __init__(self, url: str):
         from cellseg.batch import server_settings
@@ -115,8 +109,7 @@ class ServerModel:
 
 def labels_from_codes(codes: np.ndarray, params: PostprocessParams) -> tuple[np.ndarray, np.ndarray]:
     """(labels, scores) from cached 8-bit maps: thresholds changed without running the network again."""
-    maps = decode_maps([codes])[0]
-    seg = Segmentation(maps_to_labels(maps, params), maps)
+    seg = Segmentation.from_maps(decode_maps([codes])[0], params)
     return seg.labels, seg.scores()
 
 
@@ -202,13 +195,17 @@ def layer_pixel_size(scale: Sequence[float], units: Sequence | None = None,
 def um_per_unit(unit) -> float | None:
     """µm per `unit` (a pint unit, as napari gives, or a name); None for pixels and unknown units."""
     name = str(unit).strip().lower()
-    if name in UM_PER_UNIT:
-        return UM_PER_UNIT[name]
-    try:  # napari's units are pint's (millimeter, nanometer...); pint comes with napari
+    return UM_PER_UNIT[name] if name in UM_PER_UNIT else converted(1.0, name, "micrometer")
+
+
+def converted(value: float, unit, target: str) -> float | None:
+    """`value` `unit`s in `target` units (pint's names: napari's layer units are pint's, and pint comes
+    with napari); None where `unit` is not of `target`'s kind (pixel, frame) or unknown."""
+    try:
         import pint
 
-        return float(pint.get_application_registry().Quantity(1, name).to("micrometer").magnitude)
-    except Exception:  # noqa: BLE001  (not a length, e.g. pixel, or a name pint does not know)
+        return float(pint.get_application_registry().Quantity(value, str(unit)).to(target).magnitude)
+    except Exception:  # noqa: BLE001  (pint raises its own dimensionality and undefined-unit errors)
         return None
 
 
@@ -228,13 +225,8 @@ def frame_seconds(layer, frame: int | None) -> float | None:
     e.g. minute, with the interval as its scale); None otherwise."""
     if frame is None or not getattr(layer, "units", None):
         return None
-    try:
-        import pint
-
-        seconds = pint.get_application_registry().Quantity(float(layer.scale[0]), str(layer.units[0])).to("second")
-    except Exception:  # noqa: BLE001  (pixels or frames: not a time)
-        return None
-    return round(frame * float(seconds.magnitude), 3)
+    interval = converted(float(layer.scale[0]), layer.units[0], "second")
+    return None if interval is None else round(frame * interval, 3)
 
 
 def write_tables(path: Path, records: Sequence[dict]) -> tuple[Path, Path]:
@@ -280,7 +272,6 @@ class FinetuneRun:
     examples: Path
     out: Path
     minutes: float
-    extra: list[str] = field(default_factory=list)
     lines: list[str] = field(default_factory=list)
     returncode: int | None = None
     cancelled: bool = False
@@ -288,7 +279,7 @@ class FinetuneRun:
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "train", "finetune", str(self.examples), "--out", str(self.out),
-                "--minutes", f"{self.minutes:g}", *self.extra]
+                "--minutes", f"{self.minutes:g}"]
 
     def stream(self) -> Iterator[tuple[str, float]]:
         """Start the run and yield (line of output, fraction of the budget spent) until it ends."""

@@ -278,7 +278,8 @@ class CellsegWidget(QWidget):
 
     def params(self) -> PostprocessParams:
         return self.base_params.with_overrides(fg_threshold=round(self.fg_threshold.value(), 2),
-                                   seed_threshold=round(self.seed_threshold.value(), 2), min_size=self.min_size.value())
+                                               seed_threshold=round(self.seed_threshold.value(), 2),
+                                               min_size=self.min_size.value())
 
     def _show_params(self, params: PostprocessParams) -> None:
         """A model's thresholds into the widget; the ones it does not show (seed peak, merging...) kept."""
@@ -317,6 +318,10 @@ class CellsegWidget(QWidget):
             return 0
         step = self.viewer.dims.current_step[self.viewer.dims.ndim - layer.ndim]
         return int(min(max(step, 0), layer.data.shape[0] - 1))
+
+    def _shown_frame(self) -> int | None:
+        """The key of the results shown: None for a 2-D image, else the time-lapse's current frame."""
+        return None if None in self.results else self._current_frame(self.source)
 
     @thread_worker
     def _segment_work(self, layer, frames, params: PostprocessParams):
@@ -488,16 +493,16 @@ class CellsegWidget(QWidget):
 
     @staticmethod
     def _scores(labels: np.ndarray, result: engine.FrameResult) -> np.ndarray | None:
-        """Each cell's mean foreground probability, from the cached maps (so a painted cell has one
-        too); from a server, its scores while the labels are still its own."""
-        if result.codes is not None:
-            return Segmentation(labels, decode_maps([result.codes])[0]).scores()
-        return result.scores if np.array_equal(labels, result.labels) else None
+        """Each cell's mean foreground probability: the run's own while the labels are still its own,
+        else from the cached maps (so a painted cell has one too); none for painted server labels."""
+        if np.array_equal(labels, result.labels):
+            return result.scores
+        return Segmentation(labels, decode_maps([result.codes])[0]).scores() if result.codes is not None else None
 
     def show_table(self) -> None:
         if self.source is None or not self.records:
             return
-        frame = None if None in self.records else self._current_frame(self.source)
+        frame = self._shown_frame()
         record = self.records.get(frame)
         self.table.setRowCount(0)
         if record is None:
@@ -519,7 +524,7 @@ class CellsegWidget(QWidget):
         rows = {index.row() for index in self.table.selectedIndexes()}
         if len(rows) != 1 or self.labels_layer is None:
             return
-        frame = None if None in self.records else self._current_frame(self.source)
+        frame = self._shown_frame()
         cell = self.records[frame]["cells"][rows.pop()]
         self.labels_layer.selected_label = cell["cell_id"]
         self.labels_layer.show_selected_label = True
@@ -545,7 +550,7 @@ class CellsegWidget(QWidget):
         """The current frame and its labels as corrected, as a training example."""
         if self.labels_layer is None:
             return None
-        frame = None if None in self.results else self._current_frame(self.source)
+        frame = self._shown_frame()
         name = self.source.name if frame is None else frame_name(self.source.name, frame, len(self.source.data))
         image = np.asarray(self.source.data if frame is None else self.source.data[frame])
         try:
