@@ -300,7 +300,7 @@ class _Scan:
         if (stem_format := annotation_image_stem(path)) is None:
             raise AnnotationError(f"{path} is neither an image ({', '.join(IMAGE_SUFFIXES)}) nor an annotation file")
         stem = stem_format[0]
-        images = [index[f"{stem.lower()}{ext}"] for ext in IMAGE_SUFFIXES if f"{stem.lower()}{ext}" in index]
+        images = images_named(stem, index)
         if len(images) != 1:
             problem = "no image" if not images else f"{len(images)} images ({', '.join(p.name for p in images)})"
             raise AnnotationError(f"{path}: {problem} named {stem}{{{','.join(IMAGE_SUFFIXES)}}} beside it")
@@ -374,6 +374,12 @@ def _only_annotation(image: Path, found: list[tuple[Path, str]]) -> tuple[Path, 
         raise AnnotationError(f"{image} has {len(found)} annotations ({', '.join(p.name for p, _ in found)}): "
                               "keep one, so it is clear which is meant")
     return found[0]
+
+
+def images_named(stem: str, index: dict[str, Path]) -> list[Path]:
+    """The images of a folder (`folder_index`) named `stem` + one of IMAGE_SUFFIXES, in that order: the
+    image an annotation file `<stem>.zip`, `<stem>_masks.png`... belongs to (names compared without case)."""
+    return [index[f"{stem.lower()}{ext}"] for ext in IMAGE_SUFFIXES if f"{stem.lower()}{ext}" in index]
 
 
 def _image_size(image: Path) -> tuple[int, int]:
@@ -551,9 +557,11 @@ def _ring_bounds(rings: Iterable[np.ndarray]) -> tuple[float, float, float, floa
 # --- label masks ----------------------------------------------------------------------------------
 
 
-def read_label_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
-    """int32 labels 1..N (in the order of the mask's values) from a label mask of the image's size."""
+def read_label_mask(path: Path, shape: tuple[int, int] | None) -> np.ndarray:
+    """int32 labels 1..N (in the order of the mask's values) from a label mask of the image's size
+    (`shape`; None: a mask read on its own, of its own size)."""
     values = _decode_mask(path)
+    shape = values.shape if shape is None else shape
     if values.shape != shape:
         raise AnnotationError(f"{path} is {values.shape[1]}x{values.shape[0]} pixels but its image is "
                               f"{shape[1]}x{shape[0]}: a label mask must match its image")

@@ -44,6 +44,7 @@ from cellseg.annotations import (
     AnnotationError,
     annotation_image_stem,
     folder_index,
+    images_named,
     is_hidden,
     mask_image_stem,
     paint_cells,
@@ -51,14 +52,12 @@ from cellseg.annotations import (
     read_label_mask,
     read_roi_set,
 )
-from cellseg.imageio import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, ImageError, decode_image, read_image
+from cellseg.imageio import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, ImageError, read_image
 from cellseg.napari_plugin import engine
 
 LayerData = tuple[Any, dict, str]
 PathOrPaths = str | list[str]
 
-# `cellseg segment` writes its label images as <out>/labels/<name>.png beside <out>/job.json: recognised
-# when a caller hands one over, though napari's filename patterns cannot select it (it is a plain X.png)
 # While outlines are rasterised without an image, the frame is as large as a coordinate may be; the
 # label image is then cut to the cells' extent, which must stay within what an image may hold
 UNBOUNDED = (int(MAX_COORDINATE) + 1, int(MAX_COORDINATE) + 1)
@@ -121,12 +120,7 @@ def read_labels_layer(path: Path) -> LayerData:
 
 
 def _read_label_image(path: Path) -> tuple[np.ndarray, dict]:
-    # read_label_mask checks the mask against its image's size; here the mask is its own image
-    try:
-        shape = decode_image(path.read_bytes()).shape[:2]
-    except ImageError as exc:
-        raise AnnotationError(f"{path}: {exc}") from exc
-    labels = read_label_mask(path, shape)
+    labels = read_label_mask(path, None)  # no image beside it to match: the mask is its own size
     return labels, {"size_from": "the label image itself", "cells": int(labels.max(initial=0))}
 
 
@@ -149,11 +143,8 @@ def image_beside(path: Path) -> Path | None:
     """The image an annotation file belongs to, as `cellseg.annotations` finds it: same stem, beside it
     (names compared without regard to case; the first of IMAGE_SUFFIXES where there are several)."""
     found = annotation_image_stem(path)
-    if found is None:
-        return None
-    index = folder_index(path.parent)
-    names = [f"{found[0].lower()}{suffix}" for suffix in IMAGE_SUFFIXES]
-    return next((index[name] for name in names if name in index), None)
+    images = images_named(found[0], folder_index(path.parent)) if found else []
+    return images[0] if images else None
 
 
 def _image_shape(image: Path, annotation: Path) -> tuple[int, int]:
