@@ -49,7 +49,7 @@ from cellseg.onnx_model import OnnxModel, read_metadata  # noqa: E402
 from cellseg.postprocess import PostprocessParams  # noqa: E402
 from cellseg.tuning import params_grid, rank_params  # noqa: E402
 from cellseg.variants import choose_for_model  # noqa: E402
-from export.int8 import MAX_CALIBRATION_PIXELS, Int8Recipe, calibration_arrays, quantize, within_pixels  # noqa: E402
+from export.int8 import calibration_arrays, quantize, within_pixels  # noqa: E402
 from export.model_card import write_finetune_card  # noqa: E402
 from export.onnx_export import export_checked, finetune_metadata, write_exported  # noqa: E402
 from train.dataset import CropDataset  # noqa: E402
@@ -156,13 +156,13 @@ class Costs:
     candidate: float
 
 
-def reserve_after_training(costs: Costs, train_images: int, measured_images: int, candidates: int) -> float:
+def reserve_after_training(costs: Costs, train_images: int, measured_images: int, candidates: int,
+                           calibration: int) -> float:
     """Seconds to keep for what follows training: the network on the training images, the candidates
     tried on them, fp32 and int8 on the held-back images (confirmation and "after": network and one
-    candidate each), int8 calibration (about one and a half network passes per calibration image),
+    candidate each), int8 calibration (about one and a half network passes per `calibration` image),
     10 s for export and the checks, and a quarter for safety. The final minutes are reported as
     measured (`phases_seconds` in metrics.json)."""
-    calibration = min(train_images, Int8Recipe().calibration_images, MAX_CALIBRATION_PIXELS // (520 * 704))  # LIVECell-size
     network = costs.network * (train_images + 3 * measured_images + 1.5 * calibration)
     scoring = costs.candidate * (train_images * candidates + 3 * measured_images)
     return 1.25 * (10.0 + network + scoring)
@@ -448,7 +448,8 @@ def run(args: argparse.Namespace, command: str, samples: list[Sample], split: Sp
     mark = phase_done("before", mark)
     costs = Costs(network_seconds / len(measured), scoring_seconds / len(measured))
     candidates = affordable_candidates(base_params, costs, len(split.train), budget.seconds)
-    reserve = reserve_after_training(costs, len(split.train), len(split.held_back), len(candidates))
+    reserve = reserve_after_training(costs, len(split.train), len(split.held_back), len(candidates),
+                                     len(within_pixels(train_images)))  # the images export_models calibrates on
     train_seconds = max(0.0, budget.left() - reserve)
     print(f"training for {train_seconds / 60:.1f} of the {args.minutes} minutes ({reserve / 60:.1f} kept for "
           "thresholds, export, int8 and measuring)", flush=True)
