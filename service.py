@@ -62,7 +62,7 @@ from cellseg.instances import (
     overlay_png_bytes,
 )
 from cellseg.memory import MMAP_FROM_1MIB, configure_allocator, release_idle_memory, release_memory
-from cellseg.onnx_model import OnnxModel, available_providers, verify_sha256
+from cellseg.onnx_model import OnnxModel, available_providers, default_tta, verify_sha256
 from cellseg.pixelsize import (
     MAX_UM,
     MIN_UM,
@@ -125,8 +125,9 @@ FgThreshold = Annotated[float | None, Field(default=None, ge=0, le=1,
 SeedThreshold = Annotated[float | None, Field(default=None, ge=0, le=1,
                                               description="cell-core (seed) threshold, strictly between 0 and 1")]
 MinSize = Annotated[int | None, Field(default=None, ge=0, le=1_000_000, description="drop cells smaller than this (px)")]
-Tta = Annotated[bool, Field(default=False, description="test-time augmentation: average over 4 mirrorings "
-                                                        "(about 4x the network time)")]
+Tta = Annotated[bool | None, Field(default=None, description="test-time augmentation: average over 4 mirrorings "
+                                                               "(about 4x the network time); default: the model's own "
+                                                               "(off for the shipped model, on for fine-tuned ones)")]
 # Where measurements are answered, the pixel size that turns them into µm: given, or else the image's own.
 PixelSizeUm = Annotated[float | None, Field(default=None, ge=MIN_UM, le=MAX_UM,
                                             description="µm per pixel (square pixels); overrides the image's metadata "
@@ -355,6 +356,7 @@ class CellSegmentation:
     def __init__(self) -> None:
         info = self.model_ref.info
         self.defaults = PostprocessParams(**info.metadata.get("postprocess", {}))
+        self.default_tta = default_tta(info.metadata)  # a fine-tuned model's thresholds were picked with TTA
         self.model_info: dict | None = None  # asked of the network process (`_model_info`), which chose the precision
         # CPU-bound decode / watershed run in threads so the event loop keeps accepting requests.
         self.cpu = anyio.CapacityLimiter(max(2, os.cpu_count() or 2))
@@ -380,11 +382,15 @@ class CellSegmentation:
             return read_item(frame, max_pixels=MAX_PIXELS)[0]
         return read_image(image, max_pixels=MAX_PIXELS)
 
-    async def _segment(self, image: Path, params: PostprocessParams, tta: bool = False,
+    def _tta(self, tta: bool | None) -> bool:
+        return self.default_tta if tta is None else tta
+
+    async def _segment(self, image: Path, params: PostprocessParams, tta: bool | None = None,
                        frame: Item | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(raw image, labels, scores) for one upload (of its frame `frame`, a stack's: see /report). The
         CPU work before and after the network runs in one worker thread each, so the event loop only
-        moves requests along."""
+        moves requests along. `tta` None: the model's own default."""
+        tta = self._tta(tta)
         clock = REQUEST_CLOCK.get(None) or StageClock()
         with clock.stage("queue"):
             await self._admit(image, tta)
@@ -540,7 +546,7 @@ class CellSegmentation:
     @bentoml.api
     async def segment(self, image: Path, ctx: bentoml.Context, fg_threshold: FgThreshold = None,
                       seed_threshold: SeedThreshold = None, min_size: MinSize = None,
-                      tta: Tta = False, pixel_size: PixelSizeUm = None) -> dict:
+                      tta: Tta = None, pixel_size: PixelSizeUm = None) -> dict:
         """Cells as JSON: count, confluence (% of pixels covered) and per cell id, area, bbox [x, y, w, h],
         centroid [x, y], score and COCO RLE mask; plus the model's name, version and sha256. Where a pixel
         size is known (the pixel_size field, else the image's metadata) each cell adds area_um2, and
@@ -552,7 +558,7 @@ class CellSegmentation:
             cells = await anyio.to_thread.run_sync(instances_from_labels, labels, scores, limiter=self.cpu)
             return {"model": await self._model_info(), "width": int(raw.shape[1]), "height": int(raw.shape[0]),
                     "count": len(cells), "confluence": round(confluence(labels), 3),
-                    "params": {**params.to_dict(), "tta": tta},
+                    "params": {**params.to_dict(), "tta": self._tta(tta)},
                     "pixel_size": size.to_dict() if size else None,
                     "cells": add_physical_measurements(cells, size)}
         return await self._guarded(work, ctx)
@@ -560,7 +566,7 @@ class CellSegmentation:
     @bentoml.api
     async def mask(self, image: Path, ctx: bentoml.Context, fg_threshold: FgThreshold = None,
                    seed_threshold: SeedThreshold = None, min_size: MinSize = None,
-                   binary: bool = False, tta: Tta = False) -> PngFile:
+                   binary: bool = False, tta: Tta = None) -> PngFile:
         """PNG mask: 16-bit label image (0 = background, 1..N cells), or 8-bit 0/255 with binary=true.
         An image with more than 65,535 cells gets a 422: use /segment or binary=true."""
         async def work():
@@ -576,7 +582,7 @@ class CellSegmentation:
     @bentoml.api
     async def overlay(self, image: Path, ctx: bentoml.Context, fg_threshold: FgThreshold = None,
                       seed_threshold: SeedThreshold = None, min_size: MinSize = None,
-                      tta: Tta = False) -> PngFile:
+                      tta: Tta = None) -> PngFile:
         """PNG of the image with every cell's outline drawn, for people to look at."""
         async def work():
             raw, labels, _ = await self._segment(image, self._params(fg_threshold, seed_threshold, min_size), tta)
@@ -587,7 +593,7 @@ class CellSegmentation:
     @bentoml.api
     async def rois(self, image: Path, ctx: bentoml.Context, fg_threshold: FgThreshold = None,
                    seed_threshold: SeedThreshold = None, min_size: MinSize = None,
-                   tta: Tta = False) -> ZipFile:
+                   tta: Tta = None) -> ZipFile:
         """ImageJ/Fiji ROI set: a .zip of .roi files, one per cell, named cell-00042 (its label id): a polygon, or a
         composite ROI for a cell of several pieces or with holes (open with Fiji's ROI Manager)."""
         async def work():
@@ -600,7 +606,7 @@ class CellSegmentation:
     @bentoml.api
     async def geojson(self, image: Path, ctx: bentoml.Context, fg_threshold: FgThreshold = None,
                       seed_threshold: SeedThreshold = None, min_size: MinSize = None,
-                      tta: Tta = False, pixel_size: PixelSizeUm = None) -> dict:
+                      tta: Tta = None, pixel_size: PixelSizeUm = None) -> dict:
         """QuPath GeoJSON (as JSON): a FeatureCollection of detections, one per cell (a Polygon with its holes, or a
         MultiPolygon for a cell of several pieces), with each cell's measurements (in µm too where a pixel size is
         known). Save it as cells.geojson and drag it onto the image in QuPath."""
@@ -619,7 +625,7 @@ class CellSegmentation:
     @bentoml.api
     async def report(self, image: Path, ctx: bentoml.Context, fg_threshold: FgThreshold = None,
                      seed_threshold: SeedThreshold = None, min_size: MinSize = None,
-                     tta: Tta = False, pixel_size: PixelSizeUm = None, frame: FrameIndex = None) -> dict:
+                     tta: Tta = None, pixel_size: PixelSizeUm = None, frame: FrameIndex = None) -> dict:
         """Everything the web page (/ui) shows and offers, from one segmentation: count, confluence,
         per-cell measurements (area, centroid, perimeter, eccentricity, score...; in µm too where a pixel
         size is known, and pixel_size says which and from where), their units, the image rendered to
@@ -638,7 +644,7 @@ class CellSegmentation:
             place = item.record_fields() if item else None
             result = await anyio.to_thread.run_sync(page_report, raw, labels, scores, upload_name(image), size,
                                                     item.name if item else None, place, frames, limiter=self.cpu)
-            return {"model": await self._model_info(), "params": {**params.to_dict(), "tta": tta}, **result}
+            return {"model": await self._model_info(), "params": {**params.to_dict(), "tta": self._tta(tta)}, **result}
         return await self._guarded(work, ctx)
 
 

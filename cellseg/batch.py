@@ -411,11 +411,15 @@ def _guarded(item: Item, segment: Segmenter, formats: tuple[str, ...] = DEFAULT_
         return item, exc
 
 
-def onnx_segmenter(models: Sequence, params: PostprocessParams, tta: bool) -> Segmenter:
+def onnx_segmenter(models: Sequence, params: PostprocessParams, tta: bool | None) -> Segmenter:
     """Network then post-processing. A network call takes one of `models` (sessions of the same file)
     for its duration, so threads beyond their number wait for one while the others read,
-    post-process and encode."""
+    post-process and encode. `tta` None: the model's own default."""
     from cellseg.inference import Segmentation, predict_maps
+    from cellseg.onnx_model import default_tta
+
+    if tta is None:  # left open: the model's own (a fine-tuned model's is on)
+        tta = default_tta(models[0].metadata)
 
     free: queue.SimpleQueue = queue.SimpleQueue()
     for model in models:
@@ -475,7 +479,7 @@ def local_sessions(cores: int, providers: Sequence[str], images: int | None = No
     return sessions, max(1, cores // sessions)
 
 
-def local_backend(model_path: Path | None, params: PostprocessParams, tta: bool = False,
+def local_backend(model_path: Path | None, params: PostprocessParams, tta: bool | None = None,
                   formats: tuple[str, ...] = DEFAULT_FORMATS, pixel_size: PixelSize | None = None,
                   cores: int | None = None) -> Backend:
     """In this process: one thread per network session (`local_sessions`) takes an image from

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cellseg.data import default_data_root
-from cellseg.onnx_model import default_model_path
+from cellseg.onnx_model import default_model_path, resolve_tta
 from cellseg.pixelsize import SOURCE_GIVEN_CLI, PixelSize, parse_pixel_size
 from cellseg.postprocess import PostprocessParams
 from cellseg.precision import PRECISIONS
@@ -37,8 +37,9 @@ def add_postprocess_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fg-threshold", type=float, help="foreground probability threshold (default: model's)")
     p.add_argument("--seed-threshold", type=float, help="cell-core threshold for watershed seeds (default: model's)")
     p.add_argument("--min-size", type=int, help="drop cells smaller than this many pixels (default: model's)")
-    p.add_argument("--tta", action="store_true",
-                   help="test-time augmentation: average the network's maps over 4 mirrorings (4x the network time)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="test-time augmentation: average the network's maps over 4 mirrorings (4x the network time); "
+                        "default: the model's own (off for the shipped model, on for fine-tuned ones)")
 
 
 def postprocess_params(args: argparse.Namespace, defaults: PostprocessParams) -> PostprocessParams:
@@ -57,17 +58,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     precision = "int8" if model.metadata.get("quantization") else "fp32"
     print(f"scoring {args.model} ({precision}, sha256 {model.sha256[:12]}) on {describe_cpu()}")
     params = postprocess_params(args, model.default_params)
+    tta = resolve_tta(args.tta, model.metadata)
     samples, split, annotations = evaluation_samples(args.data, args.split)
     if args.per_type:
         samples = subsample_per_type(samples, args.per_type)
     t0 = time.time()
     segs = []
     for sample in tqdm(samples, desc="evaluating", unit="img", disable=args.quiet):
-        segs += model.segment([sample.image()], params, batch_size=args.batch_size, tta=args.tta)
+        segs += model.segment([sample.image()], params, batch_size=args.batch_size, tta=tta)
     result = evaluate_segmentations(samples, segs)
     result.update({"model": str(args.model), "model_sha256": model.sha256, "precision": precision, "cpu": describe_cpu(),
                    "data": str(args.data), "split": split,
-                   "postprocess": params.to_dict(), "tta": args.tta, "per_type": args.per_type,
+                   "postprocess": params.to_dict(), "tta": tta, "per_type": args.per_type,
                    "seconds": round(time.time() - t0, 1)})
     if annotations:
         result["annotations"] = annotations.as_dict()
@@ -109,8 +111,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
         # Only what the user set is sent; the server fills in its model's defaults.
         overrides = {k: getattr(args, k) for k in POSTPROCESS_KEYS if getattr(args, k) is not None}
         postprocess_params(args, PostprocessParams())  # validate here rather than once per image remotely
-        if args.tta:
-            overrides["tta"] = True
+        if args.tta is not None:  # left open, the server's model decides
+            overrides["tta"] = args.tta
         factory = lambda: server_backend(args.server, overrides, args.concurrency, formats, pixel_size)  # noqa: E731
         settings = server_settings(args.server, overrides)
     else:
@@ -119,19 +121,20 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
         choice = choose_for_model(args.model, args.precision)
         print(f"model {choice.path}: {choice.precision} ({choice.reason}; {choice.cpu})", file=sys.stderr)
-        defaults = PostprocessParams(**read_metadata(choice.path).get("postprocess", {}))
-        params = postprocess_params(args, defaults)
+        metadata = read_metadata(choice.path)
+        params = postprocess_params(args, PostprocessParams(**metadata.get("postprocess", {})))
+        tta = resolve_tta(args.tta, metadata)
         sha256 = sha256_file(choice.path)
         if args.dask:
             from cellseg.dask_backend import dask_backend
 
-            factory = lambda: dask_backend(args.dask, choice, sha256, params, args.tta, formats,  # noqa: E731
+            factory = lambda: dask_backend(args.dask, choice, sha256, params, tta, formats,  # noqa: E731
                                            pixel_size)
         else:
-            factory = lambda: local_backend(choice.path, params, args.tta, formats, pixel_size=pixel_size)  # noqa: E731
+            factory = lambda: local_backend(choice.path, params, tta, formats, pixel_size=pixel_size)  # noqa: E731
         # The backend is not a setting: local and Dask runs give the same bytes and may share a folder.
         # The file's sha256 names the precision too; "precision" says why it was chosen (not compared).
-        settings = {"model_sha256": sha256, "params": params.to_dict(), "tta": args.tta,
+        settings = {"model_sha256": sha256, "params": params.to_dict(), "tta": tta,
                     "precision": choice.to_dict()}
     # A given size changes every µm value; metadata sizes are recorded per image, in the records.
     settings["pixel_size"] = pixel_size.to_dict() if pixel_size else None

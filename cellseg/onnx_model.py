@@ -46,6 +46,16 @@ def read_metadata(path: Path) -> dict:
     return json.loads(session.get_modelmeta().custom_metadata_map.get(METADATA_KEY, "{}"))
 
 
+def default_tta(metadata: dict) -> bool:
+    """A model's own TTA default from its metadata (ONNX or model store): absent means off."""
+    return bool(metadata.get("tta", False))
+
+
+def resolve_tta(requested: bool | None, metadata: dict) -> bool:
+    """TTA as asked, or the model's default where the caller left it open (None)."""
+    return default_tta(metadata) if requested is None else bool(requested)
+
+
 def available_providers() -> list[str]:
     """GPU first where this onnxruntime build has it; CPU always."""
     preferred = ("CUDAExecutionProvider", "CPUExecutionProvider")
@@ -96,6 +106,12 @@ class OnnxModel:
     def default_params(self) -> PostprocessParams:
         return PostprocessParams(**self.metadata.get("postprocess", {}))
 
+    @property
+    def default_tta(self) -> bool:
+        """Whether this model runs with test-time augmentation unless told otherwise (metadata "tta"):
+        fine-tuned models, whose thresholds were picked on TTA maps, say so."""
+        return default_tta(self.metadata)
+
     def predict(self, batch: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         n, _, height, width = batch.shape
@@ -110,6 +126,7 @@ class OnnxModel:
         return output
 
     def segment(self, images: Sequence[np.ndarray], params: PostprocessParams | None = None,
-                batch_size: int = 4, tile_size: int = DEFAULT_TILE_SIZE, tta: bool = False) -> list[Segmentation]:
-        """Raw (H, W) images to segmentations, with the model's default thresholds unless given."""
-        return segment_images(self.predict, images, params or self.default_params, batch_size, tile_size, tta)
+                batch_size: int = 4, tile_size: int = DEFAULT_TILE_SIZE, tta: bool | None = None) -> list[Segmentation]:
+        """Raw (H, W) images to segmentations, with the model's default thresholds and TTA unless given."""
+        return segment_images(self.predict, images, params or self.default_params, batch_size, tile_size,
+                              resolve_tta(tta, self.metadata))

@@ -194,11 +194,31 @@ def _here_text(here: dict | None) -> str:
             "Every machine that loads the model checks int8 again on its own CPU.")
 
 
+def _training_text(training: dict, minutes_total: float) -> str:
+    if not training.get("trained", True):
+        return (f"None (`--no-train`): the base model's network weights, with the thresholds and TTA above picked "
+                f"for these images; {minutes_total} min in all with measuring and export.")
+    return (f"{training['steps']} steps of {training['batch_size']} x {training['crop']}² crops in "
+            f"{training['train_minutes']} min ({training.get('steps_per_minute', '?')} a minute; the whole run's budget "
+            f"{training['minutes']} min) on {training['device']}, precision {training['precision']}, peak learning rate "
+            f"{training['lr']}, seed {training['seed']}; {minutes_total} min in all with measuring and export.")
+
+
+def _tta_text(tta: bool) -> str:
+    if not tta:
+        return "Runs without test-time augmentation (fine-tuned with `--no-tta`), like the base model."
+    return ("Runs with test-time augmentation by default (4 mirrorings averaged, about 4x the network time): its "
+            "thresholds were picked and its figures above measured that way, and every runtime (service, "
+            "`cellseg segment`, napari) applies it unless a request says `tta=false` (`--no-tta`).")
+
+
 def write_finetune_card(path: Path, results: dict, fp32: Path, int8: Path) -> None:
     """The card of a model fine-tuned on a lab's images: before/after on the images held back, how
     long it trained, the thresholds picked and the command, so the lab can judge and repeat it."""
-    rows = [("base model, its thresholds", results["before"]), ("fine-tuned, fp32", results["after"]["fp32"]),
-            ("fine-tuned, int8", results["after"]["int8"])]
+    tta = results.get("tta", False)
+    with_tta = " (TTA)" if tta else ""
+    rows = [("base model, its thresholds", results["before"]), (f"fine-tuned, fp32{with_tta}", results["after"]["fp32"]),
+            (f"fine-tuned, int8{with_tta}", results["after"]["int8"])]
     table = "| model | AP50 | AP75 | mSA | foreground IoU | count error |\n|---|---|---|---|---|---|\n" + "\n".join(
         f"| {name} | {m.get('ap50', float('nan')):.3f} | {m.get('ap75', float('nan')):.3f} | "
         f"{m.get('msa', float('nan')):.3f} | {m.get('foreground_iou', float('nan')):.3f} | "
@@ -228,12 +248,10 @@ images with `python -m train finetune`.
 
 Thresholds: {results.get('thresholds', {}).get('reason', 'picked on the training images')}: `{results['postprocess']}`
 (the base model's: `{results['base_postprocess']}`).
+{_tta_text(tta)}
 
 ## Training
-{training['steps']} steps of {training['batch_size']} x {training['crop']}² crops in {training['train_minutes']} min
-({training.get('steps_per_minute', '?')} a minute; the whole run's budget {training['minutes']} min)
-on {training['device']}, precision {training['precision']}, peak learning rate {training['lr']},
-seed {training['seed']}; {results['minutes_total']} min in all with measuring and export.
+{_training_text(training, results['minutes_total'])}
 
 Command: `{training['command']}`
 

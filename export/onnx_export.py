@@ -137,10 +137,11 @@ def io_metadata(name: str, postprocess: dict, architecture: dict) -> dict:
 
 
 def finetune_metadata(name: str, base: Path, postprocess: dict, architecture: dict, images: list[str],
-                      held_back: list[str], training: dict) -> dict:
+                      held_back: list[str], training: dict, tta: bool = False) -> dict:
     """Metadata of a model fine-tuned on a lab's images (`python -m train finetune`): where it came
-    from (the base weights' sha256), on which images, and the thresholds picked for them."""
-    return {**io_metadata(name, postprocess, architecture),
+    from (the base weights' sha256), on which images, the thresholds picked for them and whether it
+    runs with test-time augmentation by default ("tta": every runtime path reads it)."""
+    return {**io_metadata(name, postprocess, architecture), "tta": tta,
             "finetune": {"base": base.name, "base_sha256": sha256_file(base), "images": images,
                          "held_back": held_back},
             "training": training, "metrics": None,

@@ -65,6 +65,7 @@ def register(path: Path, name: str = MODEL_NAME, int8: Path | None = None):
         "file": MODEL_FILE,
         "normalization": meta.get("normalization"),
         "postprocess": meta.get("postprocess"),
+        "tta": bool(meta.get("tta", False)),  # the model's own TTA default (fine-tuned models: on)
         "output_channels": meta.get("output_channels"),
         "input": meta.get("input"),
         "metrics": fp32_metrics,

@@ -60,6 +60,10 @@ def main() -> int:
     p.add_argument("--pool", choices=("val", "train"), default="val",
                    help="split the k training images come from; the test images come from the other one. "
                         "train: the test images are ones the shipped model never saw (validation)")
+    p.add_argument("--test-from", choices=("other", "same"), default="other",
+                   help="other: test images from the other split; same: from the pool's own split, disjoint from "
+                        "the training images (--pool val --test-from same: both sets unseen by the shipped model)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the draws of training and test images")
     p.add_argument("--base-model", type=Path, default=default_model_path(),
                    help="the base ONNX (before); its weights, <stem>.safetensors beside it, are fine-tuned")
     p.add_argument("--hold-out", default="0",
@@ -75,14 +79,20 @@ def main() -> int:
 
     test_split = "train" if args.pool == "val" else "val"
     pool = [s for s in load_split(args.data, args.pool) if s.cell_type == args.type]
-    others = [s for s in load_split(args.data, test_split) if s.cell_type == args.type]
-    if args.pool == "train":  # fine-tune on a seeded draw of training images
-        pool = [pool[i] for i in np.random.default_rng(0).permutation(len(pool))]
-    test = [others[i] for i in sorted(np.random.default_rng(0).choice(len(others), min(args.test, len(others)),
-                                                                       replace=False))]
+    if args.pool == "train" or args.test_from == "same":  # fine-tune on a seeded draw
+        pool = [pool[i] for i in np.random.default_rng(args.seed).permutation(len(pool))]
+    if args.test_from == "same":  # the last --test of the draw are measured on, the first k trained on
+        if args.test >= len(pool):
+            raise SystemExit(f"--test {args.test} leaves none of the {len(pool)} {args.type} images to train on")
+        others, pool = pool[len(pool) - args.test:], pool[: len(pool) - args.test]
+    else:
+        others = [s for s in load_split(args.data, test_split) if s.cell_type == args.type]
+    test = [others[i] for i in sorted(np.random.default_rng(args.seed).choice(len(others), min(args.test, len(others)),
+                                                                              replace=False))]
     images = [s.image() for s in test]
     base_trained_on = set((OnnxModel(args.base_model).metadata.get("data_split") or {}).get("train") or [])
-    result = {"type": args.type, "pool": args.pool, "test_images": [s.id for s in test],
+    result = {"type": args.type, "pool": args.pool, "test_from": args.test_from, "seed": args.seed,
+              "test_images": [s.id for s in test],
               "test_images_the_base_trained_on": sum(s.id in base_trained_on for s in test),
               "base_model": str(args.base_model),
               "before": measure(args.base_model, test, images), "runs": [], "machine": machine_description(),
@@ -105,7 +115,9 @@ def main() -> int:
         minutes = round((time.time() - started) / 60, 1)
         metrics = json.loads((run / "model" / "metrics.json").read_text())
         steps = metrics["training"]["steps"]
-        row = {"k": k, "train_images": [s.id for s in pool[:k]], "minutes_total": minutes, "steps": steps,
+        row = {"k": k, "train_images": [s.id for s in pool[:k]],
+               "train_images_the_base_trained_on": sum(s.id in base_trained_on for s in pool[:k]),
+               "minutes_total": minutes, "steps": steps,
                "steps_per_minute": metrics["training"].get("steps_per_minute"),
                "verdict": metrics["verdict"]["line"], "thresholds": metrics.get("thresholds"),
                "after_fp32": measure(run / "model" / "model.onnx", test, images),

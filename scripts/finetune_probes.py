@@ -1,7 +1,8 @@
-"""Two probes of why fine-tuning does not lift unseen astrocytes (issue 29), inference only.
+"""Three probes of why fine-tuning does not lift unseen astrocytes (issue 29), inference only.
 
     python scripts/finetune_probes.py interpolate runs/ab-full/astro-k10/model/model.onnx --type astro
     python scripts/finetune_probes.py offset --type astro
+    python scripts/finetune_probes.py tta --type astro
 
 `interpolate` (WiSE-FT, Wortsman et al. 2022): every weight of a fine-tuned ONNX model moved back
 towards the base's, w = a * fine-tuned + (1 - a) * base for a = 0, 0.25, ..., 1 (the two files must
@@ -12,7 +13,13 @@ over-fits its few images, a blend often keeps what it learnt and what the base k
 annotated cell its best-overlapping predicted cell (IoU > 0.5): median area ratio and IoU; then the
 scores with every predicted cell grown by 1..4 pixels (skimage's expand_labels).
 
-Both measure on the validation images of `--type` (never trained on by the shipped model).
+`tta`: what the base's own network gains from post-processing picked for the type, with and without
+test-time augmentation: the best mSA over a grid (fg, seed, seed_peak, seed_sigma, min_size) on 10
+training-split images of the type (the draw `scripts/fewshot.py --pool train` makes), that choice
+measured on the validation images, and the best the validation images themselves would pick (a
+ceiling no choice made elsewhere can pass).
+
+All measure on the validation images of `--type` (never trained on by the shipped model).
 """
 
 from __future__ import annotations
@@ -93,9 +100,33 @@ def offset(base: Path, samples: list[Sample], grow: list[int]) -> None:
         print(f"cells grown by {pixels} px: " + scores(samples, grown), flush=True)
 
 
+def tta_and_thresholds(base: Path, samples: list[Sample], pool: list[Sample]) -> None:
+    import itertools
+
+    from cellseg.matching import mean_score_accuracy
+
+    model = OnnxModel(base)
+    params = model.default_params
+    grid = [params.with_overrides(fg_threshold=fg, seed_threshold=seed, seed_peak=peak, seed_sigma=sigma, min_size=size)
+            for fg, seed, peak, sigma, size in itertools.product((0.5, 0.6, 0.7), (0.2, 0.25, 0.3, 0.4),
+                                                                 (0.0, 0.35, 0.5, 0.65), (1.0, 3.0), (20, 100, 300))]
+    for tta in (False, True):
+        msa = {}
+        for name, group in (("train", pool), ("val", samples)):
+            maps = predict_maps(model.predict, [s.image() for s in group], tta=tta)
+            truths = [s.labels() for s in group]
+            msa[name] = {p: float(np.mean([mean_score_accuracy(t, Segmentation.from_maps(m, p).labels)
+                                          for t, m in zip(truths, maps)])) for p in [params, *grid]}
+        picked = max(grid, key=lambda p: msa["train"][p])
+        print(f"tta {tta}: the base's thresholds {msa['val'][params]:.4f}; picked on {len(pool)} training images "
+              f"(fg {picked.fg_threshold}, seed {picked.seed_threshold}, peak {picked.seed_peak}, sigma "
+              f"{picked.seed_sigma}, min_size {picked.min_size}) {msa['val'][picked]:.4f}; best on the validation "
+              f"images themselves {max(msa['val'][p] for p in grid):.4f}", flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("probe", choices=("interpolate", "offset"))
+    p.add_argument("probe", choices=("interpolate", "offset", "tta"))
     p.add_argument("fine_tuned", nargs="?", type=Path, help="interpolate: the fine-tuned model.onnx")
     p.add_argument("--base", type=Path, default=default_model_path())
     p.add_argument("--type", default="astro", help="cell type measured on (validation split)")
@@ -107,8 +138,12 @@ def main(argv=None) -> int:
         if args.fine_tuned is None:
             p.error("interpolate needs the fine-tuned model.onnx")
         interpolate(args.fine_tuned, args.base, samples, [0.0, 0.25, 0.5, 0.75, 1.0])
-    else:
+    elif args.probe == "offset":
         offset(args.base, samples, [0, 1, 2, 3, 4])
+    else:
+        pool = [s for s in load_split(args.data, "train") if s.cell_type == args.type]
+        pool = [pool[i] for i in np.random.default_rng(0).permutation(len(pool))][:10]  # fewshot.py's draw
+        tta_and_thresholds(args.base, samples, pool)
     return 0
 
 

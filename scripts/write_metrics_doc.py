@@ -196,6 +196,10 @@ for its own verdict). Thresholds: each model's own. Analysis in the notes below.
             f"`{result['base_model']}`"
         held = result.get("hold_out", "0")
         recipe = f"; finetune options `{result['finetune_args']}`" if result.get("finetune_args") else ""
+        trained_seen = {run.get("train_images_the_base_trained_on") for run in result["runs"]} - {None}
+        if trained_seen:
+            recipe += ("; the base never saw the fine-tuning images either" if trained_seen == {0} else
+                       "; the base trained on the fine-tuning images")
         text += f"""
 ### {title}: {result['type']}, base {base}, measured on {len(result['test_images'])} other images ({
     "unknown whether the base trained on them" if seen is None else

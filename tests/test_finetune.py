@@ -89,12 +89,16 @@ def test_a_two_minute_finetune_registers_serves_and_evaluates(tmp_path, data_roo
     assert model.metadata["name"] == "lab-demo"
     assert model.metadata["postprocess"] == results["postprocess"]
     assert len(model.metadata["finetune"]["base_sha256"]) == 64
+    # issue 29: a fine-tuned model runs with TTA by default (its thresholds were picked on TTA maps)
+    assert model.default_tta and OnnxModel(out / "model.int8.onnx").default_tta and results["tta"] is True
+    assert "Runs with test-time augmentation by default" in (out / "MODEL_CARD.md").read_text()
 
     evaluated = subprocess.run([sys.executable, "-m", "cellseg", "evaluate", "--model", str(out / "model.onnx"),
                                 "--data", str(annotated), "--json", str(tmp_path / "eval.json")],
                                cwd=REPO, capture_output=True, text=True, timeout=600)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert "msa" in json.loads((tmp_path / "eval.json").read_text())
+    assert json.loads((tmp_path / "eval.json").read_text())["tta"] is True  # the model's own default
 
     sys.path.insert(0, str(REPO / "scripts"))
     from local_server import start_server, stop_server
@@ -109,8 +113,38 @@ def test_a_two_minute_finetune_registers_serves_and_evaluates(tmp_path, data_roo
         assert figures["measured_on"] == "its training images" and figures["msa"] == pytest.approx(
             results["after"][answer.json()["model"]["precision"]]["msa"], abs=1e-3)
         assert answer.json()["params"]["fg_threshold"] == results["postprocess"]["fg_threshold"]
+        assert answer.json()["params"]["tta"] is True  # the model's default, not the shipped model's
+        with open(annotated / f"{stem}.png", "rb") as fh:
+            plain = httpx.post(f"{url}/segment", files={"image": ("x.png", fh.read())}, data={"tta": "false"}, timeout=120)
+        assert plain.status_code == 200 and plain.json()["params"]["tta"] is False
     finally:
         stop_server(proc)
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_no_train_keeps_the_base_network_and_adapts_only_thresholds_and_tta(tmp_path, data_root, model_path):
+    """Issue 29: `--no-train` (the safer gain on cells the base knows) exports the base's own weights
+    with thresholds picked for the lab's images, in far less than a fine-tune's budget, and says so."""
+    import onnx
+    from onnx import numpy_helper
+
+    annotated = tmp_path / "annotated"
+    write_livecell_corners(data_root, annotated, 3)
+    out = tmp_path / "model"
+    run = subprocess.run([sys.executable, "-m", "train", "finetune", str(annotated), "--out", str(out), "--no-train",
+                          "--minutes", "5", "--name", "calibrated"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode in (0, 5), run.stdout[-3000:] + run.stderr[-3000:]
+    results = json.loads((out / "metrics.json").read_text())
+    assert results["training"]["steps"] == 0 and results["training"]["trained"] is False
+    assert results["minutes_total"] < 3  # no training: the budget is a ceiling, not a wait
+    assert "no training (--no-train)" in run.stdout and "training steps were made" not in results["verdict"]["line"]
+    assert "None (`--no-train`)" in (out / "MODEL_CARD.md").read_text()
+    weights = lambda path: {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}  # noqa: E731
+    exported, shipped = weights(out / "model.onnx"), weights(model_path)
+    assert exported.keys() == shipped.keys()
+    # export rounding only (batch-norm folding: a few 1e-6); one AdamW step at the default lr moves weights ~3e-4
+    assert max(float(np.abs(exported[k] - shipped[k]).max()) for k in shipped) < 2e-5
 
 
 def write_livecell_corners(data_root, folder, count: int, size: int = 256) -> list[str]:
@@ -292,6 +326,28 @@ def test_the_threshold_search_fits_its_share_of_the_budget_nearest_the_base_firs
     assert len(affordable_candidates(base, dense, 8, 5 * 60)) == int(0.15 * 300 / 4.0)
     assert affordable_candidates(base, dense, 8, 60 * 60) == every
     assert affordable_candidates(base, Costs(1.0, 100.0), 8, 60) == [base]
+
+
+def test_minimum_sizes_tried_come_from_the_smallest_cells_the_lab_annotated():
+    """Issue 29: astrocyte fragments the base keeps at 20 px are removed at 100-300 px; the candidates
+    are percentiles of the annotated areas, above the base's minimum, each with every threshold set."""
+    from cellseg.postprocess import PostprocessParams
+    from train.finetune import THRESHOLD_GRID, annotated_min_sizes, threshold_candidates
+
+    labels = np.zeros((200, 200), np.int32)
+    for i, side in enumerate([8] + [20] * 99):  # one 64 px fragment among 400 px cells
+        y, x = divmod(i, 10)
+        labels[y * 20 : y * 20 + side, x * 20 : x * 20 + side] = i + 1
+    sizes = annotated_min_sizes([labels], 20)
+    assert sizes and all(20 < v <= 400 for v in sizes)  # percentiles of the areas: 64 and 400 px cells
+    assert annotated_min_sizes([labels], 500) == () and annotated_min_sizes([np.zeros((9, 9), np.int32)], 20) == ()
+    base = PostprocessParams(fg_threshold=0.7, seed_threshold=0.25, seed_peak=0.35)
+    every = threshold_candidates(base, sizes)
+    assert every[0] == base and len(every) == len(set(every))
+    assert len(every) == 1 + len(sizes) + (1 + len(sizes)) * np.prod([len(v) for v in THRESHOLD_GRID.values()])
+    assert {p.min_size for p in every} == {20, *sizes}
+    # nearest first: the base's other minimum sizes with its thresholds come before any threshold change
+    assert [p.min_size for p in every[1 : 1 + len(sizes)]] == sorted(sizes)
 
 
 def test_register_refuses_a_model_its_run_found_not_better_unless_forced(tmp_path, model_path, monkeypatch, capsys):

@@ -58,3 +58,50 @@ def test_codes_are_round_of_clipped_maps_times_255_for_any_float_type():
         maps = (rng.random((3, 40, 50)) * 1.4 - 0.2).astype(dtype)
         maps.flat[:4] = [0.5 / 255, 1.5 / 255, 254.5 / 255, 1.0]  # halfway cases: round half to even
         np.testing.assert_array_equal(encode_maps([maps])[0], np.rint(np.clip(maps, 0.0, 1.0) * 255).astype(np.uint8))
+
+
+def model_with_tta_default(source, folder):
+    """A copy of `source` whose metadata says "tta": true, as a fine-tuned model's does."""
+    import shutil
+
+    from cellseg.onnx_model import read_metadata
+    from export.onnx_export import set_metadata
+
+    path = folder / "tta-default.onnx"
+    shutil.copyfile(source, path)
+    set_metadata(path, {**read_metadata(source), "tta": True})
+    return path
+
+
+def test_a_model_whose_metadata_says_tta_runs_with_it_unless_told_otherwise(model_path, tmp_path):
+    """Issue 29: a fine-tuned model's thresholds are picked on TTA maps, so every path must apply TTA
+    by default for it (and only for it): the library, `cellseg segment` and `cellseg segment --no-tta`."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from cellseg.imageio import read_image
+    from cellseg.instances import png_bytes
+    from cellseg.onnx_model import OnnxModel
+
+    repo = Path(__file__).resolve().parent.parent
+    tta_model = OnnxModel(model_with_tta_default(model_path, tmp_path))
+    shipped = OnnxModel(model_path)
+    assert tta_model.default_tta and not shipped.default_tta
+    image = read_image(repo / "cellseg" / "reference" / "livecell-A172.png")
+    by_default = tta_model.segment([image])[0]
+    np.testing.assert_array_equal(by_default.probs, shipped.segment([image], tta=True)[0].probs)
+    np.testing.assert_array_equal(tta_model.segment([image], tta=False)[0].probs, shipped.segment([image])[0].probs)
+    assert not np.array_equal(by_default.probs, shipped.segment([image])[0].probs)
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "cells.png").write_bytes(png_bytes(np.clip(image, 0, 255).astype(np.uint8)))
+    for extra, expected in (([], True), (["--no-tta"], False)):
+        out = tmp_path / f"out{len(extra)}"
+        run = subprocess.run([sys.executable, "-m", "cellseg", "segment", str(inputs), "--out", str(out), "--model",
+                              str(tta_model.path), "--precision", "fp32", "--quiet", *extra],
+                             cwd=repo, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert json.loads((out / "job.json").read_text())["tta"] is expected

@@ -12,8 +12,10 @@ LIVECell and Kaggle layouts). The run:
    (`--minutes`, the whole run's) leaves after measuring and an estimate of steps 3-4; a checkpoint
    is written every minute, so `--resume` continues a stopped run within its budget;
 3. keeps the base's post-processing thresholds unless another set wins on the training images by a
-   margin and the held-back images confirm it;
-4. exports `DIR/model.onnx` (fp32, with the thresholds and where it came from in its metadata) and
+   margin and the held-back images confirm it; the sets tried include larger minimum cell sizes,
+   from the smallest cells the lab annotated;
+4. exports `DIR/model.onnx` (fp32, with the thresholds, whether it runs with test-time augmentation
+   by default (`--tta`, on unless `--no-tta`) and where it came from in its metadata) and
    `DIR/model.int8.onnx`, measures both on the held-back images (the "after") and writes
    `DIR/metrics.json` and `DIR/MODEL_CARD.md`.
 
@@ -123,6 +125,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=_number(float, 1e-7, 1.0), default=3e-4, help="peak learning rate (a third of training's)")
     p.add_argument("--freeze-encoder", action=argparse.BooleanOptionalAction, default=False,
                    help="train only the decoder and head: faster steps, the encoder's features kept")
+    p.add_argument("--train", action=argparse.BooleanOptionalAction, default=True,
+                   help="--no-train keeps the base's network weights and only picks thresholds (and TTA) for these "
+                        "images: a minute instead of a fine-tune. For cells the base already knows it was the "
+                        "safer gain on unseen astrocytes (docs/METRICS.md, issue 29)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
+                   help="the model runs with test-time augmentation by default (4 mirrorings averaged: about 4x "
+                        "the network time) and its thresholds are picked on such maps; the after-measurement "
+                        "uses it too. Default on: it lifted unseen astrocytes most (docs/METRICS.md, issue 29)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
@@ -157,23 +167,42 @@ class Costs:
 
 
 def reserve_after_training(costs: Costs, train_images: int, measured_images: int, candidates: int,
-                           calibration: int) -> float:
+                           calibration: int, tta: bool = False) -> float:
     """Seconds to keep for what follows training: the network on the training images, the candidates
     tried on them, fp32 and int8 on the held-back images (confirmation and "after": network and one
     candidate each), int8 calibration (about one and a half network passes per `calibration` image),
     10 s for export and the checks, and a quarter for safety. The final minutes are reported as
-    measured (`phases_seconds` in metrics.json)."""
-    network = costs.network * (train_images + 3 * measured_images + 1.5 * calibration)
+    measured (`phases_seconds` in metrics.json). With `tta` every network pass but calibration's is four."""
+    passes = 4 if tta else 1
+    network = costs.network * (passes * (train_images + 3 * measured_images) + 1.5 * calibration)
     scoring = costs.candidate * (train_images * candidates + 3 * measured_images)
     return 1.25 * (10.0 + network + scoring)
 
 
-def affordable_candidates(base: PostprocessParams, costs: Costs, train_images: int, budget_seconds: float
+def affordable_candidates(base: PostprocessParams, costs: Costs, train_images: int, budget_seconds: float,
+                          min_sizes: tuple[int, ...] = (), share: float = THRESHOLD_SEARCH_SHARE
                           ) -> list[PostprocessParams]:
-    """The threshold candidates the budget affords (THRESHOLD_SEARCH_SHARE of it), nearest the base's
-    first; the base's own always."""
-    allowed = int(THRESHOLD_SEARCH_SHARE * budget_seconds / max(costs.candidate * train_images, 1e-6))
-    return threshold_candidates(base)[: max(1, allowed)]
+    """The threshold candidates the budget affords (`share` of it), nearest the base's first; the
+    base's own always."""
+    allowed = int(share * budget_seconds / max(costs.candidate * train_images, 1e-6))
+    return threshold_candidates(base, min_sizes)[: max(1, allowed)]
+
+
+# Minimum cell sizes tried beside the base's: these percentiles of the areas of the cells the lab
+# annotated. Debris and fragments of a cell are smaller than nearly every cell a person outlines; on
+# astrocytes (median 675 px) the base's 20 px kept fragments of split cells that 100-300 px removes
+# (issue 29 notes), while on small cells the percentiles stay near the base's.
+MIN_SIZE_PERCENTILES = (1, 5)
+
+
+def annotated_min_sizes(labels: list[np.ndarray], base: int) -> tuple[int, ...]:
+    """Candidate minimum sizes from the annotated cells' areas: those above the base's, rounded."""
+    areas = np.concatenate([np.bincount(lab.ravel())[1:] for lab in labels] or [np.zeros(0)])
+    areas = areas[areas > 0]
+    if areas.size == 0:
+        return ()
+    values = {int(round(float(np.percentile(areas, q)))) for q in MIN_SIZE_PERCENTILES}
+    return tuple(sorted(v for v in values if v > base))
 
 
 @dataclass
@@ -307,14 +336,20 @@ class ThresholdChoice:
         return {"changed": self.changed, "reason": self.reason, "postprocess": self.params.to_dict()}
 
 
-def threshold_candidates(base: PostprocessParams) -> list[PostprocessParams]:
-    """The grid's combinations, the base's own thresholds first (always a candidate), then the
-    nearest to them first (the sum of each threshold's change), so a shortened search tries the
-    small changes."""
-    def distance(params: PostprocessParams) -> float:
-        return sum(abs(getattr(params, name) - getattr(base, name)) for name in THRESHOLD_GRID)
+def threshold_candidates(base: PostprocessParams, min_sizes: tuple[int, ...] = ()) -> list[PostprocessParams]:
+    """The grid's combinations (with each of `min_sizes` beside the base's minimum size), the base's
+    own thresholds first (always a candidate), then the nearest to them first (the sum of each
+    threshold's change, and 0.01 per step of minimum size), so a shortened search tries the small
+    changes."""
+    sizes = (base.min_size, *sorted(set(min_sizes) - {base.min_size}))
 
-    return [base] + sorted((p for p in params_grid(base, **THRESHOLD_GRID) if p != base), key=distance)
+    def distance(params: PostprocessParams) -> float:
+        return (sum(abs(getattr(params, name) - getattr(base, name)) for name in THRESHOLD_GRID)
+                + 0.01 * sizes.index(params.min_size))
+
+    # the base's thresholds with each other minimum size are candidates too (the grid may not hold them)
+    grid = params_grid(base, **THRESHOLD_GRID, min_size=sizes) + [base.with_overrides(min_size=v) for v in sizes[1:]]
+    return [base] + sorted(dict.fromkeys(p for p in grid if p != base), key=distance)
 
 
 def mean_msa(samples: list[Sample], maps: list[np.ndarray], params: PostprocessParams) -> float:
@@ -338,22 +373,25 @@ def threshold_decision(margin: float, train_images: int, held_msa: dict[str, flo
 
 
 def pick_thresholds(model, split: Split, train_images: list[np.ndarray], held_images: list[np.ndarray],
-                    base: PostprocessParams, candidates: list[PostprocessParams], device: str) -> ThresholdChoice:
+                    base: PostprocessParams, candidates: list[PostprocessParams], device: str,
+                    tta: bool = False, total: int | None = None) -> ThresholdChoice:
     """The base's thresholds, unless another candidate beats them on the training images by
     THRESHOLD_MARGIN and the held-back images confirm it (not lower mSA there); with none held back
-    (fewer than three images) nothing can confirm a change, so the base's stay."""
+    (fewer than three images) nothing can confirm a change, so the base's stay. Measured on the maps
+    the model will serve: with `tta`, averaged over mirrorings. `total`: the candidates there were
+    before the budget's cut (for the reason's wording)."""
     predictor = torch_predictor(model, device)
-    ranked = rank_params(split.train, predict_maps(predictor, train_images), candidates, progress=True)
+    ranked = rank_params(split.train, predict_maps(predictor, train_images, tta=tta), candidates, progress=True)
     best, best_row = ranked[0]
     base_row = next(row for params, row in ranked if params == base)
     shown = [row for _, row in ranked[:5]] + ([] if any(p == base for p, _ in ranked[:5]) else [base_row])
     margin = 0.0 if best == base else best_row["score"] - base_row["score"]
     held_msa = None
     if margin >= THRESHOLD_MARGIN and split.held_back:
-        held_maps = predict_maps(predictor, held_images)
+        held_maps = predict_maps(predictor, held_images, tta=tta)
         held_msa = {name: mean_msa(split.held_back, held_maps, params) for name, params in (("best", best), ("base", base))}
     changed, reason = threshold_decision(margin, len(split.train), held_msa)
-    total = len(threshold_candidates(base))
+    total = total or len(candidates)
     if len(candidates) < total:
         reason += f" ({len(candidates)} of {total} candidates tried, nearest the base's first: the budget's share)"
     return ThresholdChoice(best if changed else base, changed, reason, shown)
@@ -447,16 +485,26 @@ def run(args: argparse.Namespace, command: str, samples: list[Sample], split: Sp
     scoring_seconds = time.monotonic() - scoring_started
     mark = phase_done("before", mark)
     costs = Costs(network_seconds / len(measured), scoring_seconds / len(measured))
-    candidates = affordable_candidates(base_params, costs, len(split.train), budget.seconds)
+    min_sizes = annotated_min_sizes([s.labels() for s in split.train], base_params.min_size)
+    # without training the search may take most of the budget: nothing else needs it
+    candidates = affordable_candidates(base_params, costs, len(split.train), budget.seconds, min_sizes,
+                                       THRESHOLD_SEARCH_SHARE if args.train else 0.6)
     reserve = reserve_after_training(costs, len(split.train), len(split.held_back), len(candidates),
-                                     len(within_pixels(train_images)))  # the images export_models calibrates on
-    train_seconds = max(0.0, budget.left() - reserve)
-    print(f"training for {train_seconds / 60:.1f} of the {args.minutes} minutes ({reserve / 60:.1f} kept for "
-          "thresholds, export, int8 and measuring)", flush=True)
-    state = train_for_budget(model, train_images, [s.labels() for s in split.train], args, args.out, train_seconds)
+                                     len(within_pixels(train_images)),  # the images export_models calibrates on
+                                     args.tta)
+    if args.train:
+        train_seconds = max(0.0, budget.left() - reserve)
+        print(f"training for {train_seconds / 60:.1f} of the {args.minutes} minutes ({reserve / 60:.1f} kept for "
+              "thresholds, export, int8 and measuring)", flush=True)
+        state = train_for_budget(model, train_images, [s.labels() for s in split.train], args, args.out, train_seconds)
+    else:
+        print("no training (--no-train): the base's network, with thresholds picked for these images", flush=True)
+        model.eval()
+        state = {"step": 0, "train_seconds": 0.0, "loss": None, "budget_seconds": 0.0}
     load_note = machine_load_note(args.threads)
     mark = phase_done("training", mark)
-    choice = pick_thresholds(model, split, train_images, measured_images, base_params, candidates, args.device)
+    choice = pick_thresholds(model, split, train_images, measured_images, base_params, candidates, args.device,
+                             args.tta, len(threshold_candidates(base_params, min_sizes)))
     params = choice.params
     print(f"thresholds: {choice.reason}: {params.to_dict()}", flush=True)
     mark = phase_done("thresholds", mark)
@@ -464,16 +512,16 @@ def run(args: argparse.Namespace, command: str, samples: list[Sample], split: Sp
     steps_per_minute = state["step"] / max(state["train_seconds"] / 60, 1e-9)
     metadata = finetune_metadata(
         name=args.name, base=args.base, postprocess=params.to_dict(), architecture=weights_architecture(args.base),
-        images=[s.id for s in split.train], held_back=[s.id for s in split.held_back],
+        images=[s.id for s in split.train], held_back=[s.id for s in split.held_back], tta=args.tta,
         training={"minutes": args.minutes, "train_minutes": round(state["train_seconds"] / 60, 2),
                   "steps": state["step"], "steps_per_minute": round(steps_per_minute, 1),
                   "batch_size": args.batch_size, "crop": args.crop, "lr": args.lr,
-                  "freeze_encoder": args.freeze_encoder,
+                  "freeze_encoder": args.freeze_encoder, "trained": args.train,
                   "seed": args.seed, "device": describe_device(args.device),
                   "precision": choose_precision(args.precision, args.device), "command": command})
     fp32, int8, diff = export_models(model, args.out, metadata, train_images, measured_images)
     mark = phase_done("export_int8", mark)
-    after = {name: evaluate_segmentations(measured, OnnxModel(path).segment(measured_images, params))
+    after = {name: evaluate_segmentations(measured, OnnxModel(path).segment(measured_images, params))  # its TTA default
              for name, path in (("fp32", fp32), ("int8", int8))}
     print("after (fine-tuned fp32):\n" + format_table(after["fp32"]), flush=True)
     mark = phase_done("after", mark)
@@ -484,11 +532,12 @@ def run(args: argparse.Namespace, command: str, samples: list[Sample], split: Sp
         "before": summary(before), "after": {k: summary(v) for k, v in after.items()},
         "int8_loss": {k: round(after["fp32"][k] - after["int8"][k], 4) for k in ("ap50", "msa")},
         "postprocess": params.to_dict(), "base_postprocess": base_params.to_dict(),
-        "thresholds": choice.to_dict(), "threshold_candidates": choice.candidates,
+        "thresholds": choice.to_dict(), "threshold_candidates": choice.candidates, "tta": args.tta,
         "training": metadata["training"], "parity_max_abs_diff": diff,
         "command": command,
     }
-    verdict = judge(before["per_image"], after["fp32"]["per_image"], bool(split.held_back), state["step"],
+    verdict = judge(before["per_image"], after["fp32"]["per_image"], bool(split.held_back),
+                    state["step"] if args.train else None,
                     note=load_note, same_source=not args.measure_on)
     results["verdict"] = verdict.to_dict()
     # what `python -m export register` and batch jobs read to pick the precision to serve

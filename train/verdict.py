@@ -54,17 +54,19 @@ SAME_SOURCE = "on images like these (held back from the training folders); for o
               "them with --measure-on"
 
 
-def judge(before: list[dict], after: list[dict], held_back: bool, steps: int, seed: int = 0, note: str = "",
+def judge(before: list[dict], after: list[dict], held_back: bool, steps: int | None, seed: int = 0, note: str = "",
           same_source: bool = False) -> Verdict:
     """The verdict from `evaluate_segmentations`' per-image rows of the base (`before`) and the
-    fine-tuned model (`after`) on the same images; `steps` made, to say when training barely ran,
+    fine-tuned model (`after`) on the same images; `steps` made, to say when training barely ran (None:
+    none was asked, `--no-train`),
     `note`, what else the reader must know (the machine was shared while it trained), and
     `same_source`: the images were held back from the training folders (not given by --measure-on)."""
     after_by_id = {row["id"]: row["msa"] for row in after}
     differences = np.array([after_by_id[row["id"]] - row["msa"] for row in before])
     msa_before = float(np.mean([row["msa"] for row in before])) if before else 0.0
     msa_after = float(np.mean(list(after_by_id.values()))) if after else 0.0
-    few_steps = f" (only {steps} training steps were made: too few to learn much; give more --minutes)" if steps < 100 else ""
+    few_steps = (f" (only {steps} training steps were made: too few to learn much; give more --minutes)"
+                 if steps is not None and steps < 100 else "")
     if note:
         few_steps += f" ({note})"
     if not held_back:

@@ -81,7 +81,8 @@ class LocalModel:
     def segment(self, image: np.ndarray, params: PostprocessParams, original: np.ndarray | None = None) -> FrameResult:
         """Network then post-processing, as a batch job's; the maps kept as their 8-bit codes (the
         values they already hold: `predict_maps` returns the service's 8-bit maps decoded)."""
-        seg = Segmentation.from_maps(predict_maps(self.model.predict, [image], batch_size=1)[0], params)
+        maps = predict_maps(self.model.predict, [image], batch_size=1, tta=self.model.default_tta)[0]  # as `cellseg segment`
+        seg = Segmentation.from_maps(maps, params)
         return FrameResult(encode_map(seg.probs), seg.labels, seg.scores())
 
 
