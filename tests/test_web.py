@@ -546,3 +546,21 @@ def test_a_stack_chosen_alone_is_taken_frame_by_frame(page, many_inputs):
     page.wait_for_function("document.body.dataset.batch === 'running'")
     wait_for_batch(page)
     assert page.text_content("#batch-text") == f"{len(STACK_FRAMES)} of {len(STACK_FRAMES)} done"
+
+
+def test_tta_is_sent_only_once_the_box_is_touched(page, tif):
+    """Issue 29: a fine-tuned model runs with TTA by default, so the page must not send tta=false for
+    an untouched box (the model's default applies and the box then shows it); once ticked or
+    unticked, the choice is sent either way."""
+    page.set_input_files("#file", str(tif))
+    wait_for_result(page, 0)
+    assert "tta" not in page.evaluate("settingsFields()")  # what the page sends with each image
+    assert not page.is_checked("#tta")  # the shipped model's default, from the answer
+    page.check("#tta")
+    assert page.evaluate("settingsFields()")["tta"] == "true"
+    before = results_shown(page)
+    page.click("#run")
+    wait_for_result(page, before)
+    assert page.is_checked("#tta")  # the answer's resolved value: true
+    page.uncheck("#tta")
+    assert page.evaluate("settingsFields()")["tta"] == "false"
