@@ -132,7 +132,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
                    help="the model runs with test-time augmentation by default (4 mirrorings averaged: about 4x "
                         "the network time) and its thresholds are picked on such maps; the after-measurement "
-                        "uses it too. Default on: it lifted unseen astrocytes most (docs/METRICS.md, issue 29)")
+                        "uses it too. Default on: it lifted unseen astrocytes with every network measured "
+                        "(docs/METRICS.md, issue 29)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
