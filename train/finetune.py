@@ -490,19 +490,20 @@ def run(args: argparse.Namespace, command: str, samples: list[Sample], split: Sp
     # without training the search may take most of the budget: nothing else needs it
     candidates = affordable_candidates(base_params, costs, len(split.train), budget.seconds, min_sizes,
                                        THRESHOLD_SEARCH_SHARE if args.train else 0.6)
-    reserve = reserve_after_training(costs, len(split.train), len(split.held_back), len(candidates),
-                                     len(within_pixels(train_images)),  # the images export_models calibrates on
-                                     args.tta)
+    load_note = ""
     if args.train:
+        reserve = reserve_after_training(costs, len(split.train), len(split.held_back), len(candidates),
+                                         len(within_pixels(train_images)),  # the images export_models calibrates on
+                                         args.tta)
         train_seconds = max(0.0, budget.left() - reserve)
         print(f"training for {train_seconds / 60:.1f} of the {args.minutes} minutes ({reserve / 60:.1f} kept for "
               "thresholds, export, int8 and measuring)", flush=True)
         state = train_for_budget(model, train_images, [s.labels() for s in split.train], args, args.out, train_seconds)
+        load_note = machine_load_note(args.threads)  # about the training: none to speak of without it
     else:
         print("no training (--no-train): the base's network, with thresholds picked for these images", flush=True)
         model.eval()
         state = {"step": 0, "train_seconds": 0.0, "loss": None, "budget_seconds": 0.0}
-    load_note = machine_load_note(args.threads)
     mark = phase_done("training", mark)
     choice = pick_thresholds(model, split, train_images, measured_images, base_params, candidates, args.device,
                              args.tta, len(threshold_candidates(base_params, min_sizes)))
