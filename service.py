@@ -433,7 +433,7 @@ class CellSegmentation:
         outputs = decode_maps(codes)
         probs = merge_outputs(tta_reduce(outputs) if tta else outputs, plan)
         labels = maps_to_labels(probs, params)
-        return labels, Segmentation(labels, probs).scores()
+        return labels, Segmentation(labels, probs, params.cell_filter).scores()
 
     async def _predict(self, pieces: list[np.ndarray]) -> list[np.ndarray]:
         """The network's maps of `pieces`, sent NETWORK_CHUNK_PIXELS at a time (see there); before

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cellseg.cell_filter import CellFilter
 from cellseg.postprocess import PostprocessParams, maps_to_labels
 from cellseg.preprocess import normalize, pad_to, padded_size
 from cellseg.tiling import plan_tiles, stitch
@@ -161,18 +162,23 @@ def predict_maps(
 class Segmentation:
     labels: np.ndarray  # int32 (H, W), 0 = background, 1..N cells
     probs: np.ndarray  # float32 (3, H, W)
+    cell_filter: CellFilter | None = None  # the model's (params.cell_filter): it also scores the cells
 
     @classmethod
     def from_maps(cls, probs: np.ndarray, params: PostprocessParams) -> Segmentation:
         """The cells `params` cut from the network's (3, H, W) maps, the maps kept for the scores."""
-        return cls(maps_to_labels(probs, params), probs)
+        return cls(maps_to_labels(probs, params), probs, params.cell_filter)
 
     @property
     def count(self) -> int:
         return int(self.labels.max())
 
     def scores(self) -> np.ndarray:
-        """Confidence per cell 1..N: mean foreground probability over its pixels."""
+        """Confidence per cell 1..N: mean foreground probability over its pixels or, for a model with
+        a cell filter, the filter's probability that the lab would annotate it (a better ranking:
+        unseen astrocytes AP50 0.229 -> 0.268 with one fitted on ten of them, docs/metrics_notes.md)."""
+        if self.cell_filter is not None:
+            return self.cell_filter.probabilities(self.labels, self.probs)
         sums = np.bincount(self.labels.ravel(), weights=self.probs[0].ravel(), minlength=self.count + 1)
         areas = np.bincount(self.labels.ravel(), minlength=self.count + 1)
         return (sums / np.maximum(areas, 1))[1:]

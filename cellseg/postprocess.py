@@ -8,6 +8,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
+from cellseg.cell_filter import CellFilter
 from cellseg.targets import relabel_sequential
 
 
@@ -27,6 +28,12 @@ class PostprocessParams:
     # pass seed_threshold in patches of their own but never reach a cell centre's peak, and each such
     # patch used to seed a cell of its own. 0 = off (every core above seed_threshold seeds).
     seed_peak: float = 0.0
+    # Drops the cells a lab's annotators would not draw (cellseg.cell_filter), fitted on its images by
+    # `python -m train finetune`; None = every cell kept. A dict (from JSON metadata) becomes a CellFilter.
+    cell_filter: CellFilter | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cell_filter", CellFilter.from_value(self.cell_filter))
 
     def validate(self) -> PostprocessParams:
         for name in ("fg_threshold", "seed_threshold"):
@@ -50,7 +57,9 @@ class PostprocessParams:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None}).validate()
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        values = asdict(self)
+        values["cell_filter"] = self.cell_filter.to_dict() if self.cell_filter else None
+        return values
 
 
 def remove_small(labels: np.ndarray, min_size: int) -> np.ndarray:
@@ -133,7 +142,8 @@ def maps_to_labels(probs: np.ndarray, params: PostprocessParams = PostprocessPar
     cores = seed_cores(core_score(probs, params.seed_sigma), foreground, params)
     labels = seeded_watershed(-probs[2], cores, foreground)
     labels = merge_weak_borders(labels, probs[1], params.merge_threshold)
-    return finish_labels(labels, foreground, params.min_size)
+    labels = finish_labels(labels, foreground, params.min_size)
+    return params.cell_filter.apply(labels, probs) if params.cell_filter else labels
 
 
 # The stages of `maps_to_labels`, also timed one by one by scripts/bench_postprocess.py.

@@ -204,6 +204,17 @@ def _training_text(training: dict, minutes_total: float) -> str:
             f"{training['lr']}, seed {training['seed']}; {minutes_total} min in all with measuring and export.")
 
 
+def _thresholds(postprocess: dict) -> dict:
+    """The thresholds without a cell filter's coefficients (those stay in the metadata)."""
+    return {k: v for k, v in postprocess.items() if k != "cell_filter"}
+
+
+def _cell_filter_text(choice: dict | None) -> str:
+    if not choice:
+        return ""
+    return f"Cells: {choice['reason']}.\n"
+
+
 def _tta_text(tta: bool) -> str:
     if not tta:
         return "Runs without test-time augmentation (fine-tuned with `--no-tta`), like the base model."
@@ -246,9 +257,10 @@ images with `python -m train finetune`.
 ## Before and after ({'held-back' if held else 'training'} images, `cellseg.evaluate`)
 {table}
 
-Thresholds: {results.get('thresholds', {}).get('reason', 'picked on the training images')}: `{results['postprocess']}`
-(the base model's: `{results['base_postprocess']}`).
-{_tta_text(tta)}
+Thresholds: {results.get('thresholds', {}).get('reason', 'picked on the training images')}:
+`{_thresholds(results['postprocess'])}`
+(the base model's: `{_thresholds(results['base_postprocess'])}`).
+{_cell_filter_text(results.get('cell_filter'))}{_tta_text(tta)}
 
 ## Training
 {_training_text(training, results['minutes_total'])}

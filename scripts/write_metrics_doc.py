@@ -158,8 +158,10 @@ def fewshot_table(result: dict) -> str:
     the run held images back (issue 29)."""
     b = result["before"]
     verdicts = any("verdict" in run for run in result["runs"])
+    filters = any(run.get("cell_filter") for run in result["runs"])  # since the cell filter (issue 29)
     head = "| k images | minutes in all (steps, steps/min) | AP50 before → after (int8) | mSA before → after (int8) | " \
-           "AP75 | count error |" + (" thresholds | verdict printed |" if verdicts else "")
+           "AP75 | count error |" + (" thresholds |" if verdicts else "") + (" cell filter |" if filters else "") + \
+           (" verdict printed |" if verdicts else "")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for run in result["runs"]:
         a, q = run["after_fp32"], run["after_int8"]
@@ -170,8 +172,13 @@ def fewshot_table(result: dict) -> str:
                f"{b['count_error']:.2f} → {a['count_error']:.2f} |")
         if verdicts:
             changed = (run.get("thresholds") or {}).get("changed")
-            row += f" {'changed' if changed else 'kept the base' if changed is False else '?'} | " \
-                   f"{run.get('verdict', '–').removeprefix('VERDICT: ')} |"
+            row += f" {'changed' if changed else 'kept the base' if changed is False else '?'} |"
+        if filters:
+            chosen = run.get("cell_filter") or {}
+            kept = f"kept (cutoff {chosen.get('cutoff')})" if chosen.get("kept") else "none"
+            row += f" {kept} |"
+        if verdicts:
+            row += f" {run.get('verdict', '–').removeprefix('VERDICT: ')} |"
         lines.append(row)
     return "\n".join(lines) + "\n"
 

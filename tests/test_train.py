@@ -186,3 +186,39 @@ def test_budget_schedule_decays_with_time():
     assert lr_factor(50, 100, 10, progress=0.0) == pytest.approx(1.0)
     assert lr_factor(50, 100, 10, progress=0.5) == pytest.approx(0.505)
     assert lr_factor(50, 100, 10, progress=1.0) == pytest.approx(0.01)
+
+
+def run_chooser(chooser, seconds_per_step, steps: int, train_seconds: float = 0.0) -> float:
+    """Steps under a load model: seconds_per_step(thread count) -> seconds; returns the training seconds."""
+    for step in range(steps):
+        chooser.before_step(step, train_seconds)
+        spent = seconds_per_step(chooser._running)
+        train_seconds += spent
+        chooser.after_step(spent, step + 1, train_seconds)
+    return train_seconds
+
+
+def test_training_threads_follow_load_that_comes_and_goes():
+    """Issue 29: with one of two cores busy, a 2-thread step is ~5x slower than idle and a 1-thread
+    one ~2x: the chooser moves to 1 thread while the load lasts, back to 2 once it is gone, and keeps
+    all cores on an idle machine where one thread fewer is only a little faster or slower."""
+    from train.speed import ThreadChooser
+
+    set_to = []
+    chooser = ThreadChooser(2, interval=60, probe_steps=3, set_threads=set_to.append)
+    assert chooser.candidates == [2, 1]
+    busy = {2: 7.0, 1: 2.8}
+    idle = {2: 1.4, 1: 2.6}
+    seconds = run_chooser(chooser, busy.get, 20)
+    assert chooser.threads == 1 and set_to[-1] == 1
+    assert chooser.history[0]["seconds_per_step"] == {"2": 7.0, "1": 2.8}
+    # the load goes: the next probe, a minute of training later, returns to both cores
+    run_chooser(chooser, idle.get, 40, seconds)
+    assert chooser.threads == 2 and [h["threads"] for h in chooser.history][:2] == [1, 2]
+
+    steady = ThreadChooser(2, interval=60, probe_steps=3, set_threads=lambda n: None)
+    run_chooser(steady, {2: 1.40, 1: 1.35}.get, 30)  # 4% faster with one: not worth leaving the default
+    assert steady.threads == 2 and steady.history
+    single = ThreadChooser(1, set_threads=lambda n: None)
+    run_chooser(single, {1: 1.0}.get, 10)
+    assert single.candidates == [1] and single.history == []  # nothing to choose between

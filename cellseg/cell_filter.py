@@ -1,0 +1,109 @@
+"""A per-cell filter learned from a lab's annotations: drops the cells its annotators would not draw.
+
+On astrocytes about two thirds of the cells the shipped model cuts match no annotated cell (pieces of
+an over-split cell, cells the annotators left out, debris). Whether a cut cell is one the lab would
+annotate shows in what the maps and its shape say about it (how sure the foreground is, how high its
+distance peak, whether it sits inside a larger blob...), and a logistic regression over those few
+numbers, fitted on a lab's own images (`train.cell_filter`), tells them apart well enough to pay:
+unseen astrocytes mSA +15% on top of the picked thresholds (docs/metrics_notes.md, issue 29).
+
+Serving needs only numpy: the features below and the stored coefficients. The filter rides in the
+model's post-processing parameters (`PostprocessParams.cell_filter`), so every path that cuts cells
+from maps (service, batch, Dask, napari, evaluation) applies the same one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+
+# The per-cell numbers the filter weighs, in this order (a stored filter names them: a model fitted on
+# another list is refused rather than misread).
+FEATURES = ("log_area", "foreground_mean", "boundary_mean", "distance_max", "distance_mean",
+            "ring_foreground", "ring_boundary", "ring_cells", "elongation", "extent", "on_image_border")
+RING_WIDTH = 2  # px around a cell where its surroundings are read
+
+
+def cell_features(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """(N, len(FEATURES)) float64 for cells 1..N of a sequential label image, from the (3, H, W) maps
+    (foreground, boundary, distance) it was cut from. Vectorised per label: a few ms per image."""
+    count = int(labels.max())
+    if count == 0:
+        return np.zeros((0, len(FEATURES)))
+    index = np.arange(1, count + 1)
+    flat = labels.ravel()
+    area = np.bincount(flat, minlength=count + 1)[1:].astype(np.float64)
+
+    def mean(values: np.ndarray, where: np.ndarray = flat) -> np.ndarray:
+        sums = np.bincount(where, weights=values.ravel(), minlength=count + 1)[1:]
+        sizes = np.bincount(where, minlength=count + 1)[1:]
+        return sums / np.maximum(sizes, 1)
+
+    # the ring: pixels within RING_WIDTH of a cell that are not the cell (its neighbours or background)
+    grown = ndi.maximum_filter(labels, size=2 * RING_WIDTH + 1)
+    ring = np.where((grown > 0) & (grown != labels), grown, 0).ravel()
+    ys, xs = np.indices(labels.shape, dtype=np.float64)
+    my, mx = mean(ys), mean(xs)
+    vy = mean(ys**2) - my**2
+    vx = mean(xs**2) - mx**2
+    cov = mean(ys * xs) - my * mx
+    spread = np.sqrt(np.maximum((vy - vx) ** 2 + 4 * cov**2, 0))
+    major, minor = (vy + vx + spread) / 2, np.maximum((vy + vx - spread) / 2, 0)
+    boxes = ndi.find_objects(labels, max_label=count)
+    box_area = np.array([(b[0].stop - b[0].start) * (b[1].stop - b[1].start) if b else 1 for b in boxes], np.float64)
+    h, w = labels.shape
+    on_border = np.array([float(b is not None and (b[0].start == 0 or b[1].start == 0 or b[0].stop == h or b[1].stop == w))
+                          for b in boxes])
+    return np.stack([
+        np.log(np.maximum(area, 1)), mean(probs[0]), mean(probs[1]),
+        ndi.maximum(probs[2], labels, index), mean(probs[2]),
+        mean(probs[0], ring), mean(probs[1], ring), mean((labels > 0).astype(np.float64), ring),
+        1 - np.sqrt(minor / np.maximum(major, 1e-9)), area / box_area, on_border,
+    ], axis=1)
+
+
+@dataclass(frozen=True)
+class CellFilter:
+    """Logistic regression on standardised FEATURES: a cell is kept where P(annotated) >= cutoff."""
+
+    mean: tuple[float, ...]
+    scale: tuple[float, ...]
+    coef: tuple[float, ...]
+    intercept: float
+    cutoff: float
+    features: tuple[str, ...] = FEATURES
+
+    def __post_init__(self) -> None:
+        for name in ("mean", "scale", "coef", "features"):  # from JSON: lists, made hashable
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if tuple(self.features) != FEATURES:
+            raise ValueError(f"cell_filter was fitted on features {list(self.features)}; this version computes "
+                             f"{list(FEATURES)}: fit it again")
+        if not (len(self.mean) == len(self.scale) == len(self.coef) == len(FEATURES)):
+            raise ValueError(f"cell_filter needs {len(FEATURES)} means, scales and coefficients")
+        if not 0.0 <= self.cutoff < 1.0:
+            raise ValueError(f"cell_filter cutoff must be in [0, 1), got {self.cutoff}")
+        if not all(np.isfinite(v) for v in (*self.mean, *self.scale, *self.coef, self.intercept)) or min(self.scale) <= 0:
+            raise ValueError("cell_filter has non-finite coefficients or non-positive scales")
+
+    @classmethod
+    def from_value(cls, value: CellFilter | dict | None) -> CellFilter | None:
+        return cls(**value) if isinstance(value, dict) else value
+
+    def probabilities(self, labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
+        z = (cell_features(labels, probs) - np.asarray(self.mean)) / np.asarray(self.scale)
+        return 1.0 / (1.0 + np.exp(-(z @ np.asarray(self.coef) + self.intercept)))
+
+    def apply(self, labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
+        """`labels` without the cells under the cutoff, renumbered 1..M in their order."""
+        if self.cutoff <= 0 or labels.max() == 0:
+            return labels
+        keep = self.probabilities(labels, probs) >= self.cutoff
+        lut = np.zeros(int(labels.max()) + 1, dtype=labels.dtype)
+        lut[1:][keep] = np.arange(1, int(keep.sum()) + 1, dtype=labels.dtype)
+        return lut[labels]
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}

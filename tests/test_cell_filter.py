@@ -1,0 +1,163 @@
+"""The per-cell filter a lab's annotations teach (cellseg.cell_filter, train.cell_filter)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pytest
+
+from cellseg.cell_filter import FEATURES, CellFilter, cell_features
+from cellseg.postprocess import PostprocessParams, maps_to_labels
+
+
+def disk(shape, centre, radius) -> np.ndarray:
+    ys, xs = np.indices(shape)
+    return (ys - centre[0]) ** 2 + (xs - centre[1]) ** 2 <= radius**2
+
+
+def maps_of(cells: list[tuple[tuple[int, int], int, float]], shape=(96, 96)) -> np.ndarray:
+    """(3, H, W) maps with one round cell per (centre, radius, foreground probability): a distance map
+    peaking at each centre, no boundary."""
+    probs = np.zeros((3, *shape), np.float32)
+    ys, xs = np.indices(shape)
+    for centre, radius, fg in cells:
+        inside = disk(shape, centre, radius)
+        probs[0][inside] = fg
+        distance = 1 - np.hypot(ys - centre[0], xs - centre[1]) / radius
+        probs[2] = np.maximum(probs[2], np.where(inside, distance, 0))
+    return probs
+
+
+def weighing(feature: str, weight: float, intercept: float, cutoff: float) -> CellFilter:
+    """A filter that looks at one raw feature only: P = sigmoid(weight * value + intercept)."""
+    n = len(FEATURES)
+    coef = [weight if name == feature else 0.0 for name in FEATURES]
+    return CellFilter((0.0,) * n, (1.0,) * n, tuple(coef), intercept, cutoff)
+
+
+PARAMS = PostprocessParams(fg_threshold=0.5, seed_threshold=0.3, min_size=5)
+
+
+def test_features_describe_each_cell_in_label_order():
+    probs = maps_of([((30, 30), 10, 0.95), ((70, 80), 5, 0.7)])
+    labels = maps_to_labels(probs, PARAMS)
+    assert labels.max() == 2
+    f = dict(zip(FEATURES, cell_features(labels, probs).T))
+    areas = np.bincount(labels.ravel())[1:]
+    assert np.allclose(f["log_area"], np.log(areas))
+    assert np.allclose(f["foreground_mean"], [0.95, 0.7], atol=1e-6)
+    assert np.allclose(f["on_image_border"], 0) and np.all(f["elongation"] < 0.1)  # round, inside
+    assert np.allclose(f["ring_cells"], 0)  # nothing touches them
+    assert cell_features(np.zeros((8, 8), np.int32), np.zeros((3, 8, 8), np.float32)).shape == (0, len(FEATURES))
+
+
+def test_a_filter_in_the_parameters_drops_the_cells_it_rates_unlikely_and_renumbers():
+    probs = maps_of([((30, 30), 10, 0.95), ((70, 80), 5, 0.7), ((75, 20), 8, 0.9)])
+    assert maps_to_labels(probs, PARAMS).max() == 3
+    # P(annotated) = sigmoid(40 * (foreground_mean - 0.8)): 0.98 for sure cells, 0.002 for the faint one
+    params = replace(PARAMS, cell_filter=weighing("foreground_mean", 40.0, -32.0, 0.5))
+    labels = maps_to_labels(probs, params)
+    assert labels.max() == 2 and set(np.unique(labels)) == {0, 1, 2}
+    assert labels[70, 80] == 0 and labels[30, 30] > 0 and labels[75, 20] > 0
+
+
+def test_the_filter_travels_through_json_metadata_and_stays_hashable():
+    params = replace(PARAMS, cell_filter=weighing("log_area", 2.0, -7.0, 0.3))
+    again = PostprocessParams(**json.loads(json.dumps(params.to_dict())))
+    assert again == params and isinstance(again.cell_filter, CellFilter)
+    assert len({params, again}) == 1  # candidate lists de-duplicate parameter sets with dict.fromkeys
+    assert PostprocessParams(**json.loads(json.dumps(PARAMS.to_dict()))).cell_filter is None
+    assert again.with_overrides(fg_threshold=0.6).cell_filter == params.cell_filter  # a request's thresholds keep it
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"features": FEATURES[:-1] + ("perimeter",)}, "fit it again"),
+    ({"coef": (1.0,) * 3}, "needs"),
+    ({"cutoff": 1.0}, "cutoff"),
+    ({"scale": (0.0,) * len(FEATURES)}, "non-positive"),
+])
+def test_a_filter_fitted_on_other_features_or_broken_is_refused(change, message):
+    values = {**weighing("log_area", 1.0, 0.0, 0.5).to_dict(), **change}
+    with pytest.raises(ValueError, match=message):
+        PostprocessParams(cell_filter=values)
+
+
+@dataclass
+class Annotated:
+    """What train.cell_filter reads of a Sample: its true cells."""
+
+    gt: np.ndarray
+
+    def labels(self) -> np.ndarray:
+        return self.gt
+
+
+def debris_images(n: int, seed: int = 0):
+    """Images with three annotated cells (radius 9-12, sure) and three faint debris blobs (radius 3-4)
+    the annotators left out: the filter has to learn that small faint cells are not cells."""
+    rng = np.random.default_rng(seed)
+    samples, maps = [], []
+    for _ in range(n):
+        cells = [((20 + 28 * i, 24), int(rng.integers(9, 13)), float(rng.uniform(0.85, 0.99))) for i in range(3)]
+        debris = [((15 + 30 * i, 75), int(rng.integers(3, 5)), float(rng.uniform(0.55, 0.7))) for i in range(3)]
+        gt = np.zeros((96, 96), np.int32)
+        for k, (centre, radius, _) in enumerate(cells, 1):
+            gt[disk(gt.shape, centre, radius)] = k
+        samples.append(Annotated(gt))
+        maps.append(maps_of(cells + debris))
+    return samples, maps
+
+
+def test_fitting_learns_to_drop_what_the_annotators_left_out():
+    pytest.importorskip("sklearn")
+    from train.cell_filter import fit_cell_filter
+
+    samples, maps = debris_images(6)
+    fit = fit_cell_filter(samples, maps, PARAMS)
+    assert fit.filter is not None and fit.msa_without == pytest.approx(0.5, abs=0.05)  # 3 true of 6 cut
+    assert fit.gain > 0.3  # each image filtered by a fit on the other five: the debris goes
+    test_samples, test_maps = debris_images(2, seed=1)
+    filtered = [maps_to_labels(m, replace(PARAMS, cell_filter=fit.filter)) for m in test_maps]
+    assert [labels.max() for labels in filtered] == [3, 3]
+    assert all(np.array_equal(labels > 0, s.gt > 0) for labels, s in zip(filtered, test_samples))
+
+
+def test_too_few_unannotated_cells_fit_no_filter():
+    pytest.importorskip("sklearn")
+    from train.cell_filter import fit_cell_filter
+
+    samples, maps = debris_images(1)
+    fit = fit_cell_filter(samples, maps, PARAMS)
+    assert fit.filter is None and "too few cells" in fit.reason and fit.gain == 0
+
+
+def debris_annotated(samples, maps):
+    """The same images with the debris annotated too: where the filter would drop annotated cells."""
+    out = []
+    for probs in maps:
+        labels = maps_to_labels(probs, PARAMS)
+        out.append(Annotated(labels))
+    return out
+
+
+def test_finetune_keeps_the_filter_only_where_the_held_back_images_confirm_it():
+    pytest.importorskip("torch")
+    from train.finetune import Split, pick_cell_filter
+
+    samples, maps = debris_images(6)
+    held, held_maps = debris_images(2, seed=1)
+    kept = pick_cell_filter(Split(samples, held), maps, held_maps, PARAMS)
+    assert kept.kept and kept.params.cell_filter is not None and "confirmed on the held-back" in kept.reason
+    assert kept.fit["held_back_msa"]["with"] > kept.fit["held_back_msa"]["without"]
+    assert replace(kept.params, cell_filter=None) == PARAMS  # the thresholds' choice is left as it was
+
+    refuted = pick_cell_filter(Split(samples, debris_annotated(held, held_maps)), maps, held_maps, PARAMS)
+    assert not refuted.kept and refuted.params == PARAMS and "did not confirm" in refuted.reason
+
+    unconfirmed = pick_cell_filter(Split(samples, []), maps, None, PARAMS)
+    assert not unconfirmed.kept and "no held-back image" in unconfirmed.reason
+
+    nothing_to_learn = pick_cell_filter(Split(debris_annotated(samples, maps), held), maps, held_maps, PARAMS)
+    assert not nothing_to_learn.kept and "too few cells" in nothing_to_learn.reason
