@@ -15,6 +15,7 @@ from maps (service, batch, Dask, napari, evaluation) applies the same one.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -65,36 +66,56 @@ def cell_features(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class CellFilter:
-    """Logistic regression on standardised FEATURES: a cell is kept where P(annotated) >= cutoff."""
+class LogisticRule:
+    """A logistic regression on standardised features with a cutoff: what a lab's annotations teach
+    about cut cells (CellFilter) and touching pairs of them (cellseg.cell_merge.CellMerge). Subclasses
+    name their FEATURES; a stored rule fitted on another list is refused rather than misread."""
 
     mean: tuple[float, ...]
     scale: tuple[float, ...]
     coef: tuple[float, ...]
     intercept: float
     cutoff: float
-    features: tuple[str, ...] = FEATURES
+    features: tuple[str, ...] = ()
+
+    FEATURES: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
         for name in ("mean", "scale", "coef", "features"):  # from JSON: lists, made hashable
             object.__setattr__(self, name, tuple(getattr(self, name)))
-        if tuple(self.features) != FEATURES:
-            raise ValueError(f"cell_filter was fitted on features {list(self.features)}; this version computes "
-                             f"{list(FEATURES)}: fit it again")
-        if not (len(self.mean) == len(self.scale) == len(self.coef) == len(FEATURES)):
-            raise ValueError(f"cell_filter needs {len(FEATURES)} means, scales and coefficients")
+        kind = type(self).__name__
+        if tuple(self.features) != self.FEATURES:
+            raise ValueError(f"{kind} was fitted on features {list(self.features)}; this version computes "
+                             f"{list(self.FEATURES)}: fit it again")
+        if not (len(self.mean) == len(self.scale) == len(self.coef) == len(self.FEATURES)):
+            raise ValueError(f"{kind} needs {len(self.FEATURES)} means, scales and coefficients")
         if not 0.0 <= self.cutoff < 1.0:
-            raise ValueError(f"cell_filter cutoff must be in [0, 1), got {self.cutoff}")
+            raise ValueError(f"{kind} cutoff must be in [0, 1), got {self.cutoff}")
         if not all(np.isfinite(v) for v in (*self.mean, *self.scale, *self.coef, self.intercept)) or min(self.scale) <= 0:
-            raise ValueError("cell_filter has non-finite coefficients or non-positive scales")
+            raise ValueError(f"{kind} has non-finite coefficients or non-positive scales")
 
     @classmethod
-    def from_value(cls, value: CellFilter | dict | None) -> CellFilter | None:
+    def from_value(cls, value):
         return cls(**value) if isinstance(value, dict) else value
 
-    def probabilities(self, labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
-        z = (cell_features(labels, probs) - np.asarray(self.mean)) / np.asarray(self.scale)
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        """P(yes) per row of `features` (N, len(FEATURES))."""
+        z = (features - np.asarray(self.mean)) / np.asarray(self.scale)
         return 1.0 / (1.0 + np.exp(-(z @ np.asarray(self.coef) + self.intercept)))
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class CellFilter(LogisticRule):
+    """A cell is kept where P(annotated) >= cutoff."""
+
+    features: tuple[str, ...] = FEATURES
+    FEATURES: ClassVar[tuple[str, ...]] = FEATURES
+
+    def probabilities(self, labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
+        return self.predict(cell_features(labels, probs))
 
     def apply(self, labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
         """`labels` without the cells under the cutoff, renumbered 1..M in their order."""
@@ -104,6 +125,3 @@ class CellFilter:
         lut = np.zeros(int(labels.max()) + 1, dtype=labels.dtype)
         lut[1:][keep] = np.arange(1, int(keep.sum()) + 1, dtype=labels.dtype)
         return lut[labels]
-
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}

@@ -9,6 +9,7 @@ from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
 from cellseg.cell_filter import CellFilter
+from cellseg.cell_merge import CellMerge
 from cellseg.targets import relabel_sequential
 
 
@@ -31,9 +32,13 @@ class PostprocessParams:
     # Drops the cells a lab's annotators would not draw (cellseg.cell_filter), fitted on its images by
     # `python -m train finetune`; None = every cell kept. A dict (from JSON metadata) becomes a CellFilter.
     cell_filter: CellFilter | None = None
+    # Merges touching cells the lab's annotations say are one (cellseg.cell_merge), before the filter;
+    # fitted the same way. None = the watershed's cells as cut.
+    cell_merge: CellMerge | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cell_filter", CellFilter.from_value(self.cell_filter))
+        object.__setattr__(self, "cell_merge", CellMerge.from_value(self.cell_merge))
 
     def validate(self) -> PostprocessParams:
         for name in ("fg_threshold", "seed_threshold"):
@@ -59,6 +64,7 @@ class PostprocessParams:
     def to_dict(self) -> dict:
         values = asdict(self)
         values["cell_filter"] = self.cell_filter.to_dict() if self.cell_filter else None
+        values["cell_merge"] = self.cell_merge.to_dict() if self.cell_merge else None
         return values
 
 
@@ -143,6 +149,8 @@ def maps_to_labels(probs: np.ndarray, params: PostprocessParams = PostprocessPar
     labels = seeded_watershed(-probs[2], cores, foreground)
     labels = merge_weak_borders(labels, probs[1], params.merge_threshold)
     labels = finish_labels(labels, foreground, params.min_size)
+    if params.cell_merge:
+        labels = params.cell_merge.apply(labels, probs)
     return params.cell_filter.apply(labels, probs) if params.cell_filter else labels
 
 

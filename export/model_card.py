@@ -205,14 +205,13 @@ def _training_text(training: dict, minutes_total: float) -> str:
 
 
 def _thresholds(postprocess: dict) -> dict:
-    """The thresholds without a cell filter's coefficients (those stay in the metadata)."""
-    return {k: v for k, v in postprocess.items() if k != "cell_filter"}
+    """The thresholds without the cell rules' coefficients (those stay in the metadata)."""
+    return {k: v for k, v in postprocess.items() if k not in ("cell_filter", "cell_merge")}
 
 
-def _cell_filter_text(choice: dict | None) -> str:
-    if not choice:
-        return ""
-    return f"Cells: {choice['reason']}.\n"
+def _cell_rules_text(results: dict) -> str:
+    """What the lab's annotations taught about its cells (train/cell_rules.py), one line per rule."""
+    return "".join(f"Cells: {results[field]['reason']}.\n" for field in ("cell_merge", "cell_filter") if results.get(field))
 
 
 def _tta_text(tta: bool) -> str:
@@ -260,7 +259,7 @@ images with `python -m train finetune`.
 Thresholds: {results.get('thresholds', {}).get('reason', 'picked on the training images')}:
 `{_thresholds(results['postprocess'])}`
 (the base model's: `{_thresholds(results['base_postprocess'])}`).
-{_cell_filter_text(results.get('cell_filter'))}{_tta_text(tta)}
+{_cell_rules_text(results)}{_tta_text(tta)}
 
 ## Training
 {_training_text(training, results['minutes_total'])}

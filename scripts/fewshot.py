@@ -120,7 +120,7 @@ def main() -> int:
                "minutes_total": minutes, "steps": steps,
                "steps_per_minute": metrics["training"].get("steps_per_minute"),
                "verdict": metrics["verdict"]["line"], "thresholds": metrics.get("thresholds"),
-               "cell_filter": metrics.get("cell_filter"),
+               "cell_merge": metrics.get("cell_merge"), "cell_filter": metrics.get("cell_filter"),
                "after_fp32": measure(run / "model" / "model.onnx", test, images),
                "after_int8": measure(run / "model" / "model.int8.onnx", test, images)}
         result["runs"].append(row)

@@ -158,10 +158,11 @@ def fewshot_table(result: dict) -> str:
     the run held images back (issue 29)."""
     b = result["before"]
     verdicts = any("verdict" in run for run in result["runs"])
-    filters = any(run.get("cell_filter") for run in result["runs"])  # since the cell filter (issue 29)
+    filters = any(run.get("cell_filter") for run in result["runs"])  # since the cell rules (issue 29)
+    merges = any(run.get("cell_merge") for run in result["runs"])
     head = "| k images | minutes in all (steps, steps/min) | AP50 before → after (int8) | mSA before → after (int8) | " \
-           "AP75 | count error |" + (" thresholds |" if verdicts else "") + (" cell filter |" if filters else "") + \
-           (" verdict printed |" if verdicts else "")
+           "AP75 | count error |" + (" thresholds |" if verdicts else "") + (" cell merge |" if merges else "") + \
+           (" cell filter |" if filters else "") + (" verdict printed |" if verdicts else "")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for run in result["runs"]:
         a, q = run["after_fp32"], run["after_int8"]
@@ -173,10 +174,10 @@ def fewshot_table(result: dict) -> str:
         if verdicts:
             changed = (run.get("thresholds") or {}).get("changed")
             row += f" {'changed' if changed else 'kept the base' if changed is False else '?'} |"
-        if filters:
-            chosen = run.get("cell_filter") or {}
-            kept = f"kept (cutoff {chosen.get('cutoff')})" if chosen.get("kept") else "none"
-            row += f" {kept} |"
+        for field, present in (("cell_merge", merges), ("cell_filter", filters)):
+            chosen = run.get(field) or {}
+            if present:
+                row += f" {'kept (cutoff ' + str(chosen.get('cutoff')) + ')' if chosen.get('kept') else 'none'} |"
         if verdicts:
             row += f" {run.get('verdict', '–').removeprefix('VERDICT: ')} |"
         lines.append(row)

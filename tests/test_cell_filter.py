@@ -112,25 +112,25 @@ def debris_images(n: int, seed: int = 0):
 
 def test_fitting_learns_to_drop_what_the_annotators_left_out():
     pytest.importorskip("sklearn")
-    from train.cell_filter import fit_cell_filter
+    from train.cell_rules import fit_cell_filter
 
     samples, maps = debris_images(6)
     fit = fit_cell_filter(samples, maps, PARAMS)
-    assert fit.filter is not None and fit.msa_without == pytest.approx(0.5, abs=0.05)  # 3 true of 6 cut
+    assert fit.rule is not None and fit.msa_without == pytest.approx(0.5, abs=0.05)  # 3 true of 6 cut
     assert fit.gain > 0.3  # each image filtered by a fit on the other five: the debris goes
     test_samples, test_maps = debris_images(2, seed=1)
-    filtered = [maps_to_labels(m, replace(PARAMS, cell_filter=fit.filter)) for m in test_maps]
+    filtered = [maps_to_labels(m, replace(PARAMS, cell_filter=fit.rule)) for m in test_maps]
     assert [labels.max() for labels in filtered] == [3, 3]
     assert all(np.array_equal(labels > 0, s.gt > 0) for labels, s in zip(filtered, test_samples))
 
 
 def test_too_few_unannotated_cells_fit_no_filter():
     pytest.importorskip("sklearn")
-    from train.cell_filter import fit_cell_filter
+    from train.cell_rules import fit_cell_filter
 
     samples, maps = debris_images(1)
     fit = fit_cell_filter(samples, maps, PARAMS)
-    assert fit.filter is None and "too few cells" in fit.reason and fit.gain == 0
+    assert fit.rule is None and "too few examples" in fit.reason and fit.gain == 0
 
 
 def debris_annotated(samples, maps):
@@ -144,7 +144,11 @@ def debris_annotated(samples, maps):
 
 def test_finetune_keeps_the_filter_only_where_the_held_back_images_confirm_it():
     pytest.importorskip("torch")
-    from train.finetune import Split, pick_cell_filter
+    from train.cell_rules import fit_cell_filter
+    from train.finetune import Split, pick_rule
+
+    def pick_cell_filter(split, maps, held_maps, params):
+        return pick_rule("cell_filter", fit_cell_filter(split.train, maps, params), split, held_maps, params)
 
     samples, maps = debris_images(6)
     held, held_maps = debris_images(2, seed=1)
@@ -160,4 +164,4 @@ def test_finetune_keeps_the_filter_only_where_the_held_back_images_confirm_it():
     assert not unconfirmed.kept and "no held-back image" in unconfirmed.reason
 
     nothing_to_learn = pick_cell_filter(Split(debris_annotated(samples, maps), held), maps, held_maps, PARAMS)
-    assert not nothing_to_learn.kept and "too few cells" in nothing_to_learn.reason
+    assert not nothing_to_learn.kept and "too few examples" in nothing_to_learn.reason

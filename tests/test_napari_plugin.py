@@ -233,6 +233,24 @@ def test_fine_tuning_from_the_widget_gives_a_verdict_and_a_model_it_then_segment
     assert "model" in widget.model_status.text() and widget.labels_layer is not None
 
 
+def test_the_panel_can_fine_tune_without_training_the_network(viewer_widget, tmp_path, monkeypatch):
+    """Issue 29: `--no-train` (thresholds, TTA and a cell filter on the shipped network) from the panel."""
+    from conftest import disc
+
+    viewer, widget = viewer_widget
+    labels = disc((64, 64), (30, 30), 10).astype(np.int32)
+    engine.save_training_example(tmp_path / "examples", "synthetic", (labels > 0).astype(np.uint8) * 120 + 40, labels)
+    widget.examples_folder.setText(str(tmp_path / "examples"))
+    widget.runs_folder.setText(str(tmp_path / "runs"))
+    started = []
+    monkeypatch.setattr(widget, "_start", lambda worker, *args, **kwargs: started.append(worker))
+    assert widget.train_network.isChecked()  # training stays the default
+    widget.train_network.setChecked(False)
+    widget.start_finetune()
+    assert started and widget.finetune.train is False and widget.finetune.command()[-1] == "--no-train"
+    assert "--no-train" not in engine.FinetuneRun(tmp_path, tmp_path / "out", 1.0).command()
+
+
 def test_a_fine_tune_that_fails_says_why(tmp_path):
     run = engine.FinetuneRun(tmp_path / "nothing", tmp_path / "out", 0.1)
     (tmp_path / "nothing").mkdir()

@@ -14,7 +14,8 @@ LIVECell and Kaggle layouts). The run:
 3. keeps the base's post-processing thresholds unless another set wins on the training images by a
    margin and the held-back images confirm it; the sets tried include larger minimum cell sizes,
    from the smallest cells the lab annotated; then learns which cut cells the lab's annotators would
-   draw (`--cell-filter`, train/cell_filter.py) and keeps that filter on the same terms;
+   draw, and which touching cells are one (`--cell-rules`, train/cell_rules.py), and keeps each rule
+   on the same terms;
 4. exports `DIR/model.onnx` (fp32, with the thresholds, whether it runs with test-time augmentation
    by default (`--tta`, on unless `--no-tta`) and where it came from in its metadata) and
    `DIR/model.int8.onnx`, measures both on the held-back images (the "after") and writes
@@ -55,8 +56,8 @@ from cellseg.variants import choose_for_model  # noqa: E402
 from export.int8 import calibration_arrays, quantize, within_pixels  # noqa: E402
 from export.model_card import write_finetune_card  # noqa: E402
 from export.onnx_export import export_checked, finetune_metadata, write_exported  # noqa: E402
-from train.cell_filter import CUTOFFS, fit_cell_filter  # noqa: E402
-from train.cell_filter import mean_msa as filtered_msa  # noqa: E402
+from train.cell_rules import FILTER_CUTOFFS, MERGE_CUTOFFS, RuleFit, fit_cell_filter, fit_cell_merge  # noqa: E402
+from train.cell_rules import mean_msa as rules_msa  # noqa: E402
 from train.dataset import CropDataset  # noqa: E402
 from train.loop import freeze_encoder, lr_factor, save_checkpoint, torch_predictor, train_step  # noqa: E402
 from train.model import load_weights, weights_architecture  # noqa: E402
@@ -137,11 +138,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "the network time) and its thresholds are picked on such maps; the after-measurement "
                         "uses it too. Default on: it lifted unseen astrocytes with every network measured "
                         "(docs/METRICS.md, issue 29)")
-    p.add_argument("--cell-filter", action=argparse.BooleanOptionalAction, default=True,
-                   help="learn from these images which of the cells cut from the maps their annotators would draw, "
-                        "and drop the others (a logistic regression over each cell's map and shape figures); kept "
-                        "only where it wins on the training images, each scored by a filter fitted on the others, "
-                        "and the held-back images confirm it. Unseen astrocytes +9..16%% mSA (docs/METRICS.md)")
+    p.add_argument("--cell-rules", action=argparse.BooleanOptionalAction, default=True,
+                   help="learn from these images which touching cells are one (merged) and which cut cells their "
+                        "annotators would draw at all (the others dropped): logistic regressions over the maps and "
+                        "shapes, each kept only where it wins on the training images, each image cut by a rule "
+                        "fitted on the others, and the held-back images confirm it (docs/METRICS.md, issue 29)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
@@ -176,19 +177,19 @@ class Costs:
 
 
 def reserve_after_training(costs: Costs, train_images: int, measured_images: int, candidates: int,
-                           calibration: int, tta: bool = False, cell_filter: bool = False) -> float:
+                           calibration: int, tta: bool = False, cell_rules: bool = False) -> float:
     """Seconds to keep for what follows training: the network on the training images, the candidates
     tried on them, fp32 and int8 on the held-back images (confirmation and "after": network and one
     candidate each), int8 calibration (about one and a half network passes per `calibration` image),
     10 s for export and the checks, and a quarter for safety. The final minutes are reported as
     measured (`phases_seconds` in metrics.json). With `tta` every network pass but calibration's is four.
-    The cell filter (`cell_filter`) cuts the training images once more and scores each per cutoff, and
-    the held-back ones twice."""
+    The cell rules (`cell_rules`: merge, then filter) cut the training images once more each and score
+    each per cutoff, and the held-back ones twice each."""
     passes = 4 if tta else 1
     network = costs.network * (passes * (train_images + 3 * measured_images) + 1.5 * calibration)
-    filter_candidates = (1 + len(CUTOFFS)) if cell_filter else 0
-    scoring = costs.candidate * (train_images * (candidates + filter_candidates)
-                                 + (3 + 2 * bool(cell_filter)) * measured_images)
+    rule_candidates = (2 + len(MERGE_CUTOFFS) + len(FILTER_CUTOFFS)) if cell_rules else 0
+    scoring = costs.candidate * (train_images * (candidates + rule_candidates)
+                                 + (3 + 4 * bool(cell_rules)) * measured_images)
     return 1.25 * (10.0 + network + scoring)
 
 
@@ -416,44 +417,55 @@ def pick_thresholds(split: Split, train_maps: list[np.ndarray], held_maps: list[
 
 
 @dataclass
-class FilterChoice:
-    params: PostprocessParams  # the thresholds' choice, with the filter where it is kept
+class RuleChoice:
+    params: PostprocessParams  # the parameters so far, with the rule where it is kept
     kept: bool
     reason: str
-    fit: dict  # train.cell_filter.FilterFit.to_dict(), and the held-back figures where measured
+    fit: dict  # train.cell_rules.RuleFit.to_dict(), and the held-back figures where measured
 
     def to_dict(self) -> dict:
-        return {**self.fit, "kept": self.kept, "reason": self.reason}  # the decision's reason, not the fit's
+        return {**self.fit, "kept": self.kept, "reason": self.reason}
 
 
-def pick_cell_filter(split: Split, train_maps: list[np.ndarray], held_maps: list[np.ndarray] | None,
-                     params: PostprocessParams) -> FilterChoice:
-    """A cell filter (cellseg.cell_filter) fitted on the training images, kept where its
-    leave-one-image-out mSA beats no filter and the held-back images confirm it (not lower mSA with it).
-    Unlike the thresholds' in-sample pick, every image is scored by a filter that never saw it, so no
-    margin is asked: on 4-8 astrocyte images that estimate was +0.003..+0.005 while the filter lifted
-    unseen images by 9-16% (docs/metrics_notes.md, issue 29), and a margin of 0.01 kept it nowhere."""
-    fit = fit_cell_filter(split.train, train_maps, params)
+RULE_NAMES = {"cell_merge": ("cell merge", "touching cells merged where P(one cell) >= {cutoff}"),
+              "cell_filter": ("cell filter", "cells under P(annotated) {cutoff} dropped")}
+
+
+def pick_rule(field: str, fit: RuleFit, split: Split, held_maps: list[np.ndarray] | None,
+              params: PostprocessParams) -> RuleChoice:
+    """`params` with the fitted rule (`field`: cell_merge or cell_filter) where its leave-one-image-out
+    mSA beats none and the held-back images confirm it (not lower mSA with it). Unlike the thresholds'
+    in-sample pick, every image is cut by a rule that never saw it, so no margin is asked: on 4-8
+    astrocyte images the cell filter's estimate was +0.003..+0.005 while it lifted unseen images by
+    9-19% (docs/metrics_notes.md, issue 29), and the thresholds' 0.01 kept it nowhere."""
+    name, what = RULE_NAMES[field]
     figures = fit.to_dict()
-    if fit.filter is None:
-        return FilterChoice(params, False, f"no cell filter: {fit.reason}", figures)
-    with_filter = replace(params, cell_filter=fit.filter)
+    if fit.rule is None:
+        return RuleChoice(params, False, f"no {name}: {fit.reason}", figures)
     if fit.gain <= 0:
-        return FilterChoice(params, False, f"no cell filter: it did not beat none on the {len(split.train)} training "
-                            f"images, each scored by a filter fitted on the others", figures)
+        return RuleChoice(params, False, f"no {name}: it did not beat none on the {len(split.train)} training images, "
+                          "each cut by a rule fitted on the others", figures)
     if held_maps is None:
-        return FilterChoice(params, False, f"no cell filter: mSA {fit.gain:+.3f} on the training images, but no "
-                            "held-back image to confirm it", figures)
-    held = {name: filtered_msa(split.held_back, held_maps, p) for name, p in (("with", with_filter), ("without", params))}
+        return RuleChoice(params, False, f"no {name}: mSA {fit.gain:+.3f} on the training images, but no held-back "
+                          "image to confirm it", figures)
+    with_rule = replace(params, **{field: fit.rule})
+    held = {k: rules_msa(split.held_back, held_maps, p) for k, p in (("with", with_rule), ("without", params))}
     figures["held_back_msa"] = {k: round(v, 4) for k, v in held.items()}
     if held["with"] < held["without"]:
-        return FilterChoice(params, False, f"no cell filter: mSA {fit.gain:+.3f} on the training images, but the "
-                            f"held-back images did not confirm it (mSA {held['with']:.3f} vs {held['without']:.3f} "
-                            "without)", figures)
-    return FilterChoice(with_filter, True, f"cell filter kept (cells under P(annotated) {fit.filter.cutoff} dropped): "
-                        f"mSA {fit.gain:+.3f} on the training images, each scored by a filter fitted on the others, "
-                        f"confirmed on the held-back images (mSA {held['with']:.3f} vs {held['without']:.3f} without)",
-                        figures)
+        return RuleChoice(params, False, f"no {name}: mSA {fit.gain:+.3f} on the training images, but the held-back "
+                          f"images did not confirm it (mSA {held['with']:.3f} vs {held['without']:.3f} without)", figures)
+    return RuleChoice(with_rule, True, f"{name} kept ({what.format(cutoff=fit.rule.cutoff)}): mSA {fit.gain:+.3f} on "
+                      "the training images, each cut by a rule fitted on the others, confirmed on the held-back "
+                      f"images (mSA {held['with']:.3f} vs {held['without']:.3f} without)", figures)
+
+
+def pick_cell_rules(split: Split, train_maps: list[np.ndarray], held_maps: list[np.ndarray] | None,
+                    params: PostprocessParams) -> tuple[PostprocessParams, dict[str, RuleChoice]]:
+    """The merge rule first (the filter then judges the merged cells), each kept on its own merits."""
+    merge = pick_rule("cell_merge", fit_cell_merge(split.train, train_maps, params), split, held_maps, params)
+    cell_filter = pick_rule("cell_filter", fit_cell_filter(split.train, train_maps, merge.params), split, held_maps,
+                            merge.params)
+    return cell_filter.params, {"cell_merge": merge, "cell_filter": cell_filter}
 
 
 def export_models(model, out: Path, metadata: dict, train_images: list[np.ndarray],
@@ -552,7 +564,7 @@ def run(args: argparse.Namespace, command: str, samples: list[Sample], split: Sp
     if args.train:
         reserve = reserve_after_training(costs, len(split.train), len(split.held_back), len(candidates),
                                          len(within_pixels(train_images)),  # the images export_models calibrates on
-                                         args.tta, args.cell_filter)
+                                         args.tta, args.cell_rules)
         train_seconds = max(0.0, budget.left() - reserve)
         print(f"training for {train_seconds / 60:.1f} of the {args.minutes} minutes ({reserve / 60:.1f} kept for "
               "thresholds, export, int8 and measuring)", flush=True)
@@ -571,12 +583,12 @@ def run(args: argparse.Namespace, command: str, samples: list[Sample], split: Sp
     params = choice.params
     print(f"thresholds: {choice.reason}: {params.to_dict()}", flush=True)
     mark = phase_done("thresholds", mark)
-    filter_choice = None
-    if args.cell_filter:
-        filter_choice = pick_cell_filter(split, train_maps, held_maps, params)
-        params = filter_choice.params
-        print(f"cells: {filter_choice.reason}", flush=True)
-        mark = phase_done("cell_filter", mark)
+    rules: dict[str, RuleChoice] = {}
+    if args.cell_rules:
+        params, rules = pick_cell_rules(split, train_maps, held_maps, params)
+        for choice_ in rules.values():
+            print(f"cells: {choice_.reason}", flush=True)
+        mark = phase_done("cell_rules", mark)
     model = model.cpu().float()
     steps_per_minute = state["step"] / max(state["train_seconds"] / 60, 1e-9)
     metadata = finetune_metadata(
@@ -603,7 +615,8 @@ def run(args: argparse.Namespace, command: str, samples: list[Sample], split: Sp
         "int8_loss": {k: round(after["fp32"][k] - after["int8"][k], 4) for k in ("ap50", "msa")},
         "postprocess": params.to_dict(), "base_postprocess": base_params.to_dict(),
         "thresholds": choice.to_dict(), "threshold_candidates": choice.candidates, "tta": args.tta,
-        "cell_filter": filter_choice.to_dict() if filter_choice else {"kept": False, "reason": "--no-cell-filter"},
+        **{field: rules[field].to_dict() if field in rules else {"kept": False, "reason": "--no-cell-rules"}
+           for field in RULE_NAMES},
         "training": metadata["training"], "parity_max_abs_diff": diff,
         "command": command,
     }

@@ -273,6 +273,7 @@ class FinetuneRun:
     examples: Path
     out: Path
     minutes: float
+    train: bool = True  # False: `--no-train` (the network kept; thresholds, TTA and a cell filter picked)
     lines: list[str] = field(default_factory=list)
     returncode: int | None = None
     cancelled: bool = False
@@ -280,7 +281,7 @@ class FinetuneRun:
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "train", "finetune", str(self.examples), "--out", str(self.out),
-                "--minutes", f"{self.minutes:g}"]
+                "--minutes", f"{self.minutes:g}", *([] if self.train else ["--no-train"])]
 
     def stream(self) -> Iterator[tuple[str, float]]:
         """Start the run and yield (line of output, fraction of the budget spent) until it ends."""

@@ -15,6 +15,7 @@ from napari.qt.threading import thread_worker as napari_thread_worker
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QDoubleSpinBox,
     QFileDialog,
@@ -205,6 +206,12 @@ class CellsegWidget(QWidget):
         self.minutes = self._spin(0.05, 240.0, 1.0, "the whole run's budget: measuring, training, export, int8")
         self.minutes.setValue(10.0)
         form.addRow("minutes", self.minutes)
+        self.train_network = QCheckBox("train the network")
+        self.train_network.setChecked(True)
+        self.train_network.setToolTip("unticked: keep the model's network and only pick thresholds, test-time "
+                                      "augmentation and a cell filter for your examples, in a minute or two (the "
+                                      "safer gain on cells the model already knows; docs/METRICS.md)")
+        form.addRow(self.train_network)
         buttons = QHBoxLayout()
         self.finetune_button = QPushButton("Fine-tune")
         self.finetune_button.clicked.connect(self.start_finetune)
@@ -569,7 +576,7 @@ class CellsegWidget(QWidget):
             show_error(f"cellseg: no training examples in {examples}: correct a segmentation and save it first")
             return
         self.finetune = engine.FinetuneRun(examples, engine.new_run_folder(Path(self.runs_folder.text()).expanduser()),
-                                           self.minutes.value())
+                                           self.minutes.value(), train=self.train_network.isChecked())
         self.verdict.setText(f"fine-tuning for at most {self.minutes.value():g} min into {self.finetune.out} …")
         self._start(self._finetune_work(self.finetune), 1000, "fine-tuning", on_done=self._finetuned)
 
