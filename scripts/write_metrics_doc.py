@@ -193,7 +193,8 @@ def fewshot_section(paths: list[Path], target: Path | None) -> str:
 `python -m train finetune` on k images of one cell type, written as a lab would hand them over
 (`X.png` + `X_masks.png`); measured on other images of that type (each table says whether the base
 model trained on them: if it did, its "before" is flattering, and how many of the k the run held back
-for its own verdict). Thresholds: each model's own. Analysis in the notes below.
+for its own verdict). Thresholds, and since issue 29 the cell rules (merge, filter): each model's own.
+Analysis in the notes below.
 """
     runs = ([("target", json.loads(target.read_text()))] if target else []) + \
         [("curve", json.loads(path.read_text())) for path in paths]
