@@ -62,9 +62,15 @@ class PostprocessParams:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None}).validate()
 
     def to_dict(self) -> dict:
+        """JSON-ready; a rule the parameters lack is left out rather than null (BentoML's model store
+        refuses None in metadata, and a fine-tuned model's parameters go there)."""
         values = asdict(self)
-        values["cell_filter"] = self.cell_filter.to_dict() if self.cell_filter else None
-        values["cell_merge"] = self.cell_merge.to_dict() if self.cell_merge else None
+        for name in ("cell_filter", "cell_merge"):
+            rule = getattr(self, name)
+            if rule is None:
+                del values[name]
+            else:
+                values[name] = rule.to_dict()
         return values
 
 

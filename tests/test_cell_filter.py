@@ -69,6 +69,9 @@ def test_the_filter_travels_through_json_metadata_and_stays_hashable():
     assert again == params and isinstance(again.cell_filter, CellFilter)
     assert len({params, again}) == 1  # candidate lists de-duplicate parameter sets with dict.fromkeys
     assert PostprocessParams(**json.loads(json.dumps(PARAMS.to_dict()))).cell_filter is None
+    # no None anywhere: BentoML's model store refuses it in metadata (a fine-tuned model without rules
+    # could not be registered: caught by test_finetune's two-minute run)
+    assert None not in PARAMS.to_dict().values() and "cell_filter" not in PARAMS.to_dict()
     assert again.with_overrides(fg_threshold=0.6).cell_filter == params.cell_filter  # a request's thresholds keep it
 
 
