@@ -29,10 +29,11 @@ PAIR_FEATURES = ("border_boundary", "border_distance", "border_foreground", "bor
 
 def touching_pairs(labels: np.ndarray, maps: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]:
     """(a, b > a, border pixels, mean of each of `maps` along the border) for every pair of touching
-    cells (8-connectivity); the border pixels as cellseg.postprocess.border_means counts them."""
-    eroded = ndi.minimum_filter(labels, size=3)
+    cells (8-connectivity; background excluded): each pixel whose 3x3 neighbourhood holds another
+    cell counts towards that pair, on both sides of the border."""
+    eroded = ndi.minimum_filter(labels, size=3)  # = grey_erosion with a 3x3 square, by separable passes
     dilated = ndi.maximum_filter(labels, size=3)
-    inner = np.flatnonzero(eroded != labels)
+    inner = np.flatnonzero(eroded != labels)  # positions once, then gathers: cheaper than 6 boolean masks
     outer = np.flatnonzero(dilated != labels)
     flat = labels.ravel()
     small = np.concatenate((eroded.ravel()[inner], flat[outer]))

@@ -9,7 +9,7 @@ from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
 from cellseg.cell_filter import CellFilter
-from cellseg.cell_merge import CellMerge
+from cellseg.cell_merge import CellMerge, touching_pairs
 from cellseg.targets import relabel_sequential
 
 
@@ -87,19 +87,7 @@ def border_means(labels: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np
     """(label a, label b > a, mean of `values` along their shared border) for every pair of touching
     cells (8-connectivity; background excluded). The same border pixels and means as skimage's
     `graph.rag_boundary`, whose RAG of Python objects costs about 5x more on a LIVECell image."""
-    eroded = ndi.minimum_filter(labels, size=3)  # = grey_erosion with a 3x3 square, by separable passes
-    dilated = ndi.maximum_filter(labels, size=3)
-    inner = np.flatnonzero(eroded != labels)  # positions once, then gathers: cheaper than 6 boolean masks
-    outer = np.flatnonzero(dilated != labels)
-    flat, values = labels.ravel(), values.ravel()
-    small = np.concatenate((eroded.ravel()[inner], flat[outer]))
-    large = np.concatenate((flat[inner], dilated.ravel()[outer]))
-    border_values = values[np.concatenate((inner, outer))].astype(np.float64)
-    cells = small > 0
-    keys = small[cells].astype(np.int64) * (int(labels.max()) + 1) + large[cells]
-    pairs, index = np.unique(keys, return_inverse=True)
-    means = np.bincount(index, border_values[cells]) / np.bincount(index)
-    first, second = np.divmod(pairs, int(labels.max()) + 1)
+    first, second, _, (means,) = touching_pairs(labels, [values])
     return first, second, means
 
 
