@@ -1,8 +1,9 @@
-"""Three probes of why fine-tuning does not lift unseen astrocytes (issue 29), inference only.
+"""Four probes of why fine-tuning does not lift unseen astrocytes (issue 29), inference only.
 
     python scripts/finetune_probes.py interpolate runs/ab-full/astro-k10/model/model.onnx --type astro
     python scripts/finetune_probes.py offset --type astro
     python scripts/finetune_probes.py tta --type astro
+    python scripts/finetune_probes.py base-rules
 
 `interpolate` (WiSE-FT, Wortsman et al. 2022): every weight of a fine-tuned ONNX model moved back
 towards the base's, w = a * fine-tuned + (1 - a) * base for a = 0, 0.25, ..., 1 (the two files must
@@ -19,7 +20,12 @@ training-split images of the type (the draw `scripts/fewshot.py --pool train` ma
 measured on the validation images, and the best the validation images themselves would pick (a
 ceiling no choice made elsewhere can pass).
 
-All measure on the validation images of `--type` (never trained on by the shipped model).
+`base-rules`: the cell rules a fine-tune learns (train/cell_rules.py: merge, then filter), fitted
+instead on the shipped model's own post-processing tuning images (the training split, at most 8 per
+type, as scripts/tune_postprocess.py picks them; no TTA, as the shipped model serves) and measured on
+the whole validation split, per source and cell type: what rules in the shipped model would give.
+
+The first three measure on the validation images of `--type` (never trained on by the shipped model).
 """
 
 from __future__ import annotations
@@ -124,9 +130,34 @@ def tta_and_thresholds(base: Path, samples: list[Sample], pool: list[Sample]) ->
               f"images themselves {max(msa['val'][p] for p in grid):.4f}", flush=True)
 
 
+def base_rules(base: Path, data: Path) -> None:
+    from dataclasses import replace
+
+    from cellseg.data import subsample_per_type
+    from train.cell_rules import fit_cell_filter, fit_cell_merge
+
+    model = OnnxModel(base)
+    params = model.default_params
+    train = subsample_per_type(load_split(data, "train"), 8)
+    val = load_split(data, "val")
+    train_maps = predict_maps(model.predict, [s.image() for s in train])
+    val_maps = predict_maps(model.predict, [s.image() for s in val])
+    merge = fit_cell_merge(train, train_maps, params)
+    merged = replace(params, cell_merge=merge.rule if merge.gain > 0 else None)
+    cell_filter = fit_cell_filter(train, train_maps, merged)
+    both = replace(merged, cell_filter=cell_filter.rule if cell_filter.gain > 0 else None)
+    print(f"fitted on {len(train)} training images: merge {merge.to_dict()}; filter {cell_filter.to_dict()}")
+    for name, chosen in (("the base's thresholds", params), ("+ merge", merged), ("+ merge + filter", both)):
+        result = evaluate_segmentations(val, [Segmentation.from_maps(m, chosen) for m in val_maps],
+                                        groups=("per_source", "per_cell_type"))
+        groups = {**result["per_source"], **result["per_cell_type"]}
+        print(f"{name}: {len(val)} validation images AP50 {result['ap50']:.3f} mSA {result['msa']:.3f}; mSA "
+              + ", ".join(f"{k} {v['msa']:.3f}" for k, v in groups.items()), flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("probe", choices=("interpolate", "offset", "tta"))
+    p.add_argument("probe", choices=("interpolate", "offset", "tta", "base-rules"))
     p.add_argument("fine_tuned", nargs="?", type=Path, help="interpolate: the fine-tuned model.onnx")
     p.add_argument("--base", type=Path, default=default_model_path())
     p.add_argument("--type", default="astro", help="cell type measured on (validation split)")
@@ -140,6 +171,8 @@ def main(argv=None) -> int:
         interpolate(args.fine_tuned, args.base, samples, [0.0, 0.25, 0.5, 0.75, 1.0])
     elif args.probe == "offset":
         offset(args.base, samples, [0, 1, 2, 3, 4])
+    elif args.probe == "base-rules":
+        base_rules(args.base, args.data)
     else:
         pool = [s for s in load_split(args.data, "train") if s.cell_type == args.type]
         pool = [pool[i] for i in np.random.default_rng(0).permutation(len(pool))][:10]  # fewshot.py's draw
