@@ -121,3 +121,22 @@ def test_finetune_picks_the_merge_first_and_the_filter_judges_merged_cells():
     # after merging every cut cell matches an annotated one: nothing for a filter to learn
     assert not rules["cell_filter"].kept and "too few examples" in rules["cell_filter"].reason
     assert params.cell_filter is None and replace(params, cell_merge=None) == PARAMS
+
+
+def test_a_base_that_carries_rules_is_what_the_labs_rules_must_beat():
+    """A lab's rule replaces the base's only where it beats the base's own (a base with rules: the
+    shipped model may carry them); here the base's merge is already right, so it stays."""
+    pytest.importorskip("torch")
+    from train.cell_rules import fit_cell_merge
+    from train.finetune import Split, pick_cell_rules
+
+    samples, maps = lobed_images(6)
+    base_rule = fit_cell_merge(samples, maps, PARAMS).rule
+    base = replace(PARAMS, cell_merge=base_rule)
+    refit = fit_cell_merge(samples, maps, base)
+    # the figure to beat is the base's merge (every lobed cell whole: mSA 1), not no merge (about 0.6)
+    assert refit.msa_without == pytest.approx(1.0) and refit.gain <= 0
+    held, held_maps = lobed_images(2, seed=1)
+    params, rules = pick_cell_rules(Split(samples, held), maps, held_maps, base)
+    assert params.cell_merge == base_rule and not rules["cell_merge"].kept
+    assert "(the base's stays)" in rules["cell_merge"].reason

@@ -98,13 +98,15 @@ def fit_rule(kind: type[LogisticRule], examples: list[Examples], without: float,
 def fit_cell_merge(samples: Sequence[Sample], maps: Sequence[np.ndarray], params: PostprocessParams,
                    cutoffs: Sequence[float] = MERGE_CUTOFFS) -> RuleFit:
     """A merge rule for touching cells, fitted on every training image, its cutoff the best by
-    leave-one-image-out mSA. Cut with `params` without any merge or filter."""
+    leave-one-image-out mSA. Examples are cut with `params` without any merge or filter; the figure
+    to beat (`msa_without`) is `params`' own merge, if it has one (a base that carries rules)."""
+    current = replace(params, cell_filter=None)
     params = replace(params, cell_merge=None, cell_filter=None)
     examples, plain = [], []
     for sample, probs in zip(samples, maps):
         gt, labels = sample.labels(), maps_to_labels(probs, params)
         first, second, features = pair_features(labels, probs)
-        plain.append(mean_score_accuracy(gt, labels))
+        plain.append(mean_score_accuracy(gt, maps_to_labels(probs, current) if current.cell_merge else labels))
         examples.append(Examples(features, one_annotated_cell(gt, labels, first, second),
                                  lambda merge, gt=gt, labels=labels, a=first, b=second:
                                  mean_score_accuracy(gt, merge_pairs(labels, a, b, merge))))
@@ -114,14 +116,16 @@ def fit_cell_merge(samples: Sequence[Sample], maps: Sequence[np.ndarray], params
 def fit_cell_filter(samples: Sequence[Sample], maps: Sequence[np.ndarray], params: PostprocessParams,
                     cutoffs: Sequence[float] = FILTER_CUTOFFS) -> RuleFit:
     """A cell filter fitted on every training image, its cutoff the best by leave-one-image-out mSA.
-    Cut with `params` (its merge rule included) without a filter."""
+    Cut with `params` (its merge rule included) without a filter; the figure to beat is `params`' own
+    filter, if it has one."""
+    current = params
     params = replace(params, cell_filter=None)  # the cells the filter will be shown
     examples, plain = [], []
     for sample, probs in zip(samples, maps):
         gt, labels = sample.labels(), maps_to_labels(probs, params)
         iou = iou_matrix(gt, labels)
         matched = iou.max(axis=0) >= 0.5 if iou.size else np.zeros(int(labels.max()), bool)
-        plain.append(mean_score_accuracy(gt, labels))
+        plain.append(mean_score_accuracy(gt, maps_to_labels(probs, current) if current.cell_filter else labels))
         examples.append(Examples(cell_features(labels, probs), matched,
                                  lambda drop, gt=gt, labels=labels: mean_score_accuracy(gt, without_cells(labels, drop))))
     return fit_rule(CellFilter, examples, float(np.mean(plain)), cutoffs, lambda p, cutoff: p < cutoff)

@@ -442,23 +442,26 @@ def pick_rule(field: str, fit: RuleFit, split: Split, held_maps: list[np.ndarray
     (docs/metrics_notes.md, issue 29)."""
     name, what = RULE_NAMES[field]
     figures = fit.to_dict()
+    current = "the base's" if getattr(params, field) is not None else "none"  # a base may carry rules of its own
+    not_kept = f"{name} not kept" + (" (the base's stays)" if current != "none" else "")
     if fit.rule is None:
-        return RuleChoice(params, False, f"no {name}: {fit.reason}", figures)
+        return RuleChoice(params, False, f"{not_kept}: {fit.reason}", figures)
     if fit.gain <= 0:
-        return RuleChoice(params, False, f"no {name}: it did not beat none on the {len(split.train)} training images, "
-                          "each cut by a rule fitted on the others", figures)
+        return RuleChoice(params, False, f"{not_kept}: it did not beat {current} on the {len(split.train)} "
+                          "training images, each cut by a rule fitted on the others", figures)
     if held_maps is None:
-        return RuleChoice(params, False, f"no {name}: mSA {fit.gain:+.3f} on the training images, but no held-back "
-                          "image to confirm it", figures)
+        return RuleChoice(params, False, f"{not_kept}: mSA {fit.gain:+.3f} on the training images, but no "
+                          "held-back image to confirm it", figures)
     with_rule = replace(params, **{field: fit.rule})
     held = {k: rules_msa(split.held_back, held_maps, p) for k, p in (("with", with_rule), ("without", params))}
     figures["held_back_msa"] = {k: round(v, 4) for k, v in held.items()}
     if held["with"] < held["without"]:
-        return RuleChoice(params, False, f"no {name}: mSA {fit.gain:+.3f} on the training images, but the held-back "
-                          f"images did not confirm it (mSA {held['with']:.3f} vs {held['without']:.3f} without)", figures)
+        return RuleChoice(params, False, f"{not_kept}: mSA {fit.gain:+.3f} on the training images, but the "
+                          f"held-back images did not confirm it (mSA {held['with']:.3f} vs {held['without']:.3f} with "
+                          f"{current})", figures)
     return RuleChoice(with_rule, True, f"{name} kept ({what.format(cutoff=fit.rule.cutoff)}): mSA {fit.gain:+.3f} on "
                       "the training images, each cut by a rule fitted on the others, confirmed on the held-back "
-                      f"images (mSA {held['with']:.3f} vs {held['without']:.3f} without)", figures)
+                      f"images (mSA {held['with']:.3f} vs {held['without']:.3f} with {current})", figures)
 
 
 def pick_cell_rules(split: Split, train_maps: list[np.ndarray], held_maps: list[np.ndarray] | None,
