@@ -4,10 +4,11 @@ On astrocytes about two thirds of the cells the shipped model cuts match no anno
 an over-split cell, cells the annotators left out, debris). Whether a cut cell is one the lab would
 annotate shows in what the maps and its shape say about it (how sure the foreground is, how high its
 distance peak, whether it sits inside a larger blob...), and a logistic regression over those few
-numbers, fitted on a lab's own images (`train.cell_filter`), tells them apart well enough to pay:
-unseen astrocytes mSA +15% on top of the picked thresholds (docs/metrics_notes.md, issue 29).
+numbers, fitted on a lab's own images (`train.cell_rules`), tells them apart well enough to pay:
+unseen astrocytes mSA +9..16% over the base's cells in a probe, more with the merge rule before it
+(docs/metrics_notes.md, issue 29).
 
-Serving needs only numpy: the features below and the stored coefficients. The filter rides in the
+Serving needs only numpy and scipy: the features below and the stored coefficients. The filter rides in the
 model's post-processing parameters (`PostprocessParams.cell_filter`), so every path that cuts cells
 from maps (service, batch, Dask, napari, evaluation) applies the same one.
 """
@@ -25,6 +26,25 @@ from scipy import ndimage as ndi
 FEATURES = ("log_area", "foreground_mean", "boundary_mean", "distance_max", "distance_mean",
             "ring_foreground", "ring_boundary", "ring_cells", "elongation", "extent", "on_image_border")
 RING_WIDTH = 2  # px around a cell where its surroundings are read
+MOMENT_ROWS = 256  # image rows per pass of second_moments: its coordinate arrays stay small on any image
+
+
+def second_moments(labels: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(var y, var x, cov xy) of each cell 1..count's pixel coordinates, summed a block of rows at a
+    time: full-image coordinate arrays would cost 16 bytes a pixel on the largest images served."""
+    sums = np.zeros((6, count + 1))
+    width = labels.shape[1]
+    columns = np.arange(width, dtype=np.float64)
+    for top in range(0, labels.shape[0], MOMENT_ROWS):
+        block = labels[top:top + MOMENT_ROWS].ravel()
+        ys = np.repeat(np.arange(top, top + len(block) // width, dtype=np.float64), width)
+        xs = np.tile(columns, len(block) // width)
+        for i, weights in enumerate((None, ys, xs, ys * ys, xs * xs, ys * xs)):
+            sums[i] += np.bincount(block, weights=weights, minlength=count + 1)
+    n, sy, sx, syy, sxx, sxy = sums[:, 1:]
+    n = np.maximum(n, 1)
+    my, mx = sy / n, sx / n
+    return syy / n - my**2, sxx / n - mx**2, sxy / n - my * mx
 
 
 def cell_features(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
@@ -45,11 +65,7 @@ def cell_features(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
     # the ring: pixels within RING_WIDTH of a cell that are not the cell (its neighbours or background)
     grown = ndi.maximum_filter(labels, size=2 * RING_WIDTH + 1)
     ring = np.where((grown > 0) & (grown != labels), grown, 0).ravel()
-    ys, xs = np.indices(labels.shape, dtype=np.float64)
-    my, mx = mean(ys), mean(xs)
-    vy = mean(ys**2) - my**2
-    vx = mean(xs**2) - mx**2
-    cov = mean(ys * xs) - my * mx
+    vy, vx, cov = second_moments(labels, count)
     spread = np.sqrt(np.maximum((vy - vx) ** 2 + 4 * cov**2, 0))
     major, minor = (vy + vx + spread) / 2, np.maximum((vy + vx - spread) / 2, 0)
     boxes = ndi.find_objects(labels, max_label=count)

@@ -5,7 +5,7 @@ inside one cell. Given every piece its own annotated cell, mSA on unseen astrocy
 0.095 to 0.146 (an oracle merge, docs/metrics_notes.md issue 29). Whether two touching pieces are one
 cell shows along their shared border (how low the distance map falls there against the pieces'
 peaks, how strong the boundary map is, how long the border is against the smaller piece), and a
-logistic regression over those numbers, fitted on a lab's annotated images (`train.cell_filter`),
+logistic regression over those numbers, fitted on a lab's annotated images (`train.cell_rules`),
 learns it. Pairs rated at or above the cutoff merge, chains of them into one cell.
 
 Like the cell filter it rides in the model's post-processing parameters (`PostprocessParams.cell_merge`)

@@ -168,3 +168,17 @@ def test_finetune_keeps_the_filter_only_where_the_held_back_images_confirm_it():
 
     nothing_to_learn = pick_cell_filter(Split(debris_annotated(samples, maps), held), maps, held_maps, PARAMS)
     assert not nothing_to_learn.kept and "too few examples" in nothing_to_learn.reason
+
+
+def test_second_moments_in_row_blocks_equal_the_whole_image_computation():
+    """Coordinates are summed a block of rows at a time (memory); the result is the plain formula's."""
+    from cellseg.cell_filter import MOMENT_ROWS, second_moments
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 6, size=(MOMENT_ROWS * 2 + 37, 90)).astype(np.int32)
+    ys, xs = np.indices(labels.shape, dtype=np.float64)
+    expected = []
+    for k in range(1, 6):
+        y, x = ys[labels == k], xs[labels == k]
+        expected.append((y.var(), x.var(), ((y - y.mean()) * (x - x.mean())).mean()))
+    assert np.allclose(np.stack(second_moments(labels, 5), axis=1), expected, rtol=1e-9, atol=1e-6)
