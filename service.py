@@ -72,7 +72,7 @@ from cellseg.pixelsize import (
     given_pixel_size,
     read_pixel_size,
 )
-from cellseg.postprocess import PostprocessParams, maps_to_labels
+from cellseg.postprocess import PostprocessParams
 from cellseg.precision import PrecisionChoice, choose_precision, requested_precision
 from cellseg.report import page_report
 from cellseg.upload_guard import UploadGuard
@@ -432,8 +432,8 @@ class CellSegmentation:
         and their scores."""
         outputs = decode_maps(codes)
         probs = merge_outputs(tta_reduce(outputs) if tta else outputs, plan)
-        labels = maps_to_labels(probs, params)
-        return labels, Segmentation(labels, probs, params.cell_filter).scores()
+        seg = Segmentation.from_maps(probs, params)  # with a cell filter, its scores come with its cut
+        return seg.labels, seg.scores()
 
     async def _predict(self, pieces: list[np.ndarray]) -> list[np.ndarray]:
         """The network's maps of `pieces`, sent NETWORK_CHUNK_PIXELS at a time (see there); before

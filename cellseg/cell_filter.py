@@ -135,9 +135,15 @@ class CellFilter(LogisticRule):
 
     def apply(self, labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
         """`labels` without the cells under the cutoff, renumbered 1..M in their order."""
-        if self.cutoff <= 0 or labels.max() == 0:
-            return labels
-        keep = self.probabilities(labels, probs) >= self.cutoff
+        return self.apply_with_scores(labels, probs)[0]
+
+    def apply_with_scores(self, labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(`apply`'s labels, P(annotated) of each kept cell 1..M): the scores without computing the
+        features a second time (they are most of the filter's cost)."""
+        probabilities = self.probabilities(labels, probs)
+        keep = probabilities >= self.cutoff
+        if keep.all():
+            return labels, probabilities
         lut = np.zeros(int(labels.max()) + 1, dtype=labels.dtype)
         lut[1:][keep] = np.arange(1, int(keep.sum()) + 1, dtype=labels.dtype)
-        return lut[labels]
+        return lut[labels], probabilities[keep]

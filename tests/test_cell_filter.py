@@ -182,3 +182,18 @@ def test_second_moments_in_row_blocks_equal_the_whole_image_computation():
         y, x = ys[labels == k], xs[labels == k]
         expected.append((y.var(), x.var(), ((y - y.mean()) * (x - x.mean())).mean()))
     assert np.allclose(np.stack(second_moments(labels, 5), axis=1), expected, rtol=1e-9, atol=1e-6)
+
+
+def test_segmentation_keeps_the_filters_scores_from_its_cut():
+    """from_maps scores the kept cells with the probabilities the filter computed while cutting (the
+    features once, not twice, and every score at or above the cutoff it was kept by); here, with no
+    neighbours to remove, the same as computing them afresh on the kept cells."""
+    from cellseg.inference import Segmentation
+
+    probs = maps_of([((30, 30), 10, 0.95), ((70, 80), 5, 0.7), ((75, 20), 8, 0.9)])
+    params = replace(PARAMS, cell_filter=weighing("foreground_mean", 40.0, -32.0, 0.5))
+    seg = Segmentation.from_maps(probs, params)
+    assert np.array_equal(seg.labels, maps_to_labels(probs, params)) and seg.count == 2
+    assert seg.filter_scores is not None
+    assert np.allclose(seg.scores(), params.cell_filter.probabilities(seg.labels, seg.probs))
+    assert np.allclose(Segmentation(seg.labels, probs, params.cell_filter).scores(), seg.scores())
