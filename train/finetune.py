@@ -620,7 +620,7 @@ def run(args: argparse.Namespace, command: str, samples: list[Sample], split: Sp
         "int8_loss": {k: round(after["fp32"][k] - after["int8"][k], 4) for k in ("ap50", "msa")},
         "postprocess": params.to_dict(), "base_postprocess": base_params.to_dict(),
         "thresholds": choice.to_dict(), "threshold_candidates": choice.candidates, "tta": args.tta,
-        **{field: rules[field].to_dict() if field in rules else {"kept": False, "reason": "--no-cell-rules"}
+        **{field: rules[field].to_dict() if field in rules else {"kept": False, "reason": "not fitted (--no-cell-rules)"}
            for field in RULE_NAMES},
         "training": metadata["training"], "parity_max_abs_diff": diff,
         "command": command,
