@@ -476,3 +476,10 @@ def test_int8_calibration_images_fit_in_memory_and_spread_over_the_set():
     crops = [np.zeros((256, 256), np.float32)] * 5
     assert len(within_pixels(crops)) == 5 and len(within_pixels([np.zeros((4000, 4000), np.float32)])) == 1
     assert within_pixels([]) == []
+
+
+def test_cell_rules_are_on_by_default_and_can_be_skipped(tmp_path):
+    from train.finetune import parse_args
+
+    assert parse_args([str(tmp_path), "--out", str(tmp_path / "o")]).cell_rules is True
+    assert parse_args([str(tmp_path), "--out", str(tmp_path / "o"), "--no-cell-rules"]).cell_rules is False
