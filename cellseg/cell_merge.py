@@ -21,6 +21,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from cellseg.cell_filter import LogisticRule
+from cellseg.targets import relabel_sequential
 
 PAIR_FEATURES = ("border_boundary", "border_distance", "border_foreground", "border_core",
                  "valley_depth", "core_valley_depth", "log_border_length", "border_per_size",
@@ -39,7 +40,7 @@ def touching_pairs(labels: np.ndarray, maps: list[np.ndarray]) -> tuple[np.ndarr
     small = np.concatenate((eroded.ravel()[inner], flat[outer]))
     large = np.concatenate((flat[inner], dilated.ravel()[outer]))
     positions = np.concatenate((inner, outer))
-    cells = (small > 0) & (small != large)
+    cells = small > 0  # small < large always: the minimum (maximum) filter differs from the pixel's own
     n = int(labels.max()) + 1
     pairs, index = np.unique(small[cells].astype(np.int64) * n + large[cells], return_inverse=True)
     counts = np.bincount(index, minlength=len(pairs)).astype(np.float64)
@@ -76,8 +77,9 @@ def pair_features(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np
     return first, second, features
 
 
-def merge_pairs(labels: np.ndarray, first: np.ndarray, second: np.ndarray, merge: np.ndarray) -> np.ndarray:
-    """`labels` with each chain of the pairs marked in `merge` made one cell, renumbered 1..M."""
+def join_pairs(labels: np.ndarray, first: np.ndarray, second: np.ndarray, merge: np.ndarray) -> np.ndarray:
+    """`labels` with each chain of the pairs marked in `merge` made one cell, numbered by its smallest
+    label (the numbering cellseg.postprocess.merge_weak_borders keeps; gaps are left)."""
     from scipy.sparse import coo_array
     from scipy.sparse.csgraph import connected_components
 
@@ -86,13 +88,16 @@ def merge_pairs(labels: np.ndarray, first: np.ndarray, second: np.ndarray, merge
     n = int(labels.max()) + 1
     graph = coo_array((np.ones(int(merge.sum())), (first[merge], second[merge])), shape=(n, n))
     _, component = connected_components(graph, directed=False)
-    # number the merged cells 1..M in the order of their smallest label (0, the background, stays 0)
-    components, first_label, position = np.unique(component[1:], return_index=True, return_inverse=True)
-    rank = np.empty(len(components), dtype=np.int64)
-    rank[np.argsort(first_label)] = np.arange(1, len(components) + 1)
-    renumbered = np.zeros(n, dtype=labels.dtype)
-    renumbered[1:] = rank[position]
-    return renumbered[labels]
+    smallest = np.full(component.max() + 1, n, dtype=np.int64)
+    np.minimum.at(smallest, component, np.arange(n))
+    return smallest[component].astype(labels.dtype)[labels]
+
+
+def merge_pairs(labels: np.ndarray, first: np.ndarray, second: np.ndarray, merge: np.ndarray) -> np.ndarray:
+    """`join_pairs`, renumbered 1..M in the order of each merged cell's smallest label."""
+    if not merge.any():
+        return labels
+    return relabel_sequential(join_pairs(labels, first, second, merge))
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
 from cellseg.cell_filter import CellFilter
-from cellseg.postprocess import PostprocessParams, maps_to_labels
+from cellseg.postprocess import PostprocessParams, maps_to_cells
 from cellseg.preprocess import normalize, pad_to, padded_size
 from cellseg.tiling import plan_tiles, stitch
 
@@ -169,10 +169,7 @@ class Segmentation:
     def from_maps(cls, probs: np.ndarray, params: PostprocessParams) -> Segmentation:
         """The cells `params` cut from the network's (3, H, W) maps, the maps kept for the scores (with
         a cell filter, its probabilities kept as they are computed: the same labels as maps_to_labels)."""
-        if params.cell_filter is None:
-            return cls(maps_to_labels(probs, params), probs)
-        unfiltered = maps_to_labels(probs, replace(params, cell_filter=None))
-        labels, scores = params.cell_filter.apply_with_scores(unfiltered, probs)
+        labels, scores = maps_to_cells(probs, params)
         return cls(labels, probs, params.cell_filter, scores)
 
     @property

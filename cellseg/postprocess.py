@@ -9,7 +9,7 @@ from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
 from cellseg.cell_filter import CellFilter
-from cellseg.cell_merge import CellMerge, touching_pairs
+from cellseg.cell_merge import CellMerge, join_pairs, touching_pairs
 from cellseg.targets import relabel_sequential
 
 
@@ -94,21 +94,10 @@ def border_means(labels: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np
 def merge_weak_borders(labels: np.ndarray, boundary: np.ndarray, threshold: float) -> np.ndarray:
     """Merge touching cells whose shared border has a mean boundary probability below `threshold`;
     chains of such cells become one cell, numbered by its smallest label."""
-    from scipy.sparse import coo_array
-    from scipy.sparse.csgraph import connected_components
-
     if threshold <= 0 or labels.max() < 2:
         return labels
     first, second, means = border_means(labels, boundary)
-    weak = means < threshold
-    if not weak.any():
-        return labels
-    n = int(labels.max()) + 1
-    graph = coo_array((np.ones(int(weak.sum())), (first[weak], second[weak])), shape=(n, n))
-    _, component = connected_components(graph, directed=False)
-    smallest = np.full(component.max() + 1, n, dtype=np.int64)
-    np.minimum.at(smallest, component, np.arange(n))
-    return smallest[component].astype(labels.dtype)[labels]
+    return join_pairs(labels, first, second, means < threshold)
 
 
 def seeded_watershed(elevation: np.ndarray, seeds: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -138,6 +127,12 @@ def maps_to_labels(probs: np.ndarray, params: PostprocessParams = PostprocessPar
     foreground, so touching cells split along the valley between their centres. Foreground
     blobs that contain no core are kept as single cells rather than silently dropped.
     """
+    return maps_to_cells(probs, params)[0]
+
+
+def maps_to_cells(probs: np.ndarray, params: PostprocessParams) -> tuple[np.ndarray, np.ndarray | None]:
+    """`maps_to_labels`' labels, and with a cell filter its P(annotated) of each kept cell (the scores
+    it decided by, computed once); None without a filter."""
     foreground = probs[0] > params.fg_threshold
     cores = seed_cores(core_score(probs, params.seed_sigma), foreground, params)
     labels = seeded_watershed(-probs[2], cores, foreground)
@@ -145,7 +140,7 @@ def maps_to_labels(probs: np.ndarray, params: PostprocessParams = PostprocessPar
     labels = finish_labels(labels, foreground, params.min_size)
     if params.cell_merge:
         labels = params.cell_merge.apply(labels, probs)
-    return params.cell_filter.apply(labels, probs) if params.cell_filter else labels
+    return params.cell_filter.apply_with_scores(labels, probs) if params.cell_filter else (labels, None)
 
 
 # The stages of `maps_to_labels`, also timed one by one by scripts/bench_postprocess.py.

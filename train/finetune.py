@@ -56,8 +56,7 @@ from cellseg.variants import choose_for_model  # noqa: E402
 from export.int8 import calibration_arrays, quantize, within_pixels  # noqa: E402
 from export.model_card import write_finetune_card  # noqa: E402
 from export.onnx_export import export_checked, finetune_metadata, write_exported  # noqa: E402
-from train.cell_rules import FILTER_CUTOFFS, MERGE_CUTOFFS, RuleFit, fit_cell_filter, fit_cell_merge  # noqa: E402
-from train.cell_rules import mean_msa as rules_msa  # noqa: E402
+from train.cell_rules import FILTER_CUTOFFS, MERGE_CUTOFFS, RuleFit, fit_cell_filter, fit_cell_merge, mean_msa  # noqa: E402
 from train.dataset import CropDataset  # noqa: E402
 from train.loop import freeze_encoder, lr_factor, save_checkpoint, torch_predictor, train_step  # noqa: E402
 from train.model import load_weights, weights_architecture  # noqa: E402
@@ -374,10 +373,6 @@ def threshold_candidates(base: PostprocessParams, min_sizes: tuple[int, ...] = (
     return [base] + sorted(dict.fromkeys(p for p in grid if p != base), key=distance)
 
 
-def mean_msa(samples: list[Sample], maps: list[np.ndarray], params: PostprocessParams) -> float:
-    return float(evaluate_segmentations(samples, [Segmentation.from_maps(m, params) for m in maps])["msa"])
-
-
 def threshold_decision(margin: float, train_images: int, held_msa: dict[str, float] | None) -> tuple[bool, str]:
     """Whether to change to the best candidate, and why: its selection-score `margin` over the base's
     thresholds on the training images, and mean mSA of "best" and "base" on the held-back images
@@ -453,7 +448,7 @@ def pick_rule(field: str, fit: RuleFit, split: Split, held_maps: list[np.ndarray
         return RuleChoice(params, False, f"{not_kept}: mSA {fit.gain:+.3f} on the training images, but no "
                           "held-back image to confirm it", figures)
     with_rule = replace(params, **{field: fit.rule})
-    held = {k: rules_msa(split.held_back, held_maps, p) for k, p in (("with", with_rule), ("without", params))}
+    held = {k: mean_msa(split.held_back, held_maps, p) for k, p in (("with", with_rule), ("without", params))}
     figures["held_back_msa"] = {k: round(v, 4) for k, v in held.items()}
     if held["with"] < held["without"]:
         return RuleChoice(params, False, f"{not_kept}: mSA {fit.gain:+.3f} on the training images, but the "
