@@ -305,9 +305,16 @@ class FinetuneRun:
         return self.returncode
 
     def cancel(self) -> None:
+        """End the process and reap it here: the worker reading its output stops at its next line and
+        never reaches `stream`'s own wait, so the exit status would otherwise stay unknown (None)."""
         if self._process and self._process.poll() is None:
             self.cancelled = True
             self._process.terminate()
+            try:
+                self.returncode = self._process.wait(timeout=10)
+            except subprocess.TimeoutExpired:  # it ignored SIGTERM
+                self._process.kill()
+                self.returncode = self._process.wait()
 
     def resume_hint(self) -> str:
         """How to continue a cancelled run (from its last checkpoint, saved every minute)."""
