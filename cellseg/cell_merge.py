@@ -77,27 +77,32 @@ def pair_features(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np
     return first, second, features
 
 
-def join_pairs(labels: np.ndarray, first: np.ndarray, second: np.ndarray, merge: np.ndarray) -> np.ndarray:
-    """`labels` with each chain of the pairs marked in `merge` made one cell, numbered by its smallest
-    label (the numbering cellseg.postprocess.merge_weak_borders keeps; gaps are left)."""
+def chain_ids(count: int, first: np.ndarray, second: np.ndarray, merge: np.ndarray) -> np.ndarray:
+    """Per label 0..count-1: the smallest label of its chain of pairs marked in `merge` (itself where
+    it is in none); label-sized, so the image is gathered once by whoever applies it."""
     from scipy.sparse import coo_array
     from scipy.sparse.csgraph import connected_components
 
+    graph = coo_array((np.ones(int(merge.sum())), (first[merge], second[merge])), shape=(count, count))
+    _, component = connected_components(graph, directed=False)
+    smallest = np.full(component.max() + 1, count, dtype=np.int64)
+    np.minimum.at(smallest, component, np.arange(count))
+    return smallest[component]
+
+
+def join_pairs(labels: np.ndarray, first: np.ndarray, second: np.ndarray, merge: np.ndarray) -> np.ndarray:
+    """`labels` with each chain of the pairs marked in `merge` made one cell, numbered by its smallest
+    label (the numbering cellseg.postprocess.merge_weak_borders keeps; gaps are left)."""
     if not merge.any():
         return labels
-    n = int(labels.max()) + 1
-    graph = coo_array((np.ones(int(merge.sum())), (first[merge], second[merge])), shape=(n, n))
-    _, component = connected_components(graph, directed=False)
-    smallest = np.full(component.max() + 1, n, dtype=np.int64)
-    np.minimum.at(smallest, component, np.arange(n))
-    return smallest[component].astype(labels.dtype)[labels]
+    return chain_ids(int(labels.max()) + 1, first, second, merge).astype(labels.dtype)[labels]
 
 
 def merge_pairs(labels: np.ndarray, first: np.ndarray, second: np.ndarray, merge: np.ndarray) -> np.ndarray:
     """`join_pairs`, renumbered 1..M in the order of each merged cell's smallest label."""
     if not merge.any():
         return labels
-    return relabel_sequential(join_pairs(labels, first, second, merge))
+    return relabel_sequential(chain_ids(int(labels.max()) + 1, first, second, merge)).astype(labels.dtype)[labels]
 
 
 @dataclass(frozen=True)
