@@ -47,24 +47,47 @@ def second_moments(labels: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarr
     return syy / n - my**2, sxx / n - mx**2, sxy / n - my * mx
 
 
+def label_maxima(labels: np.ndarray, count: int, *values: np.ndarray) -> list[np.ndarray]:
+    """Per cell 1..count, the maximum of each of `values` (images the shape of `labels`) over its
+    pixels, 0 where a label has none: one stable sort of the labels serves them all. The same numbers
+    as scipy's ndimage.maximum, which sorts once per call (21 vs 5 ms for one map of a 704 x 520 image)."""
+    flat = labels.ravel()
+    order = np.argsort(flat, kind="stable")  # radix/timsort: a few ms on a label image
+    sorted_labels = flat[order]
+    wanted = np.arange(1, count + 1)
+    starts, ends = np.searchsorted(sorted_labels, wanted), np.searchsorted(sorted_labels, wanted, side="right")
+    present = ends > starts
+    # reduceat over [start, end) pairs; the odd (between-cell) results are dropped. One padding value
+    # keeps an end at the array's length a valid index.
+    bounds = np.stack([starts[present], ends[present]], axis=1).ravel()
+    maxima = []
+    for value in values:
+        result = np.zeros(count)
+        if len(bounds):
+            ordered = np.append(value.ravel()[order], value.dtype.type(0))
+            result[present] = np.maximum.reduceat(ordered, bounds)[::2]
+        maxima.append(result)
+    return maxima
+
+
 def cell_features(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
     """(N, len(FEATURES)) float64 for cells 1..N of a sequential label image, from the (3, H, W) maps
     (foreground, boundary, distance) it was cut from. Vectorised per label: a few ms per image."""
     count = int(labels.max())
     if count == 0:
         return np.zeros((0, len(FEATURES)))
-    index = np.arange(1, count + 1)
     flat = labels.ravel()
     area = np.bincount(flat, minlength=count + 1)[1:].astype(np.float64)
-
-    def mean(values: np.ndarray, where: np.ndarray = flat) -> np.ndarray:
-        sums = np.bincount(where, weights=values.ravel(), minlength=count + 1)[1:]
-        sizes = np.bincount(where, minlength=count + 1)[1:]
-        return sums / np.maximum(sizes, 1)
 
     # the ring: pixels within RING_WIDTH of a cell that are not the cell (its neighbours or background)
     grown = ndi.maximum_filter(labels, size=2 * RING_WIDTH + 1)
     ring = np.where((grown > 0) & (grown != labels), grown, 0).ravel()
+    ring_size = np.maximum(np.bincount(ring, minlength=count + 1)[1:], 1)
+
+    def mean(values: np.ndarray, where: np.ndarray = flat) -> np.ndarray:
+        sums = np.bincount(where, weights=values.ravel(), minlength=count + 1)[1:]
+        return sums / (np.maximum(area, 1) if where is flat else ring_size)
+
     vy, vx, cov = second_moments(labels, count)
     spread = np.sqrt(np.maximum((vy - vx) ** 2 + 4 * cov**2, 0))
     major, minor = (vy + vx + spread) / 2, np.maximum((vy + vx - spread) / 2, 0)
@@ -75,7 +98,7 @@ def cell_features(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
                           for b in boxes])
     return np.stack([
         np.log(np.maximum(area, 1)), mean(probs[0]), mean(probs[1]),
-        ndi.maximum(probs[2], labels, index), mean(probs[2]),
+        label_maxima(labels, count, probs[2])[0], mean(probs[2]),
         mean(probs[0], ring), mean(probs[1], ring), mean((labels > 0).astype(np.float64), ring),
         1 - np.sqrt(minor / np.maximum(major, 1e-9)), area / box_area, on_border,
     ], axis=1)

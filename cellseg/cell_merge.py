@@ -20,7 +20,7 @@ from typing import ClassVar
 import numpy as np
 from scipy import ndimage as ndi
 
-from cellseg.cell_filter import LogisticRule
+from cellseg.cell_filter import LogisticRule, label_maxima
 from cellseg.targets import relabel_sequential
 
 PAIR_FEATURES = ("border_boundary", "border_distance", "border_foreground", "border_core",
@@ -59,12 +59,8 @@ def pair_features(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np
         labels, [probs[1], probs[2], probs[0], core])
     if len(first) == 0:
         return first, second, np.zeros((0, len(PAIR_FEATURES)))
-    index = np.arange(1, count + 1)
     area = np.bincount(labels.ravel(), minlength=count + 1).astype(np.float64)
-    peak = np.zeros(count + 1)
-    peak[1:] = ndi.maximum(probs[2], labels, index)
-    core_peak = np.zeros(count + 1)
-    core_peak[1:] = ndi.maximum(core, labels, index)
+    peak, core_peak = (np.concatenate(([0.0], m)) for m in label_maxima(labels, count, probs[2], core))
     smaller, larger = np.minimum(area[first], area[second]), np.maximum(area[first], area[second])
     low_peak = np.minimum(peak[first], peak[second])
     low_core = np.minimum(core_peak[first], core_peak[second])

@@ -38,6 +38,9 @@ def semantic_scores(gt: np.ndarray, pred: np.ndarray) -> dict[str, float]:
         # Which way the foreground errs: low precision = cell predicted where none is annotated.
         "foreground_precision": float(inter / pred.sum()) if pred.sum() else 1.0,
         "foreground_recall": float(inter / gt.sum()) if gt.sum() else 1.0,
+        # A lab's readout: how far the covered fraction of the image (confluence) is from the annotated
+        # one, relative to it; unlike foreground IoU it lets a miss here and a false cell there cancel.
+        "confluence_error": float(abs(int(pred.sum()) - int(gt.sum())) / max(int(gt.sum()), 1)),
     }
 
 
@@ -94,14 +97,14 @@ def coco_ap(gt_rles: Sequence[list[dict]], shapes: Sequence[tuple[int, int]],
 
 def _group_metrics(per_image: list[dict], gt_rles, shapes, pred_rles, pred_scores) -> dict:
     averaged = ("foreground_iou", "dice", "pixel_accuracy", "foreground_precision", "foreground_recall", "msa",
-                "count_error")
+                "count_error", "confluence_error")
     out = {k: float(np.mean([r[k] for r in per_image])) for k in averaged}
     out.update(coco_ap(gt_rles, shapes, pred_rles, pred_scores))
     out["n_images"] = len(per_image)
     out["n_cells"] = int(sum(r["n_true"] for r in per_image))
     out["n_predicted"] = int(sum(r["n_pred"] for r in per_image))
-    return {k: out[k] for k in (*METRIC_KEYS, "foreground_precision", "foreground_recall", "n_images", "n_cells",
-                                "n_predicted")}
+    return {k: out[k] for k in (*METRIC_KEYS, "foreground_precision", "foreground_recall", "confluence_error",
+                                "n_images", "n_cells", "n_predicted")}
 
 
 def evaluate_segmentations(samples: Sequence[Sample], segmentations: Sequence[Segmentation],

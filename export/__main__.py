@@ -4,6 +4,7 @@
     python -m export register --model models/livecell-unet.onnx
     python -m export int8 --model models/livecell-unet.onnx --out models/livecell-unet.int8.onnx
     python -m export bioimageio --model models/livecell-unet.onnx --out dist/livecell-unet.bioimageio.zip
+    python -m export cell-rules --model models/livecell-unet.onnx
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
         from export.int8 import main as int8_main
 
         return int8_main(argv[1:])
+    if argv and argv[0] == "cell-rules":
+        from export.cell_rules import main as cell_rules_main  # fits with scikit-learn
+
+        return cell_rules_main(argv[1:])
     if argv and argv[0] == "bioimageio":
         from export.bioimageio import main as bioimageio_main  # needs bioimageio.core
 

@@ -105,8 +105,22 @@ def write_cover(raw: np.ndarray, output: np.ndarray, path: Path) -> None:
     Image.fromarray(np.concatenate([np.repeat(gray[..., None], 3, axis=2), colour], axis=1)).save(path)
 
 
+def _rules_note(post: dict) -> str:
+    """The cell rules (merge, filter) are logistic regressions over per-cell numbers that no bioimage.io
+    post-processing step expresses: say that tools running the package alone get cells without them."""
+    present = [name for key, name in (("cell_merge", "a learnt merge of touching cells"),
+                                      ("cell_filter", "a learnt filter of cells annotators do not draw"))
+               if post.get(key)]
+    if not present:
+        return ""
+    return (f"\nThe `cellseg` package then applies {' and '.join(present)} (`cellseg/cell_merge.py`, "
+            "`cellseg/cell_filter.py`; coefficients in the ONNX file's metadata), which the bioimage.io "
+            "format cannot express: a tool that runs this package alone gets the cells of the watershed "
+            "without them, and the validation figures below include them.")
+
+
 def documentation(meta: dict, metrics: dict | None) -> str:
-    from export.model_card import _metrics_table
+    from export.model_card import _metrics_table, thresholds_only
 
     post = meta.get("postprocess", {})
     text = f"""# LIVECell U-Net (cellseg)
@@ -125,9 +139,9 @@ of each cell) and **distance** (per-cell normalised distance to the cell's edge)
 ## From maps to cells
 Cells are the regions of a seeded watershed: seeds where the smoothed core score
 (distance × (1 − boundary)) exceeds `seed_threshold`, flooded over foreground above `fg_threshold`.
-The tuned defaults are `{json.dumps(post)}`. The `cellseg` package (`cellseg.postprocess.maps_to_labels`)
+The tuned defaults are `{json.dumps(thresholds_only(post))}`. The `cellseg` package (`cellseg.postprocess.maps_to_labels`)
 does exactly this and is what the project's service and batch jobs use; images larger than 1024
-pixels a side are best tiled with 64 px of context (`cellseg.inference`).
+pixels a side are best tiled with 64 px of context (`cellseg.inference`).{_rules_note(post)}
 
 ## Training data
 LIVECell (Edlund et al. 2021, CC BY-NC 4.0) and the Kaggle-Sartorius cell instance segmentation

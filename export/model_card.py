@@ -7,7 +7,8 @@ from pathlib import Path
 
 from cellseg.onnx_model import sha256_file
 
-METRIC_ROWS = ("foreground_iou", "dice", "pixel_accuracy", "ap", "ap50", "ap75", "msa", "count_error")
+METRIC_ROWS = ("foreground_iou", "dice", "pixel_accuracy", "ap", "ap50", "ap75", "msa", "count_error",
+               "confluence_error")
 
 
 def _metrics_table(metrics: dict) -> str:
@@ -15,7 +16,10 @@ def _metrics_table(metrics: dict) -> str:
     lines = ["| group | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
 
     def row(name, m):
-        return f"| {name} | " + " | ".join(str(m[c]) if isinstance(m[c], int) else f"{m[c]:.3f}" for c in cols) + " |"
+        def cell(value) -> str:
+            return "–" if value is None else str(value) if isinstance(value, int) else f"{value:.3f}"
+
+        return f"| {name} | " + " | ".join(cell(m.get(c)) for c in cols) + " |"  # older files lack newer metrics
 
     lines.append(row("**all**", metrics))
     for name, m in metrics.get("per_source", {}).items():
@@ -130,7 +134,7 @@ shape (N, 1, H, W) with H, W multiples of {meta['input']['size_divisor']} (dynam
 Output: (N, 3, H, W) sigmoid probabilities, channels `{', '.join(meta['output_channels'])}`:
 cell foreground, inner {meta['boundary_width']}-px cell boundary, and per-cell normalised distance to the edge.
 `cellseg.postprocess` turns them into a label image with a seeded watershed; its defaults
-(stored in the ONNX metadata under `cellseg`): `{meta['postprocess']}`.
+(stored in the ONNX metadata under `cellseg`): `{thresholds_only(meta['postprocess'])}`.{_model_rules_text(meta)}
 
 ## Architecture
 `smp.Unet`, encoder `{arch['encoder']}` {_encoder_text(training)},
@@ -163,8 +167,9 @@ Export: `{export_command}` (ONNX opset 18; ONNX Runtime vs PyTorch max abs diff
 
 AP / AP50 / AP75: COCO segm AP with LIVECell's protocol (maxDets 100/500/2000, read at 2000).
 mSA: mean over IoU 0.50–0.95 of TP/(TP+FP+FN) (Kaggle Sartorius metric). count_error: mean
-relative error of the cell count. Per-type numbers rest on 1 (LIVECell) to 11 (Sartorius) images;
-see docs/METRICS.md (also for how the encoder, the checkpoint and the post-processing defaults were chosen).
+relative error of the cell count; confluence_error: of the area covered by cells. Per-type numbers
+rest on 1 (LIVECell) to 11 (Sartorius) images; see docs/METRICS.md (also for how the encoder, the
+checkpoint and the post-processing defaults were chosen).
 """
     else:
         text += "Not evaluated at export time.\n"
@@ -204,9 +209,21 @@ def _training_text(training: dict, minutes_total: float) -> str:
             f"{training['lr']}, seed {training['seed']}; {minutes_total} min in all with measuring and export.")
 
 
-def _thresholds(postprocess: dict) -> dict:
+def thresholds_only(postprocess: dict) -> dict:
     """The thresholds without the cell rules' coefficients (those stay in the metadata)."""
     return {k: v for k, v in postprocess.items() if k not in ("cell_filter", "cell_merge")}
+
+
+def _model_rules_text(meta: dict) -> str:
+    """The shipped model's cell rules (`python -m export cell-rules`): what they do and why each was kept."""
+    rules = meta.get("cell_rules")
+    if not rules:
+        return ""
+    return (f"\nThen the cell rules (`cellseg.cell_merge`, `cellseg.cell_filter`; coefficients in the same metadata), "
+            f"fitted on {len(rules['fitted_on'])} training images (at most 8 per cell type) and confirmed on "
+            f"{len(rules['held_back'])} other training images with `{rules['command']}`:\n"
+            + _cell_rules_text(rules)
+            + ("With the filter, each cell's `score` is its P(annotated)." if meta["postprocess"].get("cell_filter") else ""))
 
 
 def _cell_rules_text(results: dict) -> str:
@@ -257,8 +274,8 @@ images with `python -m train finetune`.
 {table}
 
 Thresholds: {results.get('thresholds', {}).get('reason', 'picked on the training images')}:
-`{_thresholds(results['postprocess'])}`
-(the base model's: `{_thresholds(results['base_postprocess'])}`).
+`{thresholds_only(results['postprocess'])}`
+(the base model's: `{thresholds_only(results['base_postprocess'])}`).
 {_cell_rules_text(results)}{_tta_text(tta)}
 
 ## Training

@@ -184,7 +184,8 @@ def main(argv=None) -> int:
         params = PostprocessParams(**config["postprocess"])
         metrics = evaluate_segmentations(samples, onnx_model.segment(images, params))
         print(format_table(metrics))
-    metadata = build_metadata(config, checkpoint, metrics, args.split)
+    command = " ".join(["python -m export", *(argv or [])])
+    metadata = {**build_metadata(config, checkpoint, metrics, args.split), "export_command": command}
     write_exported(model, args.out, metadata, diff)
     if metrics:
         args.out.with_suffix(".metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -205,6 +206,6 @@ def main(argv=None) -> int:
             int8.with_suffix(".metrics.json").write_text(json.dumps(qmetrics, indent=2))
     card = args.card or args.out.parent / "MODEL_CARD.md"
     sha256 = sha256_file(args.out)
-    write_model_card(card, args.out, metadata, sha256, " ".join(["python -m export", *(argv or [])]), summary)
+    write_model_card(card, args.out, metadata, sha256, command, summary)
     print(f"metadata written into {args.out}; model card {card}; sha256 {sha256}")
     return 0

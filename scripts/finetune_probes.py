@@ -21,9 +21,10 @@ measured on the validation images, and the best the validation images themselves
 ceiling no choice made elsewhere can pass).
 
 `base-rules`: the cell rules a fine-tune learns (train/cell_rules.py: merge, then filter), fitted
-instead on the shipped model's own post-processing tuning images (the training split, at most 8 per
+from the shipped model's thresholds alone on its own post-processing tuning images (the training split, at most 8 per
 type, as scripts/tune_postprocess.py picks them; no TTA, as the shipped model serves) and measured on
-the whole validation split, per source and cell type: what rules in the shipped model would give.
+the whole validation split, per source and cell type, each rule alone and both (`python -m export
+cell-rules` fits the same rules and writes them into the model).
 
 The first three measure on the validation images of `--type` (never trained on by the shipped model).
 """
@@ -137,7 +138,7 @@ def base_rules(base: Path, data: Path) -> None:
     from train.cell_rules import fit_cell_filter, fit_cell_merge
 
     model = OnnxModel(base)
-    params = model.default_params
+    params = replace(model.default_params, cell_merge=None, cell_filter=None)  # refit from the thresholds alone
     train = subsample_per_type(load_split(data, "train"), 8)
     val = load_split(data, "val")
     train_maps = predict_maps(model.predict, [s.image() for s in train])
@@ -147,12 +148,17 @@ def base_rules(base: Path, data: Path) -> None:
     cell_filter = fit_cell_filter(train, train_maps, merged)
     both = replace(merged, cell_filter=cell_filter.rule if cell_filter.gain > 0 else None)
     print(f"fitted on {len(train)} training images: merge {merge.to_dict()}; filter {cell_filter.to_dict()}")
-    for name, chosen in (("the base's thresholds", params), ("+ merge", merged), ("+ merge + filter", both)):
+    only_filter = replace(params, cell_filter=fit_cell_filter(train, train_maps, params).rule)
+    for name, chosen in (("the base's thresholds", params), ("+ merge", merged), ("+ filter alone", only_filter),
+                         ("+ merge + filter", both)):
         result = evaluate_segmentations(val, [Segmentation.from_maps(m, chosen) for m in val_maps],
                                         groups=("per_source", "per_cell_type"))
         groups = {**result["per_source"], **result["per_cell_type"]}
-        print(f"{name}: {len(val)} validation images AP50 {result['ap50']:.3f} mSA {result['msa']:.3f}; mSA "
-              + ", ".join(f"{k} {v['msa']:.3f}" for k, v in groups.items()), flush=True)
+        print(f"{name}: {len(val)} validation images AP50 {result['ap50']:.3f} mSA {result['msa']:.3f} foreground "
+              f"IoU {result['foreground_iou']:.3f} count error {result['count_error']:.3f} confluence error "
+              f"{result['confluence_error']:.3f}; mSA / foreground IoU / confluence error "
+              + ", ".join(f"{k} {v['msa']:.3f} / {v['foreground_iou']:.3f} / {v['confluence_error']:.3f}"
+                          for k, v in groups.items()), flush=True)
 
 
 def main(argv=None) -> int:

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 COLS = ("n_images", "n_cells", "foreground_iou", "dice", "pixel_accuracy", "ap", "ap50", "ap75", "msa", "count_error")
-EXTRA_COLS = ("n_predicted", "foreground_precision", "foreground_recall")
+EXTRA_COLS = ("n_predicted", "foreground_precision", "foreground_recall", "confluence_error")
 # Issue 16's targets on the validation split: mSA per source, no cell type below mSA 0.10, and
 # SH-SY5Y boundaries (AP75).
 TARGETS = {"sartorius": {"msa": 0.22}, "livecell": {"msa": 0.28}}
@@ -90,7 +90,7 @@ def targets_text(val: dict) -> str:
 
 
 def before_after(before: dict, after: dict, label_after: str = "shipped") -> str:
-    keys = ("foreground_iou", "ap50", "msa", "count_error")
+    keys = ("foreground_iou", "ap50", "msa", "count_error", "confluence_error")
     lines = ["| group | " + " | ".join(f"{k} before → {label_after}" for k in keys) + " |", "|" + "---|" * (len(keys) + 1)]
 
     def row(name, b, a):
@@ -257,8 +257,9 @@ Command: `cellseg evaluate --model models/livecell-unet.onnx --split val --json 
         text += f"""
 ## Before and after, same validation split
 
-Before: the previously shipped model (the same architecture after 1,980 steps of 8 crops, 55 CPU
-minutes; this one is that model trained on for 3,500 steps of 64 crops on a lent GPU),
+Before: the previously shipped model, the same network and thresholds without the cell rules
+(`git show c61d4c6:models/livecell-unet.onnx > runs/previous-model.onnx`; the rules and why they
+were kept: "Cell rules in the shipped model" below),
 `cellseg evaluate --model runs/previous-model.onnx --split val --json {args.before}`.
 
 {before_after(before, val)}
@@ -309,7 +310,8 @@ defaults of training time (`PostprocessParams()`), so it differs from the final 
 
 Metric definitions: `cellseg/evaluate.py` (COCO AP/AP50/AP75 with pycocotools, maxDets 100/500/2000,
 read at 2000 detections; mSA = mean over IoU 0.50..0.95 of TP/(TP+FP+FN) per image; count_error =
-mean |predicted - true| / true cell count; foreground IoU / Dice / pixel accuracy per image, averaged).
+mean |predicted - true| / true cell count; confluence_error = mean |predicted - true| / true area covered
+by cells; foreground IoU / Dice / pixel accuracy per image, averaged).
 """
     if args.fewshot or args.fewshot_target:
         text += fewshot_section(args.fewshot, args.fewshot_target)

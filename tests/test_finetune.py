@@ -73,7 +73,7 @@ def test_a_two_minute_finetune_registers_serves_and_evaluates(tmp_path, data_roo
     stem = write_livecell_corners(data_root, annotated, 2)[-1]
     out = tmp_path / "model"
     run = subprocess.run([sys.executable, "-m", "train", "finetune", str(annotated), "--out", str(out),
-                          "--minutes", "0.3", "--name", "lab-demo", "--crop", "128", "--batch-size", "4"],
+                          "--minutes", "0.3", "--name", "lab-demo", "--crop", "128", "--batch-size", "4", "--tta"],
                          cwd=REPO, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     for name in ("model.onnx", "model.int8.onnx", "metrics.json", "MODEL_CARD.md", "model.metrics.json"):
@@ -90,7 +90,7 @@ def test_a_two_minute_finetune_registers_serves_and_evaluates(tmp_path, data_roo
     assert model.metadata["name"] == "lab-demo"
     assert model.metadata["postprocess"] == results["postprocess"]
     assert len(model.metadata["finetune"]["base_sha256"]) == 64
-    # issue 29: a fine-tuned model runs with TTA by default (its thresholds were picked on TTA maps)
+    # issue 29: a model fine-tuned with --tta runs with TTA by default (its thresholds were picked on TTA maps)
     assert model.default_tta and OnnxModel(out / "model.int8.onnx").default_tta and results["tta"] is True
     assert "Runs with test-time augmentation by default" in (out / "MODEL_CARD.md").read_text()
 
@@ -130,6 +130,8 @@ def test_no_train_keeps_the_base_network_and_adapts_only_thresholds_and_tta(tmp_
     import onnx
     from onnx import numpy_helper
 
+    from cellseg.onnx_model import OnnxModel
+
     annotated = tmp_path / "annotated"
     write_livecell_corners(data_root, annotated, 3)
     out = tmp_path / "model"
@@ -141,6 +143,9 @@ def test_no_train_keeps_the_base_network_and_adapts_only_thresholds_and_tta(tmp_
     assert results["minutes_total"] < 3  # no training: the budget is a ceiling, not a wait
     assert "no training (--no-train)" in run.stdout and "training steps were made" not in results["verdict"]["line"]
     assert "None (`--no-train`)" in (out / "MODEL_CARD.md").read_text()
+    # without --tta/--no-tta the model runs on the kind of maps its base's thresholds and rules were fitted
+    # on: the shipped model's, without TTA
+    assert results["tta"] is False and not OnnxModel(out / "model.onnx").default_tta
     weights = lambda path: {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}  # noqa: E731
     exported, shipped = weights(out / "model.onnx"), weights(model_path)
     assert exported.keys() == shipped.keys()

@@ -65,6 +65,11 @@ def test_semantic_scores_hand_computed():
     assert s["pixel_accuracy"] == pytest.approx(1 - 50 / 400)
     assert s["foreground_precision"] == 1.0 and s["foreground_recall"] == pytest.approx(0.5)
     assert semantic_scores(pred, gt)["foreground_precision"] == pytest.approx(0.5)
+    # confluence: 50 of the annotated 100 pixels covered, off by half; twice the area, off by one
+    assert s["confluence_error"] == pytest.approx(0.5) and semantic_scores(pred, gt)["confluence_error"] == 1.0
+    # a miss and a false cell of the same size cancel in confluence, not in foreground IoU
+    shifted = semantic_scores(gt, squares((10, 10, 20, 20), shape=(20, 20)))
+    assert shifted["confluence_error"] == 0.0 and shifted["foreground_iou"] == 0.0
 
 
 def test_coco_ap_of_ground_truth_is_exactly_one():

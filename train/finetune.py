@@ -49,12 +49,12 @@ from cellseg.annotations import AnnotationError, scan_annotated  # noqa: E402
 from cellseg.data import Sample  # noqa: E402
 from cellseg.evaluate import evaluate_segmentations, format_table  # noqa: E402
 from cellseg.inference import Segmentation, predict_maps  # noqa: E402
-from cellseg.onnx_model import OnnxModel, read_metadata  # noqa: E402
+from cellseg.onnx_model import OnnxModel, default_tta, read_metadata  # noqa: E402
 from cellseg.postprocess import PostprocessParams  # noqa: E402
 from cellseg.tuning import params_grid, rank_params  # noqa: E402
 from cellseg.variants import choose_for_model  # noqa: E402
 from export.int8 import calibration_arrays, quantize, within_pixels  # noqa: E402
-from export.model_card import write_finetune_card  # noqa: E402
+from export.model_card import thresholds_only, write_finetune_card  # noqa: E402
 from export.onnx_export import export_checked, finetune_metadata, write_exported  # noqa: E402
 from train.cell_rules import FILTER_CUTOFFS, MERGE_CUTOFFS, RuleFit, fit_cell_filter, fit_cell_merge, mean_msa  # noqa: E402
 from train.dataset import CropDataset  # noqa: E402
@@ -133,11 +133,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "rules for these images: a minute or two instead of a fine-tune. For cells the base already "
                         "knows it is the better choice (unseen astrocytes mSA x1.22-1.28 where training gave "
                         "x0.64-1.07; docs/METRICS.md, issue 29)")
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="the model runs with test-time augmentation by default (4 mirrorings averaged: about 4x "
-                        "the network time) and its thresholds are picked on such maps; the after-measurement "
-                        "uses it too. Default on: it lifted unseen astrocytes with every network measured "
-                        "(docs/METRICS.md, issue 29)")
+                        "the network time) and its thresholds and cell rules are picked on such maps; the "
+                        "after-measurement uses it too. Default: as the base runs (the shipped model: off). The "
+                        "base's thresholds and cell rules were fitted on its own kind of maps: with the shipped "
+                        "model's rules, TTA lowered unseen astrocytes in all three settings measured, while it "
+                        "lifted them before the base had rules (docs/METRICS.md, issue 29)")
     p.add_argument("--cell-rules", action=argparse.BooleanOptionalAction, default=True,
                    help="learn from these images which touching cells are one (merged) and which cut cells their "
                         "annotators would draw at all (the others dropped): logistic regressions over the maps and "
@@ -500,6 +502,9 @@ def main(argv=None) -> int:
         check_out(args.out, args.annotated, args.overwrite or args.resume)
         if not args.base.is_file():
             raise FinetuneError(f"base weights not found: {args.base}")
+        if args.tta is None:  # the kind of maps the base's own thresholds and rules were picked on
+            onnx_file = args.base.with_suffix(".onnx")
+            args.tta = onnx_file.is_file() and default_tta(read_metadata(onnx_file))
     except (FinetuneError, AnnotationError, OSError, ValueError) as exc:
         print(f"python -m train finetune: error: {exc}", file=sys.stderr)
         return 2
@@ -581,7 +586,7 @@ def run(args: argparse.Namespace, command: str, samples: list[Sample], split: Sp
     choice = pick_thresholds(split, train_maps, held_maps, base_params, candidates,
                              len(threshold_candidates(base_params, min_sizes)))
     params = choice.params
-    print(f"thresholds: {choice.reason}: {params.to_dict()}", flush=True)
+    print(f"thresholds: {choice.reason}: {thresholds_only(params.to_dict())}", flush=True)
     mark = phase_done("thresholds", mark)
     rules: dict[str, RuleChoice] = {}
     if args.cell_rules:
