@@ -127,7 +127,12 @@ SeedThreshold = Annotated[float | None, Field(default=None, ge=0, le=1,
 MinSize = Annotated[int | None, Field(default=None, ge=0, le=1_000_000, description="drop cells smaller than this (px)")]
 Tta = Annotated[bool | None, Field(default=None, description="test-time augmentation: average over 4 mirrorings "
                                                                "(about 4x the network time); default: the model's own "
-                                                               "(off for the shipped model, on for fine-tuned ones)")]
+                                                               "(off for the shipped model; on for a model fine-tuned "
+                                                               "with --tta)")]
+CellRules = Annotated[bool | None, Field(default=None, description="the model's cell rules: merge touching cells "
+                                                                   "annotators drew as one, drop cells they would not "
+                                                                   "draw (default: on where the model has them); "
+                                                                   "false cuts cells with the thresholds alone")]
 # Where measurements are answered, the pixel size that turns them into µm: given, or else the image's own.
 PixelSizeUm = Annotated[float | None, Field(default=None, ge=MIN_UM, le=MAX_UM,
                                             description="µm per pixel (square pixels); overrides the image's metadata "
@@ -139,7 +144,7 @@ FrameIndex = Annotated[int | None, Field(default=None, ge=0, le=MAX_STACK_FRAMES
                                          description="0-based frame of a multi-page TIFF time-lapse; 0 also takes "
                                                      "a single image. The answer's stack says which of how many")]
 POSTPROCESS_FIELDS = ("fg_threshold", "seed_threshold", "min_size")
-COMMON_FIELDS = (*POSTPROCESS_FIELDS, "tta")
+COMMON_FIELDS = (*POSTPROCESS_FIELDS, "tta", "cell_rules")
 MEASURING_FIELDS = (*COMMON_FIELDS, "pixel_size")
 ENDPOINT_FIELDS = {"/segment": MEASURING_FIELDS, "/overlay": COMMON_FIELDS, "/mask": (*COMMON_FIELDS, "binary"),
                    "/rois": COMMON_FIELDS, "/geojson": MEASURING_FIELDS, "/report": (*MEASURING_FIELDS, "frame")}
@@ -192,7 +197,7 @@ def check_form_fields(path: str, fields: dict[str, str]) -> None:
             raise ValueError(f"{name} must be a number, got {fields[name]!r}")
     if "min_size" in values and (isinstance(values["min_size"], bool) or not isinstance(values["min_size"], int)):
         raise ValueError(f"min_size must be a whole number of pixels, got {fields['min_size']!r}")
-    for name in ("binary", "tta"):
+    for name in ("binary", "tta", "cell_rules"):
         if name in values and not isinstance(values[name], bool):
             raise ValueError(f"{name} must be true or false, got {fields[name]!r}")
     if "frame" in values and (isinstance(values["frame"], bool) or not isinstance(values["frame"], int)
@@ -365,12 +370,13 @@ class CellSegmentation:
         self.in_flight = 0  # requests being answered
         self.idle_trim: asyncio.TimerHandle | None = None  # the pending trim once none is
 
-    def _params(self, fg_threshold, seed_threshold, min_size) -> PostprocessParams:
+    def _params(self, fg_threshold, seed_threshold, min_size, cell_rules: bool | None = None) -> PostprocessParams:
         try:
-            return self.defaults.with_overrides(fg_threshold=fg_threshold, seed_threshold=seed_threshold,
-                                                min_size=min_size)
+            params = self.defaults.with_overrides(fg_threshold=fg_threshold, seed_threshold=seed_threshold,
+                                                  min_size=min_size)
         except ValueError as exc:
             raise RequestError(str(exc)) from exc
+        return params.without_rules() if cell_rules is False else params
 
     def _read(self, image: Path, frame: Item | None = None) -> np.ndarray:
         size = image.stat().st_size
@@ -546,13 +552,13 @@ class CellSegmentation:
     @bentoml.api
     async def segment(self, image: Path, ctx: bentoml.Context, fg_threshold: FgThreshold = None,
                       seed_threshold: SeedThreshold = None, min_size: MinSize = None,
-                      tta: Tta = None, pixel_size: PixelSizeUm = None) -> dict:
+                      tta: Tta = None, cell_rules: CellRules = None, pixel_size: PixelSizeUm = None) -> dict:
         """Cells as JSON: count, confluence (% of pixels covered) and per cell id, area, bbox [x, y, w, h],
         centroid [x, y], score and COCO RLE mask; plus the model's name, version and sha256. Where a pixel
         size is known (the pixel_size field, else the image's metadata) each cell adds area_um2, and
         pixel_size says which size and from where ({x_um, y_um, source}, or null)."""
         async def work():
-            params = self._params(fg_threshold, seed_threshold, min_size)
+            params = self._params(fg_threshold, seed_threshold, min_size, cell_rules)
             raw, labels, scores = await self._segment(image, params, tta)
             size = await self._pixel_size(image, pixel_size)
             cells = await anyio.to_thread.run_sync(instances_from_labels, labels, scores, limiter=self.cpu)
@@ -566,11 +572,12 @@ class CellSegmentation:
     @bentoml.api
     async def mask(self, image: Path, ctx: bentoml.Context, fg_threshold: FgThreshold = None,
                    seed_threshold: SeedThreshold = None, min_size: MinSize = None,
-                   binary: bool = False, tta: Tta = None) -> PngFile:
+                   binary: bool = False, tta: Tta = None, cell_rules: CellRules = None) -> PngFile:
         """PNG mask: 16-bit label image (0 = background, 1..N cells), or 8-bit 0/255 with binary=true.
         An image with more than 65,535 cells gets a 422: use /segment or binary=true."""
         async def work():
-            _, labels, _ = await self._segment(image, self._params(fg_threshold, seed_threshold, min_size), tta)
+            params = self._params(fg_threshold, seed_threshold, min_size, cell_rules)
+            _, labels, _ = await self._segment(image, params, tta)
             encode = binary_png_bytes if binary else label_png_bytes
             try:
                 png = await anyio.to_thread.run_sync(encode, labels, limiter=self.cpu)
@@ -582,10 +589,11 @@ class CellSegmentation:
     @bentoml.api
     async def overlay(self, image: Path, ctx: bentoml.Context, fg_threshold: FgThreshold = None,
                       seed_threshold: SeedThreshold = None, min_size: MinSize = None,
-                      tta: Tta = None) -> PngFile:
+                      tta: Tta = None, cell_rules: CellRules = None) -> PngFile:
         """PNG of the image with every cell's outline drawn, for people to look at."""
         async def work():
-            raw, labels, _ = await self._segment(image, self._params(fg_threshold, seed_threshold, min_size), tta)
+            params = self._params(fg_threshold, seed_threshold, min_size, cell_rules)
+            raw, labels, _ = await self._segment(image, params, tta)
             png = await anyio.to_thread.run_sync(overlay_png_bytes, raw, labels, limiter=self.cpu)
             return Response(png, media_type="image/png", headers={"X-Cell-Count": str(int(labels.max()))})
         return await self._guarded(work, ctx)
@@ -593,11 +601,12 @@ class CellSegmentation:
     @bentoml.api
     async def rois(self, image: Path, ctx: bentoml.Context, fg_threshold: FgThreshold = None,
                    seed_threshold: SeedThreshold = None, min_size: MinSize = None,
-                   tta: Tta = None) -> ZipFile:
+                   tta: Tta = None, cell_rules: CellRules = None) -> ZipFile:
         """ImageJ/Fiji ROI set: a .zip of .roi files, one per cell, named cell-00042 (its label id): a polygon, or a
         composite ROI for a cell of several pieces or with holes (open with Fiji's ROI Manager)."""
         async def work():
-            _, labels, _ = await self._segment(image, self._params(fg_threshold, seed_threshold, min_size), tta)
+            params = self._params(fg_threshold, seed_threshold, min_size, cell_rules)
+            _, labels, _ = await self._segment(image, params, tta)
             data = await anyio.to_thread.run_sync(imagej_roi_zip, labels, limiter=self.cpu)
             return Response(data, media_type="application/zip", headers={
                 "X-Cell-Count": str(int(labels.max())), "Content-Disposition": 'attachment; filename="RoiSet.zip"'})
@@ -606,12 +615,12 @@ class CellSegmentation:
     @bentoml.api
     async def geojson(self, image: Path, ctx: bentoml.Context, fg_threshold: FgThreshold = None,
                       seed_threshold: SeedThreshold = None, min_size: MinSize = None,
-                      tta: Tta = None, pixel_size: PixelSizeUm = None) -> dict:
+                      tta: Tta = None, cell_rules: CellRules = None, pixel_size: PixelSizeUm = None) -> dict:
         """QuPath GeoJSON (as JSON): a FeatureCollection of detections, one per cell (a Polygon with its holes, or a
         MultiPolygon for a cell of several pieces), with each cell's measurements (in µm too where a pixel size is
         known). Save it as cells.geojson and drag it onto the image in QuPath."""
         async def work():
-            params = self._params(fg_threshold, seed_threshold, min_size)
+            params = self._params(fg_threshold, seed_threshold, min_size, cell_rules)
             raw, labels, _ = await self._segment(image, params, tta)
             size = await self._pixel_size(image, pixel_size)
 
@@ -625,7 +634,8 @@ class CellSegmentation:
     @bentoml.api
     async def report(self, image: Path, ctx: bentoml.Context, fg_threshold: FgThreshold = None,
                      seed_threshold: SeedThreshold = None, min_size: MinSize = None,
-                     tta: Tta = None, pixel_size: PixelSizeUm = None, frame: FrameIndex = None) -> dict:
+                     tta: Tta = None, cell_rules: CellRules = None, pixel_size: PixelSizeUm = None,
+                     frame: FrameIndex = None) -> dict:
         """Everything the web page (/ui) shows and offers, from one segmentation: count, confluence,
         per-cell measurements (area, centroid, perimeter, eccentricity, score...; in µm too where a pixel
         size is known, and pixel_size says which and from where), their units, the image rendered to
@@ -635,7 +645,7 @@ class CellSegmentation:
         <stem>_t0003 as a batch job names it, and stack says {name, frame, frames, time_s} (null for a
         single image, whose frame is 0)."""
         async def work():
-            params = self._params(fg_threshold, seed_threshold, min_size)
+            params = self._params(fg_threshold, seed_threshold, min_size, cell_rules)
             name = PurePath(upload_name(image)).stem or "image"
             item, frames = (None, 1) if frame is None else await anyio.to_thread.run_sync(
                 upload_item, image, name, frame, MAX_PIXELS, limiter=self.cpu)

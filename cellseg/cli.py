@@ -39,11 +39,16 @@ def add_postprocess_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-size", type=int, help="drop cells smaller than this many pixels (default: model's)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="test-time augmentation: average the network's maps over 4 mirrorings (4x the network time); "
-                        "default: the model's own (off for the shipped model, on for fine-tuned ones)")
+                        "default: the model's own (off for the shipped model; on for a model fine-tuned with --tta)")
+    p.add_argument("--cell-rules", action=argparse.BooleanOptionalAction, default=None,
+                   help="the model's cell rules: merge touching cells annotators drew as one, drop cells they would "
+                        "not draw (default: on where the model has them, as the shipped model does); --no-cell-rules "
+                        "cuts cells with the thresholds alone (more of the cell-covered area, more false cells)")
 
 
 def postprocess_params(args: argparse.Namespace, defaults: PostprocessParams) -> PostprocessParams:
-    return defaults.with_overrides(**{key: getattr(args, key) for key in POSTPROCESS_KEYS})
+    params = defaults.with_overrides(**{key: getattr(args, key) for key in POSTPROCESS_KEYS})
+    return params.without_rules() if getattr(args, "cell_rules", None) is False else params
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -111,8 +116,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
         # Only what the user set is sent; the server fills in its model's defaults.
         overrides = {k: getattr(args, k) for k in POSTPROCESS_KEYS if getattr(args, k) is not None}
         postprocess_params(args, PostprocessParams())  # validate here rather than once per image remotely
-        if args.tta is not None:  # left open, the server's model decides
-            overrides["tta"] = args.tta
+        for key in ("tta", "cell_rules"):  # left open, the server's model decides
+            if getattr(args, key) is not None:
+                overrides[key] = getattr(args, key)
         factory = lambda: server_backend(args.server, overrides, args.concurrency, formats, pixel_size)  # noqa: E731
         settings = server_settings(args.server, overrides)
     else:

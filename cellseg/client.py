@@ -260,11 +260,12 @@ class Client:
         return self._json("model")
 
     def segment(self, image, fg_threshold: float | None = None, seed_threshold: float | None = None,
-                min_size: int | None = None, tta: bool | None = None, pixel_size: float | None = None) -> SegmentResult:
+                min_size: int | None = None, tta: bool | None = None, cell_rules: bool | None = None,
+                pixel_size: float | None = None) -> SegmentResult:
         """Cells of the image. `pixel_size` (µm per pixel) overrides the size in the image's metadata;
         where either is known, every cell has `area_um2` and `result.pixel_size` says which size was used."""
         data = self._json("segment", image, fg_threshold=fg_threshold, seed_threshold=seed_threshold,
-                          min_size=min_size, tta=tta, pixel_size=pixel_size)
+                          min_size=min_size, tta=tta, cell_rules=cell_rules, pixel_size=pixel_size)
         return SegmentResult.from_json(data)
 
     def _png(self, endpoint: str, image, **params) -> np.ndarray:
@@ -278,27 +279,29 @@ class Client:
             raise CellsegError(f"{endpoint}: the service's answer is not a usable PNG ({exc})") from None
 
     def mask(self, image, binary: bool = False, fg_threshold: float | None = None,
-             seed_threshold: float | None = None, min_size: int | None = None, tta: bool | None = None) -> np.ndarray:
+             seed_threshold: float | None = None, min_size: int | None = None, tta: bool | None = None,
+             cell_rules: bool | None = None) -> np.ndarray:
         """(H, W) label image as int32 (0 = background), or uint8 0/255 with binary=True."""
         arr = self._png("mask", image, binary=binary, fg_threshold=fg_threshold, seed_threshold=seed_threshold,
-                        min_size=min_size, tta=tta)
+                        min_size=min_size, tta=tta, cell_rules=cell_rules)
         return arr if binary else arr.astype(np.int32)
 
     def rois(self, image, fg_threshold: float | None = None, seed_threshold: float | None = None,
-             min_size: int | None = None, tta: bool | None = None) -> bytes:
+             min_size: int | None = None, tta: bool | None = None, cell_rules: bool | None = None) -> bytes:
         """ImageJ/Fiji ROI set (.zip bytes: write them to RoiSet.zip and open it in Fiji)."""
         return self._call("rois", image, fg_threshold=fg_threshold, seed_threshold=seed_threshold, min_size=min_size,
-                          tta=tta)[0]
+                          tta=tta, cell_rules=cell_rules)[0]
 
     def geojson(self, image, fg_threshold: float | None = None, seed_threshold: float | None = None,
-                min_size: int | None = None, tta: bool | None = None, pixel_size: float | None = None) -> dict:
+                min_size: int | None = None, tta: bool | None = None, cell_rules: bool | None = None,
+                pixel_size: float | None = None) -> dict:
         """QuPath GeoJSON FeatureCollection of the cells (one detection per cell, with measurements; in µm
         too where `pixel_size` is given or the image's metadata has one)."""
         return self._json("geojson", image, fg_threshold=fg_threshold, seed_threshold=seed_threshold,
-                          min_size=min_size, tta=tta, pixel_size=pixel_size)
+                          min_size=min_size, tta=tta, cell_rules=cell_rules, pixel_size=pixel_size)
 
     def overlay(self, image, fg_threshold: float | None = None, seed_threshold: float | None = None,
-                min_size: int | None = None, tta: bool | None = None) -> np.ndarray:
+                min_size: int | None = None, tta: bool | None = None, cell_rules: bool | None = None) -> np.ndarray:
         """(H, W, 3) uint8 RGB image with cell outlines."""
         return self._png("overlay", image, fg_threshold=fg_threshold, seed_threshold=seed_threshold, min_size=min_size,
-                         tta=tta)
+                         tta=tta, cell_rules=cell_rules)

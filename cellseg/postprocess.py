@@ -61,6 +61,10 @@ class PostprocessParams:
         """These parameters with the given ones replacing them (None means "keep"), validated."""
         return replace(self, **{k: v for k, v in overrides.items() if v is not None}).validate()
 
+    def without_rules(self) -> PostprocessParams:
+        """The thresholds alone: cells as the watershed cuts them, no learnt merge or filter."""
+        return replace(self, cell_merge=None, cell_filter=None)
+
     def to_dict(self) -> dict:
         """JSON-ready; a rule the parameters lack is left out rather than null (BentoML's model store
         refuses None in metadata, and a fine-tuned model's parameters go there)."""

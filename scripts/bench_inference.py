@@ -8,8 +8,10 @@ ratios of issue 9 (end to end vs eager, post-processing share, fraction of the m
 --baseline times another ONNX model (e.g. the previously shipped one) in the same run, so the two
 compare on the same machine; --tta adds the end-to-end time with test-time augmentation.
 
-PyTorch eager is timed on the same architecture (read from the ONNX metadata) with the training
-checkpoint's weights if --checkpoint is given; timing does not depend on the weight values.
+PyTorch eager is timed with the weights beside the ONNX file (<model>.safetensors), or the training
+checkpoint's if --checkpoint is given, else random weights of the same architecture: the network's
+time does not depend on them, but post-processing's does (random maps give few cells to cut, and the
+cell rules work per cell), so end to end compares fairly only with the real weights.
 """
 
 from __future__ import annotations
@@ -56,12 +58,15 @@ def timeit(fn, repeats: int) -> dict:
 def torch_predictor(onnx_model: OnnxModel, checkpoint: Path | None, threads: int):
     import torch
 
-    from train.model import WithSigmoid, build_model, load_checkpoint
+    from train.model import WithSigmoid, build_model, load_checkpoint, load_weights
 
     torch.set_num_threads(threads)
+    weights = onnx_model.path.with_suffix(".safetensors")
     if checkpoint:
         model, _ = load_checkpoint(checkpoint)
-    else:
+    elif weights.is_file():  # the same weights as the ONNX file: the same maps, so the same cells to cut
+        model = load_weights(weights)
+    else:  # the network's time does not depend on its weights, but the post-processing's does
         arch = onnx_model.metadata["architecture"]
         model = build_model(arch["encoder"], None, tuple(arch["decoder_channels"]))
     wrapped = WithSigmoid(model).eval()

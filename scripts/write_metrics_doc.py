@@ -16,6 +16,10 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from export.model_card import thresholds_only  # noqa: E402
+
 COLS = ("n_images", "n_cells", "foreground_iou", "dice", "pixel_accuracy", "ap", "ap50", "ap75", "msa", "count_error")
 EXTRA_COLS = ("n_predicted", "foreground_precision", "foreground_recall", "confluence_error")
 # Issue 16's targets on the validation split: mSA per source, no cell type below mSA 0.10, and
@@ -87,6 +91,14 @@ def targets_text(val: dict) -> str:
         for key, target in wanted.items():
             add(cell_type, key, target, val["per_cell_type"][cell_type][key])
     return "\n".join(lines)
+
+
+def rules_text(postprocess: dict) -> str:
+    """The cell rules a model's post-processing carries, named with their cutoffs (coefficients stay in
+    the model's metadata)."""
+    named = [f"{what} (cutoff {postprocess[key]['cutoff']})" for key, what in
+             (("cell_merge", "cell merge"), ("cell_filter", "cell filter")) if postprocess.get(key)]
+    return f", then the {' and '.join(named)} (\"Cell rules in the shipped model\" below)" if named else ""
 
 
 def before_after(before: dict, after: dict, label_after: str = "shipped") -> str:
@@ -238,9 +250,11 @@ def main() -> int:
     args = p.parse_args()
     val = json.loads(args.val.read_text())
     history = json.loads(args.history.read_text())
+    post = val["postprocess"]
     text = f"""# Accuracy of the shipped model
 
-Model: `models/{Path(val['model']).name}` (sha256 `{val['model_sha256']}`). Post-processing: `{val['postprocess']}`.
+Model: `models/{Path(val['model']).name}` (sha256 `{val['model_sha256']}`).
+Post-processing: `{thresholds_only(post)}`{rules_text(post)}.
 All numbers come from `cellseg evaluate`, i.e. the same inference path as the service and batch jobs
 (whole-image percentile normalisation, ONNX Runtime, seeded watershed), at native resolution.
 

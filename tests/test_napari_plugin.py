@@ -444,3 +444,25 @@ def test_thresholds_set_before_the_first_segment_are_applied(viewer_widget, qtbo
     params = widget.params()
     expected = maps_to_labels(decode_maps([widget.results[None].codes])[0], params)
     assert params.seed_threshold == 0.6 and params.min_size == 100 and np.array_equal(widget.labels_layer.data, expected)
+
+
+@pytest.mark.data
+def test_painted_cells_are_scored_by_the_models_cell_filter_like_its_own(data_root, model_path):
+    """With the shipped model's cell filter, a run's scores are P(annotated); a cell painted afterwards
+    is scored on that scale too (it used to get the mean foreground probability, another scale)."""
+    from cellseg.cell_filter import CellFilter
+    from cellseg.data import load_split
+    from cellseg.napari_plugin.widget import CellsegWidget
+
+    model = engine.LocalModel(model_path)
+    assert model.default_params.cell_filter is not None
+    image = load_split(data_root, "val")[0].image()[:256, :256]
+    result = model.segment(image, model.default_params)
+    assert result.cell_filter == model.default_params.cell_filter
+    np.testing.assert_array_equal(CellsegWidget._scores(result.labels, result), result.scores)
+    painted = result.labels.copy()
+    painted[:20, :20] = painted.max() + 1  # a new cell painted in a corner
+    scores = CellsegWidget._scores(painted, result)
+    maps = decode_maps([result.codes])[0]
+    assert isinstance(result.cell_filter, CellFilter) and len(scores) == painted.max()
+    np.testing.assert_allclose(scores, result.cell_filter.probabilities(painted, maps))

@@ -171,7 +171,7 @@ def test_bad_uploads_get_4xx_and_server_keeps_serving(server, case):
 
 
 @pytest.mark.parametrize("data", [{"fg_threshold": "2"}, {"seed_threshold": "0"}, {"min_size": "-1"},
-                                  {"min_size": "abc"}, {"binary": "maybe"}, {"min_sz": "3"}])
+                                  {"min_size": "abc"}, {"binary": "maybe"}, {"min_sz": "3"}, {"cell_rules": "sometimes"}])
 def test_bad_parameters_get_400_with_status_and_no_traceback(served, tif, data):
     """Issue 7.13: parameter errors are the client's fault: a 400 with the promised body, one WARNING line."""
     server, log = served
@@ -369,6 +369,20 @@ def test_tta_through_the_service_matches_local_tta(client, tif, served_model):
     expected = served_model.segment([read_image(tif)], tta=True)[0].labels
     np.testing.assert_array_equal(client.mask(tif, tta=True), expected)
     assert client.segment(tif, tta=True).params["tta"] is True
+
+
+def test_cell_rules_can_be_switched_off_per_request(client, tif, served_model):
+    """The shipped model merges and filters cells by default; cell_rules=false answers the watershed's
+    cells alone (the model shipped before the rules), through the service as in process."""
+    image = read_image(tif)
+    plain = served_model.segment([image], served_model.default_params.without_rules())[0]
+    assert served_model.default_params.cell_filter is not None
+    off = client.segment(tif, cell_rules=False)
+    assert "cell_filter" not in off.params and "cell_merge" not in off.params
+    np.testing.assert_array_equal(off.labels, plain.labels)
+    np.testing.assert_array_equal(client.mask(tif, cell_rules=False), plain.labels)
+    on = client.segment(tif)
+    assert on.params["cell_filter"] and on.params["cell_merge"] and on.count < off.count
 
 
 def test_fuzzing_finds_no_server_error_and_no_schema_break(server, tif):

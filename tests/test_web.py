@@ -122,8 +122,8 @@ def test_page_segments_reruns_downloads_and_reports_errors(page, served, tif, cl
     assert "cell area (px²)" in histogram and "number of cells" in histogram
     ticks = histogram_ticks(page)  # issue 25: 0/250/500, not 0/204/408
     assert len(ticks) >= 3 and ticks[0] == 0 and all(is_round(t) for t in ticks), ticks
-    assert "mean foreground probability" in page.get_attribute("#cells th[data-key=score]", "title")
-    for name in ("fg_threshold", "seed_threshold", "min_size", "tta"):
+    assert "probability that annotators would draw the cell" in page.get_attribute("#cells th[data-key=score]", "title")
+    for name in ("fg_threshold", "seed_threshold", "min_size", "tta", "cell_rules"):
         help_id = page.get_attribute(f"#{name}", "aria-describedby")
         assert help_id and page.text_content(f"#{help_id}").strip()
     assert page.text_content("#model").startswith(f"Model: LIVECell U-Net · {served_precision(served_model_path)} · weights ")
@@ -549,7 +549,7 @@ def test_a_stack_chosen_alone_is_taken_frame_by_frame(page, many_inputs):
 
 
 def test_tta_is_sent_only_once_the_box_is_touched(page, tif):
-    """Issue 29: a fine-tuned model runs with TTA by default, so the page must not send tta=false for
+    """Issue 29: a model fine-tuned with --tta runs with TTA by default, so the page must not send tta=false for
     an untouched box (the model's default applies and the box then shows it); once ticked or
     unticked, the choice is sent either way."""
     page.set_input_files("#file", str(tif))
@@ -564,3 +564,19 @@ def test_tta_is_sent_only_once_the_box_is_touched(page, tif):
     assert page.is_checked("#tta")  # the answer's resolved value: true
     page.uncheck("#tta")
     assert page.evaluate("settingsFields()")["tta"] == "false"
+
+
+def test_the_cell_rules_box_shows_the_models_rules_and_switches_them_off(page, tif, client):
+    """The shipped model's rules apply unless the box is unticked; unticked, the page shows the
+    watershed's cells alone, as the API's cell_rules=false gives them."""
+    page.set_input_files("#file", str(tif))
+    count = wait_for_result(page, 0)
+    assert page.is_checked("#cell_rules") and page.is_enabled("#cell_rules")
+    assert "cell_rules" not in page.evaluate("settingsFields()") and count == client.segment(tif).count
+    page.uncheck("#cell_rules")
+    assert page.evaluate("settingsFields()")["cell_rules"] == "false"
+    before = results_shown(page)
+    page.click("#run")
+    plain = wait_for_result(page, before)
+    assert plain == client.segment(tif, cell_rules=False).count > count
+    assert not page.is_checked("#cell_rules") and page.is_enabled("#cell_rules")

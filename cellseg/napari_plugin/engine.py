@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from cellseg.batch import frame_name
+from cellseg.cell_filter import CellFilter
 from cellseg.imageio import to_grayscale
 from cellseg.inference import Segmentation, decode_maps, encode_map, predict_maps
 from cellseg.instances import label_png_bytes
@@ -63,6 +64,7 @@ class FrameResult:
     codes: np.ndarray | None
     labels: np.ndarray
     scores: np.ndarray | None
+    cell_filter: CellFilter | None = None  # the model's, which scored the cells: it scores painted ones too
 
 
 class LocalModel:
@@ -83,7 +85,7 @@ class LocalModel:
         values they already hold: `predict_maps` returns the service's 8-bit maps decoded)."""
         maps = predict_maps(self.model.predict, [image], batch_size=1, tta=self.model.default_tta)[0]  # as `cellseg segment`
         seg = Segmentation.from_maps(maps, params)
-        return FrameResult(encode_map(seg.probs), seg.labels, seg.scores())
+        return FrameResult(encode_map(seg.probs), seg.labels, seg.scores(), params.cell_filter)
 
 
 class ServerModel:

@@ -500,11 +500,15 @@ class CellsegWidget(QWidget):
 
     @staticmethod
     def _scores(labels: np.ndarray, result: engine.FrameResult) -> np.ndarray | None:
-        """Each cell's mean foreground probability: the run's own while the labels are still its own,
-        else from the cached maps (so a painted cell has one too); none for painted server labels."""
+        """Each cell's score (Segmentation.scores: the model's cell filter's P(annotated), or the mean
+        foreground probability for a model without one): the run's own while the labels are still its
+        own, else from the cached maps (so a painted cell has one, on the same scale); none for painted
+        server labels."""
         if np.array_equal(labels, result.labels):
             return result.scores
-        return Segmentation(labels, decode_maps([result.codes])[0]).scores() if result.codes is not None else None
+        if result.codes is None:
+            return None
+        return Segmentation(labels, decode_maps([result.codes])[0], result.cell_filter).scores()
 
     def show_table(self) -> None:
         if self.source is None or not self.records:
