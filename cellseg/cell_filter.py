@@ -72,7 +72,7 @@ def label_maxima(labels: np.ndarray, count: int, *values: np.ndarray) -> list[np
 
 def cell_features(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
     """(N, len(FEATURES)) float64 for cells 1..N of a sequential label image, from the (3, H, W) maps
-    (foreground, boundary, distance) it was cut from. Vectorised per label: a few ms per image."""
+    (foreground, boundary, distance) it was cut from. Vectorised per label: about 30 ms for a 704 x 520 image."""
     count = int(labels.max())
     if count == 0:
         return np.zeros((0, len(FEATURES)))
