@@ -84,9 +84,8 @@ def cell_features(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
     ring = np.where((grown > 0) & (grown != labels), grown, 0).ravel()
     ring_size = np.maximum(np.bincount(ring, minlength=count + 1)[1:], 1)
 
-    def mean(values: np.ndarray, where: np.ndarray = flat) -> np.ndarray:
-        sums = np.bincount(where, weights=values.ravel(), minlength=count + 1)[1:]
-        return sums / (np.maximum(area, 1) if where is flat else ring_size)
+    def mean(values: np.ndarray, where: np.ndarray = flat, sizes: np.ndarray = np.maximum(area, 1)) -> np.ndarray:
+        return np.bincount(where, weights=values.ravel(), minlength=count + 1)[1:] / sizes
 
     vy, vx, cov = second_moments(labels, count)
     spread = np.sqrt(np.maximum((vy - vx) ** 2 + 4 * cov**2, 0))
@@ -99,7 +98,8 @@ def cell_features(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
     return np.stack([
         np.log(np.maximum(area, 1)), mean(probs[0]), mean(probs[1]),
         label_maxima(labels, count, probs[2])[0], mean(probs[2]),
-        mean(probs[0], ring), mean(probs[1], ring), mean((labels > 0).astype(np.float64), ring),
+        mean(probs[0], ring, ring_size), mean(probs[1], ring, ring_size),
+        mean((labels > 0).astype(np.float64), ring, ring_size),
         1 - np.sqrt(minor / np.maximum(major, 1e-9)), area / box_area, on_border,
     ], axis=1)
 

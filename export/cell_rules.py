@@ -16,20 +16,18 @@ the thresholds alone, so the command gives the same files twice.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 from tqdm import tqdm
 
-from cellseg.cpu import describe_cpu
 from cellseg.data import Sample, default_data_root, load_split, subsample_per_type
-from cellseg.evaluate import evaluate_segmentations, format_table
-from cellseg.inference import Segmentation, predict_maps
+from cellseg.evaluate import format_table
+from cellseg.inference import predict_maps
 from cellseg.onnx_model import OnnxModel, read_metadata, sha256_file
 from cellseg.postprocess import PostprocessParams
+from export.int8 import evaluate_file
 
 CONFIRM_SEED = 1  # the held-back draw; the tuning draw is subsample_per_type's default seed 0
 
@@ -47,7 +45,7 @@ def fit_model_rules(model: OnnxModel, tuning: list[Sample], held_back: list[Samp
     """The model's thresholds with the rules that are kept, and what each rule's pick said."""
     from train.finetune import Split, pick_cell_rules  # training-side code: scikit-learn, torch
 
-    thresholds = replace(model.default_params, cell_merge=None, cell_filter=None)
+    thresholds = model.default_params.without_rules()
 
     def maps(samples: list[Sample], what: str):
         return [predict_maps(model.predict, [s.image()])[0] for s in tqdm(samples, desc=f"network, {what}")]
@@ -55,14 +53,6 @@ def fit_model_rules(model: OnnxModel, tuning: list[Sample], held_back: list[Samp
     params, choices = pick_cell_rules(Split(tuning, held_back), maps(tuning, "tuning images"),
                                       maps(held_back, "held-back images"), thresholds)
     return params, {field: choice.to_dict() for field, choice in choices.items()}
-
-
-def evaluate(path: Path, samples: list[Sample], params: PostprocessParams) -> dict:
-    """Validation figures of `path` with `params` (what `cellseg evaluate` gives once they are its defaults)."""
-    model = OnnxModel(path)
-    segmentations = [Segmentation.from_maps(predict_maps(model.predict, [s.image()])[0], params)
-                     for s in tqdm(samples, desc=f"evaluating {path.name}")]
-    return {**evaluate_segmentations(samples, segmentations), "cpu": describe_cpu()}
 
 
 def export_command(meta: dict, card: Path) -> str:
@@ -107,10 +97,9 @@ def main(argv: list[str] | None = None) -> int:
              **choices}
 
     samples = load_split(args.data, args.split)
-    metrics = evaluate(fp32, samples, params)
+    metrics = evaluate_file(fp32, samples, params)  # <stem>.metrics.json too
     print(format_table(metrics))
     meta = write_rules(fp32, params, rules, args.split, metrics, card)
-    fp32.with_suffix(".metrics.json").write_text(json.dumps(metrics, indent=2))
     summary = None
     if int8.is_file():
         summary = refresh_int8(int8, fp32, samples, params)
@@ -129,9 +118,8 @@ def refresh_int8(int8: Path, fp32: Path, samples: list[Sample], params: Postproc
     quantization = read_metadata(int8)["quantization"]
     recipe = Int8Recipe(**{k: quantization[k] for k in Int8Recipe().to_dict()})
     record_recipe(int8, fp32, recipe)
-    metrics = evaluate(int8, samples, params)
+    metrics = evaluate_file(int8, samples, params)
     print(format_table(metrics))
-    int8.with_suffix(".metrics.json").write_text(json.dumps(metrics, indent=2))
     return int8_summary(int8, recipe, metrics)
 
 

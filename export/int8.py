@@ -148,18 +148,26 @@ def int8_summary(int8: Path, recipe: Int8Recipe, metrics: dict | None) -> dict:
             "recipe": recipe.to_dict(), "metrics": metrics and {k: v for k, v in metrics.items() if k != "per_image"}}
 
 
-def evaluate_int8(int8: Path, data: Path) -> dict:
-    """The int8 file on the validation split with its own post-processing defaults (as `cellseg
-    evaluate --split val`), written beside it as <stem>.metrics.json (what `register` reads)."""
+def evaluate_file(path: Path, samples: list, params=None) -> dict:
+    """An ONNX file scored on `samples` one image at a time (as `cellseg evaluate`), with its own
+    post-processing defaults or `params`, written beside it as <stem>.metrics.json (what `register`
+    reads) with the CPU it ran on."""
+    from tqdm import tqdm
+
     from cellseg.cpu import describe_cpu
     from cellseg.evaluate import evaluate_segmentations
     from cellseg.onnx_model import OnnxModel
 
-    samples = load_split(data, "val")
-    model = OnnxModel(int8)
-    metrics = {**evaluate_segmentations(samples, model.segment([s.image() for s in samples])), "cpu": describe_cpu()}
-    int8.with_suffix(".metrics.json").write_text(json.dumps(metrics, indent=2))
+    model = OnnxModel(path)
+    segmentations = [model.segment([s.image()], params)[0] for s in tqdm(samples, desc=f"evaluating {path.name}")]
+    metrics = {**evaluate_segmentations(samples, segmentations), "cpu": describe_cpu()}
+    path.with_suffix(".metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def evaluate_int8(int8: Path, data: Path) -> dict:
+    """The int8 file on the validation split with its own post-processing defaults (`cellseg evaluate --split val`)."""
+    return evaluate_file(int8, load_split(data, "val"))
 
 
 def main(argv=None) -> int:

@@ -13,7 +13,6 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -46,7 +45,7 @@ def main() -> int:
     params = model.default_params
     if params.cell_merge is None and params.cell_filter is None:
         raise SystemExit(f"{args.model} carries no cell rules: give a fine-tune's model.onnx whose run kept some")
-    plain = replace(params, cell_merge=None, cell_filter=None)
+    plain = params.without_rules()
     samples = subsample_per_type(load_split(args.data, "val"), args.per_type)
     maps = predict_maps(model.predict, [s.image() for s in samples])  # without TTA: the step after it is the same
     rows = []

@@ -138,7 +138,7 @@ def base_rules(base: Path, data: Path) -> None:
     from train.cell_rules import fit_cell_filter, fit_cell_merge
 
     model = OnnxModel(base)
-    params = replace(model.default_params, cell_merge=None, cell_filter=None)  # refit from the thresholds alone
+    params = model.default_params.without_rules()  # refit from the thresholds alone
     train = subsample_per_type(load_split(data, "train"), 8)
     val = load_split(data, "val")
     train_maps = predict_maps(model.predict, [s.image() for s in train])

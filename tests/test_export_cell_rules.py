@@ -26,7 +26,8 @@ def test_draws_are_training_images_only_and_disjoint(data_root):
 def test_rules_written_into_both_files_with_their_figures_and_card(model_path, data_root, tmp_path):
     from cellseg.data import load_split
     from cellseg.onnx_model import OnnxModel, read_metadata, sha256_file
-    from export.cell_rules import evaluate, refresh_int8, write_rules
+    from export.cell_rules import refresh_int8, write_rules
+    from export.int8 import evaluate_file
     from export.model_card import write_model_card
 
     fp32, int8, card = tmp_path / "m.onnx", tmp_path / "m.int8.onnx", tmp_path / "MODEL_CARD.md"
@@ -40,7 +41,7 @@ def test_rules_written_into_both_files_with_their_figures_and_card(model_path, d
              "cell_merge": {"kept": True, "reason": "cell merge kept (test)"},
              "cell_filter": {"kept": False, "reason": "cell filter not kept (test)"}}
     samples = load_split(data_root, "val")[:2]
-    metrics = evaluate(fp32, samples, params)
+    metrics = evaluate_file(fp32, samples, params)
     meta = write_rules(fp32, params, rules, "val", metrics, card)
     summary = refresh_int8(int8, fp32, samples, params)
     write_model_card(card, fp32, meta, sha256_file(fp32), meta["export_command"], summary)

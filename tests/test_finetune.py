@@ -208,7 +208,7 @@ def test_cell_rules_learned_from_astrocytes_ride_with_the_model_everywhere(tmp_p
     pixels = read_image(image_file)
     filtered = model.segment([pixels])[0]
     unfiltered = model.segment([pixels], replace(params, cell_filter=None))[0]
-    unmerged = model.segment([pixels], replace(params, cell_filter=None, cell_merge=None))[0]
+    unmerged = model.segment([pixels], params.without_rules())[0]
     assert 0 < filtered.count < unfiltered.count < unmerged.count
     # each kept cell's score is the filter's probability as it decided (its neighbours still there)
     decided = params.cell_filter.probabilities(unfiltered.labels, unfiltered.probs)

@@ -101,7 +101,7 @@ def fit_cell_merge(samples: Sequence[Sample], maps: Sequence[np.ndarray], params
     leave-one-image-out mSA. Examples are cut with `params` without any merge or filter; the figure
     to beat (`msa_without`) is `params`' own merge, if it has one (a base that carries rules)."""
     current = replace(params, cell_filter=None)
-    params = replace(params, cell_merge=None, cell_filter=None)
+    params = params.without_rules()
     examples, plain = [], []
     for sample, probs in zip(samples, maps):
         gt, labels = sample.labels(), maps_to_labels(probs, params)
