@@ -172,10 +172,10 @@ def test_finetune_keeps_the_filter_only_where_the_held_back_images_confirm_it():
 
 def test_second_moments_in_row_blocks_equal_the_whole_image_computation():
     """Coordinates are summed a block of rows at a time (memory); the result is the plain formula's."""
-    from cellseg.cell_filter import MOMENT_ROWS, second_moments
+    from cellseg.cell_filter import BLOCK_ROWS, second_moments
 
     rng = np.random.default_rng(0)
-    labels = rng.integers(0, 6, size=(MOMENT_ROWS * 2 + 37, 90)).astype(np.int32)
+    labels = rng.integers(0, 6, size=(BLOCK_ROWS * 2 + 37, 90)).astype(np.int32)
     ys, xs = np.indices(labels.shape, dtype=np.float64)
     expected = []
     for k in range(1, 6):
@@ -218,3 +218,61 @@ def test_label_maxima_equal_scipys_with_absent_labels_and_label_zero_ignored():
         expected[[6, *range(39, 45)]] = 0
         np.testing.assert_array_equal(got, expected)
     assert all(len(m) == 0 for m in label_maxima(np.zeros((4, 4), np.int32), 0, values[0][:4, :4]))
+
+
+@pytest.mark.parametrize("size", [3, 5])
+@pytest.mark.parametrize("high", [40, 70_000])  # 16-bit passes, and the labels that do not fit them
+@pytest.mark.parametrize("shape", [(37, 29), (1, 12), (12, 1), (2, 2)])
+def test_square_extreme_equals_scipys_filters(size, high, shape):
+    """cellseg.cell_filter.square_extreme replaces scipy's maximum/minimum filters on label images
+    (the ring of cell_features, the borders of cell_merge): the same numbers, borders included."""
+    from scipy import ndimage as ndi
+
+    from cellseg.cell_filter import square_extreme
+
+    labels = np.random.default_rng(size + high).integers(0, high, shape).astype(np.int32)
+    for extreme, reference in ((np.maximum, ndi.maximum_filter), (np.minimum, ndi.minimum_filter)):
+        got = square_extreme(labels, size, extreme)
+        assert got.dtype == labels.dtype
+        np.testing.assert_array_equal(got, reference(labels, size=size))
+
+
+def test_cell_features_over_row_blocks_equal_a_per_cell_computation():
+    """cell_features gathers the cells' and rings' pixels a block of rows at a time; each feature is
+    what a plain per-cell computation over the whole image gives, on cells spanning blocks."""
+    from cellseg.cell_filter import BLOCK_ROWS, RING_WIDTH
+
+    rng = np.random.default_rng(5)
+    shape = (BLOCK_ROWS * 2 + 40, 70)
+    probs = rng.random((3, *shape)).astype(np.float32)
+    labels = np.zeros(shape, np.int32)
+    for k, (top, left, h, w) in enumerate([(0, 0, 30, 20), (BLOCK_ROWS - 10, 5, 40, 50), (300, 30, 200, 25),
+                                          (shape[0] - 12, 60, 12, 10), (100, 40, 6, 6)], start=1):
+        labels[top:top + h, left:left + w] = k
+    labels[BLOCK_ROWS - 10:BLOCK_ROWS + 30:3, 5:55] = 0  # holes: ring pixels inside a cell's box
+    got = dict(zip(FEATURES, cell_features(labels, probs).T))
+    ys, xs = np.indices(shape)
+
+    def near(mask: np.ndarray) -> np.ndarray:  # pixels within RING_WIDTH (a square) of the mask
+        padded, r = np.pad(mask, RING_WIDTH), RING_WIDTH
+        return np.any([np.roll(padded, (dy, dx), axis=(0, 1))[r:-r, r:-r]
+                       for dy in range(-r, r + 1) for dx in range(-r, r + 1)], axis=0)
+
+    for k in range(1, labels.max() + 1):
+        cell = labels == k
+        # a ring pixel belongs to the highest label within reach (the filter's maximum): k's ring is
+        # near k, under a lower label (or none), with no higher label within reach
+        ring = near(cell) & (labels < k) & ~near(labels > k)
+        y, x = ys[cell].astype(float), xs[cell].astype(float)
+        cov = np.cov(np.stack([y, x]), bias=True)
+        major, minor = np.sort(np.linalg.eigvalsh(cov))[::-1]
+        box = (y.max() - y.min() + 1) * (x.max() - x.min() + 1)
+        maps = probs.astype(np.float64)  # the features sum in float64
+        expected = {"log_area": np.log(cell.sum()), "foreground_mean": maps[0][cell].mean(),
+                    "boundary_mean": maps[1][cell].mean(), "distance_max": maps[2][cell].max(),
+                    "distance_mean": maps[2][cell].mean(), "ring_foreground": maps[0][ring].mean(),
+                    "ring_boundary": maps[1][ring].mean(), "ring_cells": (labels[ring] > 0).mean(),
+                    "elongation": 1 - np.sqrt(max(minor, 0) / major), "extent": cell.sum() / box,
+                    "on_image_border": float(y.min() == 0 or x.min() == 0 or y.max() == shape[0] - 1 or x.max() == shape[1] - 1)}
+        for name, value in expected.items():
+            assert got[name][k - 1] == pytest.approx(value, rel=1e-9, abs=1e-9), (k, name)
