@@ -134,7 +134,7 @@ def second_moments(labels: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarr
 def cell_features(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
     """(N, len(FEATURES)) float64 for cells 1..N of a sequential label image, from the (3, H, W) maps
     (foreground, boundary, distance) it was cut from: one pass over the cells' and their rings' pixels
-    (about 15 ms for a 704 x 520 image, scripts/bench_cell_rules.py)."""
+    (10-30 ms for a 704 x 520 image, the more cells cover it the more)."""
     count = int(labels.max())
     if count == 0:
         return np.zeros((0, len(FEATURES)))

@@ -189,11 +189,21 @@ def fewshot_table(result: dict) -> str:
         for field, present in (("cell_merge", merges), ("cell_filter", filters)):
             chosen = run.get(field) or {}
             if present:
-                row += f" {'kept (cutoff ' + str(chosen.get('cutoff')) + ')' if chosen.get('kept') else 'none'} |"
+                row += f" {rule_outcome(chosen)} |"
         if verdicts:
             row += f" {run.get('verdict', '–').removeprefix('VERDICT: ')} |"
         lines.append(row)
     return "\n".join(lines) + "\n"
+
+
+def rule_outcome(chosen: dict) -> str:
+    """A fine-tune's decision on one cell rule (train.finetune.pick_rule), in a table cell."""
+    reason = chosen.get("reason", "")
+    if chosen.get("kept"):
+        return f"kept (cutoff {chosen.get('cutoff')})"
+    if "dropped" in reason:
+        return "base's dropped"
+    return "base's" if "the base's stays" in reason else "none"
 
 
 def fewshot_section(paths: list[Path], target: Path | None) -> str:

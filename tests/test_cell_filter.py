@@ -276,3 +276,25 @@ def test_cell_features_over_row_blocks_equal_a_per_cell_computation():
                     "on_image_border": float(y.min() == 0 or x.min() == 0 or y.max() == shape[0] - 1 or x.max() == shape[1] - 1)}
         for name, value in expected.items():
             assert got[name][k - 1] == pytest.approx(value, rel=1e-9, abs=1e-9), (k, name)
+
+
+def test_a_base_filter_the_labs_images_refute_is_dropped():
+    """Issue 29: no filter at all is a candidate where the base carries one. These annotators drew
+    the faint blobs too; the base's filter drops them (mSA 0.5 against 1.0 without it) and nothing
+    is left for a lab's filter to learn, so the base's goes, the held-back images agreeing."""
+    pytest.importorskip("torch")
+    from train.cell_rules import fit_cell_filter
+    from train.finetune import Split, pick_rule
+
+    samples, maps = debris_images(6)
+    held, held_maps = debris_images(2, seed=1)
+    annotated, held_annotated = debris_annotated(samples, maps), debris_annotated(held, held_maps)
+    base = replace(PARAMS, cell_filter=weighing("foreground_mean", 40.0, -32.0, 0.5))  # drops the faint ones
+    fit = fit_cell_filter(annotated, maps, base)
+    assert fit.rule is None and fit.msa_no_rule == pytest.approx(1.0) and fit.msa_without == pytest.approx(0.5, abs=0.05)
+    choice = pick_rule("cell_filter", fit, Split(annotated, held_annotated), held_maps, base)
+    assert choice.params == PARAMS and "the base's cell filter dropped" in choice.reason, choice.reason
+    assert choice.fit["held_back_msa"]["with"] > choice.fit["held_back_msa"]["without"]
+    # where the lab's images agree with the base's filter, it stays
+    kept = pick_rule("cell_filter", fit_cell_filter(samples, maps, base), Split(samples, held), held_maps, base)
+    assert kept.params.cell_filter == base.cell_filter, kept.reason

@@ -404,6 +404,38 @@ def test_thresholds_change_only_with_a_margin_the_held_back_images_confirm(margi
     assert decision[0] is changed and said in decision[1]
 
 
+@pytest.mark.parametrize("lab, none, held_with, outcome", [
+    (0.20, 0.18, 0.30, "base's"),    # nothing beats the base's rule on the training images
+    (0.23, 0.22, 0.30, "lab's"),     # the lab's rule best, confirmed
+    (0.22, 0.24, 0.30, "none"),      # no rule best (SH-SY5Y's merge), confirmed: the base's is dropped
+    (0.22, 0.24, 0.20, "base's"),    # no rule best, but the held-back images say otherwise
+    (None, 0.24, 0.30, "none"),      # too few examples to fit the lab's; dropping still considered
+])
+def test_a_base_rule_competes_with_the_labs_and_with_none(monkeypatch, lab, none, held_with, outcome):
+    """Issue 29: a fine-tune from a base that carries a rule weighs three candidates for it: the
+    base's (0.21 on the training images here), the lab's (leave-one-image-out) and none; a change
+    needs the held-back images (0.25 with the base's) not to disagree."""
+    import train.finetune as finetune
+    from cellseg.cell_merge import PAIR_FEATURES, CellMerge
+    from cellseg.postprocess import PostprocessParams
+    from train.cell_rules import RuleFit
+
+    n = len(PAIR_FEATURES)
+    base_rule, lab_rule = (CellMerge((0.0,) * n, (1.0,) * n, (0.0,) * n, 0.0, cutoff) for cutoff in (0.3, 0.2))
+    base = PostprocessParams(cell_merge=base_rule)
+    fit = RuleFit(lab_rule if lab else None, 0.21, {0.2: lab} if lab else {}, "" if lab else "too few examples",
+                  msa_no_rule=none)
+    monkeypatch.setattr(finetune, "mean_msa", lambda samples, maps, params: 0.25 if params == base else held_with)
+    split = finetune.Split(fake_samples(8), fake_samples(2))
+    choice = finetune.pick_rule("cell_merge", fit, split, [np.zeros(1)] * 2, base)
+    expected = {"base's": base_rule, "lab's": lab_rule, "none": None}[outcome]
+    assert choice.params.cell_merge == expected, choice.reason
+    assert choice.kept is (outcome == "lab's")
+    said = {"base's": "the base's stays", "lab's": "cell merge kept", "none": "the base's cell merge dropped"}[outcome]
+    assert said in choice.reason, choice.reason
+    assert finetune.pick_rule("cell_merge", fit, split, None, base).params == base  # nothing to confirm a change
+
+
 def test_the_threshold_search_fits_its_share_of_the_budget_nearest_the_base_first():
     """Issue 29 (3): on dense images the whole grid took 157 s of a 5-minute run; the search now tries
     what THRESHOLD_SEARCH_SHARE of the budget affords at the measured cost, the base's first."""

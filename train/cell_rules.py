@@ -5,8 +5,10 @@ Each rule is a logistic regression (scikit-learn) on examples cut from the train
 touching pairs labelled by whether both pieces lie mostly in the same annotated cell; cells labelled
 by whether they match an annotated cell (IoU >= 0.5). The cutoff is picked by leave-one-image-out:
 each image is cut with a rule fitted on the other images, so the cutoff is chosen on images the rule
-never saw. The figures returned say what the rule is worth there against none; `python -m train
-finetune` keeps a rule only where it beats none and the held-back images confirm it.
+never saw. The figures returned say what the rule is worth there against the rule there is (a
+base's own, or none) and, where the base carries one, what dropping it is worth; `python -m train
+finetune` changes the rule there is only where another candidate beats it and the held-back images
+confirm it.
 """
 
 from __future__ import annotations
@@ -40,18 +42,26 @@ class Examples:
 @dataclass
 class RuleFit:
     rule: LogisticRule | None  # None: too few examples of either kind to fit one
-    msa_without: float  # mean mSA on the training images, no rule
+    msa_without: float  # mean mSA on the training images with the rule there is (the base's, or none)
     msa_cross_validated: dict[float, float]  # cutoff -> mean mSA, each image cut by the others' fit
     reason: str = ""
+    msa_no_rule: float | None = None  # where the base carries a rule of this kind: mean mSA without it
 
     @property
     def gain(self) -> float:
         return max(self.msa_cross_validated.values(), default=self.msa_without) - self.msa_without
 
+    @property
+    def gain_without_base(self) -> float | None:
+        """What dropping the base's rule gains on the training images (None: the base has none). No
+        fitting involved: the base's rule never saw these images, so the figure is not in-sample."""
+        return None if self.msa_no_rule is None else self.msa_no_rule - self.msa_without
+
     def to_dict(self) -> dict:
         return {"msa_without": round(self.msa_without, 4), "gain": round(self.gain, 4), "fit_reason": self.reason,
                 "msa_cross_validated": {str(k): round(v, 4) for k, v in self.msa_cross_validated.items()},
-                "cutoff": self.rule.cutoff if self.rule else None}
+                "cutoff": self.rule.cutoff if self.rule else None,
+                **({} if self.msa_no_rule is None else {"msa_no_rule": round(self.msa_no_rule, 4)})}
 
 
 def mean_msa(samples: Sequence[Sample], maps: Sequence[np.ndarray], params: PostprocessParams) -> float:
@@ -70,13 +80,14 @@ def fit_logistic(kind: type[LogisticRule], features: np.ndarray, truth: np.ndarr
 
 
 def fit_rule(kind: type[LogisticRule], examples: list[Examples], without: float, cutoffs: Sequence[float],
-             decide: Callable[[np.ndarray, float], np.ndarray]) -> RuleFit:
-    """`decide(probabilities, cutoff)`: the rule's decision per example (drop / merge)."""
+             decide: Callable[[np.ndarray, float], np.ndarray], no_rule: float | None = None) -> RuleFit:
+    """`decide(probabilities, cutoff)`: the rule's decision per example (drop / merge). `without`: the
+    figure with the base's rule (or none); `no_rule`: the figure with none where the base has one."""
     truth = np.concatenate([e.truth for e in examples]) if examples else np.zeros(0, bool)
     kinds = (int(truth.sum()), int((~truth).sum()))
     if len(examples) < 2 or min(kinds) < MIN_EXAMPLES_PER_CLASS:
         return RuleFit(None, without, {}, f"too few examples to learn from ({kinds[0]} yes, {kinds[1]} no, in "
-                                          f"{len(examples)} image(s))")
+                                          f"{len(examples)} image(s))", no_rule)
     scores = {cutoff: [] for cutoff in cutoffs}
     for i, held in enumerate(examples):
         rest = [e for j, e in enumerate(examples) if j != i]
@@ -92,7 +103,7 @@ def fit_rule(kind: type[LogisticRule], examples: list[Examples], without: float,
     cross_validated = {cutoff: float(np.mean(v)) for cutoff, v in scores.items()}
     best = max(cross_validated, key=cross_validated.get)
     return RuleFit(fit_logistic(kind, np.concatenate([e.features for e in examples]), truth, best), without,
-                   cross_validated)
+                   cross_validated, msa_no_rule=no_rule)
 
 
 def fit_cell_merge(samples: Sequence[Sample], maps: Sequence[np.ndarray], params: PostprocessParams,
@@ -102,15 +113,17 @@ def fit_cell_merge(samples: Sequence[Sample], maps: Sequence[np.ndarray], params
     to beat (`msa_without`) is `params`' own merge, if it has one (a base that carries rules)."""
     current = replace(params, cell_filter=None)
     params = params.without_rules()
-    examples, plain = [], []
+    examples, with_current, no_rule = [], [], []
     for sample, probs in zip(samples, maps):
         gt, labels = sample.labels(), maps_to_labels(probs, params)
         first, second, features = pair_features(labels, probs)
-        plain.append(mean_score_accuracy(gt, maps_to_labels(probs, current) if current.cell_merge else labels))
+        no_rule.append(mean_score_accuracy(gt, labels))
+        with_current.append(mean_score_accuracy(gt, maps_to_labels(probs, current)) if current.cell_merge else no_rule[-1])
         examples.append(Examples(features, one_annotated_cell(gt, labels, first, second),
                                  lambda merge, gt=gt, labels=labels, a=first, b=second:
                                  mean_score_accuracy(gt, merge_pairs(labels, a, b, merge))))
-    return fit_rule(CellMerge, examples, float(np.mean(plain)), cutoffs, lambda p, cutoff: p >= cutoff)
+    return fit_rule(CellMerge, examples, float(np.mean(with_current)), cutoffs, lambda p, cutoff: p >= cutoff,
+                    float(np.mean(no_rule)) if current.cell_merge else None)
 
 
 def fit_cell_filter(samples: Sequence[Sample], maps: Sequence[np.ndarray], params: PostprocessParams,
@@ -120,15 +133,17 @@ def fit_cell_filter(samples: Sequence[Sample], maps: Sequence[np.ndarray], param
     filter, if it has one."""
     current = params
     params = replace(params, cell_filter=None)  # the cells the filter will be shown
-    examples, plain = [], []
+    examples, with_current, no_rule = [], [], []
     for sample, probs in zip(samples, maps):
         gt, labels = sample.labels(), maps_to_labels(probs, params)
         iou = iou_matrix(gt, labels)
         matched = iou.max(axis=0) >= 0.5 if iou.size else np.zeros(int(labels.max()), bool)
-        plain.append(mean_score_accuracy(gt, maps_to_labels(probs, current) if current.cell_filter else labels))
+        no_rule.append(mean_score_accuracy(gt, labels))
+        with_current.append(mean_score_accuracy(gt, maps_to_labels(probs, current)) if current.cell_filter else no_rule[-1])
         examples.append(Examples(cell_features(labels, probs), matched,
                                  lambda drop, gt=gt, labels=labels: mean_score_accuracy(gt, without_cells(labels, drop))))
-    return fit_rule(CellFilter, examples, float(np.mean(plain)), cutoffs, lambda p, cutoff: p < cutoff)
+    return fit_rule(CellFilter, examples, float(np.mean(with_current)), cutoffs, lambda p, cutoff: p < cutoff,
+                    float(np.mean(no_rule)) if current.cell_filter else None)
 
 
 def without_cells(labels: np.ndarray, drop: np.ndarray) -> np.ndarray:
