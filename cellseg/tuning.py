@@ -7,6 +7,7 @@ result is reported on.
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -41,10 +42,17 @@ def lowest_type_msa(row: dict) -> float:
 
 
 def rank_params(samples: Sequence[Sample], maps: Sequence[np.ndarray], grid: Sequence[PostprocessParams],
-                min_type_msa: float = 0.0, progress: bool = True) -> list[tuple[PostprocessParams, dict]]:
-    """Every candidate with its row, best first: settings where every cell type reaches `min_type_msa`
-    come first, then by score."""
-    rows = [(params, score_params(samples, maps, params))
-            for params in tqdm(grid, desc="post-processing grid", disable=not progress)]
+                min_type_msa: float = 0.0, progress: bool = True,
+                seconds: float | None = None) -> list[tuple[PostprocessParams, dict]]:
+    """Every candidate tried with its row, best first: settings where every cell type reaches
+    `min_type_msa` come first, then by score. With `seconds`, no candidate is started once that much
+    time has gone (the first is always tried): a budget holds even where its estimate of a candidate's
+    cost was low."""
+    started = time.monotonic()
+    rows = []
+    for params in tqdm(grid, desc="post-processing grid", disable=not progress):
+        if rows and seconds is not None and time.monotonic() - started >= seconds:
+            break
+        rows.append((params, score_params(samples, maps, params)))
     rows.sort(key=lambda pair: (lowest_type_msa(pair[1]) < min_type_msa, -pair[1]["score"]))
     return rows

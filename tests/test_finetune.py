@@ -188,7 +188,7 @@ def test_cell_rules_learned_from_astrocytes_ride_with_the_model_everywhere(tmp_p
         (annotated / f"{stem}_masks.png").write_bytes(label_png_bytes(sample.labels()))
     out = tmp_path / "model"
     run = subprocess.run([sys.executable, "-m", "train", "finetune", str(annotated), "--out", str(out), "--no-train",
-                          "--minutes", "1.5", "--name", "astro-filter", "--base", str(base.with_suffix(".safetensors"))],
+                          "--minutes", "0.5", "--name", "astro-filter", "--base", str(base.with_suffix(".safetensors"))],
                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert run.returncode in (0, 5), run.stdout[-3000:] + run.stderr[-3000:]
     results = json.loads((out / "metrics.json").read_text())
@@ -451,6 +451,31 @@ def test_the_threshold_search_fits_its_share_of_the_budget_nearest_the_base_firs
     assert len(affordable_candidates(base, dense, 8, 5 * 60)) == int(0.15 * 300 / 4.0)
     assert affordable_candidates(base, dense, 8, 60 * 60) == every
     assert affordable_candidates(base, Costs(1.0, 100.0), 8, 60) == [base]
+
+
+def test_the_threshold_search_stops_at_its_share_of_the_budget_when_candidates_cost_more(monkeypatch):
+    """Issue 29 (3): the candidates' cost is estimated on the held-back images; where the training
+    images cost more (an astrocyte run planned 18 s of search and took 34), the search stops at its
+    share instead: the base's candidate always tried, the rest in order until the time is gone."""
+    import time
+
+    import cellseg.tuning as tuning
+    from cellseg.postprocess import PostprocessParams
+
+    tried = []
+
+    def slow_score(samples, maps, params):
+        tried.append(params)
+        time.sleep(0.05)
+        return {"score": params.fg_threshold, "type_lab_msa": 0.1}
+
+    monkeypatch.setattr(tuning, "score_params", slow_score)
+    grid = [PostprocessParams(fg_threshold=0.5 + i / 100) for i in range(20)]
+    ranked = tuning.rank_params([], [], grid, progress=False, seconds=0.17)
+    assert tried == grid[:len(tried)] and 3 <= len(tried) <= 5, len(tried)
+    assert [p for p, _ in ranked] == sorted(tried, key=lambda p: -p.fg_threshold)
+    assert len(tuning.rank_params([], [], grid, progress=False, seconds=0.0)) == 1  # the first, always
+    assert len(tuning.rank_params([], [], grid, progress=False)) == 20
 
 
 def test_minimum_sizes_tried_come_from_the_smallest_cells_the_lab_annotated():

@@ -397,13 +397,15 @@ def threshold_decision(margin: float, train_images: int, held_msa: dict[str, flo
 
 def pick_thresholds(split: Split, train_maps: list[np.ndarray], held_maps: list[np.ndarray] | None,
                     base: PostprocessParams, candidates: list[PostprocessParams],
-                    total: int | None = None) -> ThresholdChoice:
+                    total: int | None = None, seconds: float | None = None) -> ThresholdChoice:
     """The base's thresholds, unless another candidate beats them on the training images by
     THRESHOLD_MARGIN and the held-back images confirm it (not lower mSA there); with none held back
     (fewer than three images, `held_maps` None) nothing can confirm a change, so the base's stay.
     The maps are the ones the model will serve (with TTA where it runs with it). `total`: the
-    candidates there were before the budget's cut (for the reason's wording)."""
-    ranked = rank_params(split.train, train_maps, candidates, progress=True)
+    candidates there were before the budget's cut (for the reason's wording); `seconds`: the search's
+    share of the budget, which stops it where the candidates cost more than estimated (the base's,
+    first, is always tried)."""
+    ranked = rank_params(split.train, train_maps, candidates, progress=True, seconds=seconds)
     best, best_row = ranked[0]
     base_row = next(row for params, row in ranked if params == base)
     shown = [row for _, row in ranked[:5]] + ([] if any(p == base for p, _ in ranked[:5]) else [base_row])
@@ -413,8 +415,8 @@ def pick_thresholds(split: Split, train_maps: list[np.ndarray], held_maps: list[
         held_msa = {name: mean_msa(split.held_back, held_maps, params) for name, params in (("best", best), ("base", base))}
     changed, reason = threshold_decision(margin, len(split.train), held_msa)
     total = total or len(candidates)
-    if len(candidates) < total:
-        reason += f" ({len(candidates)} of {total} candidates tried, nearest the base's first: the budget's share)"
+    if len(ranked) < total:
+        reason += f" ({len(ranked)} of {total} candidates tried, nearest the base's first: the budget's share)"
     return ThresholdChoice(best if changed else base, changed, reason, shown)
 
 
@@ -580,8 +582,8 @@ def run(args: argparse.Namespace, command: str, samples: list[Sample], split: Sp
     costs = Costs(network_seconds / len(measured), scoring_seconds / len(measured))
     min_sizes = annotated_min_sizes([s.labels() for s in split.train], base_params.min_size)
     # without training the search may take most of the budget: nothing else needs it
-    candidates = affordable_candidates(base_params, costs, len(split.train), budget.seconds, min_sizes,
-                                       THRESHOLD_SEARCH_SHARE if args.train else 0.6)
+    search_share = THRESHOLD_SEARCH_SHARE if args.train else 0.6
+    candidates = affordable_candidates(base_params, costs, len(split.train), budget.seconds, min_sizes, search_share)
     load_note = ""
     if args.train:
         reserve = reserve_after_training(costs, len(split.train), len(split.held_back), len(candidates),
@@ -601,7 +603,7 @@ def run(args: argparse.Namespace, command: str, samples: list[Sample], split: Sp
     train_maps = predict_maps(predictor, train_images, tta=args.tta)
     held_maps = predict_maps(predictor, measured_images, tta=args.tta) if split.held_back else None
     choice = pick_thresholds(split, train_maps, held_maps, base_params, candidates,
-                             len(threshold_candidates(base_params, min_sizes)))
+                             len(threshold_candidates(base_params, min_sizes)), search_share * budget.seconds)
     params = choice.params
     print(f"thresholds: {choice.reason}: {thresholds_only(params.to_dict())}", flush=True)
     mark = phase_done("thresholds", mark)
