@@ -444,7 +444,8 @@ def pick_rule(field: str, fit: RuleFit, split: Split, held_maps: list[np.ndarray
     base's rule never saw these images either). No margin is asked: on 4-8 astrocyte images the
     estimates were +0.002..+0.012, the thresholds' 0.01 kept the filter nowhere, and without it merge
     and filter lifted unseen astrocytes in all three settings measured (docs/metrics_notes.md, issue 29).
-    Dropping the base's rule: SH-SY5Y's images were better without the general merge (METRICS)."""
+    Dropping the base's rule is for a lab whose cells the general rule harms; in the settings measured
+    it never won (docs/metrics_notes.md)."""
     name, what = RULE_NAMES[field]
     figures = fit.to_dict()
     has_base = getattr(params, field) is not None  # a base may carry rules of its own
@@ -456,7 +457,7 @@ def pick_rule(field: str, fit: RuleFit, split: Split, held_maps: list[np.ndarray
         why = fit.reason if fit.rule is None else (f"it did not beat {current} on the {len(split.train)} training "
                                                    "images, each cut by a rule fitted on the others")
         if drop_gain is not None:
-            why += f"; nor did no {name} ({drop_gain:+.3f})"
+            why += f"; without any {name}: {drop_gain:+.3f}"
         return RuleChoice(params, False, f"{not_kept}: {why}", figures)
     dropping = lab_gain is None or (drop_gain is not None and drop_gain > lab_gain)
     gain = drop_gain if dropping else lab_gain
