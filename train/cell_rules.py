@@ -111,19 +111,20 @@ def fit_cell_merge(samples: Sequence[Sample], maps: Sequence[np.ndarray], params
     """A merge rule for touching cells, fitted on every training image, its cutoff the best by
     leave-one-image-out mSA. Examples are cut with `params` without any merge or filter; the figure
     to beat (`msa_without`) is `params`' own merge, if it has one (a base that carries rules)."""
-    current = replace(params, cell_filter=None)
+    base_rule = params.cell_merge
     params = params.without_rules()
     examples, with_current, no_rule = [], [], []
     for sample, probs in zip(samples, maps):
         gt, labels = sample.labels(), maps_to_labels(probs, params)
         first, second, features = pair_features(labels, probs)
         no_rule.append(mean_score_accuracy(gt, labels))
-        with_current.append(mean_score_accuracy(gt, maps_to_labels(probs, current)) if current.cell_merge else no_rule[-1])
+        # the base's merge on the cells already cut: what maps_to_labels would give, without cutting them again
+        with_current.append(mean_score_accuracy(gt, base_rule.apply(labels, probs)) if base_rule else no_rule[-1])
         examples.append(Examples(features, one_annotated_cell(gt, labels, first, second),
                                  lambda merge, gt=gt, labels=labels, a=first, b=second:
                                  mean_score_accuracy(gt, merge_pairs(labels, a, b, merge))))
     return fit_rule(CellMerge, examples, float(np.mean(with_current)), cutoffs, lambda p, cutoff: p >= cutoff,
-                    float(np.mean(no_rule)) if current.cell_merge else None)
+                    float(np.mean(no_rule)) if base_rule else None)
 
 
 def fit_cell_filter(samples: Sequence[Sample], maps: Sequence[np.ndarray], params: PostprocessParams,
@@ -131,7 +132,7 @@ def fit_cell_filter(samples: Sequence[Sample], maps: Sequence[np.ndarray], param
     """A cell filter fitted on every training image, its cutoff the best by leave-one-image-out mSA.
     Cut with `params` (its merge rule included) without a filter; the figure to beat is `params`' own
     filter, if it has one."""
-    current = params
+    base_rule = params.cell_filter
     params = replace(params, cell_filter=None)  # the cells the filter will be shown
     examples, with_current, no_rule = [], [], []
     for sample, probs in zip(samples, maps):
@@ -139,11 +140,11 @@ def fit_cell_filter(samples: Sequence[Sample], maps: Sequence[np.ndarray], param
         iou = iou_matrix(gt, labels)
         matched = iou.max(axis=0) >= 0.5 if iou.size else np.zeros(int(labels.max()), bool)
         no_rule.append(mean_score_accuracy(gt, labels))
-        with_current.append(mean_score_accuracy(gt, maps_to_labels(probs, current)) if current.cell_filter else no_rule[-1])
+        with_current.append(mean_score_accuracy(gt, base_rule.apply(labels, probs)) if base_rule else no_rule[-1])
         examples.append(Examples(cell_features(labels, probs), matched,
                                  lambda drop, gt=gt, labels=labels: mean_score_accuracy(gt, without_cells(labels, drop))))
     return fit_rule(CellFilter, examples, float(np.mean(with_current)), cutoffs, lambda p, cutoff: p < cutoff,
-                    float(np.mean(no_rule)) if current.cell_filter else None)
+                    float(np.mean(no_rule)) if base_rule else None)
 
 
 def without_cells(labels: np.ndarray, drop: np.ndarray) -> np.ndarray:
