@@ -331,7 +331,7 @@ class Session:
             try:
                 rc, timed_out = proc.wait(timeout=timeout), False
             except subprocess.TimeoutExpired:
-                kill_group(proc.pid)
+                kill_group(proc.pid, child=proc)
                 rc, timed_out = None, True
         self._take_state()
         return rc, timed_out
@@ -347,8 +347,10 @@ class Session:
             env_file.unlink()
 
 
-def kill_group(pid: int, grace: float = 20) -> None:
-    """SIGTERM the process group, SIGKILL what is left after `grace` seconds."""
+def kill_group(pid: int, grace: float = 20, child: subprocess.Popen | None = None) -> None:
+    """SIGTERM the process group, SIGKILL what is left after `grace` seconds. `child`: the group's
+    leader where it is this process's own child, reaped here: unreaped, it stays a zombie and the
+    group looks alive until the grace and the SIGKILL's wait have both run out (25 s)."""
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5)):
         try:
             os.killpg(pid, sig)
@@ -356,6 +358,8 @@ def kill_group(pid: int, grace: float = 20) -> None:
             return
         deadline = time.time() + wait
         while time.time() < deadline:
+            if child is not None:
+                child.poll()
             try:
                 os.killpg(pid, 0)
             except ProcessLookupError:

@@ -9,6 +9,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -111,7 +112,11 @@ def test_a_section_session_keeps_folder_variables_and_exports(tmp_path):
     session = check_readme.Session(work, tmp_path, {"PATH": "/usr/bin:/bin"})
     for text in ("cd sub", "IMG=a.tif", "export FOO=bar"):
         assert session.run(text, 30, work / "log") == (0, False)
+    started = time.monotonic()
     assert session.run("sleep 30", 1, work / "log") == (None, True)
+    # killed at its timeout: the shell that ran it is reaped, not waited on as a zombie through the
+    # 20 s grace and the SIGKILL's 5 s (which had every timed-out README command cost 25 s more)
+    assert time.monotonic() - started < 10
     assert session.run('[ "$PWD" = "$(realpath .)" ] && echo "$IMG $FOO" > out.txt', 30, work / "log") == (0, False)
     assert (tmp_path / "sub" / "out.txt").read_text() == "a.tif bar\n"
 
