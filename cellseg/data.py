@@ -29,7 +29,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from cellseg.imageio import read_image
-from cellseg.rle import decode_kaggle, encode_coco
+from cellseg.rle import encode_coco, kaggle_to_coco, paint_coco
 from cellseg.targets import relabel_sequential
 
 DATA_ENV = "CELLSEG_DATA"
@@ -78,9 +78,13 @@ class Sample:
             return labels
         # pycocotools 2.0.11 overflows (uint8) on area() of a list of more than 255 RLEs.
         areas = np.array([mask_utils.area(r) for r in self.rles])
+        # COCO runs are column-major: paint a (width, height) array, whose transpose is the image;
+        # each cell costs its runs, not an image-sized mask (0.4 s for a 500-cell image before)
+        columns = np.zeros((self.width, self.height), dtype=np.int32)
+        flat = columns.reshape(-1)
         for rank, index in enumerate(np.argsort(-areas, kind="stable"), start=1):
-            labels[mask_utils.decode(self.rles[index]).astype(bool)] = rank
-        return relabel_sequential(labels)
+            paint_coco(flat, self.rles[index], rank, self.height, self.width)
+        return relabel_sequential(np.ascontiguousarray(columns.T))
 
 
 def livecell_cell_type(file_name: str) -> str:
@@ -147,8 +151,7 @@ def read_kaggle(root: Path) -> list[Sample]:
         height, width = _kaggle_size(root, image_id, cell_rows[0])
 
         def rles(cell_rows=cell_rows, height=height, width=width):
-            return [mask_utils.encode(np.asfortranarray(decode_kaggle(r["annotation"], height, width).astype(np.uint8)))
-                    for r in cell_rows]
+            return [kaggle_to_coco(r["annotation"], height, width) for r in cell_rows]
 
         samples.append(
             Sample(f"sartorius:{image_id}", "sartorius", cell_rows[0]["cell_type"],

@@ -118,18 +118,49 @@ def paint_coco(target_colmajor: np.ndarray, rle: dict, value: int, height: int, 
         target_colmajor[start:end] = value
 
 
-def decode_kaggle(rle: str, height: int, width: int) -> np.ndarray:
-    """Kaggle "start length" pairs (1-based starts, pixels numbered row by row) to a mask."""
+def kaggle_runs(rle: str, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(0-based starts, lengths) of Kaggle "start length" pairs, checked to lie in a height x width image."""
     values = np.asarray(rle.split(), dtype=np.int64)
     if values.size % 2:
         raise ValueError("Kaggle RLE must have an even number of values (start length pairs)")
     starts, lengths = values[0::2] - 1, values[1::2]
-    flat = np.zeros(height * width, dtype=bool)
-    if values.size and (starts.min() < 0 or (starts + lengths).max() > flat.size):
+    if values.size and (starts.min() < 0 or (starts + lengths).max() > height * width):
         raise ValueError(f"Kaggle RLE runs outside a {height}x{width} image")
-    for start, length in zip(starts, lengths):
+    return starts, lengths
+
+
+def decode_kaggle(rle: str, height: int, width: int) -> np.ndarray:
+    """Kaggle "start length" pairs (1-based starts, pixels numbered row by row) to a mask."""
+    flat = np.zeros(height * width, dtype=bool)
+    for start, length in zip(*kaggle_runs(rle, height, width)):
         flat[start : start + length] = True
     return flat.reshape(height, width)
+
+
+def kaggle_to_coco(rle: str, height: int, width: int) -> dict:
+    """A Kaggle RLE as the compressed COCO RLE `mask_utils.encode` gives for its mask (bytes counts),
+    from the cell's own pixels: no image-sized mask is made, so reading the 37,963 cells of the
+    Kaggle CSV costs what the cells cover, not 37,963 images' worth."""
+    starts, lengths = kaggle_runs(rle, height, width)
+    lengths = np.maximum(lengths, 0)
+    # every pixel's row-major index, then its column-major one (COCO numbers pixels down columns)
+    offsets = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    row_major = np.repeat(starts, lengths) + offsets
+    column_major = np.unique((row_major % width) * height + row_major // width)  # sorted; overlaps once
+    total = height * width
+    if column_major.size == 0:
+        counts = [total]
+    else:
+        breaks = np.flatnonzero(np.diff(column_major) != 1) + 1
+        run_starts = column_major[np.r_[0, breaks]]
+        run_ends = column_major[np.r_[breaks - 1, column_major.size - 1]] + 1
+        counts = np.empty(2 * run_starts.size, dtype=np.int64)
+        counts[0::2] = run_starts - np.r_[0, run_ends[:-1]]
+        counts[1::2] = run_ends - run_starts
+        counts = counts.tolist()
+        if run_ends[-1] < total:  # pycocotools writes no zero-length trailing run
+            counts.append(int(total - run_ends[-1]))
+    return mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width)
 
 
 def encode_kaggle(mask: np.ndarray) -> str:

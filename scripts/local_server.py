@@ -50,7 +50,7 @@ def start_server(model: Path, home: Path, env: dict[str, str] | None = None,
             pass
         if proc.poll() is not None:
             raise RuntimeError(f"bentoml serve exited:\n{(home / 'serve.log').read_text()[-3000:]}")
-        time.sleep(1)
+        time.sleep(0.25)
     stop_server(proc)
     raise RuntimeError(f"service not ready in {ready_timeout:.0f} s")
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from cellseg.instances import instances_from_labels, labels_from_instances
-from cellseg.rle import decode_coco, decode_kaggle, encode_coco, encode_kaggle, labels_to_coco_rles
+from cellseg.rle import decode_coco, decode_kaggle, encode_coco, encode_kaggle, kaggle_to_coco, labels_to_coco_rles
 
 
 @pytest.fixture
@@ -36,10 +36,35 @@ def test_kaggle_rle_round_trip_and_layout(labels):
 
 
 def test_kaggle_rle_rejects_bad_input():
-    with pytest.raises(ValueError, match="even"):
-        decode_kaggle("1 2 3", 4, 5)
-    with pytest.raises(ValueError, match="outside"):
-        decode_kaggle("19 5", 4, 5)
+    for read in (decode_kaggle, kaggle_to_coco):
+        with pytest.raises(ValueError, match="even"):
+            read("1 2 3", 4, 5)
+        with pytest.raises(ValueError, match="outside"):
+            read("19 5", 4, 5)
+
+
+@pytest.mark.parametrize("text", ["", "1 20", "20 1", "1 1", "3 2 6 1", "2 9 5 3", "4 3 14 7 20 1"])
+def test_kaggle_to_coco_equals_encoding_the_decoded_mask(text):
+    """The cell's own runs give pycocotools' own string for its mask: empty and whole images, the
+    first and last pixels, runs that wrap to the next row and runs that overlap."""
+    from pycocotools import mask as mask_utils
+
+    mask = decode_kaggle(text, 4, 5)
+    expected = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    got = kaggle_to_coco(text, 4, 5)
+    assert got["counts"] == expected["counts"] and list(got["size"]) == [4, 5]
+    np.testing.assert_array_equal(mask_utils.decode(got).astype(bool), mask)
+
+
+def test_kaggle_to_coco_equals_encoding_random_masks():
+    from pycocotools import mask as mask_utils
+
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        height, width = rng.integers(1, 30, size=2)
+        mask = rng.random((height, width)) < rng.random()
+        expected = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+        assert kaggle_to_coco(encode_kaggle(mask), height, width)["counts"] == expected["counts"]
 
 
 def test_instances_round_trip(labels):
