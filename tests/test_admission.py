@@ -111,12 +111,14 @@ def start_delays_after_a_burst(optimizer_class) -> tuple[list[float], list[int]]
     return run(scenario())
 
 
+@pytest.mark.serial
 def test_after_a_burst_a_lone_request_is_not_held_back():
     delays, batches = start_delays_after_a_burst(NoWaitMemoryOptimizer)
     assert max(delays) < 0.1, f"lone requests waited {delays} s for the network"
     assert len(batches) < 8 and sum(batches) == 8, f"concurrent requests were not batched: {batches}"
 
 
+@pytest.mark.serial
 def test_bentoml_own_optimizer_holds_lone_requests_after_a_burst():
     """The defect, reproduced with BentoML's optimizer: the check above fails with it."""
     delays, _ = start_delays_after_a_burst(Optimizer)

@@ -58,6 +58,7 @@ def png(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+@pytest.mark.serial
 def test_a_trickling_server_cannot_hold_a_call_past_its_timeout():
     client = client_for(lambda request: httpx.Response(200, stream=Trickle(0.2)), timeout=2)
     t0 = time.monotonic()

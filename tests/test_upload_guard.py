@@ -112,6 +112,7 @@ def test_odd_parts_get_400(client, kwargs, message):
     assert message in r.json()["error"], r.json()
 
 
+@pytest.mark.serial
 def test_a_trickling_upload_gets_408_instead_of_holding_its_slot():
     import asyncio
 
