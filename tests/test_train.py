@@ -88,6 +88,22 @@ def test_a_reseeded_dataset_draws_the_crops_of_a_new_one():
         torch.testing.assert_close(targets, new_targets, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("crop", [256, 512])
+def test_crops_never_copy_a_cell_across_the_image_border(crop):
+    """Crops of 512 px come from windows of 768 px, larger than a 520 x 704 image: the padding around
+    it is background, so a cell touching the border keeps its own pixels (a mirrored pad made it a
+    cell of twice its area, one label on both sides of the border)."""
+    from train.dataset import build_augmentation
+
+    image = np.random.default_rng(0).random((520, 704)).astype(np.float32)
+    labels = np.zeros((520, 704), np.int32)
+    labels[0:10, 100:120] = 1  # touches the top border
+    labels[200:230, 300:330] = 2
+    padded = build_augmentation(crop).transforms[0](image=image, mask=labels)["mask"]
+    assert padded.shape == (max(520, int(crop * 1.5)), max(704, int(crop * 1.5)))
+    assert (padded == 1).sum() == 200 and (padded == 2).sum() == 900
+
+
 def test_balanced_sampling_shares():
     from train.dataset import balanced_weights
 

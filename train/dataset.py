@@ -17,10 +17,13 @@ from cellseg.targets import make_targets  # noqa: E402
 
 
 def build_augmentation(crop: int, scale: tuple[float, float] = (0.75, 1.33)) -> A.Compose:
-    # Cut a larger window first so rotation/zoom-out rarely reach beyond real pixels.
+    # Cut a larger window first so rotation/zoom-out rarely reach beyond real pixels. An image smaller
+    # than the window (crops of 384 px and more in 520 x 704 images, a lab's small images) is padded
+    # as the rotation pads, with background: a mirrored border would copy each cell touching the
+    # border into one cell of twice its size (one label on both sides), a target no image shows.
     window = int(crop * 1.5)
     return A.Compose([
-        A.PadIfNeeded(window, window, border_mode=cv2.BORDER_REFLECT_101),
+        A.PadIfNeeded(window, window, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0),
         A.RandomCrop(window, window),
         A.Affine(scale=scale, rotate=(-30, 30), border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=0.8),
         A.CenterCrop(crop, crop),
