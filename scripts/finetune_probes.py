@@ -1,9 +1,11 @@
-"""Four probes of why fine-tuning does not lift unseen astrocytes (issue 29), inference only.
+"""Five probes of why fine-tuning does not lift unseen astrocytes (issue 29), inference only.
 
     python scripts/finetune_probes.py interpolate runs/ab-full/astro-k10/model/model.onnx --type astro
     python scripts/finetune_probes.py offset --type astro
     python scripts/finetune_probes.py tta --type astro
     python scripts/finetune_probes.py base-rules
+    python scripts/finetune_probes.py int8 runs/e15-crop384/astro-k10/model/model.onnx --type astro \
+        --lab runs/e15-crop384/astro-k10/astro
 
 `interpolate` (WiSE-FT, Wortsman et al. 2022): every weight of a fine-tuned ONNX model moved back
 towards the base's, w = a * fine-tuned + (1 - a) * base for a = 0, 0.25, ..., 1 (the two files must
@@ -26,7 +28,14 @@ type, as scripts/tune_postprocess.py picks them; no TTA, as the shipped model se
 the whole validation split, per source and cell type, each rule alone and both (`python -m export
 cell-rules` fits the same rules and writes them into the model).
 
-The first three measure on the validation images of `--type` (never trained on by the shipped model).
+`int8`: a fine-tuned model's int8 file made with other recipes (`export.int8.Int8Recipe`), each
+against its fp32 file with the fine-tuned model's own thresholds: calibrated on the fine-tune's own
+training images as the run does (`--lab`: the folder it read; which images trained, from the
+run's metrics.json), on 32 images of the project's
+training split, with minmax ranges, with the first and last convolutions in fp32, and with 8-bit
+weights (as fast only with VNNI or AMX).
+
+All but `base-rules` measure on the validation images of `--type` (never trained on by the shipped model).
 """
 
 from __future__ import annotations
@@ -161,20 +170,50 @@ def base_rules(base: Path, data: Path) -> None:
                           for k, v in groups.items()), flush=True)
 
 
+def int8_recipes(fine_tuned: Path, samples: list[Sample], data: Path, lab_folder: Path) -> None:
+    import json
+
+    from cellseg.imageio import read_image
+    from export.int8 import Int8Recipe, calibration_arrays, calibration_images, evaluate_file, quantize, within_pixels
+
+    params = OnnxModel(fine_tuned).default_params
+    trained_on = json.loads((fine_tuned.parent / "metrics.json").read_text())["images"]  # "lab:<file name>"
+    lab = within_pixels([read_image(lab_folder / name.split(":", 1)[1]) for name in trained_on])
+    print(f"fp32: {scores_of(evaluate_file(fine_tuned, samples, params))}", flush=True)
+    recipes = {"as the run makes it": (lab, Int8Recipe()), "32 training-split images": (None, Int8Recipe()),
+               "minmax ranges": (lab, Int8Recipe(method="minmax")),
+               "first and last convolutions fp32": (lab, Int8Recipe(keep_head_fp32=True)),
+               "8-bit weights": (lab, Int8Recipe(reduce_range=False))}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (images, recipe) in recipes.items():
+            out = Path(tmp) / "model.int8.onnx"
+            quantize(fine_tuned, out, calibration_arrays(images or calibration_images(data, 32)), recipe)
+            print(f"int8, {name}: {scores_of(evaluate_file(out, samples, params))}", flush=True)
+
+
+def scores_of(metrics: dict) -> str:
+    return ", ".join(f"{k} {metrics[k]:.4f}" for k in KEYS)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("probe", choices=("interpolate", "offset", "tta", "base-rules"))
-    p.add_argument("fine_tuned", nargs="?", type=Path, help="interpolate: the fine-tuned model.onnx")
+    p.add_argument("probe", choices=("interpolate", "offset", "tta", "base-rules", "int8"))
+    p.add_argument("fine_tuned", nargs="?", type=Path, help="interpolate, int8: the fine-tuned model.onnx")
     p.add_argument("--base", type=Path, default=default_model_path())
     p.add_argument("--type", default="astro", help="cell type measured on (validation split)")
     p.add_argument("--data", type=Path, default=default_data_root())
+    p.add_argument("--lab", type=Path, help="int8: the annotated folder the fine-tune read")
     args = p.parse_args(argv)
     samples = [s for s in load_split(args.data, "val") if s.cell_type == args.type]
     print(f"{len(samples)} validation {args.type} images")
+    if args.probe in ("interpolate", "int8") and args.fine_tuned is None:
+        p.error(f"{args.probe} needs the fine-tuned model.onnx")
+    if args.probe == "int8" and args.lab is None:
+        p.error("int8 needs --lab, the annotated folder the fine-tune read")
     if args.probe == "interpolate":
-        if args.fine_tuned is None:
-            p.error("interpolate needs the fine-tuned model.onnx")
         interpolate(args.fine_tuned, args.base, samples, [0.0, 0.25, 0.5, 0.75, 1.0])
+    elif args.probe == "int8":
+        int8_recipes(args.fine_tuned, samples, args.data, args.lab)
     elif args.probe == "offset":
         offset(args.base, samples, [0, 1, 2, 3, 4])
     elif args.probe == "base-rules":
