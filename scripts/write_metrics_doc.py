@@ -218,10 +218,12 @@ model trained on them: if it did, its "before" is flattering, and how many of th
 for its own verdict). Thresholds, and since issue 29 the cell rules (merge, filter): each model's own.
 Analysis in the notes below.
 """
-    runs = ([("target", json.loads(target.read_text()))] if target else []) + \
-        [("curve", json.loads(path.read_text())) for path in paths]
-    for kind, result in runs:
-        title = "Target run (issue 15)" if kind == "target" else "Few-shot curve"
+    runs = ([("target", target)] if target else []) + [("curve", path) for path in paths]
+    for kind, path in runs:
+        result = json.loads(path.read_text())
+        # the record's file names the section: the notes cite records by file, and many sections
+        # share a type, a base and a test set
+        title = f"{'Target run (issue 15)' if kind == 'target' else 'Few-shot curve'} (`{path.name}`)"
         seen = result.get("test_images_the_base_trained_on")
         base = "the shipped model" if Path(result["base_model"]).name == "livecell-unet.onnx" else \
             f"`{result['base_model']}`"
