@@ -1,8 +1,8 @@
 """Reading the Kaggle-Sartorius annotations: every cell's COCO RLE (`Sample.rles`) and every image's
 label map (`Sample.labels`), as training, evaluation and the few-shot runs read them. With
 `--against REV` the same is timed with that revision's code (a temporary `git worktree`), in a
-subprocess, alternating with this tree's, and both must give the same labels (checked on a spread of
-images before timing).
+subprocess, alternating with this tree's; both must give the same label maps (a digest of every
+tenth image's, compared across all runs: the script fails otherwise).
 
     python scripts/bench_data.py --against 0cd1400 --json docs/bench_data.json
 """
