@@ -308,7 +308,7 @@ def test_out_never_overwrites_the_shipped_models_the_inputs_or_a_full_folder(tmp
 @pytest.mark.parametrize("option, value", [("--minutes", "0"), ("--minutes", "-1"), ("--minutes", "nan"),
                                            ("--minutes", "inf"), ("--minutes", "1e9"), ("--batch-size", "0"),
                                            ("--crop", "0"), ("--threads", "0"), ("--hold-out", "-1"),
-                                           ("--lr", "nan")])
+                                           ("--lr", "nan"), ("--replay-share", "1"), ("--replay-share", "0")])
 def test_impossible_settings_are_usage_errors_not_tracebacks(tmp_path, option, value, capsys):
     """Issue 27 (13): these trained 0 steps, held back n-1 images or ended in a traceback."""
     from train.finetune import parse_args
@@ -324,6 +324,21 @@ def test_measure_on_with_hold_out_is_a_usage_error(tmp_path, capsys):
     folder = annotated_folder(tmp_path)
     assert main([str(folder), "--measure-on", str(folder), "--hold-out", "1", "--out", str(tmp_path / "o")]) == 2
     assert "--measure-on or --hold-out, not both" in capsys.readouterr().err
+
+
+def test_replayed_images_get_their_share_of_the_crops():
+    """--replay: 8 lab images and 15 replayed ones at a share of 0.3 give 30% of the crops to the
+    replayed ones, spread evenly within each group; without any, the lab's images are drawn uniformly."""
+    from train.dataset import CropDataset
+    from train.finetune import replay_weights
+
+    assert replay_weights(8, 0, 0.3) is None
+    images = [np.zeros((40, 40), np.float32) for _ in range(23)]
+    labels = [np.zeros((40, 40), np.int32) for _ in range(23)]
+    dataset = CropDataset(images, labels, 16, 4000, seed=0, weights=replay_weights(8, 15, 0.3))
+    drawn = np.bincount([dataset.image_index(i) for i in range(len(dataset))], minlength=23)
+    assert abs(drawn[8:].sum() / 4000 - 0.3) < 0.03
+    assert drawn[:8].min() > 0.7 * 4000 * 0.7 / 8 and drawn[8:].min() > 0.7 * 4000 * 0.3 / 15
 
 
 def test_a_full_disk_leaves_no_half_written_checkpoint(tmp_path, monkeypatch):

@@ -149,6 +149,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "the training images, each image cut by a rule fitted on the others, and the held-back "
                         "images confirm it; no rule at all is a candidate too, where the base has one; "
                         "--no-cell-rules keeps the base's (docs/METRICS.md, issue 29)")
+    p.add_argument("--replay", nargs="+", type=Path, metavar="ANNOTATED",
+                   help="annotated images of what the base already knows (e.g. its own training data), mixed "
+                        "into the training crops only (never held back, measured or used for thresholds and "
+                        "rules), so that training does not forget them (docs/METRICS.md)")
+    p.add_argument("--replay-share", type=_number(float, 0.01, 0.99), default=0.5,
+                   help="share of the training crops drawn from --replay images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
@@ -286,10 +292,20 @@ def summary(metrics: dict) -> dict:
     return {k: round(float(metrics[k]), 4) for k in SUMMARY_KEYS if k in metrics}
 
 
+def replay_weights(lab_images: int, replay_images: int, share: float) -> np.ndarray | None:
+    """Sampling weights over the lab's images then the replayed ones: each lab image equally, each
+    replayed image equally, the replayed ones `share` of all crops (None without any: uniform)."""
+    if not replay_images:
+        return None
+    return np.r_[np.full(lab_images, (1 - share) / lab_images), np.full(replay_images, share / replay_images)]
+
+
 def train_for_budget(model: torch.nn.Module, images: list[np.ndarray], labels: list[np.ndarray],
-                     args: argparse.Namespace, out: Path, seconds: float) -> dict:
+                     args: argparse.Namespace, out: Path, seconds: float,
+                     replay: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])) -> dict:
     """Train on the (raw image, label image) pairs for `seconds` of wall clock (crops drawn and steps
-    made: both are training time), at least one step, checkpointing every minute. Returns the state."""
+    made: both are training time), at least one step, checkpointing every minute. `replay`: more
+    pairs, drawn for `args.replay_share` of the crops. Returns the state."""
     precision = choose_precision(args.precision, args.device)
     model = to_layout(model.to(args.device), args.channels_last)
     model.train()
@@ -319,7 +335,8 @@ def train_for_budget(model: torch.nn.Module, images: list[np.ndarray], labels: l
     threads = ThreadChooser(args.threads) if args.device == "cpu" else None
     # 50 steps per round of fresh crops: a seed per round keeps a resumed run on the same sequence. The
     # dataset (images normalised once) is built once; it reads its seed, set below, as each crop is drawn.
-    dataset = CropDataset(images, labels, args.crop, 50 * args.batch_size, seed=0)
+    dataset = CropDataset(images + replay[0], labels + replay[1], args.crop, 50 * args.batch_size, seed=0,
+                          weights=replay_weights(len(images), len(replay[0]), args.replay_share))
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=0, drop_last=True)
     while state["train_seconds"] < budget or state["step"] == 0:
         dataset.seed = args.seed * 100_003 + state["step"]
@@ -517,6 +534,10 @@ def main(argv=None) -> int:
             split = measure_on_given(samples, measured.samples)
         else:
             split = split_held_back(samples, args.seed, args.hold_out)
+        replay = []
+        if args.replay:
+            replay = scan_annotated(args.replay).samples
+            print(f"replayed in training, {args.replay_share:.0%} of the crops: {len(replay)} images", flush=True)
         if args.resume and not (args.out / CHECKPOINT).is_file():
             raise FinetuneError(f"--resume: no {CHECKPOINT} in {args.out}")
         check_out(args.out, args.annotated, args.overwrite or args.resume)
@@ -532,7 +553,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     try:
         args.out.mkdir(parents=True, exist_ok=True)
-        return run(args, command, samples, split, budget)
+        return run(args, command, samples, split, budget, replay)
     except OSError as exc:  # a full disk, a read-only folder: one line; the last checkpoint stays for --resume
         print(f"python -m train finetune: error: could not write {exc.filename or args.out}: "
               f"{exc.strerror or exc}; fix it and run the same command with --resume", file=sys.stderr)
@@ -554,7 +575,8 @@ def machine_load_note(threads: int) -> str:
             "this machine makes idle")
 
 
-def run(args: argparse.Namespace, command: str, samples: list[Sample], split: Split, budget: Budget) -> int:
+def run(args: argparse.Namespace, command: str, samples: list[Sample], split: Split, budget: Budget,
+        replay: list[Sample] = ()) -> int:
     """Measure, train, pick thresholds, export and measure again (the module's steps 1-4), all within
     the budget: training gets what measuring leaves, less what the steps after it are estimated to take."""
     print(f"{len(samples)} annotated images: training on {len(split.train)}, measuring on "
@@ -593,7 +615,8 @@ def run(args: argparse.Namespace, command: str, samples: list[Sample], split: Sp
         train_seconds = max(0.0, budget.left() - reserve)
         print(f"training for {train_seconds / 60:.1f} of the {args.minutes} minutes ({reserve / 60:.1f} kept for "
               "thresholds, export, int8 and measuring)", flush=True)
-        state = train_for_budget(model, train_images, [s.labels() for s in split.train], args, args.out, train_seconds)
+        state = train_for_budget(model, train_images, [s.labels() for s in split.train], args, args.out, train_seconds,
+                                 ([s.image() for s in replay], [s.labels() for s in replay]))
         load_note = machine_load_note(args.threads)  # about the training: none to speak of without it
     else:
         print("no training (--no-train): the base's network, with thresholds picked for these images", flush=True)
@@ -623,6 +646,7 @@ def run(args: argparse.Namespace, command: str, samples: list[Sample], split: Sp
                   "steps": state["step"], "steps_per_minute": round(steps_per_minute, 1),
                   "batch_size": args.batch_size, "crop": args.crop, "lr": args.lr,
                   "freeze_encoder": args.freeze_encoder, "trained": args.train,
+                  "replay": {"images": [s.id for s in replay], "share": args.replay_share} if replay else None,
                   "thread_probes": state.get("threads", []),
                   "seed": args.seed, "device": describe_device(args.device),
                   "precision": choose_precision(args.precision, args.device), "command": command})
