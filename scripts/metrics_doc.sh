@@ -20,5 +20,5 @@ cd "$(dirname "$0")/.."
   docs/fewshot29_baserules_k10.json docs/fewshot29_baserules_s0.json docs/fewshot29_baserules_s1.json \
   docs/fewshot29_baserules_trained_k10.json docs/fewshot29_baserules_shsy5y_k10.json \
   docs/fewshot29_norule_k10.json docs/fewshot29_norule_s0.json docs/fewshot29_norule_s1.json \
-  docs/fewshot29_norule_shsy5y_k10.json docs/fewshot29_crop384_padfix.json docs/fewshot29_replay.json \
+  docs/fewshot29_norule_shsy5y_k10.json docs/fewshot29_crop384_padfix.json docs/fewshot29_noreplay.json docs/fewshot29_replay.json \
   --notes docs/metrics_notes.md --out "${OUT:-docs/METRICS.md}"
