@@ -29,7 +29,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from cellseg.imageio import read_image
-from cellseg.rle import encode_coco, kaggle_to_coco, paint_coco
+from cellseg.instances import labels_from_instances
+from cellseg.rle import encode_coco, kaggle_to_coco
 from cellseg.targets import relabel_sequential
 
 DATA_ENV = "CELLSEG_DATA"
@@ -73,18 +74,14 @@ class Sample:
         return self._labels
 
     def _make_labels(self) -> np.ndarray:
-        labels = np.zeros((self.height, self.width), dtype=np.int32)
         if not self.rles:
-            return labels
+            return np.zeros((self.height, self.width), dtype=np.int32)
         # pycocotools 2.0.11 overflows (uint8) on area() of a list of more than 255 RLEs.
         areas = np.array([mask_utils.area(r) for r in self.rles])
-        # COCO runs are column-major: paint a (width, height) array, whose transpose is the image;
-        # each cell costs its runs, not an image-sized mask (0.4 s for a 500-cell image before)
-        columns = np.zeros((self.width, self.height), dtype=np.int32)
-        flat = columns.reshape(-1)
-        for rank, index in enumerate(np.argsort(-areas, kind="stable"), start=1):
-            paint_coco(flat, self.rles[index], rank, self.height, self.width)
-        return relabel_sequential(np.ascontiguousarray(columns.T))
+        # painted largest first, each cell from its runs (not an image-sized mask per cell)
+        by_size = [{"rle": self.rles[index], "id": rank}
+                   for rank, index in enumerate(np.argsort(-areas, kind="stable"), start=1)]
+        return relabel_sequential(labels_from_instances(by_size, self.height, self.width))
 
 
 def livecell_cell_type(file_name: str) -> str:

@@ -59,7 +59,10 @@ KEYS = ("ap50", "ap75", "msa", "count_error")
 
 
 def scores(samples: list[Sample], segmentations: list[Segmentation]) -> str:
-    metrics = evaluate_segmentations(samples, segmentations)
+    return scores_of(evaluate_segmentations(samples, segmentations))
+
+
+def scores_of(metrics: dict) -> str:
     return ", ".join(f"{k} {metrics[k]:.4f}" for k in KEYS)
 
 
@@ -189,10 +192,6 @@ def int8_recipes(fine_tuned: Path, samples: list[Sample], data: Path, lab_folder
             out = Path(tmp) / "model.int8.onnx"
             quantize(fine_tuned, out, calibration_arrays(images or calibration_images(data, 32)), recipe)
             print(f"int8, {name}: {scores_of(evaluate_file(out, samples, params))}", flush=True)
-
-
-def scores_of(metrics: dict) -> str:
-    return ", ".join(f"{k} {metrics[k]:.4f}" for k in KEYS)
 
 
 def main(argv=None) -> int:

@@ -19,9 +19,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fewshot import write_lab_folder  # noqa: E402  the folders scripts/fewshot.py hands the fine-tune
 
 from cellseg.data import default_data_root, load_split  # noqa: E402
-from cellseg.instances import label_png_bytes, png_bytes  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -37,17 +39,12 @@ def main(argv=None) -> int:
     if args.leave_out:
         left_out = {i for run in json.loads(args.leave_out.read_text())["runs"] for i in run["train_images"]}
     train = [s for s in load_split(args.data, "train") if s.id not in left_out]
-    args.out.mkdir(parents=True, exist_ok=True)
-    written = 0
+    chosen = []
     for cell_type in args.types.split(","):
         pool = [s for s in train if s.cell_type == cell_type]
-        for i in np.random.default_rng(args.seed).permutation(len(pool))[: args.per_type]:
-            sample = pool[i]
-            stem = sample.id.replace(":", "_")
-            (args.out / f"{stem}.png").write_bytes(png_bytes(np.clip(sample.image(), 0, 65535).astype(np.uint16)))
-            (args.out / f"{stem}_masks.png").write_bytes(label_png_bytes(sample.labels()))
-            written += 1
-    print(f"wrote {written} annotated images to {args.out} ({len(left_out)} left out)")
+        chosen += [pool[i] for i in np.random.default_rng(args.seed).permutation(len(pool))[: args.per_type]]
+    write_lab_folder(chosen, args.out)
+    print(f"wrote {len(chosen)} annotated images to {args.out} ({len(left_out)} left out)")
     return 0
 
 

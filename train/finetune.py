@@ -37,6 +37,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -576,7 +577,7 @@ def machine_load_note(threads: int) -> str:
 
 
 def run(args: argparse.Namespace, command: str, samples: list[Sample], split: Split, budget: Budget,
-        replay: list[Sample] = ()) -> int:
+        replay: Sequence[Sample] = ()) -> int:
     """Measure, train, pick thresholds, export and measure again (the module's steps 1-4), all within
     the budget: training gets what measuring leaves, less what the steps after it are estimated to take."""
     print(f"{len(samples)} annotated images: training on {len(split.train)}, measuring on "
