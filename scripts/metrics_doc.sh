@@ -21,4 +21,5 @@ cd "$(dirname "$0")/.."
   docs/fewshot29_baserules_trained_k10.json docs/fewshot29_baserules_shsy5y_k10.json \
   docs/fewshot29_norule_k10.json docs/fewshot29_norule_s0.json docs/fewshot29_norule_s1.json \
   docs/fewshot29_norule_shsy5y_k10.json docs/fewshot29_crop384_padfix.json docs/fewshot29_noreplay.json docs/fewshot29_replay.json \
+  docs/fewshot29_replay_lr1e4.json docs/fewshot29_fold_replay_s0.json docs/fewshot29_fold_replay_s1.json \
   --notes docs/metrics_notes.md --out "${OUT:-docs/METRICS.md}"

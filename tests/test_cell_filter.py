@@ -127,6 +127,36 @@ def test_fitting_learns_to_drop_what_the_annotators_left_out():
     assert all(np.array_equal(labels > 0, s.gt > 0) for labels, s in zip(filtered, test_samples))
 
 
+def test_fitting_weighs_the_features_it_is_given():
+    """fit_cell_filter's `kind` and `featurize` (scripts/finetune_probes.py's image features): the rule
+    learns from those figures alone, so a column position that parts cells from debris teaches it and
+    a constant teaches nothing."""
+    pytest.importorskip("sklearn")
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from scipy import ndimage as ndi
+
+    from cellseg.cell_filter import CellFilter
+    from train.cell_rules import fit_cell_filter
+
+    @dataclass(frozen=True)
+    class ColumnFilter(CellFilter):
+        features: tuple[str, ...] = ("column",)
+        FEATURES: ClassVar[tuple[str, ...]] = ("column",)
+
+    def column(sample, labels, maps):
+        ids = np.arange(1, int(labels.max()) + 1)
+        return np.array([[c[1]] for c in ndi.center_of_mass(labels > 0, labels, ids)]).reshape(-1, 1)
+
+    samples, maps = debris_images(6)
+    fit = fit_cell_filter(samples, maps, PARAMS, kind=ColumnFilter, featurize=column)
+    assert isinstance(fit.rule, ColumnFilter) and len(fit.rule.coef) == 1 and fit.gain > 0.3
+    blind = fit_cell_filter(samples, maps, PARAMS, kind=ColumnFilter,
+                            featurize=lambda sample, labels, maps: np.zeros((int(labels.max()), 1)))
+    assert blind.gain < 0.01
+
+
 def test_too_few_unannotated_cells_fit_no_filter():
     pytest.importorskip("sklearn")
     from train.cell_rules import fit_cell_filter

@@ -128,10 +128,12 @@ def fit_cell_merge(samples: Sequence[Sample], maps: Sequence[np.ndarray], params
 
 
 def fit_cell_filter(samples: Sequence[Sample], maps: Sequence[np.ndarray], params: PostprocessParams,
-                    cutoffs: Sequence[float] = FILTER_CUTOFFS) -> RuleFit:
+                    cutoffs: Sequence[float] = FILTER_CUTOFFS, kind: type[LogisticRule] = CellFilter,
+                    featurize: Callable[[Sample, np.ndarray, np.ndarray], np.ndarray] | None = None) -> RuleFit:
     """A cell filter fitted on every training image, its cutoff the best by leave-one-image-out mSA.
     Cut with `params` (its merge rule included) without a filter; the figure to beat is `params`' own
-    filter, if it has one."""
+    filter, if it has one. `kind` and `featurize(sample, labels, maps)`: another filter's features
+    (scripts/finetune_probes.py tries the image's own pixels); by default CellFilter's."""
     base_rule = params.cell_filter
     params = replace(params, cell_filter=None)  # the cells the filter will be shown
     examples, with_current, no_rule = [], [], []
@@ -141,9 +143,10 @@ def fit_cell_filter(samples: Sequence[Sample], maps: Sequence[np.ndarray], param
         matched = iou.max(axis=0) >= 0.5 if iou.size else np.zeros(int(labels.max()), bool)
         no_rule.append(mean_score_accuracy(gt, labels))
         with_current.append(mean_score_accuracy(gt, base_rule.apply(labels, probs)) if base_rule else no_rule[-1])
-        examples.append(Examples(cell_features(labels, probs), matched,
+        features = featurize(sample, labels, probs) if featurize else cell_features(labels, probs)
+        examples.append(Examples(features, matched,
                                  lambda drop, gt=gt, labels=labels: mean_score_accuracy(gt, without_cells(labels, drop))))
-    return fit_rule(CellFilter, examples, float(np.mean(with_current)), cutoffs, lambda p, cutoff: p < cutoff,
+    return fit_rule(kind, examples, float(np.mean(with_current)), cutoffs, lambda p, cutoff: p < cutoff,
                     float(np.mean(no_rule)) if base_rule else None)
 
 
