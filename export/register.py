@@ -128,7 +128,9 @@ def check_model_file(path: Path, what: str = "--model") -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m export register", description=__doc__)
-    p.add_argument("--model", type=Path, default=default_model_path(), help="ONNX file to register")
+    p.add_argument("--model", type=Path, default=None,
+                   help=f"ONNX file to register (default: the shipped model, {default_model_path()}; required with "
+                        "another --name)")
     p.add_argument("--int8", type=Path, default=None,
                    help="its int8 variant (default: <model>.int8.onnx beside it, if present)")
     p.add_argument("--no-int8", action="store_true", help="register the fp32 model alone")
@@ -158,8 +160,14 @@ def finetune_verdict(model: Path) -> dict | None:
 
 def register_checked(args: argparse.Namespace):
     """`register` after checking the name and the files (RegisterError names what is wrong)."""
-    check_model_file(args.model)
     name = check_name(MODEL_NAME if args.name is None else args.name)
+    if args.model is None:
+        if name != MODEL_NAME:  # the shipped file under a lab's name: it would serve, and nobody would notice
+            raise RegisterError(f"--name {args.name} needs --model, the file to register under it (e.g. --model "
+                                "runs/astro/model.onnx); without it the shipped model would be registered as "
+                                f"{name}")
+        args.model = default_model_path()
+    check_model_file(args.model)
     if name == MODEL_NAME and sha256_file(args.model) != sha256_file(SHIPPED_MODEL):
         raise RegisterError(f"{args.model} is not the shipped model: register it under a name of its own "
                             f"(--name my-lab), so that {MODEL_NAME}:latest, which the service serves by default, "
@@ -168,6 +176,10 @@ def register_checked(args: argparse.Namespace):
     if verdict and verdict.get("outcome") == "not better" and not getattr(args, "force", False):
         raise RegisterError(f"{args.model}'s fine-tuning found it not better than its base ({verdict.get('line')}); "
                             "keep the base model, or --force to register it anyway")
+    if verdict and verdict.get("outcome") == "can't tell":  # registered, but not as if it had been shown better
+        print(f"python -m export register: note: its fine-tuning could not tell whether it is better than its base "
+              f"({verdict.get('line')}); measure it on annotated images of other plates or days (cellseg evaluate "
+              "--model) before you serve it in place of the base", file=sys.stderr)
     int8 = None if args.no_int8 else (args.int8 or args.model.with_suffix(".int8.onnx"))
     if int8 is not None and not int8.is_file():
         if args.int8:

@@ -209,6 +209,16 @@ def test_only_the_shipped_model_takes_the_default_name(tmp_path, model_path, mon
     assert register.main(["--model", str(model_path)]) == 0 and calls == ["lab", "livecell-unet"]
 
 
+def test_a_lab_name_without_a_model_file_is_refused(monkeypatch, capsys):
+    """A user's trial: `export register --name astro-x`, --model forgotten, registered the shipped model
+    as astro-x, which then served under the lab's name."""
+    import export.register as register
+
+    monkeypatch.setattr(register, "register", lambda *a: pytest.fail("nothing may be registered"))
+    assert register.main(["--name", "astro-x"]) == 2
+    assert "--name astro-x needs --model" in capsys.readouterr().err
+
+
 def test_register_refuses_missing_foreign_and_non_onnx_files(tmp_path, monkeypatch, capsys):
     import onnx
     from onnx import TensorProto, helper

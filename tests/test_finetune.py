@@ -35,16 +35,55 @@ def test_one_image_in_five_is_held_back_at_least_one_from_three(n, held):
     assert split.measured_on == (split.held_back or split.train)
 
 
+def file_samples(folder, n: int, start: int = 0):
+    """Samples whose image files exist, each with its own bytes."""
+    from cellseg.data import Sample
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(start, start + n):
+        (folder / f"{i}.png").write_bytes(f"image {i}".encode())
+    return [Sample(f"lab:{i}.png", "lab", "demo", folder / f"{i}.png", 64, 64, list) for i in range(start, start + n)]
+
+
 def test_images_given_to_measure_on_are_held_back_and_never_training_images(tmp_path):
     """Issue 29: held-back images from the training images' own plates flatter the result; a lab can
-    name its own (e.g. another day's) with --measure-on, and the same files in both are refused."""
+    name its own (e.g. another day's) with --measure-on, and the same images in both, copies in
+    another folder included, are refused."""
     from train.finetune import FinetuneError, measure_on_given
 
-    train, other = fake_samples(4), fake_samples(6)[4:]
+    train, other = file_samples(tmp_path / "train", 4), file_samples(tmp_path / "other", 2, start=4)
     split = measure_on_given(train, other)
     assert split.train == train and split.held_back == other and split.measured_on == other
     with pytest.raises(FinetuneError, match="repeats 1 training image"):
         measure_on_given(train, [train[0], other[0]])
+    copy = file_samples(tmp_path / "copies", 1)  # 0.png again, elsewhere
+    with pytest.raises(FinetuneError, match="repeats 1 training image"):
+        measure_on_given(train, copy + other)
+
+
+def test_replay_of_the_labs_own_images_is_refused(tmp_path):
+    """A user's trial: `--replay` of the folder being fine-tuned, held-back images included, was taken;
+    a held-back image replayed in training flatters its after-figures."""
+    from train.finetune import FinetuneError, Split, replay_apart
+
+    lab, base = file_samples(tmp_path / "lab", 5), file_samples(tmp_path / "base", 3, start=10)
+    split = Split(lab[:4], lab[4:])
+    assert replay_apart(base, split) == base
+    held_copy = file_samples(tmp_path / "copy", 1, start=4)  # the held-back 4.png, copied
+    with pytest.raises(FinetuneError, match=r"--replay repeats 1 .*4\.png \(held back\)"):
+        replay_apart(base + held_copy, split)
+    with pytest.raises(FinetuneError, match=r"repeats 2 .*\(training\)"):
+        replay_apart(lab[:2], split)
+
+
+def test_a_name_register_would_refuse_is_refused_before_the_run(tmp_path, capsys):
+    """A user's trial: --name bad/name trained for the whole budget, then `export register --name
+    bad/name`, as the run advised, refused it."""
+    from train.finetune import main
+
+    folder = annotated_folder(tmp_path)
+    assert main([str(folder), "--out", str(tmp_path / "o"), "--name", "bad/name", "--minutes", "1"]) == 2
+    assert "--name 'bad/name'" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
 def test_holding_back_every_image_is_refused():
@@ -513,6 +552,25 @@ def test_register_refuses_a_model_its_run_found_not_better_unless_forced(tmp_pat
     assert "not better than its base" in capsys.readouterr().err and calls == []
     assert register.main(["--model", str(tmp_path / "model.onnx"), "--name", "lab", "--force"]) == 0
     assert calls == ["lab"]
+
+
+def test_register_says_when_its_run_could_not_tell(tmp_path, model_path, monkeypatch, capsys):
+    """A user's trial: the README's 10-image run holds back 2 images, says CAN'T TELL, and the model
+    registered without a word; it registers, with the verdict on stderr."""
+    import shutil
+
+    import export.register as register
+    from train.verdict import judge
+
+    calls = []
+    monkeypatch.setattr(register, "register", lambda path, name, int8: calls.append(name) or (None, True))
+    monkeypatch.setattr(register, "summary", lambda model, created: {})
+    shutil.copy(model_path, tmp_path / "model.onnx")
+    unsure = judge(rows([0.2, 0.3]), rows([0.18, 0.29]), True, steps=500)
+    (tmp_path / "metrics.json").write_text(json.dumps({"verdict": unsure.to_dict()}))
+    assert register.main(["--model", str(tmp_path / "model.onnx"), "--name", "lab"]) == 0 and calls == ["lab"]
+    error = capsys.readouterr().err
+    assert "note: its fine-tuning could not tell" in error and "VERDICT: CAN'T TELL" in error
 
 
 @pytest.mark.data

@@ -33,6 +33,7 @@ with --resume); 5 not better than the base on the held-back images (register ref
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -58,6 +59,7 @@ from cellseg.variants import choose_for_model  # noqa: E402
 from export.int8 import calibration_arrays, quantize, within_pixels  # noqa: E402
 from export.model_card import thresholds_only, write_finetune_card  # noqa: E402
 from export.onnx_export import export_checked, finetune_metadata, write_exported  # noqa: E402
+from export.register import check_name  # noqa: E402
 from train.cell_rules import FILTER_CUTOFFS, MERGE_CUTOFFS, RuleFit, fit_cell_filter, fit_cell_merge, mean_msa  # noqa: E402
 from train.dataset import CropDataset  # noqa: E402
 from train.loop import freeze_encoder, lr_factor, save_checkpoint, torch_predictor, train_step  # noqa: E402
@@ -271,15 +273,34 @@ def split_held_back(samples: list[Sample], seed: int, hold_out: int | None = Non
     return Split([s for i, s in enumerate(samples) if i not in held], [samples[i] for i in held])
 
 
+def same_files(samples: list[Sample]) -> dict[str, Sample]:
+    """Samples by their image file's content: a copy of an image in another folder is the same image."""
+    return {hashlib.sha256(s.image_path.read_bytes()).hexdigest(): s for s in samples}
+
+
 def measure_on_given(train: list[Sample], measured: list[Sample]) -> Split:
     """Every given image trains; `measured` (--measure-on) are held back, refused where they are the
-    same files as training images (a before/after on training images would flatter the result)."""
-    trained = {s.image_path.resolve() for s in train}
-    shared = [s.id for s in measured if s.image_path.resolve() in trained]
+    same images as training ones, copies included (a before/after on training images would flatter
+    the result)."""
+    trained = same_files(train)
+    shared = [s.id for key, s in same_files(measured).items() if key in trained]
     if shared:
         raise FinetuneError(f"--measure-on repeats {len(shared)} training image(s) ({', '.join(shared[:3])}): "
                             "give images that are not among ANNOTATED")
     return Split(list(train), list(measured))
+
+
+def replay_apart(replay: list[Sample], split: Split) -> list[Sample]:
+    """--replay's images, refused where they are the lab's own (copies included): a held-back (or
+    --measure-on) image replayed in training would flatter its after-figures, and a training image
+    would only weigh twice."""
+    lab = {key: "held back" for key in same_files(split.held_back)}
+    lab.update({key: "training" for key in same_files(split.train)})
+    shared = [f"{s.id} ({lab[key]})" for key, s in same_files(replay).items() if key in lab]
+    if shared:
+        raise FinetuneError(f"--replay repeats {len(shared)} of the images fine-tuned or measured on "
+                            f"({', '.join(shared[:3])}): replay images of what the base already knows, not your own")
+    return replay
 
 
 def base_postprocess(base: Path) -> PostprocessParams:
@@ -524,6 +545,7 @@ def main(argv=None) -> int:
     budget = Budget(args.minutes)  # from the command's start: scanning and decoding count too
     command = "python -m train finetune " + " ".join(sys.argv[2:] if argv is None else argv)
     try:
+        check_name(args.name)  # what `export register --name` will ask of it: refused now, not after the run
         scan = scan_annotated(args.annotated)  # FileNotFoundError when nothing annotated is found
         print(scan.summary(), flush=True)
         samples = scan.samples
@@ -537,11 +559,12 @@ def main(argv=None) -> int:
             split = split_held_back(samples, args.seed, args.hold_out)
         replay = []
         if args.replay:
-            replay = scan_annotated(args.replay).samples
+            replay = replay_apart(scan_annotated(args.replay).samples, split)
             print(f"replayed in training, {args.replay_share:.0%} of the crops: {len(replay)} images", flush=True)
         if args.resume and not (args.out / CHECKPOINT).is_file():
             raise FinetuneError(f"--resume: no {CHECKPOINT} in {args.out}")
-        check_out(args.out, args.annotated, args.overwrite or args.resume)
+        check_out(args.out, [*args.annotated, *(args.measure_on or []), *(args.replay or [])],
+                  args.overwrite or args.resume)
         if not args.base.is_file():
             raise FinetuneError(f"base weights not found: {args.base}")
         if args.tta is None:  # the kind of maps the base's own thresholds and rules were picked on
