@@ -34,7 +34,9 @@ not a setting: a format asked for later (or a deleted per-image file) is made fr
 the images already done, without running the network again (a record holds every cell's mask, from
 which the label image is rebuilt exactly). A re-run with other settings (another model, other
 parameters) into the same folder is refused unless --overwrite is given, so one folder never mixes
-results of two settings. Files under the output folder are never taken as inputs.
+results of two settings. Files under the output folder are never taken as inputs, nor are annotation
+masks (X_masks.*, Cellpose's naming) that a folder or glob finds or that are named beside their image;
+the summary line counts them.
 
 A multi-page TIFF is a time-lapse stack whose pages are its frames (plain multi-page TIFF, ImageJ
 hyperstack, OME-TIFF; a stack of Z-slices or channels is refused): each frame is an image of its
@@ -201,10 +203,22 @@ def prepare_output(out: Path, settings: dict, overwrite: bool) -> None:
     atomic_write(job_file, json.dumps(settings, indent=2, sort_keys=True).encode())
 
 
-def collect_inputs(inputs: Iterable[str], exclude: Path | None = None) -> tuple[list[Path], list[dict]]:
+MASKS_ENDING = "_masks"  # Cellpose's naming of an image's annotation (X_masks.png, X_cp_masks.png)
+
+
+def is_annotation_mask(path: Path) -> bool:
+    """`X_masks.*` (any image suffix, names compared without case): the label image annotating X, as
+    README's fine-tuning layout and `python -m train finetune` read it, not a micrograph to segment."""
+    stem = path.stem.lower()
+    return path.suffix.lower() in IMAGE_SUFFIXES and stem.endswith(MASKS_ENDING) and stem != MASKS_ENDING
+
+
+def collect_inputs(inputs: Iterable[str], exclude: Path | None = None) -> tuple[list[Path], list[dict], list[Path]]:
     """Expand files, folders (recursively, image suffixes only) and globs; report what matched nothing.
-    Files under `exclude` (the job's output folder) are skipped: outputs are never inputs."""
+    Files under `exclude` (the job's output folder) are skipped: outputs are never inputs. Annotation
+    masks (`is_annotation_mask`) are left out and returned third, so that the job can say so."""
     found: list[Path] = []
+    named: set[Path] = set()
     missing: list[dict] = []
     for item in inputs:
         path = Path(item)
@@ -212,6 +226,7 @@ def collect_inputs(inputs: Iterable[str], exclude: Path | None = None) -> tuple[
             found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         elif path.is_file():
             found.append(path)
+            named.add(path.resolve())
         else:
             matches = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
             if matches:
@@ -222,7 +237,18 @@ def collect_inputs(inputs: Iterable[str], exclude: Path | None = None) -> tuple[
     if exclude is not None:
         exclude = exclude.resolve()
         unique = [p for p in unique if not p.is_relative_to(exclude)]
-    return unique, missing
+    images = {(p.parent, p.stem.lower()) for p in unique if not is_annotation_mask(p)}
+
+    def annotates_an_input(mask: Path) -> bool:
+        image = mask.stem.lower().removesuffix(MASKS_ENDING)
+        return bool({(mask.parent, image), (mask.parent, image.removesuffix("_cp"))} & images)
+
+    # A mask a folder or glob finds is left out. One named as a file is segmented (the user asked for
+    # that file: refusing it would surprise more than segmenting a label image) unless its image is an
+    # input too: a shell's `folder/*.png` names every file, and then it is that image's annotation.
+    masks = [p for p in unique if is_annotation_mask(p) and (p not in named or annotates_an_input(p))]
+    left_out = set(masks)
+    return [p for p in unique if p not in left_out], missing, masks
 
 
 def output_names(paths: list[Path], frames: dict[Path, int] | None = None) -> dict[Path, str]:
@@ -338,6 +364,7 @@ class JobReport:
     skipped: list[str] = field(default_factory=list)  # done before, with every requested file
     failed: list[dict] = field(default_factory=list)
     unmatched: list[str] = field(default_factory=list)  # files whose names fit no series layout (series.json)
+    masks_left_out: list[Path] = field(default_factory=list)  # annotation masks (X_masks.*) not taken as images
 
 
 # What to do about a failed write, by errno; any other error: fix its cause.
@@ -640,7 +667,7 @@ def run_job(inputs: list[str], out: Path, backend_factory: Callable[[], Backend]
     report = JobReport()
     try:
         prepare_output(out, settings, overwrite)
-        paths, missing = collect_inputs(inputs, exclude=out)
+        paths, missing, report.masks_left_out = collect_inputs(inputs, exclude=out)
         items, refused = expand_inputs(paths)
         report.failed += missing + refused
         items, placement = place_in_series(items, series or SeriesOptions())

@@ -160,8 +160,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
 def print_summary(report: JobReport, out: Path) -> None:
     completed = (f"{len(report.completed)} done before and given the missing formats from their records "
                  "(not segmented again), " if report.completed else "")
+    masks = len(report.masks_left_out)
+    masks_note = f", {masks} annotation mask{'s' * (masks != 1)} (X_masks.*) not segmented" if masks else ""
     print(f"{len(report.done)} segmented, {completed}{len(report.skipped)} already done (skipped), "
-          f"{len(report.failed)} failed; outputs in {out}")
+          f"{len(report.failed)} failed{masks_note}; outputs in {out}")
     for failure in report.failed:
         frame = f" frame {failure['frame']}" if "frame" in failure else ""
         print(f"  FAILED {failure['path']}{frame}: {failure['error']}", file=sys.stderr)

@@ -436,6 +436,40 @@ def test_a_format_asked_for_later_comes_from_the_records_without_the_network(sma
         assert len(json.loads((csv_only / "geojson" / f"{image.stem}.geojson").read_text())["features"]) == 3
 
 
+def test_annotation_masks_beside_their_images_are_not_segmented(tmp_path, network_calls, capsys):
+    """A folder laid out for fine-tuning (X.png + X_masks.png, README) gave "4 segmented" for 2 images:
+    each mask was segmented as a micrograph, with rois/X_masks.zip and a summary.csv row of its own."""
+    folder = tmp_path / "astro"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        Image.fromarray(rng.integers(0, 255, (64, 80), dtype=np.uint8)).save(folder / f"{name}.png")
+        Image.fromarray(fake_labels((64, 80)).astype(np.uint16)).save(folder / f"{name}_masks.png")
+    line = "2 segmented, 0 already done (skipped), 0 failed, 2 annotation masks (X_masks.*) not segmented; outputs in"
+    for i, given in enumerate([folder, folder / "*.png"]):  # a folder, and a glob cellseg expands
+        out = tmp_path / f"seg{i}"
+        network_calls.clear()
+        capsys.readouterr()
+        assert run(given, out, "--formats", "labels,rois,geojson") == 0
+        assert sorted(p.name for p in network_calls) == ["a.png", "b.png"]
+        assert sorted(p.name for p in (out / "rois").iterdir()) == ["a.zip", "b.zip"]
+        assert [row["image"] for row in csv.DictReader(open(out / "summary.csv"))] == ["a", "b"]
+        assert line in capsys.readouterr().out
+
+    # Named as files: a mask named with its image (as a shell's astro/*.png names both) is left out too;
+    # a mask named on its own is what the user asked to segment.
+    network_calls.clear()
+    assert main(["segment", str(folder / "a.png"), str(folder / "a_masks.png"), "--out", str(tmp_path / "named"),
+                 "--quiet"]) == 0
+    assert [p.name for p in network_calls] == ["a.png"]
+    assert "1 segmented, 0 already done (skipped), 0 failed, 1 annotation mask (X_masks.*) not segmented" in \
+        capsys.readouterr().out
+    network_calls.clear()
+    assert main(["segment", str(folder / "b_masks.png"), "--out", str(tmp_path / "alone"), "--quiet"]) == 0
+    assert [p.name for p in network_calls] == ["b_masks.png"]
+    assert "not segmented" not in capsys.readouterr().out
+
+
 class FakeService:
     """A cellseg.client.Client whose service is not there: `segment` answers fake_labels and, as the
     real service does, the model and every parameter it used (its defaults with what was sent)."""
