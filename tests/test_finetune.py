@@ -401,6 +401,16 @@ def rows(msa: list[float]) -> list[dict]:
     return [{"id": f"lab:{i}.png", "msa": value} for i, value in enumerate(msa)]
 
 
+def test_the_verdict_line_agrees_with_the_model_cards_figures():
+    """A user's trial: the card's table said base mSA 0.169 (metrics.json's 0.1685) and its verdict
+    line 0.168, from the unrounded mean 0.16847. One held-back image is one image, not 'images'."""
+    from train.verdict import judge
+
+    verdict = judge(rows([0.16847]), rows([0.15]), True, steps=1)
+    assert f"{round(0.16847, 4):.3f}" == "0.169" and "mSA 0.169 -> 0.150 on 1 held-back image;" in verdict.line()
+    assert "1 held-back image is too few" in verdict.line() and "only 1 training step was made" in verdict.line()
+
+
 @pytest.mark.parametrize("before, after, held_back, outcome, status", [
     ([0.10, 0.20, 0.15, 0.12, 0.18, 0.11], [0.15, 0.26, 0.19, 0.17, 0.24, 0.15], True, "better", 0),
     ([0.10, 0.20, 0.15, 0.12, 0.18, 0.11], [0.05, 0.13, 0.10, 0.08, 0.11, 0.07], True, "not better", 5),

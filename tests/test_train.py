@@ -238,3 +238,17 @@ def test_training_threads_follow_load_that_comes_and_goes():
     single = ThreadChooser(1, set_threads=lambda n: None)
     run_chooser(single, {1: 1.0}.get, 10)
     assert single.candidates == [1] and single.history == []  # nothing to choose between
+
+
+def test_saved_weights_get_the_mode_every_other_output_gets(tmp_path):
+    """A user's trial: model.safetensors came out 0600 (safetensors' own mode) beside 0644 files, so
+    a lab's shared folder could not read the weights bioimage.io and TorchScript are made from."""
+    import os
+
+    from train.model import build_model, save_weights
+
+    path = tmp_path / "w.safetensors"
+    save_weights(build_model("resnet18", None, (16, 16, 8, 8, 8)),
+                 {"encoder": "resnet18", "decoder_channels": [16, 16, 8, 8, 8]}, path)
+    (tmp_path / "other.txt").write_text("x")
+    assert os.stat(path).st_mode & 0o777 == os.stat(tmp_path / "other.txt").st_mode & 0o777

@@ -712,7 +712,7 @@ def run(args: argparse.Namespace, command: str, samples: list[Sample], split: Sp
     write_finetune_card(args.out / "MODEL_CARD.md", results, fp32, int8)
     over = f", {-budget.left() / 60:.1f} min over its budget" if budget.left() < 0 else ""
     print(f"wrote {fp32}, {int8}, {args.out / 'metrics.json'}, {args.out / 'MODEL_CARD.md'} "
-          f"in {results['minutes_total']} min{over}; {state['step']} training steps "
+          f"in {results['minutes_total']} min{over}; {state['step']} training step{'s' if state['step'] != 1 else ''} "
           f"({steps_per_minute:.0f}/min); register with: "
           f"python -m export register --model {fp32} --name {args.name}", flush=True)
     print(verdict.line(), flush=True)  # the last word: better, not better (exit 5) or can't tell

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 
@@ -101,6 +103,10 @@ def save_weights(model: torch.nn.Module, config: dict, path) -> None:
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     arch = {k: config[k] for k in ("encoder", "decoder_channels")}
     save_file(state, str(path), metadata={"format": "pt", "architecture": json.dumps(arch)})
+    # safetensors creates the file owner-only (0600); give it the mode every other output gets
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def weights_architecture(path) -> dict:

@@ -63,9 +63,11 @@ def judge(before: list[dict], after: list[dict], held_back: bool, steps: int | N
     `same_source`: the images were held back from the training folders (not given by --measure-on)."""
     after_by_id = {row["id"]: row["msa"] for row in after}
     differences = np.array([after_by_id[row["id"]] - row["msa"] for row in before])
-    msa_before = float(np.mean([row["msa"] for row in before])) if before else 0.0
-    msa_after = float(np.mean(list(after_by_id.values()))) if after else 0.0
-    few_steps = (f" (only {steps} training steps were made: too few to learn much; give more --minutes)"
+    # rounded as metrics.json and the model card's table round them, so the line's 3 digits agree with theirs
+    msa_before = round(float(np.mean([row["msa"] for row in before])), 4) if before else 0.0
+    msa_after = round(float(np.mean(list(after_by_id.values()))), 4) if after else 0.0
+    few_steps = (f" (only {steps} training step{'s' if steps != 1 else ''} {'were' if steps != 1 else 'was'} made: "
+                 "too few to learn much; give more --minutes)"
                  if steps is not None and steps < 100 else "")
     if note:
         few_steps += f" ({note})"
@@ -75,7 +77,8 @@ def judge(before: list[dict], after: list[dict], held_back: bool, steps: int | N
                        msa_before, msa_after, 0.0, 0.0, held_back=False)
     if len(differences) < MIN_IMAGES:
         lower = "lower on them, but " if msa_after < msa_before else ""
-        return Verdict(CANT_TELL, f"{lower}{len(differences)} held-back images are too few to tell better from worse; hold "
+        images = f"{len(differences)} held-back image{' is' if len(differences) == 1 else 's are'}"
+        return Verdict(CANT_TELL, f"{lower}{images} too few to tell better from worse; hold "
                        f"back at least {MIN_IMAGES} (--hold-out){few_steps}", len(differences), msa_before, msa_after,
                        0.0, 0.0)
     rng = np.random.default_rng(seed)
