@@ -133,13 +133,31 @@ def quantize(fp32: Path, out: Path, images: list[np.ndarray], recipe: Int8Recipe
 
 def record_recipe(int8: Path, fp32: Path, recipe: Int8Recipe) -> None:
     """The fp32 model's metadata (post-processing defaults...) plus how the int8 file was made."""
-    metadata = {**read_metadata(fp32), "quantization": {"format": "QDQ static", **recipe.to_dict(),
-                                                         "fp32_sha256": sha256_file(fp32)}}
+    write_int8_metadata(int8, {**read_metadata(fp32), "quantization": {"format": "QDQ static", **recipe.to_dict(),
+                                                                      "fp32_sha256": sha256_file(fp32)}})
+
+
+def write_int8_metadata(int8: Path, metadata: dict) -> None:
+    """`metadata` as the int8 file's cellseg metadata, its other entries kept."""
     model = onnx.load(str(int8))
     kept = [e for e in model.metadata_props if e.key != METADATA_KEY]
     del model.metadata_props[:]
     model.metadata_props.extend([*kept, onnx.StringStringEntryProto(key=METADATA_KEY, value=json.dumps(metadata))])
     onnx.save(model, str(int8))
+
+
+def record_verdict(fp32: Path, int8: Path, verdict: dict) -> None:
+    """A fine-tune's verdict into both files' metadata (`finetune.verdict`): `export register` reads it
+    there, so a copied model.onnx that the run found not better is refused without its metrics.json.
+    The int8 file's metadata is fp32's plus its recipe, and names fp32's sha256: both follow."""
+    from export.onnx_export import set_metadata
+
+    kept = {k: verdict[k] for k in ("outcome", "line", "images", "msa_before", "msa_after") if k in verdict}
+    metadata = read_metadata(fp32)
+    metadata["finetune"] = {**metadata.get("finetune", {}), "verdict": kept}
+    set_metadata(fp32, metadata)
+    quantization = {**read_metadata(int8).get("quantization", {}), "fp32_sha256": sha256_file(fp32)}
+    write_int8_metadata(int8, {**metadata, "quantization": quantization})
 
 
 def int8_summary(int8: Path, recipe: Int8Recipe, metrics: dict | None) -> dict:

@@ -150,7 +150,11 @@ def main(argv=None) -> int:
 
 
 def finetune_verdict(model: Path) -> dict | None:
-    """The verdict `python -m train finetune` wrote beside a model it made (its metrics.json), if any."""
+    """The verdict `python -m train finetune` wrote into a model it made (its metadata), else beside it
+    (its metrics.json: models made before the metadata carried it), if any."""
+    stored = read_metadata(model).get("finetune") or {}
+    if stored.get("verdict"):
+        return stored["verdict"]
     metrics = Path(model).parent / "metrics.json"
     try:
         return json.loads(metrics.read_text()).get("verdict") if metrics.is_file() else None

@@ -307,6 +307,13 @@ def test_a_run_that_made_the_model_worse_says_so_exits_5_and_cannot_be_registere
                                "--name", "lab-worse"], cwd=REPO, capture_output=True, text=True, timeout=300,
                               env={**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml")})
     assert register.returncode == 2 and "not better than its base" in register.stderr, register.stderr[-2000:]
+    # the verdict travels in the file: a copy without its metrics.json is refused as well
+    (tmp_path / "copied").mkdir()
+    shutil.copy(out / "model.onnx", tmp_path / "copied" / "model.onnx")
+    copied = subprocess.run([sys.executable, "-m", "export", "register", "--model", str(tmp_path / "copied" / "model.onnx"),
+                             "--name", "lab-worse", "--no-int8"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml")})
+    assert copied.returncode == 2 and "not better than its base" in copied.stderr, copied.stderr[-2000:]
 
 
 def annotated_folder(root):
@@ -562,6 +569,32 @@ def test_register_refuses_a_model_its_run_found_not_better_unless_forced(tmp_pat
     assert "not better than its base" in capsys.readouterr().err and calls == []
     assert register.main(["--model", str(tmp_path / "model.onnx"), "--name", "lab", "--force"]) == 0
     assert calls == ["lab"]
+
+
+def test_the_verdict_rides_in_both_files_metadata(tmp_path, model_path, monkeypatch, capsys):
+    """A user's trial: register's refusal read only the metrics.json beside the model, so the same
+    model.onnx copied to another folder registered. The run now writes its verdict into both files;
+    the int8 file's record of its fp32 file's sha256 follows the rewritten fp32 file."""
+    import shutil
+
+    import export.register as register
+    from cellseg.onnx_model import read_metadata, sha256_file
+    from export.int8 import record_verdict
+    from train.verdict import judge
+
+    fp32, int8 = tmp_path / "model.onnx", tmp_path / "model.int8.onnx"
+    shutil.copy(model_path, fp32)
+    shutil.copy(model_path.with_suffix(".int8.onnx"), int8)
+    worse = judge(rows([0.2, 0.3, 0.25, 0.2]), rows([0.1, 0.15, 0.12, 0.1]), True, steps=500)
+    record_verdict(fp32, int8, worse.to_dict())
+    for path in (fp32, int8):
+        assert read_metadata(path)["finetune"]["verdict"]["outcome"] == "not better"
+    assert read_metadata(int8)["quantization"]["fp32_sha256"] == sha256_file(fp32)
+    assert read_metadata(fp32)["postprocess"] == read_metadata(model_path)["postprocess"]  # the rest kept
+    monkeypatch.setattr(register, "register", lambda *a: pytest.fail("nothing may be registered"))
+    assert not (tmp_path / "metrics.json").exists()
+    assert register.main(["--model", str(fp32), "--name", "lab"]) == 2
+    assert "not better than its base" in capsys.readouterr().err
 
 
 def test_register_says_when_its_run_could_not_tell(tmp_path, model_path, monkeypatch, capsys):

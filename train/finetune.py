@@ -56,7 +56,7 @@ from cellseg.onnx_model import OnnxModel, default_tta, read_metadata  # noqa: E4
 from cellseg.postprocess import PostprocessParams  # noqa: E402
 from cellseg.tuning import params_grid, rank_params  # noqa: E402
 from cellseg.variants import choose_for_model  # noqa: E402
-from export.int8 import calibration_arrays, quantize, within_pixels  # noqa: E402
+from export.int8 import calibration_arrays, quantize, record_verdict, within_pixels  # noqa: E402
 from export.model_card import thresholds_only, write_finetune_card  # noqa: E402
 from export.onnx_export import export_checked, finetune_metadata, write_exported  # noqa: E402
 from export.register import check_name  # noqa: E402
@@ -697,6 +697,7 @@ def run(args: argparse.Namespace, command: str, samples: list[Sample], split: Sp
                     state["step"] if args.train else None,
                     note=load_note, same_source=not args.measure_on)
     results["verdict"] = verdict.to_dict()
+    record_verdict(fp32, int8, results["verdict"])  # in the files themselves: a copied model carries it
     # what `python -m export register` and batch jobs read to pick the precision to serve
     for path, metrics in ((fp32, after["fp32"]), (int8, after["int8"])):
         path.with_suffix(".metrics.json").write_text(json.dumps(
