@@ -233,7 +233,8 @@ def _cell_rules_text(results: dict) -> str:
 
 def _tta_text(tta: bool) -> str:
     if not tta:
-        return "Runs without test-time augmentation (fine-tuned with `--no-tta`), like the base model."
+        return ("Runs without test-time augmentation, as its base does (`finetune --tta` makes a model that runs "
+                "with it).")
     return ("Runs with test-time augmentation by default (4 mirrorings averaged, about 4x the network time): its "
             "thresholds were picked and its figures above measured that way, and every runtime (service, "
             "`cellseg segment`, napari) applies it unless a request says `tta=false` (`--no-tta`).")
@@ -244,21 +245,25 @@ def write_finetune_card(path: Path, results: dict, fp32: Path, int8: Path) -> No
     long it trained, the thresholds picked and the command, so the lab can judge and repeat it."""
     tta = results.get("tta", False)
     with_tta = " (TTA)" if tta else ""
-    rows = [("base model, its thresholds", results["before"]), (f"fine-tuned, fp32{with_tta}", results["after"]["fp32"]),
-            (f"fine-tuned, int8{with_tta}", results["after"]["int8"])]
+    training = results["training"]
+    trained = training.get("trained", True)
+    kind = "fine-tuned" if trained else "adapted"  # --no-train: the base's network, post-processing picked here
+    origin, used_for = ("Fine-tuned", "trained on") if trained else ("Adapted", "thresholds and rules picked on")
+    how = "" if trained else " --no-train (the base's network weights; thresholds and cell rules picked for these images)"
+    rows = [("base model, its thresholds", results["before"]), (f"{kind}, fp32{with_tta}", results["after"]["fp32"]),
+            (f"{kind}, int8{with_tta}", results["after"]["int8"])]
     table = "| model | AP50 | AP75 | mSA | foreground IoU | count error |\n|---|---|---|---|---|---|\n" + "\n".join(
         f"| {name} | {m.get('ap50', float('nan')):.3f} | {m.get('ap75', float('nan')):.3f} | "
         f"{m.get('msa', float('nan')):.3f} | {m.get('foreground_iou', float('nan')):.3f} | "
         f"{m.get('count_error', float('nan')):.2f} |" for name, m in rows)
-    training = results["training"]
     held = results["held_back"]
     here = _here_text(results.get("precision_here"))
     verdict = results.get("verdict")
     lead = f"**{verdict['line']}**\n\n" if verdict else ""
     text = f"""# Model card: {results['name']}
 
-{lead}Fine-tuned from `{Path(results['base']).name}` (sha256 `{results['base_sha256']}`) on a lab's own annotated
-images with `python -m train finetune`.
+{lead}{origin} from `{Path(results['base']).name}` (sha256 `{results['base_sha256']}`) on a lab's own annotated
+images with `python -m train finetune`{how}.
 
 - `{fp32.name}`: fp32 ONNX, sha256 `{sha256_file(fp32)}`; thresholds and provenance in its metadata (`cellseg`).
 - `{int8.name}`: int8 (static QDQ, calibrated on the training images), sha256 `{sha256_file(int8)}`;
@@ -266,7 +271,7 @@ images with `python -m train finetune`.
   below.{here}
 
 ## Data
-- trained on {len(results['images'])} images: {', '.join(f'`{i}`' for i in results['images'])}
+- {used_for} {len(results['images'])} images: {', '.join(f'`{i}`' for i in results['images'])}
 - measured on {f"{len(held)} held-back images: " + ', '.join(f'`{i}`' for i in held) if held else
                "the training images (fewer than three images: none could be held back, so the figures are optimistic)"}
 
@@ -284,7 +289,7 @@ Thresholds: {results.get('thresholds', {}).get('reason', 'picked on the training
 Command: `{training['command']}`
 
 ## Licence
-Fine-tuned from weights trained on LIVECell (CC BY-NC 4.0, Sartorius) and the Kaggle Sartorius images:
+Derived from weights trained on LIVECell (CC BY-NC 4.0, Sartorius) and the Kaggle Sartorius images:
 the weights are for non-commercial use only, as the base model's.
 """
     path.write_text(text)

@@ -1,4 +1,4 @@
-"""Small requests under a burst of large ones, and large ones whose client hung up (issue 27, item 10).
+r"""Small requests under a burst of large ones, and large ones whose client hung up (issue 27, item 10).
 
     git worktree add /tmp/before-fairness REV          # the revision before the change
     python scripts/bench_fairness.py --checkout before=/tmp/before-fairness --checkout now=. \

@@ -1,4 +1,4 @@
-"""Six probes of why fine-tuning does not lift unseen astrocytes (issue 29), inference only.
+r"""Six probes of why fine-tuning does not lift unseen astrocytes (issue 29), inference only.
 
     python scripts/finetune_probes.py interpolate runs/ab-full/astro-k10/model/model.onnx --type astro
     python scripts/finetune_probes.py offset --type astro

@@ -1,4 +1,4 @@
-"""A replay set for `python -m train finetune --replay`: annotated images the base trained on, a few
+r"""A replay set for `python -m train finetune --replay`: annotated images the base trained on, a few
 per cell type from the project's training split, leaving out a fine-tune's own images.
 
     python scripts/make_replay_set.py --out runs/replay/images --per-type 5 \

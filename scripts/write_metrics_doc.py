@@ -1,4 +1,4 @@
-"""Write docs/METRICS.md from `cellseg evaluate --json` outputs and the model's training history.
+r"""Write docs/METRICS.md from `cellseg evaluate --json` outputs and the model's training history.
 
     python scripts/write_metrics_doc.py --val docs/eval_val.json --train docs/eval_train.json \
         --before docs/eval_val_before.json --tta docs/eval_val_tta.json --int8 docs/eval_val_int8.json \

@@ -182,7 +182,11 @@ def test_no_train_keeps_the_base_network_and_adapts_only_thresholds_and_tta(tmp_
     assert results["training"]["steps"] == 0 and results["training"]["trained"] is False
     assert results["minutes_total"] < 3  # no training: the budget is a ceiling, not a wait
     assert "no training (--no-train)" in run.stdout and "training steps were made" not in results["verdict"]["line"]
-    assert "None (`--no-train`)" in (out / "MODEL_CARD.md").read_text()
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "None (`--no-train`)" in card
+    # a user's trial: the card and the run called it fine-tuned, "trained on" its images
+    assert "Adapted from" in card and "| adapted, fp32 |" in card and "Fine-tuned from" not in card
+    assert "thresholds and rules picked on 2 images" in card and "after (fine-tuned" not in run.stdout
     # without --tta/--no-tta the model runs on the kind of maps its base's thresholds and rules were fitted
     # on: the shipped model's, without TTA
     assert results["tta"] is False and not OnnxModel(out / "model.onnx").default_tta

@@ -127,8 +127,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--measure-on", nargs="+", type=Path, metavar="ANNOTATED", default=None,
                    help="annotated images kept for measuring only (e.g. another plate or day than the training "
                         "images: a fairer before/after); then every ANNOTATED image trains and --hold-out is unused")
-    p.add_argument("--crop", type=_number(int, 32, 2048), default=256)
-    p.add_argument("--batch-size", type=_number(int, 1, 512), default=8)
+    p.add_argument("--crop", type=_number(int, 32, 2048), default=256, help="side of the training crops, px (default 256)")
+    p.add_argument("--batch-size", type=_number(int, 1, 512), default=8, help="crops per training step (default 8)")
     p.add_argument("--lr", type=_number(float, 1e-7, 1.0), default=3e-4, help="peak learning rate (a third of training's)")
     p.add_argument("--freeze-encoder", action=argparse.BooleanOptionalAction, default=False,
                    help="train only the decoder and head: faster steps, the encoder's features kept")
@@ -157,13 +157,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "into the training crops only (never held back, measured or used for thresholds and "
                         "rules), so that training does not forget them (docs/METRICS.md)")
     p.add_argument("--replay-share", type=_number(float, 0.01, 0.99), default=0.5,
-                   help="share of the training crops drawn from --replay images")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
+                   help="share of the training crops drawn from --replay images (default 0.5)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the held-back draw, the crops and the weights' init (default 0)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device to train on (default: cuda where there is one, else cpu)")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="training arithmetic; auto: bf16 where the device does it natively (AVX-512 bf16, AMX, "
+                        "a GPU), else fp32")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                    help="keep NCHW layout (channels_last with bf16 is about 2x faster on CPUs, docs/BENCHMARKS.md)")
-    p.add_argument("--threads", type=_number(int, 1, 1024), default=max(1, os.cpu_count() or 1))
+    p.add_argument("--threads", type=_number(int, 1, 1024), default=max(1, os.cpu_count() or 1),
+                   help="CPU threads for training at most (default: every core; every 2 minutes it also tries "
+                        "fewer and keeps the fastest)")
     p.add_argument("--resume", action="store_true", help=f"continue from DIR/{CHECKPOINT} within its budget")
     return p.parse_args(argv)
 
@@ -678,7 +683,8 @@ def run(args: argparse.Namespace, command: str, samples: list[Sample], split: Sp
     mark = phase_done("export_int8", mark)
     after = {name: evaluate_segmentations(measured, OnnxModel(path).segment(measured_images, params))  # its TTA default
              for name, path in (("fp32", fp32), ("int8", int8))}
-    print("after (fine-tuned fp32):\n" + format_table(after["fp32"]), flush=True)
+    kind = "fine-tuned" if args.train else "the base's network, post-processing picked for these images"
+    print(f"after ({kind}, fp32):\n" + format_table(after["fp32"]), flush=True)
     mark = phase_done("after", mark)
     results = {
         "name": args.name, "base": str(args.base), "base_sha256": metadata["finetune"]["base_sha256"],
