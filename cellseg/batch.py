@@ -57,6 +57,7 @@ import contextlib
 import errno
 import glob
 import hashlib
+import itertools
 import json
 import os
 import queue
@@ -365,6 +366,7 @@ class JobReport:
     failed: list[dict] = field(default_factory=list)
     unmatched: list[str] = field(default_factory=list)  # files whose names fit no series layout (series.json)
     masks_left_out: list[Path] = field(default_factory=list)  # annotation masks (X_masks.*) not taken as images
+    earlier: list[tuple[str, dict]] = field(default_factory=list)  # (name, record) segmented here by earlier commands
 
 
 # What to do about a failed write, by errno; any other error: fix its cause.
@@ -688,7 +690,10 @@ def run_job(inputs: list[str], out: Path, backend_factory: Callable[[], Backend]
         # a new --interval or --name-pattern re-places finished images without segmenting them again.
         records = (json.loads(record_path(out, item.name).read_text()) | item.record_fields() for item in items
                    if is_done(out, item.name, formats))
-        rows = write_aggregates(out, records, formats)
+        # The tables cover the whole folder: images an earlier command segmented here (its settings are
+        # this one's: prepare_output checked) stay in them when this command names fewer inputs.
+        report.earlier = earlier_records(out, {item.name for item in items})
+        rows = write_aggregates(out, itertools.chain(records, (r for _, r in report.earlier)), formats)
         done_now = set(report.done)
         changed = {item.stack for item in to_segment if item.name in done_now}
         write_growth_plots(out, rows, changed)
@@ -697,6 +702,22 @@ def run_job(inputs: list[str], out: Path, backend_factory: Callable[[], Backend]
     except OutputWriteError as exc:
         raise JobStopped(exc, report, _try_write_errors(out, report.failed)) from exc
     return report
+
+
+def earlier_records(out: Path, names: set[str]) -> list[tuple[str, dict]]:
+    """(name, record) of the images segmented into `out` before that are not among `names`, in name
+    order; an unreadable record is left out (its image is segmented again when it is named)."""
+    folder = out / "records"
+    found = []
+    for path in sorted(folder.rglob("*.json")) if folder.is_dir() else []:
+        name = path.relative_to(folder).as_posix().removesuffix(".json")
+        if name in names:
+            continue
+        try:
+            found.append((name, json.loads(path.read_text())))
+        except (OSError, ValueError):
+            continue
+    return found
 
 
 def complete_from_records(out: Path, items: list[Item], formats: tuple[str, ...], report: JobReport,

@@ -162,8 +162,11 @@ def print_summary(report: JobReport, out: Path) -> None:
                  "(not segmented again), " if report.completed else "")
     masks = len(report.masks_left_out)
     masks_note = f", {masks} annotation mask{'s' * (masks != 1)} (X_masks.*) not segmented" if masks else ""
+    earlier = len(report.earlier)
+    earlier_note = (f"; the tables also keep {earlier} image{'s' * (earlier != 1)} segmented here before" if earlier
+                    else "")
     print(f"{len(report.done)} segmented, {completed}{len(report.skipped)} already done (skipped), "
-          f"{len(report.failed)} failed{masks_note}; outputs in {out}")
+          f"{len(report.failed)} failed{masks_note}{earlier_note}; outputs in {out}")
     for failure in report.failed:
         frame = f" frame {failure['frame']}" if "frame" in failure else ""
         print(f"  FAILED {failure['path']}{frame}: {failure['error']}", file=sys.stderr)

@@ -470,6 +470,32 @@ def test_annotation_masks_beside_their_images_are_not_segmented(tmp_path, networ
     assert "not segmented" not in capsys.readouterr().out
 
 
+def test_the_tables_keep_the_images_an_earlier_command_segmented_here(small_inputs, tmp_path, network_calls, capsys):
+    """A user's trial: segmenting one more image (or a mistyped glob) into a finished folder rebuilt
+    cells.csv, summary.csv and the COCO file from that command's inputs alone: 2064 cell rows fell to
+    170, while every record stayed on disk. The tables cover the folder: nothing done there is lost."""
+    out = tmp_path / "seg"
+    assert run(small_inputs, out) == 0
+    cells = list(csv.DictReader(open(out / "cells.csv")))
+    images = [row["image"] for row in csv.DictReader(open(out / "summary.csv"))]
+    annotations = len(json.loads((out / "instances.coco.json").read_text())["annotations"])
+    assert len(images) == 8 and len(cells) > 8
+
+    extra = tmp_path / "more"
+    extra.mkdir()
+    Image.fromarray(np.full((64, 80), 90, np.uint8)).save(extra / "late.png")
+    capsys.readouterr()
+    assert run(extra / "late.png", out) == 0  # one more image, the same settings
+    assert "the tables also keep 8 images segmented here before" in capsys.readouterr().out
+    assert sorted(row["image"] for row in csv.DictReader(open(out / "summary.csv"))) == sorted(images + ["late"])
+    assert len(list(csv.DictReader(open(out / "cells.csv")))) > len(cells)
+    coco = json.loads((out / "instances.coco.json").read_text())
+    assert len(coco["images"]) == 9 and len(coco["annotations"]) > annotations
+
+    assert run(tmp_path / "mistyped*.png", out) == 3  # matches nothing: the tables stay whole
+    assert len(list(csv.DictReader(open(out / "summary.csv")))) == 9
+
+
 class FakeService:
     """A cellseg.client.Client whose service is not there: `segment` answers fake_labels and, as the
     real service does, the model and every parameter it used (its defaults with what was sent)."""
