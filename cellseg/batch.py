@@ -219,12 +219,14 @@ def collect_inputs(inputs: Iterable[str], exclude: Path | None = None) -> tuple[
     Files under `exclude` (the job's output folder) are skipped: outputs are never inputs. Annotation
     masks (`is_annotation_mask`) are left out and returned third, so that the job can say so."""
     found: list[Path] = []
+    folders: list[tuple[str, Path]] = []  # (as given, resolved): a folder that yields no image is reported
     named: set[Path] = set()
     missing: list[dict] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
             found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            folders.append((item, path.resolve()))
         elif path.is_file():
             found.append(path)
             named.add(path.resolve())
@@ -249,7 +251,13 @@ def collect_inputs(inputs: Iterable[str], exclude: Path | None = None) -> tuple[
     # input too: a shell's `folder/*.png` names every file, and then it is that image's annotation.
     masks = [p for p in unique if is_annotation_mask(p) and (p not in named or annotates_an_input(p))]
     left_out = set(masks)
-    return [p for p in unique if p not in left_out], missing, masks
+    images_found = [p for p in unique if p not in left_out]
+    for given, folder in folders:  # as a glob that matches nothing: exit 3, not a silent "0 segmented"
+        if not any(p.is_relative_to(folder) for p in images_found):
+            masks_there = sum(p.is_relative_to(folder) for p in masks)
+            missing.append({"path": given, "error": f"no image files in this folder ({', '.join(sorted(IMAGE_SUFFIXES))})"
+                            + (f"; {masks_there} annotation masks (X_masks.*) left out" if masks_there else "")})
+    return images_found, missing, masks
 
 
 def output_names(paths: list[Path], frames: dict[Path, int] | None = None) -> dict[Path, str]:

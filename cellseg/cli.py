@@ -24,12 +24,14 @@ if TYPE_CHECKING:
 EXIT_USAGE = 2
 EXIT_SOME_FAILED = 3
 EXIT_WRITE_FAILED = 4  # an output could not be written (disk full, permissions): the job stopped, resumable
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it): the job stopped, resumable
 EXIT_STATUSES = """exit status:
   0  every input was segmented (or was already done)
   2  usage error: bad option, unusable --out, other settings than --out's results, server unreachable
   3  some inputs failed (listed on stderr and in errors.json); the others are done
   4  an output could not be written (disk full, quota, read-only, permissions): the job stopped;
-     finished images are kept, so fix the cause and run the same command again to resume"""
+     finished images are kept, so fix the cause and run the same command again to resume
+  130 interrupted (Ctrl-C): finished images are kept; run the same command again to resume"""
 POSTPROCESS_KEYS = ("fg_threshold", "seed_threshold", "min_size")
 
 
@@ -151,6 +153,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
         print_summary(stopped.report, args.out)
         print(f"cellseg segment: error: {stopped}", file=sys.stderr)
         return EXIT_WRITE_FAILED
+    except KeyboardInterrupt:  # Ctrl-C: every image written so far is whole (atomic writes, record last)
+        print(f"\ncellseg segment: interrupted; the images finished so far are kept in {args.out}: run the same "
+              "command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
     print_summary(report, args.out)
     if args.track:
         track_segmented(args.out, quiet=args.quiet)

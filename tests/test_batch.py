@@ -496,6 +496,49 @@ def test_the_tables_keep_the_images_an_earlier_command_segmented_here(small_inpu
     assert len(list(csv.DictReader(open(out / "summary.csv")))) == 9
 
 
+def test_a_folder_without_images_is_reported_like_a_glob_that_matches_nothing(tmp_path, network_calls, capsys):
+    """A user's trial: an empty folder, or one of .bmp files only, gave "0 segmented, 0 already done
+    (skipped), 0 failed" and exit 0, as if the job had done its work."""
+    empty, bmps, masks = tmp_path / "empty", tmp_path / "bmps", tmp_path / "masks"
+    for folder in (empty, bmps, masks):
+        folder.mkdir()
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(bmps / "a.bmp")
+    Image.fromarray(fake_labels((64, 80)).astype(np.uint16)).save(masks / "a_masks.png")
+    for folder, says in ((empty, "no image files in this folder"), (bmps, "no image files in this folder"),
+                         (masks, "1 annotation masks (X_masks.*) left out")):
+        out = tmp_path / f"seg-{folder.name}"
+        assert run(folder, out) == 3
+        errors = json.loads((out / "errors.json").read_text())
+        assert [e["path"] for e in errors] == [str(folder)] and says in errors[0]["error"]
+    assert network_calls == []
+
+
+def test_ctrl_c_says_how_to_resume_and_the_same_command_does(small_inputs, tmp_path, network_calls, monkeypatch,
+                                                             capsys):
+    """A user's trial: Ctrl-C ended a job with a KeyboardInterrupt traceback and no word on resuming."""
+    import cellseg.batch
+
+    write = cellseg.batch.write_image_outputs
+    written = []
+
+    def interrupted_at_the_third(out, name, outputs):
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        write(out, name, outputs)
+        written.append(name)
+
+    monkeypatch.setattr(cellseg.batch, "write_image_outputs", interrupted_at_the_third)
+    out = tmp_path / "seg"
+    assert run(small_inputs, out) == 130
+    error = capsys.readouterr().err
+    assert "interrupted; the images finished so far are kept" in error and "Traceback" not in error
+    assert sorted(p.stem for p in (out / "records").iterdir()) == sorted(written)
+    monkeypatch.setattr(cellseg.batch, "write_image_outputs", write)
+    assert run(small_inputs, out) == 0
+    assert "6 segmented, 2 already done (skipped), 0 failed; outputs in" in capsys.readouterr().out
+    assert len(list(csv.DictReader(open(out / "summary.csv")))) == 8
+
+
 class FakeService:
     """A cellseg.client.Client whose service is not there: `segment` answers fake_labels and, as the
     real service does, the model and every parameter it used (its defaults with what was sent)."""
