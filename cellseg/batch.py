@@ -70,6 +70,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from cellseg.client import ServiceUnreachable
 from cellseg.imageio import IMAGE_SUFFIXES, ImageError, StackInfo, read_frame, read_image, stack_info, to_grayscale
 from cellseg.instances import labels_from_instances
 from cellseg.outputs import (
@@ -389,18 +390,23 @@ WRITE_ERROR_ADVICE = {
 
 
 class JobStopped(Exception):
-    """Writing an output failed, so the job stopped: every later image would have failed the same
-    way. The images finished before keep their outputs and records, so the same command resumes."""
+    """Writing an output failed, or the service stopped answering, so the job stopped: every later
+    image would have failed the same way. The images finished before keep their outputs and records,
+    so the same command resumes."""
 
-    def __init__(self, cause: OutputWriteError, report: JobReport, errors_json_error: OutputWriteError | None):
+    def __init__(self, cause: Exception, report: JobReport, errors_json_error: OutputWriteError | None):
         self.cause, self.report, self.errors_json_error = cause, report, errors_json_error
-        advice = WRITE_ERROR_ADVICE.get(cause.errno, "fix the cause")
         if errors_json_error is None:
             errors_note = "errors.json lists the inputs that failed"
         else:
             errors_note = f"errors.json could not be written either ({_lower_first(errors_json_error.strerror)})"
-        super().__init__(f"{_lower_first(cause.strerror)} writing {cause.filename}: {advice} and run the same "
-                         f"command again to resume (the images finished so far are kept; {errors_note})")
+        if isinstance(cause, OutputWriteError):
+            advice = WRITE_ERROR_ADVICE.get(cause.errno, "fix the cause")
+            what = f"{_lower_first(cause.strerror)} writing {cause.filename}: {advice}"
+        else:  # the service: nothing answers at its address any more
+            what = f"the service stopped answering ({cause}): start it again"
+        super().__init__(f"{what} and run the same command again to resume (the images finished so far are kept; "
+                         f"{errors_note})")
 
 
 def _lower_first(text: str | None) -> str:
@@ -707,7 +713,7 @@ def run_job(inputs: list[str], out: Path, backend_factory: Callable[[], Backend]
         write_growth_plots(out, rows, changed)
         write_well_outputs(out, rows, {(i.plate or "", i.well) for i in to_segment if i.name in done_now}, atomic_write)
         write_errors(out, report.failed)
-    except OutputWriteError as exc:
+    except (OutputWriteError, ServiceUnreachable) as exc:
         raise JobStopped(exc, report, _try_write_errors(out, report.failed)) from exc
     return report
 
@@ -757,6 +763,8 @@ def segment_images(out: Path, items: list[Item], backend_factory: Callable[[], B
     with tqdm(total=len(items), desc="segmenting", unit="img", disable=not progress) as bar, \
             contextlib.closing(backend(items)) as results:
         for item, outputs in results:
+            if isinstance(outputs, ServiceUnreachable):  # not this image's fault: every later one would fail alike
+                raise outputs
             if isinstance(outputs, Exception):
                 report.failed.append(item.failure(str(outputs) or type(outputs).__name__))
             else:

@@ -23,14 +23,15 @@ if TYPE_CHECKING:
 
 EXIT_USAGE = 2
 EXIT_SOME_FAILED = 3
-EXIT_WRITE_FAILED = 4  # an output could not be written (disk full, permissions): the job stopped, resumable
+EXIT_WRITE_FAILED = 4  # an output could not be written, or the server stopped answering: the job stopped, resumable
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it): the job stopped, resumable
 EXIT_STATUSES = """exit status:
   0  every input was segmented (or was already done)
   2  usage error: bad option, unusable --out, other settings than --out's results, server unreachable
   3  some inputs failed (listed on stderr and in errors.json); the others are done
-  4  an output could not be written (disk full, quota, read-only, permissions): the job stopped;
-     finished images are kept, so fix the cause and run the same command again to resume
+  4  an output could not be written (disk full, quota, read-only, permissions), or the --server
+     stopped answering: the job stopped; finished images are kept, so fix the cause and run the same
+     command again to resume
   130 interrupted (Ctrl-C): finished images are kept; run the same command again to resume"""
 POSTPROCESS_KEYS = ("fg_threshold", "seed_threshold", "min_size")
 

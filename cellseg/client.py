@@ -32,6 +32,11 @@ class CellsegError(Exception):
         self.message, self.status, self.detail = message, status, detail
 
 
+class ServiceUnreachable(CellsegError):
+    """Nothing answers at the service's address (connection refused, no such host): not about one
+    image, so a batch job stops instead of failing every image left."""
+
+
 @dataclass
 class Cell:
     id: int
@@ -115,7 +120,8 @@ def wait_until_ready(url: str, timeout: float) -> None:
         try:
             status = httpx.get(f"{url.rstrip('/')}/readyz", timeout=min(10.0, max(timeout, 1.0))).status_code
         except httpx.HTTPError as exc:
-            raise CellsegError(f"cannot reach the cellseg service at {url}: {exc or type(exc).__name__}") from exc
+            kind = ServiceUnreachable if isinstance(exc, httpx.ConnectError) else CellsegError
+            raise kind(f"cannot reach the cellseg service at {url}: {exc or type(exc).__name__}") from exc
         if status == 200:
             return
         if time.monotonic() >= deadline:
@@ -237,8 +243,9 @@ class Client:
         except CellsegError:
             raise
         except (httpx.HTTPError, httpx.StreamError, zlib.error, OSError) as exc:
-            raise CellsegError(f"{endpoint}: the connection to the service failed "
-                               f"({type(exc).__name__}: {exc or 'no detail'})") from exc
+            kind = ServiceUnreachable if isinstance(exc, httpx.ConnectError) else CellsegError
+            raise kind(f"{endpoint}: the connection to the service failed "
+                       f"({type(exc).__name__}: {exc or 'no detail'})") from exc
 
     def _call(self, endpoint: str, image, **params) -> tuple[bytes, str]:
         name, data, media_type = self._upload(image)

@@ -572,6 +572,71 @@ class FakeService:
                                         "params": params})
 
 
+class DyingService(FakeService):
+    """A service that stops answering after `answers` calls (the job's first call asks its settings)."""
+
+    answers = 3
+    calls = 0
+
+    def segment(self, image, **params):
+        from cellseg.client import ServiceUnreachable
+
+        type(self).calls += 1
+        if type(self).calls > self.answers:
+            raise ServiceUnreachable("segment: the connection to the service failed (ConnectError: [Errno 111] "
+                                     "Connection refused)")
+        return super().segment(image, **params)
+
+
+def test_a_service_that_dies_mid_job_stops_the_job_and_the_same_command_resumes(small_inputs, tmp_path,
+                                                                               monkeypatch, capsys):
+    """A user's trial: killing the server mid-job failed every image left, each as a bad input
+    (20 'connection refused' lines in errors.json, exit 3: 'bad or missing files')."""
+    import cellseg.client
+
+    monkeypatch.setattr(cellseg.client, "Client", DyingService)
+    DyingService.calls = 0
+    out, url = tmp_path / "out", "http://cellseg.example:3000/"
+    assert run(small_inputs, out, "--server", url, "--concurrency", "1") == 4
+    error = capsys.readouterr().err
+    assert "the service stopped answering" in error and "run the same command again to resume" in error
+    assert json.loads((out / "errors.json").read_text()) == []  # no image is blamed for it
+    done = len(list((out / "records").iterdir()))
+    assert done == DyingService.answers - 1 and DyingService.calls <= DyingService.answers + 2  # stopped at once
+    monkeypatch.setattr(cellseg.client, "Client", FakeService)
+    assert run(small_inputs, out, "--server", url) == 0
+    assert f"{8 - done} segmented, {done} already done (skipped), 0 failed" in capsys.readouterr().out
+
+
+def test_the_client_says_when_nothing_answers_at_the_address():
+    """ServiceUnreachable (what stops a batch job) for a refused connection, whether the service was
+    never there or went away after the client connected; other failures stay CellsegError."""
+    import http.server
+    import threading
+
+    from cellseg.client import Client, ServiceUnreachable
+
+    class Ready(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Ready)
+    port = server.server_address[1]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    client = Client(f"http://127.0.0.1:{port}")  # it answers /readyz
+    server.shutdown()
+    server.server_close()  # then it goes away
+    with pytest.raises(ServiceUnreachable, match="segment: the connection to the service failed .ConnectError"):
+        client.segment(np.zeros((32, 32), np.uint8))
+    client.close()
+    with pytest.raises(ServiceUnreachable, match="cannot reach the cellseg service"):
+        Client(f"http://127.0.0.1:{port}")
+
+
 def test_a_server_job_records_the_parameters_the_server_used(small_inputs, tmp_path, monkeypatch, capsys):
     """Issue 19.4: job.json of a --server job held {"params": {}, "server": ...}: no parameters, no tta."""
     import cellseg.client
