@@ -778,7 +778,9 @@ def segment_images(out: Path, items: list[Item], backend_factory: Callable[[], B
 
 
 def write_errors(out: Path, failed: list[dict]) -> None:
-    atomic_write(out / "errors.json", json.dumps(failed, indent=2).encode())
+    """errors.json in path (then frame) order: the same file whatever order a backend finished in."""
+    ordered = sorted(failed, key=lambda entry: (str(entry.get("path", "")), entry.get("frame", -1)))
+    atomic_write(out / "errors.json", json.dumps(ordered, indent=2).encode())
 
 
 def _try_write_errors(out: Path, failed: list[dict]) -> OutputWriteError | None:

@@ -174,6 +174,9 @@ class Client:
         """(file name, bytes, media type) of a path, an array (lossless TIFF) or a PIL image (PNG/TIFF)."""
         if isinstance(image, (str, Path)):
             path = Path(image)
+            if path.is_dir():  # one image per call; folders are a batch job's
+                raise IsADirectoryError(f"{path} is a folder: segment takes one image (a path, an array or a PIL "
+                                        f"image); for a folder, run `cellseg segment {path} --out DIR --server URL`")
             if not path.is_file():
                 raise FileNotFoundError(f"no such image file: {path}")
             return path.name, path.read_bytes(), "application/octet-stream"

@@ -1048,3 +1048,23 @@ def test_a_records_count_is_its_cells_when_label_ids_have_gaps():
     record = image_record(labels.astype(np.float32), labels, None, "gaps", "gaps.png")
     assert record["count"] == len(record["cells"]) == 2
     assert summary_row(record)["count"] == 2
+
+
+def test_errors_json_is_in_path_order_whatever_order_the_backend_finished_in(tmp_path):
+    """A user's trial: a Dask job listed failures in completion order, a local one by name; the README
+    promises the same outputs from both."""
+    from cellseg.batch import write_errors
+
+    failed = [{"path": "b.png", "error": "x"}, {"path": "a.tif", "frame": 2, "error": "y"},
+              {"path": "a.tif", "frame": 0, "error": "z"}]
+    write_errors(tmp_path, failed)
+    written = json.loads((tmp_path / "errors.json").read_text())
+    assert [(e["path"], e.get("frame")) for e in written] == [("a.tif", 0), ("a.tif", 2), ("b.png", None)]
+
+
+def test_the_client_refuses_a_folder_with_the_command_for_one(tmp_path):
+    """A user's trial: client.segment("more_images") on a folder said 'no such image file'."""
+    from cellseg.client import Client
+
+    with pytest.raises(IsADirectoryError, match="is a folder: segment takes one image.*cellseg segment"):
+        Client._upload(tmp_path)
