@@ -188,6 +188,28 @@ def _differences(then: dict, now: dict, prefix: str = "") -> list[str]:
     return lines
 
 
+@contextlib.contextmanager
+def only_job_in(out: Path) -> Iterator[None]:
+    """Hold `out` (an existing folder) for one job at a time: a second job into the same folder would
+    segment the same images again and race for its tables. An advisory lock on the folder itself
+    (flock: no lock file to leave behind), released when the job ends, however it ends; where the
+    platform has no flock (Windows) jobs are not locked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    handle = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise JobError(f"another job is writing into {out}: wait for it to end, or give another --out") from None
+        yield
+    finally:
+        os.close(handle)  # closing the descriptor releases the lock
+
+
 def prepare_output(out: Path, settings: dict, overwrite: bool) -> None:
     """Create `out` and record the job's settings there, refusing to mix settings in one folder."""
     try:
@@ -680,6 +702,16 @@ def run_job(inputs: list[str], out: Path, backend_factory: Callable[[], Backend]
     or server, parameters) identify what the results depend on; they are recorded in job.json and
     checked on every re-run. A failed write raises JobStopped once errors.json has been tried."""
     out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise JobError(f"cannot create the output folder {out}: {exc.strerror or exc}") from exc
+    with only_job_in(out):
+        return _run_job(inputs, out, backend_factory, settings, overwrite, progress, formats, series)
+
+
+def _run_job(inputs: list[str], out: Path, backend_factory: Callable[[], Backend], settings: dict, overwrite: bool,
+             progress: bool, formats: tuple[str, ...], series: SeriesOptions | None) -> JobReport:
     report = JobReport()
     try:
         prepare_output(out, settings, overwrite)

@@ -1068,3 +1068,22 @@ def test_the_client_refuses_a_folder_with_the_command_for_one(tmp_path):
 
     with pytest.raises(IsADirectoryError, match="is a folder: segment takes one image.*cellseg segment"):
         Client._upload(tmp_path)
+
+
+def test_a_second_job_into_the_same_folder_waits_its_turn(small_inputs, tmp_path, network_calls, capsys):
+    """A user's trial: two `cellseg segment ... --out same` at once both segmented every image and
+    raced for the tables. While one job holds the folder, another is refused (exit 2) before any image."""
+    fcntl = pytest.importorskip("fcntl")
+    import os
+
+    out = tmp_path / "seg"
+    out.mkdir()
+    holder = os.open(out, os.O_RDONLY)  # what a running job holds
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        assert run(small_inputs, out) == 2
+        assert "another job is writing into" in capsys.readouterr().err and network_calls == []
+    finally:
+        os.close(holder)
+    assert run(small_inputs, out) == 0 and len(network_calls) == 8
+    assert run(small_inputs, out) == 0  # the lock went with the job that held it
