@@ -210,12 +210,16 @@ def only_job_in(out: Path) -> Iterator[None]:
         os.close(handle)  # closing the descriptor releases the lock
 
 
-def prepare_output(out: Path, settings: dict, overwrite: bool) -> None:
-    """Create `out` and record the job's settings there, refusing to mix settings in one folder."""
+def create_output_folder(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise JobError(f"cannot create the output folder {out}: {exc.strerror or exc}") from exc
+
+
+def prepare_output(out: Path, settings: dict, overwrite: bool) -> None:
+    """Record the job's settings in `out` (created, and held by this job), refusing to mix settings in
+    one folder."""
     job_file = out / "job.json"
     if job_file.is_file() and not overwrite:
         recorded, settings = _comparable(json.loads(job_file.read_text())), _comparable(settings)
@@ -397,7 +401,7 @@ class JobReport:
     failed: list[dict] = field(default_factory=list)
     unmatched: list[str] = field(default_factory=list)  # files whose names fit no series layout (series.json)
     masks_left_out: list[Path] = field(default_factory=list)  # annotation masks (X_masks.*) not taken as images
-    earlier: list[tuple[str, dict]] = field(default_factory=list)  # (name, record) segmented here by earlier commands
+    earlier: list[str] = field(default_factory=list)  # images segmented here by earlier commands, kept in the tables
 
 
 # What to do about a failed write, by errno; any other error: fix its cause.
@@ -702,10 +706,7 @@ def run_job(inputs: list[str], out: Path, backend_factory: Callable[[], Backend]
     or server, parameters) identify what the results depend on; they are recorded in job.json and
     checked on every re-run. A failed write raises JobStopped once errors.json has been tried."""
     out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise JobError(f"cannot create the output folder {out}: {exc.strerror or exc}") from exc
+    create_output_folder(out)  # the folder is what the job's lock holds
     with only_job_in(out):
         return _run_job(inputs, out, backend_factory, settings, overwrite, progress, formats, series)
 
@@ -738,8 +739,9 @@ def _run_job(inputs: list[str], out: Path, backend_factory: Callable[[], Backend
                    if is_done(out, item.name, formats))
         # The tables cover the whole folder: images an earlier command segmented here (its settings are
         # this one's: prepare_output checked) stay in them when this command names fewer inputs.
-        report.earlier = earlier_records(out, {item.name for item in items})
-        rows = write_aggregates(out, itertools.chain(records, (r for _, r in report.earlier)), formats)
+        report.earlier = earlier_names(out, {item.name for item in items})
+        earlier = (record for name in report.earlier if (record := read_record(out, name)) is not None)
+        rows = write_aggregates(out, itertools.chain(records, earlier), formats)  # a record at a time, as before
         done_now = set(report.done)
         changed = {item.stack for item in to_segment if item.name in done_now}
         write_growth_plots(out, rows, changed)
@@ -750,20 +752,20 @@ def _run_job(inputs: list[str], out: Path, backend_factory: Callable[[], Backend
     return report
 
 
-def earlier_records(out: Path, names: set[str]) -> list[tuple[str, dict]]:
-    """(name, record) of the images segmented into `out` before that are not among `names`, in name
-    order; an unreadable record is left out (its image is segmented again when it is named)."""
+def earlier_names(out: Path, names: set[str]) -> list[str]:
+    """The images segmented into `out` before (their records) that are not among `names`, in name order."""
     folder = out / "records"
-    found = []
-    for path in sorted(folder.rglob("*.json")) if folder.is_dir() else []:
-        name = path.relative_to(folder).as_posix().removesuffix(".json")
-        if name in names:
-            continue
-        try:
-            found.append((name, json.loads(path.read_text())))
-        except (OSError, ValueError):
-            continue
-    return found
+    found = (path.relative_to(folder).as_posix().removesuffix(".json")
+             for path in sorted(folder.rglob("*.json"))) if folder.is_dir() else ()
+    return [name for name in found if name not in names]
+
+
+def read_record(out: Path, name: str) -> dict | None:
+    """An image's record, or None where it cannot be read (its image is segmented again when named)."""
+    try:
+        return json.loads(record_path(out, name).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def complete_from_records(out: Path, items: list[Item], formats: tuple[str, ...], report: JobReport,
