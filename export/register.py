@@ -165,33 +165,34 @@ def finetune_verdict(model: Path) -> dict | None:
 def register_checked(args: argparse.Namespace):
     """`register` after checking the name and the files (RegisterError names what is wrong)."""
     name = check_name(MODEL_NAME if args.name is None else args.name)
-    if args.model is None:
+    model = args.model
+    if model is None:
         if name != MODEL_NAME:  # the shipped file under a lab's name: it would serve, and nobody would notice
             raise RegisterError(f"--name {args.name} needs --model, the file to register under it (e.g. --model "
                                 "runs/astro/model.onnx); without it the shipped model would be registered as "
                                 f"{name}")
-        args.model = default_model_path()
-    check_model_file(args.model)
-    if name == MODEL_NAME and sha256_file(args.model) != sha256_file(SHIPPED_MODEL):
-        raise RegisterError(f"{args.model} is not the shipped model: register it under a name of its own "
+        model = default_model_path()
+    check_model_file(model)
+    if name == MODEL_NAME and sha256_file(model) != sha256_file(SHIPPED_MODEL):
+        raise RegisterError(f"{model} is not the shipped model: register it under a name of its own "
                             f"(--name my-lab), so that {MODEL_NAME}:latest, which the service serves by default, "
                             "stays the shipped model")
-    verdict = finetune_verdict(args.model)
+    verdict = finetune_verdict(model)
     if verdict and verdict.get("outcome") == "not better" and not getattr(args, "force", False):
-        raise RegisterError(f"{args.model}'s fine-tuning found it not better than its base ({verdict.get('line')}); "
+        raise RegisterError(f"{model}'s fine-tuning found it not better than its base ({verdict.get('line')}); "
                             "keep the base model, or --force to register it anyway")
     if verdict and verdict.get("outcome") == "can't tell":  # registered, but not as if it had been shown better
         print(f"python -m export register: note: its fine-tuning could not tell whether it is better than its base "
               f"({verdict.get('line')}); measure it on annotated images of other plates or days (cellseg evaluate "
               "--model) before you serve it in place of the base", file=sys.stderr)
-    int8 = None if args.no_int8 else (args.int8 or args.model.with_suffix(".int8.onnx"))
+    int8 = None if args.no_int8 else (args.int8 or model.with_suffix(".int8.onnx"))
     if int8 is not None and not int8.is_file():
         if args.int8:
             raise RegisterError(f"--int8 {int8}: no such file")
         int8 = None
     if int8 is not None:
         check_model_file(int8, "--int8")
-    return register(args.model, name, int8)
+    return register(model, name, int8)
 
 
 def summary(model, created: bool) -> dict:
