@@ -79,6 +79,9 @@ from cellseg.upload_guard import UploadGuard
 from cellseg.variants import registered_variants
 
 logger = logging.getLogger("cellseg.service")
+# BentoML's server logging passes WARNING and up from other loggers; the startup line (which model and
+# precision answer, and why) is INFO, not a warning, and must still show, so this logger says INFO.
+logger.setLevel(logging.INFO)
 configure_allocator()  # image-sized arrays go back to the system after a request: see cellseg/memory.py
 MODEL_TAG = os.environ.get("CELLSEG_MODEL_TAG") or "livecell-unet:latest"  # set but empty: the default too
 # Which variant of the registered model the network runs: auto (default), fp32 or int8. auto runs int8
@@ -323,9 +326,9 @@ class UNet:
         # tiles) gives its memory back when it ends
         self.model = OnnxModel(self.choice.path, threads=ORT_THREADS, providers=available_providers(),
                                arena_keep_pixels=ARENA_KEEP_PIXELS, spin=False)
-        logger.warning("model %s: serving %s (%s), on %s [%s]; loaded and checked in %.1f s", self.model_ref.tag,
-                       self.choice.precision, self.choice.reason, self.choice.cpu, self.choice.provider,
-                       time.perf_counter() - t0)
+        logger.info("model %s: serving %s (%s), on %s [%s]; loaded and checked in %.1f s", self.model_ref.tag,
+                    self.choice.precision, self.choice.reason, self.choice.cpu, self.choice.provider,
+                    time.perf_counter() - t0)
 
     @bentoml.api
     def info(self) -> dict:

@@ -241,6 +241,11 @@ def is_annotation_mask(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES and stem.endswith(MASKS_ENDING) and stem != MASKS_ENDING
 
 
+def absolute(path: Path) -> Path:
+    """`path` from the file system's root, `..` and `.` removed, symbolic links not followed."""
+    return Path(os.path.abspath(path))
+
+
 def collect_inputs(inputs: Iterable[str], exclude: Path | None = None) -> tuple[list[Path], list[dict], list[Path]]:
     """Expand files, folders (recursively, image suffixes only) and globs; report what matched nothing.
     Files under `exclude` (the job's output folder) are skipped: outputs are never inputs. Annotation
@@ -253,20 +258,26 @@ def collect_inputs(inputs: Iterable[str], exclude: Path | None = None) -> tuple[
         path = Path(item)
         if path.is_dir():
             found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            folders.append((item, path.resolve()))
+            folders.append((item, absolute(path)))
         elif path.is_file():
             found.append(path)
-            named.add(path.resolve())
+            named.add(absolute(path))
         else:
             matches = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
             if matches:
                 found += matches
             else:
                 missing.append({"path": item, "error": "no such file, folder or glob match"})
-    unique = list(dict.fromkeys(p.resolve() for p in found))
+    # An input keeps the path it was found by, made absolute but with its links kept: a link's target
+    # can be a content-addressed name (DataLad's and git-annex's SHA256E-s…--….tif) that would become
+    # the output's name. Two paths to one file (a link beside its target) are one input, the first.
+    by_target: dict[Path, Path] = {}
+    for p in found:
+        by_target.setdefault(p.resolve(), absolute(p))
     if exclude is not None:
         exclude = exclude.resolve()
-        unique = [p for p in unique if not p.is_relative_to(exclude)]
+        by_target = {target: p for target, p in by_target.items() if not target.is_relative_to(exclude)}
+    unique = list(by_target.values())
     images = {(p.parent, p.stem.lower()) for p in unique if not is_annotation_mask(p)}
 
     def annotates_an_input(mask: Path) -> bool:

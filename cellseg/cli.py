@@ -33,6 +33,7 @@ EXIT_STATUSES = """exit status:
      stopped answering: the job stopped; finished images are kept, so fix the cause and run the same
      command again to resume
   130 interrupted (Ctrl-C): finished images are kept; run the same command again to resume"""
+DEFAULT_CONCURRENCY = 4  # requests in flight to a --server: enough to fill its adaptive batches
 POSTPROCESS_KEYS = ("fg_threshold", "seed_threshold", "min_size")
 
 
@@ -115,6 +116,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
     if args.server and args.dask:
         raise ValueError("--dask runs the model on Dask workers and --server on a service: choose one")
+    if args.concurrency is not None and not args.server:
+        raise ValueError("--concurrency sets the requests in flight to a --server; without --server the model runs "
+                         "in this process and uses every core itself (--dask local:N for N workers)")
     if args.server:
         # Only what the user set is sent; the server fills in its model's defaults.
         overrides = {k: getattr(args, k) for k in POSTPROCESS_KEYS if getattr(args, k) is not None}
@@ -122,7 +126,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
         for key in ("tta", "cell_rules"):  # left open, the server's model decides
             if getattr(args, key) is not None:
                 overrides[key] = getattr(args, key)
-        factory = lambda: server_backend(args.server, overrides, args.concurrency, formats, pixel_size)  # noqa: E731
+        factory = lambda: server_backend(args.server, overrides, args.concurrency or DEFAULT_CONCURRENCY, formats,  # noqa: E731
+                                                 pixel_size)
         settings = server_settings(args.server, overrides)
     else:
         from cellseg.onnx_model import read_metadata, sha256_file
@@ -184,6 +189,16 @@ def print_summary(report: JobReport, out: Path) -> None:
               f"{shown}{more} (series.json)", file=sys.stderr)
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def pixel_size_argument(text: str) -> PixelSize:
     try:
         return parse_pixel_size(text, SOURCE_GIVEN_CLI)
@@ -227,7 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="auto: int8 only where it agrees with fp32 on this CPU and is faster (checked at start, about "
                          "a second); fp32 or int8 force one (default: $CELLSEG_PRECISION, else auto; an .int8.onnx "
                          "--model asks for int8). With --server, the server decides")
-    sg.add_argument("--concurrency", type=int, default=4, help="requests in flight with --server")
+    sg.add_argument("--concurrency", type=positive_int, metavar="N",
+                    help=f"requests in flight with --server (default {DEFAULT_CONCURRENCY}); a local job uses every "
+                         "core by itself, and --dask local:N sets the workers")
     sg.add_argument("--dask", metavar="CLUSTER",
                     help="run on Dask workers: 'local' (one 1-thread worker per core), 'local:N' (N workers), or a "
                          "scheduler address such as tcp://host:8786 (workers must see the inputs and --model)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import math
 import mmap
 import struct
@@ -43,6 +44,11 @@ Image.MAX_IMAGE_PIXELS = None
 # check, and never used here: Pillow's default of 64 MiB let a 66 KB PNG of zTXt take 68 MB.
 # (Each chunk, and an iCCP profile, stays limited to PngImagePlugin.MAX_TEXT_CHUNK, 1 MiB.)
 PngImagePlugin.MAX_TEXT_MEMORY = 4 * PngImagePlugin.MAX_TEXT_CHUNK
+# tifffile logs what it finds wrong in a header ("incorrect StripOffsets count (1 != 188)", once per
+# read) as warnings; with no logging configured, Python printed them to stderr beside the one clear
+# error a batch job or the service gives for the file. They stay available to an application that
+# configures logging (records still reach the root logger's handlers, as in `bentoml serve`).
+logging.getLogger("tifffile").addHandler(logging.NullHandler())
 
 
 class ImageError(ValueError):
@@ -260,7 +266,7 @@ def _check_tiff_segments(page: tifffile.TiffPage, data: bytes, byte_limit: int) 
     compression = int(page.compression)
     if compression not in _SHAPE_BOUNDED_CODECS and compression != _JPEG:
         raise ImageError(f"TIFF compression {_codec_name(compression)} is not accepted: "
-                         f"send {_ACCEPTED_CODECS}")
+                         f"use {_ACCEPTED_CODECS}")
     if page.dtype is None:
         return 1  # tifffile decodes nothing: it answers an empty array, refused as not 2-D
     if page.is_tiled:
@@ -379,9 +385,9 @@ def _decode_pillow(data: bytes, max_pixels: int) -> np.ndarray:
     except Exception as exc:
         raise ImageError(f"could not open image: {exc}") from exc
     if img.format not in PILLOW_FORMATS:
-        raise ImageError(f"{img.format} images are not accepted: send PNG, JPEG or TIFF")
+        raise ImageError(f"{img.format} images are not accepted: use PNG, JPEG or TIFF")
     if getattr(img, "n_frames", 1) > 1:
-        raise ImageError(f"animated {img.format} with {img.n_frames} frames: send one still image")
+        raise ImageError(f"animated {img.format} with {img.n_frames} frames: use one still image")
     bands = len(img.getbands())
     _check_size(img.height, img.width, max_pixels,
                 decoded_bytes=img.height * img.width * bands * _PIL_BYTES_PER_BAND.get(img.mode, 1))
@@ -454,7 +460,10 @@ def read_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.
         path = Path(source)
         if not path.is_file():
             raise ImageError(f"no such file: {path}")
-        arr = decode_image(path.read_bytes(), max_pixels)
+        data = path.read_bytes()
+        if not data:  # said of the file, not in the service's words for an empty upload
+            raise ImageError("empty file (0 bytes)")
+        arr = decode_image(data, max_pixels)
     gray = to_grayscale(arr)
     _check_size(*gray.shape, max_pixels)
     return gray
@@ -633,7 +642,7 @@ def _seconds(value: object, unit: object) -> float | None:
 def _check_tiff_page(page: tifffile.TiffPage, max_pixels: int) -> None:
     """The limits a single TIFF image has, from one page's header, before any of its pixels is decoded."""
     if page.imagedepth > 1:
-        raise ImageError(f"TIFF page is a {page.imagedepth}-plane volume; send one 2-D image per file")
+        raise ImageError(f"TIFF page is a {page.imagedepth}-plane volume; use one 2-D image per file")
     samples = int(page.samplesperpixel)
     if samples > 4:
         raise ImageError(f"TIFF has {samples} samples per pixel; expected gray, RGB or RGBA")

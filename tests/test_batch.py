@@ -118,6 +118,40 @@ def test_unusable_out_and_unreachable_server_fail_fast_with_exit_2(inputs, tmp_p
     assert time.monotonic() - start < 15
 
 
+def test_a_linked_image_keeps_its_own_name_not_its_targets(tmp_path):
+    """A user's trial: records named inputs by their resolved path. In a DataLad or git-annex dataset
+    every image is a link to a content-addressed file (SHA256E-s…--….png), so outputs and records were
+    named after that key. The link's own path and name are kept; a link and its target are one input."""
+    store = tmp_path / "annex"
+    store.mkdir()
+    key = store / "SHA256E-s4096--0123abcd.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 48), dtype=np.uint8)).save(key)
+    dataset = tmp_path / "dataset"
+    dataset.mkdir()
+    (dataset / "well_A1.png").symlink_to(key)
+    out = tmp_path / "out"
+    assert run(dataset, out) == 0
+    assert [p.name for p in (out / "labels").iterdir()] == ["well_A1.png"]
+    record = json.loads((out / "records" / "well_A1.json").read_text())
+    assert record["source"] == str(dataset / "well_A1.png")
+    assert main(["segment", str(dataset), str(key), "--out", str(tmp_path / "both"), "--quiet"]) == 0
+    assert [p.name for p in (tmp_path / "both" / "labels").iterdir()] == ["well_A1.png"]
+
+
+def test_concurrency_without_server_is_refused_not_ignored(tmp_path, capsys):
+    """A user's trial: `--concurrency 8` on a local job was silently ignored; it names --server now,
+    before any image is read, and a concurrency below 1 is a usage error."""
+    image = tmp_path / "a.png"
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(image)
+    assert run(image, tmp_path / "out", "--concurrency", "8") == 2
+    assert "--concurrency sets the requests in flight to a --server" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        run(image, tmp_path / "out", "--server", "http://127.0.0.1:1", "--concurrency", "0")
+    assert exit_info.value.code == 2
+    assert "must be at least 1" in capsys.readouterr().err
+
+
 @pytest.mark.data
 def test_lab_formats_from_the_batch_job(inputs, tmp_path, demo_images):
     """ImageJ ROI sets and QuPath GeoJSON next to the label images; adding a format later redoes only that."""

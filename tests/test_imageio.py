@@ -105,6 +105,17 @@ def test_missing_file_raises(tmp_path):
         read_image(tmp_path / "absent.tif")
 
 
+def test_an_empty_file_is_called_a_file_not_an_upload(tmp_path):
+    """A user's trial: a batch job's errors.json said "no image bytes received" of a 0-byte file on disk,
+    the service's words for an empty upload."""
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    with pytest.raises(ImageError, match=r"^empty file \(0 bytes\)$"):
+        read_image(empty)
+    with pytest.raises(ImageError, match="no image bytes received"):  # an upload keeps its own words
+        read_image(b"")
+
+
 def test_flat_image_normalises_without_dividing_by_zero():
     out = normalize(np.full((32, 32), 7.0))
     assert np.isfinite(out).all() and (out == 0).all()
@@ -365,7 +376,7 @@ def test_concurrent_segments_fit_the_byte_limit_together():
 def test_codecs_that_size_their_own_output_are_refused_in_tiffs():
     """JPEG 2000, PNG, WebP... tiles decode to whatever size their own header declares."""
     data = tiff_bytes_with(gradient((64, 64, 3), np.uint8), tile=(64, 64), compression="webp")
-    with pytest.raises(ImageError, match="compression WEBP .* not accepted: send uncompressed"):
+    with pytest.raises(ImageError, match="compression WEBP .* not accepted: use uncompressed"):
         decode_image(data)
 
 
@@ -633,3 +644,26 @@ def test_a_frame_interval_that_is_no_time_is_unknown(tmp_path, metadata, ome):
     path = write_tiff(tmp_path / "t.tif", time_lapse(3), ome=ome, imagej=not ome, metadata=metadata)
     info = stack_info(path)
     assert info.frames == 3 and info.interval_s is None and info.time_s(2) is None
+
+
+def test_a_forged_header_gives_one_clear_error_and_nothing_else_on_stderr(tmp_path):
+    """A user's trial: a batch job over a TIFF whose header claims 12000 x 12000 pixels printed
+    tifffile's own warnings ("incorrect StripOffsets count (1 != 188)", three times) to stderr beside
+    the job's one clear error. Run as a fresh process: pytest's log capture would hide them."""
+    path = tmp_path / "forged.tif"
+    tifffile.imwrite(path, np.zeros((64, 64), np.uint8))
+    data = bytearray(path.read_bytes())
+    with tifffile.TiffFile(path) as tif:
+        ifd = tif.pages.first.offset
+    for entry in range(struct.unpack_from("<H", data, ifd)[0]):
+        at = ifd + 2 + 12 * entry
+        tag, kind = struct.unpack_from("<HH", data, at)
+        if tag in (256, 257):  # ImageWidth, ImageLength
+            struct.pack_into("<H" if kind == 3 else "<I", data, at + 8, 12000)
+    path.write_bytes(bytes(data))
+    code = ("import sys; from cellseg.imageio import ImageError, read_image\n"
+            "try:\n    read_image(sys.argv[1])\nexcept ImageError as exc:\n    print(exc)")
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, cwd=REPO,
+                          timeout=60)
+    assert "12000x12000" in done.stdout and "over the limit" in done.stdout
+    assert done.stderr == ""
