@@ -58,11 +58,11 @@ from cellseg.instances import (
     confluence,
     instances_from_labels,
     label_png_bytes,
-    measure_cells,
     overlay_png_bytes,
 )
 from cellseg.memory import MMAP_FROM_1MIB, configure_allocator, release_idle_memory, release_memory
 from cellseg.onnx_model import OnnxModel, available_providers, default_tta, verify_sha256
+from cellseg.outputs import cell_measurements
 from cellseg.pixelsize import (
     MAX_UM,
     MIN_UM,
@@ -624,11 +624,11 @@ class CellSegmentation:
         known). Save it as cells.geojson and drag it onto the image in QuPath."""
         async def work():
             params = self._params(fg_threshold, seed_threshold, min_size, cell_rules)
-            raw, labels, _ = await self._segment(image, params, tta)
+            raw, labels, scores = await self._segment(image, params, tta)
             size = await self._pixel_size(image, pixel_size)
 
-            def collect() -> dict:
-                return qupath_geojson(labels, add_physical_measurements(measure_cells(labels, raw), size))
+            def collect() -> dict:  # the cells' measurements as the page's and the batch job's GeoJSON have them
+                return qupath_geojson(labels, cell_measurements(raw, labels, scores, size))
 
             return await anyio.to_thread.run_sync(collect, limiter=self.cpu)
         return await self._guarded(work, ctx)

@@ -33,15 +33,23 @@ COCO_INFO = {"description": "cellseg segment"}
 COCO_CATEGORIES = [{"id": 1, "name": "cell"}]
 
 
+def cell_measurements(image: np.ndarray, labels: np.ndarray, scores: np.ndarray | None,
+                      pixel_size: PixelSize | None = None, runs=None) -> list[dict]:
+    """Every cell's measurements as records, CSVs and GeoJSON carry them: pixels, µm where the size is
+    known, and the model's score where `scores` are given. `runs`: the labels' `cell_runs`, if found."""
+    cells = add_physical_measurements(measure_cells(labels, image, runs), pixel_size)
+    if scores is not None:
+        for cell in cells:
+            cell["score"] = round(float(scores[cell["cell_id"] - 1]), 4)
+    return cells
+
+
 def image_record(image: np.ndarray, labels: np.ndarray, scores: np.ndarray | None, name: str, source: str,
                  pixel_size: PixelSize | None = None) -> dict:
     """Everything later outputs need from one segmented image, as plain JSON-able data. `pixel_size`
     is {"x_um", "y_um", "source"} or None (other outputs, e.g. time-lapse summaries, rely on that form)."""
     runs = cell_runs(labels)  # found once for the measurements and the instances
-    cells = add_physical_measurements(measure_cells(labels, image, runs), pixel_size)
-    if scores is not None:
-        for cell in cells:
-            cell["score"] = round(float(scores[cell["cell_id"] - 1]), 4)
+    cells = cell_measurements(image, labels, scores, pixel_size, runs)
     return {"source": source, "name": name, "height": int(image.shape[0]), "width": int(image.shape[1]),
             "pixel_size": pixel_size.to_dict() if pixel_size else None,
             "count": len(cells), "confluence": round(confluence(labels), 3),  # cells present: ids may have gaps

@@ -86,7 +86,9 @@ def track_labels(frames: Sequence[np.ndarray]) -> Tracking:
     # laptrack's track ids are 0-based; every cell of a track has it in every frame the track spans.
     new_id = {key: int(tid) + 1 for key, tid in track_df["track_id"].items()}
     parents = {int(tid) + 1: 0 for tid in track_df["track_id"].unique()}
-    for mother, daughter in zip(split_df["parent_track_id"], split_df["child_track_id"], strict=True):
+    # Without a division laptrack's split table has no columns at all, not an empty pair of them.
+    divisions = split_df.reindex(columns=["parent_track_id", "child_track_id"])
+    for mother, daughter in zip(divisions["parent_track_id"], divisions["child_track_id"], strict=True):
         parents[int(daughter) + 1] = int(mother) + 1
     if MIN_DAUGHTER_FRAMES > 1:
         new_id, parents = drop_flicker_divisions(new_id, parents, len(frames))
@@ -117,18 +119,24 @@ def drop_flicker_divisions(new_id: dict[tuple[int, int], int], parents: dict[int
         if mother:
             children.setdefault(mother, []).append(daughter)
     alias: dict[int, int] = {}
-    for mother in sorted(children, key=lambda m: spans[m][0]):
+    # Latest mothers first: a brief daughter whose own "daughters" are flicker too is brief and
+    # childless once they are undone (taken in time order, she was kept as a daughter).
+    for mother in sorted(children, key=lambda m: spans[m][0], reverse=True):
         daughters = children[mother]
         brief = [d for d in daughters if spans[d][1] - spans[d][0] + 1 < MIN_DAUGHTER_FRAMES
-                 and d not in children and spans[d][1] < frames - 1]
+                 and not children.get(d) and spans[d][1] < frames - 1]
         if not brief:
             continue
         for d in brief:
             parents[d] = 0
         lasting = [d for d in daughters if d not in brief]
+        children[mother] = lasting
         if len(lasting) == 1:  # no division: the one lasting daughter is the mother going on
-            alias[lasting[0]] = _resolve(alias, mother)
-            parents.pop(lasting[0])
+            going_on = lasting[0]
+            alias[going_on] = mother
+            parents.pop(going_on)
+            spans[mother] = [spans[mother][0], max(spans[mother][1], spans[going_on][1])]
+            children[mother] = children.pop(going_on, [])
     parents = {track: _resolve(alias, parent) if parent else 0 for track, parent in parents.items()}
     return {key: _resolve(alias, track) for key, track in new_id.items()}, parents
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import base64
 import json
 import os
 import re
@@ -422,6 +423,11 @@ def test_lab_formats_from_the_service(client, server, tif, local_labels, tmp_pat
     r = post(server, "geojson", files={"image": (tif.name, tif.read_bytes())})
     assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
     assert len(r.json()["features"]) == local_labels.max()
+    # one GeoJSON however it is fetched: a user's trial found the endpoint's cells without their score
+    report = post(server, "report", files={"image": (tif.name, tif.read_bytes())}).json()
+    download = json.loads(base64.b64decode(report["downloads"]["geojson"]["base64"]))
+    assert r.json() == download
+    assert all("score" in f["properties"]["measurements"] for f in download["features"])
 
 
 def test_pixel_size_from_the_image_or_the_field_gives_square_micrometres(client, server, tif, local_labels, tmp_path):

@@ -147,3 +147,36 @@ def test_a_mask_flickering_into_two_pieces_is_no_division(monkeypatch):
     assert cell in (result.labels[3][7, 10], result.labels[3][7, 18])  # one piece goes on, the other is new
     monkeypatch.setattr(cellseg.tracking, "MIN_DAUGHTER_FRAMES", 1)
     assert track_labels(frames).divisions() == 1
+
+
+def test_a_sequence_without_a_division_is_tracked():
+    """A user's trial: tracking crashed (KeyError 'parent_track_id', laptrack's split table has no
+    columns when nothing divides) on a single image, on the CTC sequence's first frames and on the
+    README's own time-lapse job."""
+    from cellseg.tracking import track_labels
+
+    frames = []
+    for t in range(4):
+        labels = np.zeros((40, 60), dtype=np.uint16)
+        labels[5:15, 5 + t:20 + t] = 7
+        labels[25:35, 30:45] = 2
+        frames.append(labels)
+    result = track_labels(frames)
+    assert result.divisions() == 0 and set(result.parents.values()) == {0}
+    assert len(result.spans()) == 2 and all(span == (0, 3) for span in result.spans().values())
+    assert len(track_labels(frames[:1]).spans()) == 2
+
+
+def test_a_brief_daughter_whose_own_pieces_flicker_is_no_daughter():
+    """A user's trial found daughters of one frame kept: a brief daughter that itself "divided" into
+    flicker pieces counted as dividing further. Mother 1 (frames 0-2) -> 2 (frame 3 only) and 3
+    (frames 3-9); 2 -> 4 and 5 (frame 4 only): no division at all; 3 is 1 going on."""
+    from cellseg.tracking import drop_flicker_divisions
+
+    spans = {1: (0, 2), 2: (3, 3), 3: (3, 9), 4: (4, 4), 5: (4, 4)}
+    new_id = {(t, track): track for track, (first, last) in spans.items() for t in range(first, last + 1)}
+    parents = {1: 0, 2: 1, 3: 1, 4: 2, 5: 2}
+    ids, parents = drop_flicker_divisions(new_id, parents, frames=10)
+    assert set(parents.values()) == {0}
+    assert {ids[(t, 1)] for t in range(3)} == {ids[(t, 3)] for t in range(3, 10)} == {1}
+    assert {ids[(3, 2)], ids[(4, 4)], ids[(4, 5)]} == {2, 4, 5}
