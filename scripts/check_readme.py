@@ -105,11 +105,9 @@ ALLOW_LIST: dict[str, str] = {
     "docker run --rm -p 3000:3000 cellseg:latest": "needs a Docker daemon and the image built above",
     "bentoml containerize cellseg:latest -t registry.example.org/cellseg:1": "needs a Docker daemon",
     "docker push registry.example.org/cellseg:1": "placeholder registry; needs a Docker daemon",
-    "cd deploy/kubernetes": "the Kubernetes steps need a cluster (tests/test_kubernetes.py validates the manifests)",
-    "kustomize edit set image cellseg=registry.example.org/cellseg:1":
-        "placeholder registry; would edit the tracked deploy/kubernetes/kustomization.yaml for it",
-    "cd -": "the Kubernetes steps need a cluster",
-    "kubectl apply -k deploy/kubernetes": "needs a Kubernetes cluster",
+    "kubectl kustomize deploy/site | grep 'image:'":
+        "needs kubectl, installed with a cluster (tests/test_kubernetes.py validates the manifests)",
+    "kubectl apply -k deploy/site": "needs a Kubernetes cluster",
     "kubectl -n cellseg port-forward svc/cellseg 3000:80": "needs a Kubernetes cluster",
     "python - <<'EOF' from dask_jobqueue import SLURMCluster": "needs a SLURM cluster and dask-jobqueue",
     "napari ../shared/data/demo/A172_Phase_A7_1_00d00h00m_1.tif -w cellseg \"Segment cells\"":

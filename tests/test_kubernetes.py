@@ -55,3 +55,33 @@ def test_ports_probes_and_threads_match_the_service():
     assert service["selector"].items() <= docs["Deployment"]["spec"]["template"]["metadata"]["labels"].items()
     target = docs["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]
     assert (target["kind"], target["name"]) == ("Deployment", docs["Deployment"]["metadata"]["name"])
+
+
+def test_scale_down_drains_requests_and_the_autoscaler_owns_the_count():
+    """A user's trial: a 60 s grace period killed requests that may wait 180 s for their turn and run
+    to the 300 s traffic timeout, and `replicas: 2` beside the HPA reset a scaled-out Deployment on
+    every apply."""
+    import re
+
+    docs = resources()
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    service_py = (REPO / "service.py").read_text()
+    traffic_timeout = max(int(t) for t in re.findall(r'traffic=\{"timeout": (\d+)', service_py))
+    pause = int(pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"][1])
+    assert pod["terminationGracePeriodSeconds"] >= traffic_timeout + pause
+    assert "replicas" not in docs["Deployment"]["spec"]
+    assert docs["HorizontalPodAutoscaler"]["spec"]["minReplicas"] >= 2
+
+
+def test_the_readme_overlay_names_the_image_the_deployment_uses():
+    """README's overlay (deploy/site/, git-ignored) replaces `kustomize edit set image`, which needed the
+    standalone kustomize CLI and edited the tracked kustomization.yaml."""
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    text = re.search(r"printf '([^']+)' > deploy/site/kustomization\.yaml", readme).group(1)
+    overlay = yaml.safe_load(text.replace("\\n", "\n"))
+    assert overlay["resources"] == ["../kubernetes"]
+    container = resources()["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert overlay["images"][0]["name"] == container["image"]
+    assert "deploy/site" in (REPO / ".gitignore").read_text()
