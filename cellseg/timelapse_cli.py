@@ -62,7 +62,7 @@ def _tracked_line(summary: dict) -> str:
 
 def cmd_track(args: argparse.Namespace) -> int:
     from cellseg.batch import atomic_write
-    from cellseg.track_job import folder_sequence, job_sequences, track_all
+    from cellseg.track_job import folder_sequence, job_sequences, stack_sequence, track_all
 
     source = Path(args.labels)
     if (source / "records").is_dir():
@@ -71,8 +71,14 @@ def cmd_track(args: argparse.Namespace) -> int:
             raise ValueError(f"{source} is a segment job without stacks or series: nothing to track over time")
     elif source.is_dir():
         sequences = [folder_sequence(source, args.interval)]
+    elif source.is_file() and source.suffix.lower() in (".tif", ".tiff"):
+        sequences = [stack_sequence(source, args.interval)]
+    elif source.is_file():
+        raise ValueError(f"{source}: a single {source.suffix or 'file'} holds one frame; give a folder of per-frame "
+                         "label images, a multi-page TIFF of them or a segment job's --out")
     else:
-        raise FileNotFoundError(f"{source}: no such folder (give a folder of label images or a segment job's --out)")
+        raise FileNotFoundError(f"{source}: no such file or folder (give a folder of label images, a multi-page TIFF "
+                                "of them or a segment job's --out)")
     for summary in track_all(sequences, args.out, atomic_write, force=args.overwrite):
         print(_tracked_line(summary))
     print(f"outputs in {args.out}", file=sys.stderr)
@@ -83,10 +89,12 @@ def add_track_parser(sub) -> None:
     tr = sub.add_parser("track", help="track cells over time in label images (a folder of frames or a segment job)",
                         description=__import__("cellseg.track_job").track_job.__doc__,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    tr.add_argument("labels", help="a folder of per-frame label images (TIFF/PNG, frames in name order), or the "
+    tr.add_argument("labels", help="a folder of per-frame label images (TIFF/PNG, frames in name order), a multi-page "
+                                   "TIFF of label images (a page per frame, as Fiji saves a label stack), or the "
                                    "--out folder of a `cellseg segment` job (each stack and series tracked)")
     tr.add_argument("--out", type=Path, required=True, help="output folder")
     tr.add_argument("--interval", type=interval_argument, metavar="DURATION",
-                    help="time between the frames of a folder of label images (30min, 10.2min): tracks.csv's time_s")
+                    help="time between the frames of a folder of label images, or of a stack whose file does not say "
+                         "(30min, 10.2min): tracks.csv's time_s")
     tr.add_argument("--overwrite", action="store_true", help="track again even where nothing changed")
     tr.set_defaults(func=cmd_track)

@@ -1,5 +1,5 @@
 """`cellseg track`'s job: track the cells of label images a lab already has (a folder of per-frame
-label images, in name order) or of a `cellseg segment` job's outputs (each stack or series of the
+label images, in name order, or a multi-page TIFF of them) or of a `cellseg segment` job's outputs (each stack or series of the
 job tracked on its own), and write per sequence, under OUT/<sequence>/:
 
     tracks.csv           one row per cell per frame (cellseg/tracking.py: TRACKS_FIELDS)
@@ -56,6 +56,20 @@ def folder_sequence(folder: Path, interval_s: float | None = None) -> TrackInput
     times = [None if interval_s is None else i * interval_s for i in range(len(paths))]
     return TrackInput(Path(folder).name, [p.stem for p in paths], times, paths,
                      lambda i: tracking.read_labels(paths[i]))
+
+
+def stack_sequence(path: Path, interval_s: float | None = None) -> TrackInput:
+    """A multi-page TIFF of label images, a page per frame (as Fiji saves a label stack), its frames
+    named as a batch job names a stack's; timed by the file's own frame interval, else `interval_s`."""
+    from cellseg.batch import frame_name
+    from cellseg.imageio import read_frame, stack_info
+
+    info = stack_info(path)
+    step = info.interval_s if info.interval_s is not None else interval_s
+    names = [frame_name(path.stem, i, info.frames) for i in range(info.frames)]
+    times = [None if step is None else i * step for i in range(info.frames)]
+    return TrackInput(path.stem, names, times, [path],
+                      lambda i: tracking.as_labels(read_frame(path, i), f"{path} frame {i}"))
 
 
 def job_sequences(job: Path) -> list[TrackInput]:

@@ -219,15 +219,54 @@ def read_label_folder(folder: Path, read: bool = True) -> tuple[list[Path], list
 
 
 def read_labels(path: Path) -> np.ndarray:
-    """A label image as integers, refusing what is not one (colour, floats with fractions)."""
+    """A label image file as integers, refusing what is not one (see `as_labels`)."""
     import tifffile
     from PIL import Image
 
     labels = tifffile.imread(path) if path.suffix.lower() in (".tif", ".tiff") else np.asarray(Image.open(path))
+    return as_labels(labels, str(path))
+
+
+# In a label image a cell is one value, so nearly every pair of neighbouring pixels inside the cells
+# is equal (they differ only where two cells touch); in a microscope image they differ almost
+# everywhere (LIVECell's phase contrast: equal in ~10% of pairs). Halfway is far from both.
+MIN_EQUAL_NEIGHBOURS = 0.5
+
+
+def as_labels(labels: np.ndarray, what: str) -> np.ndarray:
+    """`labels` as integers, refusing what is not a label image: not 2-D, colour, fractional values,
+    and images whose neighbouring pixels differ as a microscope image's do (tracking those would
+    link intensities as cells and can ask for an overlap table of gigabytes)."""
     if labels.ndim != 2:
-        raise ValueError(f"{path} is not a 2-D label image (shape {labels.shape})")
+        raise ValueError(f"{what} is not a 2-D label image (shape {labels.shape})")
     if not np.issubdtype(labels.dtype, np.integer):
         if not np.all(np.mod(labels, 1) == 0):
-            raise ValueError(f"{path} holds fractional values: not a label image")
+            raise ValueError(f"{what} holds fractional values: not a label image")
         labels = labels.astype(np.int64)
+    values = np.unique(labels)
+    if values.size == 2 and values[0] == 0:  # one value: a binary mask, unless it holds one cell
+        from scipy import ndimage
+
+        pieces = ndimage.label(labels != 0)[1]
+        if pieces > 1:
+            raise ValueError(f"{what} is a binary mask ({pieces} separate objects, all of value {values[1]}), not a "
+                             "label image with one id per cell: label its objects first (Fiji: Analyze Particles, "
+                             "Show: Count Masks; or skimage.measure.label)")
+    share = equal_neighbour_share(labels)
+    if share is not None and share < MIN_EQUAL_NEIGHBOURS:
+        raise ValueError(f"{what} does not look like a label image: inside the objects, neighbouring pixels differ "
+                         f"in {1 - share:.0%} of places, where a label image keeps one value across each cell. "
+                         "To track the cells of microscope images, segment them first: "
+                         "cellseg segment IMAGES --out OUT --track")
     return labels
+
+
+def equal_neighbour_share(labels: np.ndarray, min_pairs: int = 1000) -> float | None:
+    """Of the horizontally and vertically neighbouring pixel pairs that are both non-zero, the share
+    with equal values (None with fewer than `min_pairs` such pairs: too few cells to judge)."""
+    equal = pairs = 0
+    for a, b in ((labels[:, 1:], labels[:, :-1]), (labels[1:, :], labels[:-1, :])):
+        inside = (a != 0) & (b != 0)
+        pairs += int(np.count_nonzero(inside))
+        equal += int(np.count_nonzero(inside & (a == b)))
+    return equal / pairs if pairs >= min_pairs else None

@@ -180,3 +180,52 @@ def test_a_brief_daughter_whose_own_pieces_flicker_is_no_daughter():
     assert set(parents.values()) == {0}
     assert {ids[(t, 1)] for t in range(3)} == {ids[(t, 3)] for t in range(3, 10)} == {1}
     assert {ids[(3, 2)], ids[(4, 4)], ids[(4, 5)]} == {2, 4, 5}
+
+
+def moving_labels(frames: int = 4) -> list[np.ndarray]:
+    """Two cells, one moving right a pixel per frame: label images of distinct ids per frame."""
+    out = []
+    for t in range(frames):
+        labels = np.zeros((40, 60), dtype=np.uint16)
+        labels[5:15, 5 + t:20 + t] = 3
+        labels[25:35, 30:45] = 9
+        out.append(labels)
+    return out
+
+
+def test_microscope_images_and_binary_masks_are_refused_as_labels(tmp_path, capsys):
+    """A user's trial: `cellseg track` on the demo images linked their intensities as cells ("759 tracks",
+    exit 0), and on the T98G frames asked for a 12 GiB overlap table and was killed."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    rng = np.random.default_rng(0)
+    for t in range(3):
+        image = (np.add.outer(np.arange(64), np.arange(64)) + rng.integers(0, 40, (64, 64))).astype(np.uint16)
+        tifffile.imwrite(raw / f"frame{t}.tif", image)
+    assert main(["track", str(raw), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "does not look like a label image" in err and "cellseg segment IMAGES --out OUT --track" in err
+    binary = tmp_path / "binary"
+    binary.mkdir()
+    for t, labels in enumerate(moving_labels(3)):
+        Image.fromarray(((labels > 0) * 255).astype(np.uint8)).save(binary / f"mask{t}.png")
+    assert main(["track", str(binary), "--out", str(tmp_path / "out2")]) == 2
+    assert "is a binary mask (2 separate objects" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
+
+
+def test_a_label_stack_in_one_tiff_is_tracked_and_timed_from_its_file(tmp_path, capsys):
+    """Fiji keeps a label time-lapse as one TIFF: `cellseg track stack.tif` said "no such folder"."""
+    stack = tmp_path / "well.tif"
+    tifffile.imwrite(stack, np.stack(moving_labels(4)), imagej=True, metadata={"axes": "TYX", "finterval": 600})
+    out = tmp_path / "out"
+    assert main(["track", str(stack), "--out", str(out)]) == 0
+    with open(out / "well" / "tracks.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len({r["track_id"] for r in rows}) == 2 and len(rows) == 8
+    assert sorted({float(r["time_s"]) for r in rows}) == [0.0, 600.0, 1200.0, 1800.0]
+    assert sorted(p.name for p in (out / "well" / "labels").iterdir())[0] == "well_t0000.png"
+    single = tmp_path / "one.png"
+    Image.fromarray(moving_labels(1)[0].astype(np.uint8)).save(single)
+    assert main(["track", str(single), "--out", str(out)]) == 2
+    assert "holds one frame" in capsys.readouterr().err
