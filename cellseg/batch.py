@@ -344,7 +344,10 @@ class Item:
     def record_fields(self) -> dict:
         """What a frame's record says of its place in the stack or series (nothing for a single image)."""
         place = {} if self.well is None else {"plate": self.plate, "well": self.well, "field": self.field}
-        return place if self.frame is None else {"stack": self.stack, "frame": self.frame, "time_s": self.time_s} | place
+        if self.frame is None:
+            return place
+        page = {} if self.page is None else {"page": self.page}  # a page of the stack's file: its ROIs' position
+        return {"stack": self.stack, "frame": self.frame, "time_s": self.time_s} | page | place
 
     def failure(self, error: str) -> dict:
         """This item's entry in errors.json."""

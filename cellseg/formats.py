@@ -25,7 +25,11 @@ the cells the fp32 and int8 models find on the demo images).
   (RFC 7946, in x/y coordinates). Every geometry is valid by construction (rings never touch; the
   tests check shapely's `is_valid`), as QuPath requires.
 - ImageJ ROI set: one ROI per cell, named `cell-<id>` with the label id zero-padded to five digits
-  (`cell-00042`). A cell of one piece without holes is a polygon ROI (type POLYGON, sub-pixel
+  (`cell-00042`). A page of a time-lapse stack names its ROIs `t0003-cell-00042` (frame 3, 0-based,
+  as the frame's files are named) and gives each the 1-based stack position 4, so that Fiji's ROI
+  Manager shows them on that frame of the stack and sets of several frames merge without clashing
+  names (a time point saved as a file of its own is an image of its own: plain names, no position).
+  A cell of one piece without holes is a polygon ROI (type POLYGON, sub-pixel
   vertices); any other cell is one composite ROI (ImageJ's shape ROI: every ring as a closed path,
   filled with the even-odd rule), which ImageJ measures and fills as the cell. (`roifile` reads a
   composite ROI's rings with `coordinates(multi=True)`; without it, only the longest.)
@@ -125,23 +129,30 @@ def _nest(rings: list[np.ndarray]) -> Polygon | MultiPolygon:
     return pieces[0] if len(pieces) == 1 else MultiPolygon(pieces)
 
 
-def _imagej_roi(cell_id: int, outline: Polygon | MultiPolygon) -> ImagejRoi:
-    """A polygon ROI for a cell of one piece without holes, else a composite (shape) ROI."""
+def _imagej_roi(cell_id: int, outline: Polygon | MultiPolygon, frame: int | None = None) -> ImagejRoi:
+    """A polygon ROI for a cell of one piece without holes, else a composite (shape) ROI; on `frame`
+    (0-based) of a time-lapse where one is given (see the module docstring)."""
     from roifile import ROI_OPTIONS, ROI_TYPE, ImagejRoi
 
     name = f"cell-{cell_id:0{ROI_NAME_DIGITS}d}"
+    if frame is not None:
+        name = f"t{frame:04d}-{name}"
     if isinstance(outline, Polygon) and not outline.interiors:
         roi = ImagejRoi.frompoints(np.asarray(outline.exterior.coords)[:-1], name=name)
         roi.roitype = ROI_TYPE.POLYGON  # frompoints says FREEHAND; the outline is a polygon
-        return roi
-    rings = shapely.get_rings(shapely.get_parts(outline))
-    path = np.concatenate([_closed_path(np.asarray(ring.coords)[:-1]) for ring in rings])
-    left, top, right, bottom = outline.bounds
-    # ImageJ's RoiDecoder reads a composite ROI as type RECT with a path of shape_roi_size floats
-    return ImagejRoi(roitype=ROI_TYPE.RECT, name=name, shape_roi_size=path.size, multi_coordinates=path,
-                     options=ROI_OPTIONS.OVERLAY_BACKGROUNDS | ROI_OPTIONS.OVERLAY_LABELS,
-                     left=int(np.floor(left)), top=int(np.floor(top)),
-                     right=int(np.ceil(right)), bottom=int(np.ceil(bottom)))
+    else:
+        rings = shapely.get_rings(shapely.get_parts(outline))
+        path = np.concatenate([_closed_path(np.asarray(ring.coords)[:-1]) for ring in rings])
+        left, top, right, bottom = outline.bounds
+        # ImageJ's RoiDecoder reads a composite ROI as type RECT with a path of shape_roi_size floats
+        roi = ImagejRoi(roitype=ROI_TYPE.RECT, name=name, shape_roi_size=path.size, multi_coordinates=path,
+                        options=ROI_OPTIONS.OVERLAY_BACKGROUNDS | ROI_OPTIONS.OVERLAY_LABELS,
+                        left=int(np.floor(left)), top=int(np.floor(top)),
+                        right=int(np.ceil(right)), bottom=int(np.ceil(bottom)))
+    if frame is not None:
+        # the stack index, which ImageJ also reads as the frame of a hyperstack of one channel and slice
+        roi.position = frame + 1
+    return roi
 
 
 def _closed_path(vertices: np.ndarray) -> np.ndarray:
@@ -155,15 +166,16 @@ def _closed_path(vertices: np.ndarray) -> np.ndarray:
 Outlines = dict[int, Polygon | MultiPolygon]
 
 
-def imagej_roi_zip(labels: np.ndarray, outlines: Outlines | None = None) -> bytes:
+def imagej_roi_zip(labels: np.ndarray, outlines: Outlines | None = None, frame: int | None = None) -> bytes:
     """An ImageJ/Fiji ROI set (.zip of .roi files, one per cell, named by cell id; see the module
-    docstring for polygon and composite ROIs). `outlines`: the labels' `cell_outlines`, where made already."""
+    docstring for polygon and composite ROIs). `outlines`: the labels' `cell_outlines`, where made already;
+    `frame`: the labels' frame (0-based) in a time-lapse, for the ROIs' names and stack position."""
     buffer = io.BytesIO()
     # written in memory the way roifile.roiwrite writes a file (same entries, stored uncompressed, so
     # the same bytes) without a temporary directory; no cells gives an empty zip
     with zipfile.ZipFile(buffer, "w") as archive:
         for cell_id, outline in (outlines if outlines is not None else cell_outlines(labels)).items():
-            roi = _imagej_roi(cell_id, outline)
+            roi = _imagej_roi(cell_id, outline, frame)
             with archive.open(f"{roi.name}.roi", "w") as entry:
                 entry.write(roi.tobytes())
     return buffer.getvalue()

@@ -58,10 +58,12 @@ def image_record(image: np.ndarray, labels: np.ndarray, scores: np.ndarray | Non
 
 def per_image_files(labels: np.ndarray, record: dict, formats: Iterable[str]) -> dict[str, bytes]:
     """The requested per-image files (labels, rois, geojson) of one segmented image; the cells'
-    outlines are traced once for both outline formats."""
+    outlines are traced once for both outline formats. The ROIs of a stack's page (the record's
+    `page`: frames of a stack file, not time points that are files of their own) carry its position."""
     formats = list(formats)
     outlines = cell_outlines(labels) if {"rois", "geojson"} <= set(formats) else None
-    encoders = {"labels": lambda: label_png_bytes(labels), "rois": lambda: imagej_roi_zip(labels, outlines),
+    encoders = {"labels": lambda: label_png_bytes(labels),
+                "rois": lambda: imagej_roi_zip(labels, outlines, record.get("page")),
                 "geojson": lambda: geojson_bytes(qupath_geojson(labels, record["cells"], outlines=outlines))}
     return {fmt: encoders[fmt]() for fmt in formats if fmt in encoders}
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import roifile
 from PIL import Image
 
 from cellseg.cli import main
@@ -839,9 +840,10 @@ def test_a_stack_is_segmented_frame_by_frame_and_resumes_mid_stack(small_inputs,
     out = tmp_path / "out"
     assert run(small_inputs, out, "--formats", "labels,csv,coco,rois") == 0
     frames = [f"well_t{i:04d}" for i in range(5)]
-    for name in frames:
+    for page, name in enumerate(frames):
         assert Image.open(out / "labels" / f"{name}.png").size == (80, 64)
-        assert (out / "rois" / f"{name}.zip").is_file()
+        rois = roifile.roiread(out / "rois" / f"{name}.zip")  # on its frame in Fiji, names unique in the stack
+        assert {roi.position for roi in rois} == {page + 1} and rois[0].name == f"t{page:04d}-cell-00001"
     record = json.loads((out / "records" / "well_t0003.json").read_text())
     assert (record["stack"], record["frame"], record["time_s"], record["count"]) == ("well", 3, 5400.0, 3)
     assert record["source"].endswith("well.tif")

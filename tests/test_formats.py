@@ -143,6 +143,20 @@ def test_imagej_roi_set_reads_back_with_roifile(labels, tmp_path):
         assert np.array_equal(filled, labels == cell_id), (cell_id, iou(filled, labels == cell_id))
 
 
+def test_a_frames_rois_sit_on_that_frame_of_the_stack(labels, tmp_path):
+    """A user's trial: every ROI of a stack's per-frame sets had position 0, so Fiji showed frame 3's
+    cells on every frame, and sets of two frames merged into clashing names (cell-00001 twice)."""
+    from cellseg.outputs import per_image_files
+
+    for data in (imagej_roi_zip(labels, frame=3), per_image_files(labels, {"page": 3}, ["rois"])["rois"]):
+        rois = read_roi_set(data, tmp_path)
+        assert [r.name for r in rois] == [f"t0003-cell-{i:05d}" for i in range(1, 10)]
+        assert {r.position for r in rois} == {4}  # ImageJ's stack index: 1-based
+        assert all(r.composite == (PIECES_AND_HOLES[i] != [0]) for i, r in zip(range(1, 10), rois, strict=True))
+    single = read_roi_set(imagej_roi_zip(labels), tmp_path)
+    assert {r.position for r in single} == {0} and single[0].name == "cell-00001"
+
+
 def test_qupath_geojson_is_valid_detections_with_measurements(labels):
     from shapely.geometry import shape as to_shape
 

@@ -277,6 +277,9 @@ def test_a_time_lapse_is_written_one_file_per_frame_named_as_batch_jobs_name_fra
             image.write_bytes(png_bytes(np.zeros(stack.shape[1:], np.uint8)))  # beside it: gives the size
             np.testing.assert_array_equal(read_one(Path(path))[0], relabel_sequential(stack[t]))
             image.unlink()
+    import roifile  # each frame's ROIs sit on that frame in Fiji (position: the 1-based stack index)
+
+    assert {r.position for r in roifile.roiread(tmp_path / "t_t0002.zip")} == {3}
     assert npe2.write(tmp_path / "n.zip", [(stack, {}, "labels")], plugin_name="cellseg")  # through napari's writer
     with pytest.raises(ValueError, match="4-D"):
         io.write_roi_set(str(tmp_path / "x.zip"), np.zeros((2, 2, 8, 8), np.int32), {})

@@ -175,8 +175,8 @@ def write_roi_set(path: str, data: Any, meta: dict) -> list[str]:
     (T, Y, X) labels as one set per frame, named as `cellseg segment` names frames (X_t0003.zip)."""
     from cellseg.outputs import per_image_files
 
-    return [_write(target, per_image_files(labels, {}, ["rois"])["rois"])
-            for target, labels in frame_files(path, data, "an ImageJ ROI set")]
+    return [_write(target, per_image_files(labels, {"page": frame}, ["rois"])["rois"])
+            for target, labels, frame in frame_files(path, data, "an ImageJ ROI set")]
 
 
 def write_geojson(path: str, data: Any, meta: dict) -> list[str]:
@@ -189,7 +189,7 @@ def write_geojson(path: str, data: Any, meta: dict) -> list[str]:
     scale = meta.get("scale")
     size = engine.layer_pixel_size(scale, meta.get("units")) if scale is not None and len(scale) >= 2 else None
     written = []
-    for target, labels in frame_files(path, data, "QuPath GeoJSON"):
+    for target, labels, _ in frame_files(path, data, "QuPath GeoJSON"):
         cells = add_physical_measurements(measure_cells(labels), size)
         written.append(_write(target, per_image_files(labels, {"cells": cells}, ["geojson"])["geojson"]))
     return written
@@ -200,10 +200,10 @@ def _write(path: Path, data: bytes) -> str:
     return str(path)
 
 
-def frame_files(path: str, data: Any, what: str) -> list[tuple[Path, np.ndarray]]:
-    """(file, 2-D labels) to write: the one file for an image, or for a (T, Y, X) time-lapse one per
-    frame beside it, <stem>_t0000<suffix>..., as a batch job names a stack's frames. Every frame is
-    checked before any file is written."""
+def frame_files(path: str, data: Any, what: str) -> list[tuple[Path, np.ndarray, int | None]]:
+    """(file, 2-D labels, frame) to write: the one file for an image (frame None), or for a (T, Y, X)
+    time-lapse one per frame beside it, <stem>_t0000<suffix>..., as a batch job names a stack's frames.
+    Every frame is checked before any file is written."""
     from cellseg.batch import frame_name
 
     if isinstance(data, (list, tuple)):  # a multiscale layer: its full-resolution level
@@ -213,9 +213,9 @@ def frame_files(path: str, data: Any, what: str) -> list[tuple[Path, np.ndarray]
         array = array[0]
     target = Path(path)
     if array.ndim != 3:
-        return [(target, labels_2d(array, what))]
+        return [(target, labels_2d(array, what), None)]
     frames = [labels_2d(frame, what) for frame in array]
-    return [(target.with_name(frame_name(target.stem, t, len(frames)) + target.suffix), labels)
+    return [(target.with_name(frame_name(target.stem, t, len(frames)) + target.suffix), labels, t)
             for t, labels in enumerate(frames)]
 
 
