@@ -385,6 +385,26 @@ def test_cancelling_a_fine_tune_ends_its_process_and_says_how_to_resume(viewer_w
     assert hint.startswith(f"to continue it: cd {REPO} && ") and hint.endswith("--resume") and str(run.out) in hint
 
 
+def test_a_z_stack_is_not_segmented_as_a_time_lapse(viewer_widget, qtbot, tmp_path):
+    """A user's trial: an ImageJ Z-stack opened in napari was segmented "all frames" as 5 time points,
+    where `cellseg segment` refuses the file; the widget now refuses it with the same reason, and
+    still segments the plane shown."""
+    import tifffile
+
+    path = tmp_path / "zstack.tif"
+    tifffile.imwrite(path, np.zeros((5, 64, 64), np.uint8), imagej=True, metadata={"axes": "ZYX"})
+    viewer, widget = viewer_widget
+    viewer.open(path, plugin="napari")
+    widget.scope.setCurrentText("all frames")
+    widget.segment()
+    assert "5 Z-slices" in widget.status.text() and "'current frame'" in widget.status.text()
+    assert not widget.busy and widget.labels_layer is None
+    widget.scope.setCurrentText("current frame")
+    widget.segment()
+    wait_idle(qtbot, widget)
+    assert widget.labels_layer is not None
+
+
 @pytest.mark.data
 def test_the_pixel_size_in_an_opened_files_metadata_gives_micrometres(viewer_widget, qtbot, livecell_tif, tmp_path):
     """A file opened with napari's own reader has no scale; its ImageJ metadata still gives µm."""

@@ -171,6 +171,21 @@ def frames_of(shape: Sequence[int], rgb: bool, scope: str, current: int) -> list
     return list(range(shape[0])) if scope == "all frames" else [current]
 
 
+def check_frames_are_times(path: str | None, frames: list[int | None]) -> None:
+    """Refuse to segment every plane of a stack whose file says its planes are not time points (Z-slices,
+    channels), as `cellseg segment` refuses the file: the planes would be labelled and tracked as frames.
+    `path`: the file the layer was opened from (None where napari does not know one: nothing to check)."""
+    from cellseg.imageio import ImageError, stack_info
+
+    if len(frames) < 2 or not path or Path(path).suffix.lower() not in (".tif", ".tiff") or not Path(path).is_file():
+        return
+    try:
+        stack_info(path)
+    except ImageError as exc:
+        raise ValueError(f"{Path(path).name}: {exc}. To segment the plane shown as a 2-D image, choose "
+                         "'current frame'") from exc
+
+
 def segment_frames(model, data, frames: list[int | None], params: PostprocessParams) -> Iterator[tuple[int | None, FrameResult]]:
     """(frame, result) for each frame in turn, lazily: a consumer that stops (Cancel) stops the work."""
     for frame in frames:

@@ -311,6 +311,7 @@ class CellsegWidget(QWidget):
             return
         try:
             frames = engine.frames_of(layer.data.shape, layer.rgb, self.scope.currentText(), self._current_frame(layer))
+            engine.check_frames_are_times(getattr(layer.source, "path", None), frames)
             self.chosen_model()
         except ValueError as exc:
             self._on_error(exc)
