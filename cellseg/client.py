@@ -134,6 +134,22 @@ MAX_ANSWER_BYTES = 512 * 2**20
 MAX_ANSWER_PIXELS = 64_000_000
 
 
+
+def one_image(array: np.ndarray) -> np.ndarray:
+    """An array as one 2-D image to upload: (H, W) gray; (H, W, C) or (C, H, W) with C = 1 or 2 (gray,
+    gray + alpha: the gray plane) or 3 or 4 (RGB, RGBA: channels last, as TIFF stores them). Anything
+    else raises ValueError naming its shape, here, instead of reaching the server as a stack of pages."""
+    if array.ndim == 3 and array.shape[-1] > 4 and array.shape[0] <= 4:
+        array = np.moveaxis(array, 0, -1)  # channels first
+    if array.ndim == 3 and array.shape[-1] <= 2:
+        array = array[..., 0]
+    if array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4)):
+        return array
+    raise ValueError(f"an array of shape {array.shape} is not one image: give (H, W) gray, (H, W, 3) RGB or "
+                     "(H, W, 4) RGBA (channels first works too); for a stack, send one plane at a time "
+                     "(image[t]), or run `cellseg segment` on its file")
+
+
 class Client:
     """Segment images with a running cellseg service. Accepts paths, NumPy arrays and PIL images.
 
@@ -189,7 +205,8 @@ class Client:
         if isinstance(image, np.ndarray):
             import tifffile
 
-            tifffile.imwrite(buffer, image)
+            image = one_image(image)
+            tifffile.imwrite(buffer, image, photometric="rgb" if image.ndim == 3 else "minisblack")
             return "image.tif", buffer.getvalue(), "image/tiff"
         raise TypeError(f"expected a path, NumPy array or PIL image, got {type(image).__name__}")
 

@@ -163,3 +163,28 @@ def test_an_answer_whose_masks_are_not_the_image_size_is_refused():
         SegmentResult.from_json({**ANSWER, "cells": [cell]})
     with pytest.raises(CellsegError, match="not a segmentation"):
         SegmentResult.from_json({"width": 20})
+
+
+def test_arrays_are_uploaded_as_one_image_or_refused_naming_their_shape():
+    """A user's trial: `client.segment(np.random.rand(100, 100, 5))` reached the server as a 100-page TIFF
+    and came back as "multi-page TIFF (100 pages)". Channels first or last, gray + alpha and RGB(A) go
+    as one image the server reads; other shapes are refused here, before any request."""
+    from cellseg.imageio import read_image
+
+    sent = []
+
+    def handler(request):
+        body = request.read()
+        start = body.index(b"\r\n\r\n") + 4
+        sent.append(read_image(body[start:body.rindex(b"\r\n--")]).shape)
+        return httpx.Response(200, json={**ANSWER, "width": 20, "height": 16, "cells": []})
+
+    client = client_for(handler)
+    rng = np.random.default_rng(0)
+    for shape in [(16, 20), (16, 20, 1), (16, 20, 2), (16, 20, 3), (16, 20, 4), (3, 16, 20), (4, 16, 20), (1, 16, 20)]:
+        client.segment(rng.integers(0, 255, shape).astype(np.uint8))
+    assert sent == [(16, 20)] * 8
+    for shape in [(16, 20, 5), (5, 16, 20), (2, 3, 16, 20)]:
+        with pytest.raises(ValueError, match=rf"shape \({shape[0]}, .*is not one image"):
+            client.segment(np.zeros(shape, np.uint8))
+    assert len(sent) == 8
