@@ -19,6 +19,7 @@ import contextvars
 import importlib.resources
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -39,6 +40,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from cellseg.admission import Overloaded, PixelBudget, batch_without_wait_memory
+from cellseg.answer_envelope import AnswerEnvelope
 from cellseg.batch import Item, read_item, upload_item
 from cellseg.formats import imagej_roi_zip, qupath_geojson
 from cellseg.imageio import MAX_STACK_FRAMES, ImageError, ImageTooLargeError, declared_pixels, read_image
@@ -122,10 +124,13 @@ ARENA_KEEP_PIXELS = int(os.environ.get("CELLSEG_ARENA_KEEP_PIXELS", 800_000))
 
 # Post-processing parameters: None means "the model's default" (from its metadata). Their values are
 # checked by `check_form_fields` before the request reaches BentoML (a clear 400); the bounds here
-# document them in the OpenAPI page (inclusive bounds: OpenAPI 3.0 has no numeric exclusive bounds).
-FgThreshold = Annotated[float | None, Field(default=None, ge=0, le=1,
+# document them in the OpenAPI page. The thresholds' bounds are exclusive, which OpenAPI 3.0 (BentoML's)
+# says as minimum + exclusiveMinimum: true; pydantic's gt/lt would write 3.1's numeric form, which 3.0
+# validators refuse.
+EXCLUSIVE = {"exclusiveMinimum": True, "exclusiveMaximum": True}
+FgThreshold = Annotated[float | None, Field(default=None, ge=0, le=1, json_schema_extra=EXCLUSIVE,
                                             description="foreground probability threshold, strictly between 0 and 1")]
-SeedThreshold = Annotated[float | None, Field(default=None, ge=0, le=1,
+SeedThreshold = Annotated[float | None, Field(default=None, ge=0, le=1, json_schema_extra=EXCLUSIVE,
                                               description="cell-core (seed) threshold, strictly between 0 and 1")]
 MinSize = Annotated[int | None, Field(default=None, ge=0, le=1_000_000, description="drop cells smaller than this (px)")]
 Tta = Annotated[bool | None, Field(default=None, description="test-time augmentation: average over 4 mirrorings "
@@ -196,7 +201,8 @@ def check_form_fields(path: str, fields: dict[str, str]) -> None:
         raise ValueError(f"unknown parameter(s) {', '.join(unknown)}; {path} accepts image, {', '.join(allowed)}")
     values = {name: _form_value(text) for name, text in fields.items()}
     for name in ("fg_threshold", "seed_threshold"):
-        if name in values and (isinstance(values[name], bool) or not isinstance(values[name], (int, float))):
+        if name in values and (isinstance(values[name], bool) or not isinstance(values[name], (int, float))
+                               or not math.isfinite(values[name])):  # NaN too, however it is spelt
             raise ValueError(f"{name} must be a number, got {fields[name]!r}")
     if "min_size" in values and (isinstance(values["min_size"], bool) or not isinstance(values["min_size"], int)):
         raise ValueError(f"min_size must be a whole number of pixels, got {fields['min_size']!r}")
@@ -691,6 +697,10 @@ def document_error_responses() -> None:
 
 document_error_responses()
 
+# Every answer, whichever layer made it: errors as JSON (the router's 404 and 405 were plain text) and a
+# Server-Timing header (cellseg/answer_envelope.py). Added first: the first middleware BentoML is given
+# is the outermost, so this one also sees the upload guard's refusals.
+CellSegmentation.add_asgi_middleware(AnswerEnvelope)
 # Checks every upload while it streams in, before BentoML parses it: size limit, one file field,
 # no text-as-URL (BentoML would download it), known and valid parameters. See cellseg/upload_guard.py.
 CellSegmentation.add_asgi_middleware(UploadGuard, paths=list(ENDPOINT_FIELDS), max_bytes=MAX_UPLOAD_BYTES,

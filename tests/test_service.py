@@ -479,6 +479,35 @@ def test_documented_answers_match_the_real_ones(server, tif):
             assert status in doc["paths"][f"/{endpoint}"]["post"]["responses"], (endpoint, status)
 
 
+def test_every_answer_is_json_when_an_error_and_carries_server_timing(server, tif):
+    """A user's trial: an unknown path (404) and a GET on an endpoint (405) answered plain text, where
+    the README says errors are JSON; refusals before an endpoint runs and /model had no Server-Timing.
+    NaN was "must be a number" spelt nan but "strictly between 0 and 1" spelt NaN; the thresholds'
+    bounds are exclusive, and the OpenAPI document now says so."""
+    answers = {
+        404: httpx.post(f"{server}/nonexistent", timeout=10),
+        405: httpx.get(f"{server}/segment", timeout=10),
+        415: httpx.post(f"{server}/segment", content=b"x", headers={"content-type": "image/png"}, timeout=10),
+        400: post(server, "segment", files={"image": ("a.txt", b"not an image")}),
+        200: httpx.post(f"{server}/model", json={}, timeout=10),
+    }
+    for status, r in answers.items():
+        assert r.status_code == status, (status, r.text)
+        assert r.headers["content-type"].startswith("application/json"), (status, r.headers)
+        assert re.search(r"total;dur=[\d.]+", r.headers.get("server-timing", "")), (status, r.headers)
+        if status != 200:
+            assert r.json()["status"] == status and r.json()["error"], r.text
+    assert "POST" in answers[405].json()["error"] and "POST" in answers[405].headers["allow"]
+    assert "/docs.json" in answers[404].json()["error"]
+    for spelling in ("nan", "NaN"):
+        r = post(server, "segment", files={"image": (tif.name, tif.read_bytes())}, data={"fg_threshold": spelling})
+        assert r.status_code == 400 and r.json()["error"] == f"fg_threshold must be a number, got '{spelling}'"
+    schemas = json.dumps(httpx.get(f"{server}/docs.json", timeout=10).json())
+    bounds = re.findall(r'"exclusiveMaximum": (\w+)', schemas)
+    assert bounds and set(bounds) == {"true"}  # OpenAPI 3.0's form: with maximum 1, "below 1"
+    assert_still_serving(server)
+
+
 def readme_example(heading: str, language: str) -> str:
     """The first ```language block after `heading` in the README."""
     text = (REPO / "README.md").read_text(encoding="utf-8")
