@@ -109,10 +109,15 @@ def _error_from(status: int, text: str) -> CellsegError:
         return CellsegError(text[:2000] or f"HTTP {status}", status)
 
 
+# What /readyz answers while a service starts: BentoML's 503 until its model has loaded, and a proxy's or
+# load balancer's 502/504 in front of a process not listening yet. Anything else will not turn into 200.
+STARTING_STATUSES = (502, 503, 504)
+
+
 def wait_until_ready(url: str, timeout: float) -> None:
     """Return once `url` answers /readyz with 200. A refused or failed connection raises at once (no
-    server is there); a server that answers but is not ready yet is polled, with pauses, until
-    `timeout`."""
+    server is there), and so does an answer no starting service gives (a 404: another server); one
+    that is starting (`STARTING_STATUSES`) is polled, with pauses, until `timeout`."""
     import httpx
 
     deadline = time.monotonic() + timeout
@@ -124,6 +129,9 @@ def wait_until_ready(url: str, timeout: float) -> None:
             raise kind(f"cannot reach the cellseg service at {url}: {exc or type(exc).__name__}") from exc
         if status == 200:
             return
+        if status not in STARTING_STATUSES:  # something answers there, but not a cellseg service starting
+            raise CellsegError(f"{url} answers, but not as a cellseg service (/readyz: HTTP {status}): check the "
+                               "address and port (`bentoml serve` prints them)", status)
         if time.monotonic() >= deadline:
             raise CellsegError(f"the cellseg service at {url} is not ready after {timeout:.0f} s", status)
         time.sleep(0.5)

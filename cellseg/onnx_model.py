@@ -40,9 +40,24 @@ def verify_sha256(path: Path, expected: str | None) -> str:
     return actual
 
 
+def open_session(path: Path, options: ort.SessionOptions | None = None,
+                 providers: Sequence[str] = ("CPUExecutionProvider",)) -> ort.InferenceSession:
+    """An ONNX Runtime session of the model at `path`; a file ONNX Runtime cannot load (not ONNX,
+    truncated, an operator it lacks) raises ValueError naming the file, not ONNX Runtime's own
+    "[ONNXRuntimeError] : 7 : INVALID_PROTOBUF" (a user's trial picked a .txt as the model in napari)."""
+    try:
+        return ort.InferenceSession(str(path), options, providers=list(providers))
+    except Exception as exc:  # noqa: BLE001  (ONNX Runtime raises its own classes, one per status code)
+        if not type(exc).__module__.startswith("onnxruntime"):
+            raise
+        reason = str(exc).split(" : ")[-1].strip()
+        raise ValueError(f"{path} is not an ONNX model ONNX Runtime can load ({reason}): give a .onnx file "
+                         "that `python -m export` wrote, e.g. models/livecell-unet.onnx") from exc
+
+
 def read_metadata(path: Path) -> dict:
     """The project's metadata block stored in the ONNX file (without loading the weights twice)."""
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = open_session(path)
     return json.loads(session.get_modelmeta().custom_metadata_map.get(METADATA_KEY, "{}"))
 
 
@@ -91,7 +106,7 @@ class OnnxModel:
         if not spin:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(self.path), options, providers=list(providers or available_providers()))
+        self.session = open_session(self.path, options, providers or available_providers())
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
         self.output_channels = int(self.session.get_outputs()[0].shape[1])

@@ -139,6 +139,17 @@ def test_a_linked_image_keeps_its_own_name_not_its_targets(tmp_path):
     assert [p.name for p in (tmp_path / "both" / "labels").iterdir()] == ["well_A1.png"]
 
 
+def test_a_file_that_is_not_an_onnx_model_is_named_not_onnx_runtimes_status(tmp_path, capsys):
+    """A user's trial: a .txt given as the model answered "[ONNXRuntimeError] : 7 : INVALID_PROTOBUF"."""
+    image = tmp_path / "a.png"
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(image)
+    model = tmp_path / "notes.onnx"
+    model.write_text("not a model")
+    assert run(image, tmp_path / "out", "--model", str(model)) == 2
+    err = capsys.readouterr().err
+    assert f"{model} is not an ONNX model ONNX Runtime can load" in err and "ONNXRuntimeError" not in err
+
+
 def test_concurrency_without_server_is_refused_not_ignored(tmp_path, capsys):
     """A user's trial: `--concurrency 8` on a local job was silently ignored; it names --server now,
     before any image is read, and a concurrency below 1 is a usage error."""

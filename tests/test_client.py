@@ -188,3 +188,37 @@ def test_arrays_are_uploaded_as_one_image_or_refused_naming_their_shape():
         with pytest.raises(ValueError, match=rf"shape \({shape[0]}, .*is not one image"):
             client.segment(np.zeros(shape, np.uint8))
     assert len(sent) == 8
+
+
+def test_a_server_that_is_not_cellseg_is_named_at_once_and_a_starting_one_is_waited_for():
+    """A user's trial (napari, a wrong address): "not ready after 30 s (HTTP 404)", after 30 s, where
+    another server answered 404 at once. 404 now fails at once; 503 (BentoML starting) is waited out."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from cellseg.client import wait_until_ready
+
+    answers = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(answers.pop(0) if answers else 200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    try:
+        answers[:] = [404]
+        start = time.monotonic()
+        with pytest.raises(CellsegError, match=r"answers, but not as a cellseg service \(/readyz: HTTP 404\)"):
+            wait_until_ready(url, timeout=30)
+        assert time.monotonic() - start < 5
+        answers[:] = [503, 503]
+        wait_until_ready(url, timeout=30)
+        assert answers == []
+    finally:
+        server.shutdown()
