@@ -77,6 +77,7 @@ from cellseg.pixelsize import (
 from cellseg.postprocess import PostprocessParams
 from cellseg.precision import PrecisionChoice, choose_precision, requested_precision
 from cellseg.report import page_report
+from cellseg.series_items import MAX_BATCH_NAMES_BYTES, check_batch_names, place_upload
 from cellseg.upload_guard import UploadGuard
 from cellseg.variants import registered_variants
 
@@ -151,11 +152,16 @@ PixelSizeUm = Annotated[float | None, Field(default=None, ge=MIN_UM, le=MAX_UM,
 FrameIndex = Annotated[int | None, Field(default=None, ge=0, le=MAX_STACK_FRAMES - 1,
                                          description="0-based frame of a multi-page TIFF time-lapse; 0 also takes "
                                                      "a single image. The answer's stack says which of how many")]
+BatchNames = Annotated[list[str] | None, Field(default=None, description=(
+    "the names of the files segmented with this one (the web page's batch), by which a file named as a "
+    "time point of a plate series (README: 'Plates, wells and time points from file names') is placed "
+    "as a batch job of those files places it; without it, as a batch of this file alone"))]
 POSTPROCESS_FIELDS = ("fg_threshold", "seed_threshold", "min_size")
 COMMON_FIELDS = (*POSTPROCESS_FIELDS, "tta", "cell_rules")
 MEASURING_FIELDS = (*COMMON_FIELDS, "pixel_size")
 ENDPOINT_FIELDS = {"/segment": MEASURING_FIELDS, "/overlay": COMMON_FIELDS, "/mask": (*COMMON_FIELDS, "binary"),
-                   "/rois": COMMON_FIELDS, "/geojson": MEASURING_FIELDS, "/report": (*MEASURING_FIELDS, "frame")}
+                   "/rois": COMMON_FIELDS, "/geojson": MEASURING_FIELDS,
+                   "/report": (*MEASURING_FIELDS, "frame", "batch_names")}
 PngFile = Annotated[Path, ContentType("image/png")]
 ZipFile = Annotated[Path, ContentType("application/zip")]
 
@@ -212,6 +218,8 @@ def check_form_fields(path: str, fields: dict[str, str]) -> None:
     if "frame" in values and (isinstance(values["frame"], bool) or not isinstance(values["frame"], int)
                               or not 0 <= values["frame"] < MAX_STACK_FRAMES):
         raise ValueError(f"frame must be a whole number from 0 to {MAX_STACK_FRAMES - 1}, got {fields['frame']!r}")
+    if "batch_names" in values:
+        check_batch_names(values["batch_names"])
     if "pixel_size" in values:
         given_pixel_size(values["pixel_size"])  # a number, finite, within MIN_UM .. MAX_UM µm per pixel
     PostprocessParams().with_overrides(**{k: values.get(k) for k in POSTPROCESS_FIELDS})  # ranges
@@ -644,7 +652,7 @@ class CellSegmentation:
     async def report(self, image: Path, ctx: bentoml.Context, fg_threshold: FgThreshold = None,
                      seed_threshold: SeedThreshold = None, min_size: MinSize = None,
                      tta: Tta = None, cell_rules: CellRules = None, pixel_size: PixelSizeUm = None,
-                     frame: FrameIndex = None) -> dict:
+                     frame: FrameIndex = None, batch_names: BatchNames = None) -> dict:
         """Everything the web page (/ui) shows and offers, from one segmentation: count, confluence,
         per-cell measurements (area, centroid, perimeter, eccentricity, score...; in µm too where a pixel
         size is known, and pixel_size says which and from where), their units, the image rendered to
@@ -652,17 +660,20 @@ class CellSegmentation:
         COCO JSON, ImageJ ROI zip, QuPath GeoJSON and the image's summary.csv, and summary (that row).
         With frame, the upload may be a multi-page TIFF time-lapse: that frame is segmented, named
         <stem>_t0003 as a batch job names it, and stack says {name, frame, frames, time_s} (null for a
-        single image, whose frame is 0)."""
+        single image, whose frame is 0). A file whose name places it in a plate and a series (LIVECell,
+        Incucyte, NIS-Elements names) gets the series, well and time columns of a batch job of the files
+        batch_names lists (the web page sends its batch's names; without it, a batch of this file alone)."""
         async def work():
             params = self._params(fg_threshold, seed_threshold, min_size, cell_rules)
             name = PurePath(upload_name(image)).stem or "image"
-            item, frames = (None, 1) if frame is None else await anyio.to_thread.run_sync(
+            item, frames = (Item(image, name), 1) if frame is None else await anyio.to_thread.run_sync(
                 upload_item, image, name, frame, MAX_PIXELS, limiter=self.cpu)
+            placed = place_upload(item, upload_name(image), batch_names or ())
             raw, labels, scores = await self._segment(image, params, tta, item)
             size = await self._pixel_size(image, pixel_size)
-            place = item.record_fields() if item else None
             result = await anyio.to_thread.run_sync(page_report, raw, labels, scores, upload_name(image), size,
-                                                    item.name if item else None, place, frames, limiter=self.cpu)
+                                                    placed.name, placed.record_fields() or None, frames,
+                                                    limiter=self.cpu)
             return {"model": await self._model_info(), "params": {**params.to_dict(), "tta": self._tta(tta)}, **result}
         return await self._guarded(work, ctx)
 
@@ -705,4 +716,5 @@ CellSegmentation.add_asgi_middleware(AnswerEnvelope)
 # no text-as-URL (BentoML would download it), known and valid parameters. See cellseg/upload_guard.py.
 CellSegmentation.add_asgi_middleware(UploadGuard, paths=list(ENDPOINT_FIELDS), max_bytes=MAX_UPLOAD_BYTES,
                                      check_fields=check_form_fields, grace_s=UPLOAD_GRACE_S,
-                                     min_bytes_per_s=MIN_UPLOAD_BYTES_PER_S)
+                                     min_bytes_per_s=MIN_UPLOAD_BYTES_PER_S,
+                                     text_limits={"batch_names": MAX_BATCH_NAMES_BYTES})

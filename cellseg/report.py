@@ -61,8 +61,9 @@ def page_report(image: np.ndarray, labels: np.ndarray, scores: np.ndarray | None
     PNG, CSV, COCO, ROI zip, GeoJSON, and the image's summary.csv) and summary (its summary.csv row).
 
     `name` is the output name a batch job gives the image (default: the file's stem) and `place` what
-    a frame's record says of its stack (batch.Item.record_fields: stack, frame, time_s), so that the
-    page's combined tables equal `cellseg segment`'s; `stack` then says which frame of how many."""
+    its record says of its stack or series (batch.Item.record_fields: stack, frame, time_s, page for a
+    stack's page; plate, well, field), so that the page's combined tables equal `cellseg segment`'s;
+    `stack` then says which frame of how many (a stack's pages only)."""
     stem = name or PurePath(filename).stem or "image"
     record = image_record(image, labels, scores, name=stem, source=PurePath(filename).name or "image",
                           pixel_size=pixel_size) | (place or {})
@@ -76,8 +77,9 @@ def page_report(image: np.ndarray, labels: np.ndarray, scores: np.ndarray | None
         "geojson": (f"{stem}.geojson", "application/geo+json", files["geojson"]),
         "summary": (f"{stem}_summary.csv", "text/csv", summary_csv([row])),
     }
+    # a page of a stack file; a time point that is a file of its own (placed by its name) is a single image
     stack = ({"name": place["stack"], "frame": place["frame"], "frames": frames, "time_s": place["time_s"]}
-             if place else None)
+             if place and "page" in place else None)
     return {
         "name": stem, "width": record["width"], "height": record["height"],
         "count": record["count"], "confluence": record["confluence"], "cells": record["cells"],

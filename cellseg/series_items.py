@@ -61,3 +61,32 @@ def describe(scan: SeriesScan, options: SeriesOptions, placed: Sequence) -> dict
     return {"options": options.to_dict(), "layouts": scan.layouts, "series": series,
             "wells": sorted({f"{i.plate} {i.well}".strip() for i in placed}),
             "unmatched": [str(p) for p in scan.unmatched]}
+
+
+# The most file names an upload may say its batch has, and their bytes as a form field (the web page
+# sends at most 200 images: a few kB).
+MAX_BATCH_NAMES = 1000
+MAX_BATCH_NAMES_BYTES = 256 * 1024
+
+
+def place_upload(item, upload_name: str, batch_names: Sequence[str] = ()):
+    """An uploaded image (or a stack's frame: `item`, read from a temporary file) placed as a batch job
+    of the files `batch_names` places it, by their names (the service sees one file at a time; the web
+    page sends its batch's names with each). The upload's own name counts without being listed; folders
+    are not known, so the archive layout does not apply. Only the place changes: path and name stay."""
+    from cellseg.batch import Item  # batch imports this module
+
+    named = replace(item, path=Path(upload_name))
+    others = [Item(Path(name), Path(name).stem) for name in dict.fromkeys(batch_names) if name != upload_name]
+    placed, _ = place_in_series([named, *others], SeriesOptions())
+    return replace(placed[0], path=item.path)
+
+
+def check_batch_names(names) -> list[str]:
+    """`batch_names` as the service takes it: a list of file names (no folders), each under 256 characters."""
+    if not isinstance(names, list) or not all(isinstance(n, str) and 0 < len(n) < 256 and "/" not in n
+                                              and "\\" not in n for n in names):
+        raise ValueError("batch_names must be a JSON list of file names (no folders), each under 256 characters")
+    if len(names) > MAX_BATCH_NAMES:
+        raise ValueError(f"batch_names lists {len(names):,} files; at most {MAX_BATCH_NAMES:,}")
+    return names

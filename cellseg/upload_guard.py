@@ -78,6 +78,7 @@ class _Parts:
 
     parts: list[_Part] = field(default_factory=list)
     texts: dict[str, bytearray] = field(default_factory=dict)
+    text_limits: dict[str, int] = field(default_factory=dict)  # fields allowed more than MAX_TEXT_FIELD_BYTES
     offset: int = 0  # position in the body of the chunk being parsed
     _header_name: bytes = b""
     _header_value: bytes = b""
@@ -121,8 +122,9 @@ class _Parts:
             if part.filename is None:
                 value = self.texts[part.name]
                 value += data[start:end]
-                if len(value) > MAX_TEXT_FIELD_BYTES:
-                    raise UploadRejected(f"form field '{part.name}' is over {MAX_TEXT_FIELD_BYTES} bytes")
+                limit = self.text_limits.get(part.name, MAX_TEXT_FIELD_BYTES)
+                if len(value) > limit:
+                    raise UploadRejected(f"form field '{part.name}' is over {limit:,} bytes")
 
         return {"on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
                 "on_header_end": on_header_end, "on_headers_finished": on_headers_finished,
@@ -174,12 +176,14 @@ def _splice(chunks: list[bytes], span: tuple[int, int], replacement: bytes) -> l
 
 class UploadGuard:
     """Guard POSTs to `paths`: one file field `file_field`, at most `max_bytes` of body, arriving at
-    `min_bytes_per_s` on average once `grace_s` have passed."""
+    `min_bytes_per_s` on average once `grace_s` have passed; text fields of MAX_TEXT_FIELD_BYTES at
+    most, or their own limit in `text_limits`."""
 
     def __init__(self, app: ASGIApp, paths: Iterable[str], max_bytes: int, file_field: str = "image",
                  check_fields: FieldCheck | None = None, grace_s: float = UPLOAD_GRACE_S,
-                 min_bytes_per_s: float = MIN_UPLOAD_BYTES_PER_S):
+                 min_bytes_per_s: float = MIN_UPLOAD_BYTES_PER_S, text_limits: dict[str, int] | None = None):
         self.app = app
+        self.text_limits = dict(text_limits or {})
         self.paths = set(paths)
         self.max_bytes = max_bytes
         self.file_field = file_field
@@ -221,7 +225,7 @@ class UploadGuard:
 
     async def _read_checked(self, scope: Scope, receive: Receive, boundary: bytes) -> list[bytes]:
         """The body's chunks, once every check has passed (the file name shortened where needed)."""
-        parts = _Parts()
+        parts = _Parts(text_limits=self.text_limits)
         parser = MultipartParser(boundary, parts.callbacks())
         chunks: list[bytes] = []
         started = time.monotonic()

@@ -147,3 +147,21 @@ def test_per_well_outputs_resume_redrawing_only_what_is_missing(livecell_job):
     assert main(argv) == 0  # every image already done: nothing segmented
     assert [(out / name).read_bytes() for name in ("summary.csv", "wells.csv", "doubling.csv")] == tables
     assert well_plot.stat().st_mtime_ns == drawn and plate_plot.is_file()
+
+
+def test_an_upload_is_placed_among_its_batchs_file_names():
+    """The service sees one file at a time: `place_upload` places it as a batch job of the files its
+    batch names (the web page sends them), keeping the temporary file's path and the output name."""
+    from cellseg.batch import Item
+    from cellseg.series_items import place_upload
+
+    upload = Item(Path("/tmp/tmpab12cd34A172_Phase_A7_1_00d04h00m_1.tif"), "A172_Phase_A7_1_00d04h00m_1")
+    names = ["A172_Phase_A7_1_00d00h00m_1.tif", "A172_Phase_A7_1_00d04h00m_1.tif", "7ae19de7bc2a.png"]
+    placed = place_upload(upload, "A172_Phase_A7_1_00d04h00m_1.tif", names)
+    assert (placed.path, placed.name) == (upload.path, upload.name)
+    assert placed.record_fields() == {"stack": "A172_A7_f1-1", "frame": 1, "time_s": 14400.0, "plate": "A172",
+                                      "well": "A7", "field": "1-1"}
+    alone = place_upload(upload, "A172_Phase_A7_1_00d04h00m_1.tif")  # a batch of this file alone
+    assert alone.record_fields()["frame"] == 0 and alone.record_fields()["time_s"] == 14400.0
+    plain = Item(Path("/tmp/tmpab12cd347ae19de7bc2a.png"), "7ae19de7bc2a")
+    assert place_upload(plain, "7ae19de7bc2a.png", names).record_fields() == {}

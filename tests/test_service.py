@@ -9,6 +9,7 @@ import os
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -506,6 +507,34 @@ def test_every_answer_is_json_when_an_error_and_carries_server_timing(server, ti
     bounds = re.findall(r'"exclusiveMaximum": (\w+)', schemas)
     assert bounds and set(bounds) == {"true"}  # OpenAPI 3.0's form: with maximum 1, "below 1"
     assert_still_serving(server)
+
+
+def test_report_places_files_named_as_a_series_as_the_batch_job_does(server, tif, tmp_path):
+    """A user's trial: the page's summary.csv said `A172_Phase_A7_1_00d00h00m_1,,,72,...` where `cellseg
+    segment` on the same files said `A172_A7_f1-1,0,0.0,72,...,A172,A7,1-1,0.0`: the service placed no
+    file in its series. /report now places an upload among batch_names (the page's batch) as the batch
+    job does, and the rows agree byte for byte."""
+    from cellseg.cli import main
+    from cellseg.summary import summary_csv
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    names = ["A172_Phase_A7_1_00d00h00m_1.tif", "A172_Phase_A7_1_00d04h00m_1.tif", "plain.tif"]
+    for name in names:
+        (folder / name).write_bytes(tif.read_bytes())
+    out = tmp_path / "out"
+    assert main(["segment", *(str(folder / n) for n in names), "--out", str(out), "--server", server, "--quiet"]) == 0
+    rows = []
+    for name in names:
+        r = post(server, "report", files={"image": (name, tif.read_bytes())}, data={"batch_names": json.dumps(names)})
+        assert r.status_code == 200, r.text
+        assert r.json()["stack"] is None and r.json()["name"] == Path(name).stem  # single images, named by file
+        rows.append(r.json()["summary"])
+    assert summary_csv(rows) == (out / "summary.csv").read_bytes()
+    assert [row["frame"] for row in rows] == [0, 1, None] and rows[1]["time_h"] == 4.0
+    for bad in ('["a/b.tif"]', '"one.tif"', json.dumps(["x.tif"] * 1001)):
+        r = post(server, "report", files={"image": (tif.name, tif.read_bytes())}, data={"batch_names": bad})
+        assert r.status_code == 400 and "batch_names" in r.json()["error"], r.text
 
 
 def readme_example(heading: str, language: str) -> str:

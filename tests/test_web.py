@@ -534,6 +534,26 @@ def test_a_folder_is_taken_with_its_images_only(page, many_inputs, tmp_path):
     assert page.locator("#images td.status").all_text_contents() == ["done", "done"]
 
 
+def test_files_named_as_a_series_get_the_batch_jobs_summary(page, served, tif, tmp_path):
+    """A user's trial: for LIVECell-named files the page's summary.csv lacked the series, well and time
+    columns `cellseg segment` writes (and said the file name where the job says the series). The page
+    sends its batch's file names with each image, and the summary is the job's, byte for byte."""
+    from cellseg.cli import main
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    names = ["A172_Phase_A7_1_00d00h00m_1.tif", "A172_Phase_A7_1_00d04h00m_1.tif", "plain.tif"]
+    for name in names:
+        shutil.copy(tif, folder / name)
+    out = tmp_path / "out"
+    assert main(["segment", *(str(folder / n) for n in names), "--out", str(out), "--server", served[0],
+                 "--quiet"]) == 0
+    page.set_input_files("#file", [str(folder / n) for n in names])
+    wait_for_batch(page)
+    summary = open(downloaded(page, "#dl-summary").path(), newline="").read()
+    assert summary == (out / "summary.csv").read_text() and "A172_A7_f1-1,1,14400.0" in summary
+
+
 def test_a_stack_chosen_alone_is_taken_frame_by_frame(page, many_inputs):
     """Issue 25: one multi-page TIFF chosen alone goes to the Images table, a row per frame, with its
     growth curve; Run again sends every frame again."""
