@@ -78,6 +78,38 @@ def test_package_predicts_like_the_runtime(package, onnx_model, demo_images):
     np.testing.assert_allclose(got, expected, atol=1e-3)
 
 
+def test_a_size_the_package_refuses_is_padded_by_reflection_as_its_readme_says(package, onnx_model, tif):
+    """A user's trial: on a 704 x 520 LIVECell image (520 is not 64 + 32n, so core refuses it) a tool that
+    pads with zeros gets other maps near the padded edge than the runtime, which pads by reflection. The
+    package's README now says to pad by reflection; this measures both (-s prints the figures quoted there)."""
+    from bioimageio.core import create_prediction_pipeline, load_model_description, predict
+    from bioimageio.core.digest_spec import create_sample_for_model
+
+    from cellseg.inference import Segmentation
+    from cellseg.preprocess import pad_to
+
+    with zipfile.ZipFile(package) as z:
+        assert 'mode="reflect"' in z.read("README.md").decode()
+    raw = read_image(tif).astype(np.float32)
+    assert raw.shape == (520, 704)
+    expected = onnx_model.predict(pad_to(normalize(raw), 544, 704)[None, None])[0][:, :520]
+    description = load_model_description(package)
+    pipeline = create_prediction_pipeline(description, weight_format="onnx")
+    cells = {"runtime": Segmentation.from_maps(expected, onnx_model.default_params).labels.max()}
+    share = {}
+    for mode in ("reflect", "constant"):
+        padded = np.pad(raw, ((0, 24), (0, 0)), mode=mode)
+        sample = create_sample_for_model(description, inputs={"raw": padded[None, None]})
+        got = predict(model=pipeline, inputs=sample).members["probabilities"].data.values[0][:, :520]
+        difference = np.abs(got - expected).max(axis=0)
+        share[mode] = float((difference > 0.05).mean())
+        cells[mode] = Segmentation.from_maps(got, onnx_model.default_params).labels.max()
+        print(f"{mode}: max {difference.max():.2f}, {share[mode]:.2%} of pixels differ by > 0.05")
+    print("cells", cells)
+    assert share["reflect"] < 0.01 < 0.05 < share["constant"]
+    assert abs(cells["reflect"] - cells["runtime"]) <= 2
+
+
 @pytest.mark.parametrize("out", ["model", "folder"])
 def test_output_over_an_input_is_refused_before_writing(tmp_path, out, demo_images):
     """--out equal to --model used to overwrite the model, then the package read itself back while
