@@ -132,12 +132,13 @@ of each cell) and **distance** (per-cell normalised distance to the cell's edge)
 
 ## Input and output
 - Input `raw`: (batch, channel=1, y, x), float32, any intensity range. Height and width must be
-  multiples of {SIZE_DIVISOR} (64 + 32·n). For other sizes, pad the image at the bottom and right by
-  **reflection** to the next such size (numpy `pad(..., mode="reflect")`, what `cellseg.preprocess.pad_to`
-  does), predict, and crop the maps back. Zero padding changes the maps (the percentiles below then
-  count the zeros): on a 704 × 520 LIVECell image padded to 544 rows, 9.8% of pixels moved by more
-  than 0.05 (68 cells where cellseg finds 74), against 0.26% (73 cells) with reflection. Preprocessing: the image's {NORMALIZATION['low']}th–{NORMALIZATION['high']}th
+  multiples of {SIZE_DIVISOR} (64 + 32·n). Preprocessing: the image's {NORMALIZATION['low']}th–{NORMALIZATION['high']}th
   percentiles are mapped to 0–1 (`scale_range` over y and x, values outside are kept).
+- Other sizes: pad the image at the bottom and right by **reflection** to the next such size (numpy
+  `pad(..., mode="reflect")`, what `cellseg.preprocess.pad_to` does), predict, and crop the maps back.
+  Zero padding changes the maps (the percentiles then count the zeros): on a 704 × 520 LIVECell image
+  padded to 544 rows, 9.8% of pixels moved by more than 0.05 (68 cells where cellseg finds 74),
+  against 0.26% (73 cells) with reflection.
 - Output `probabilities`: (batch, channel=3, y, x), float32 in 0–1, same size as the input.
 
 ## From maps to cells
