@@ -56,8 +56,9 @@ def track_segmented(out: Path, quiet: bool = False) -> None:
 
 def _tracked_line(summary: dict) -> str:
     state = "already tracked" if summary.get("skipped") else f"tracked in {summary['seconds']} s"
-    return (f"{summary['sequence']}: {summary['frames']} frames, {summary['tracks']} tracks, "
+    line = (f"{summary['sequence']}: {summary['frames']} frames, {summary['tracks']} tracks, "
             f"{summary['divisions']} divisions ({state})")
+    return f"{line}\n  WARNING: {summary['warning']}" if summary.get("warning") else line
 
 
 def cmd_track(args: argparse.Namespace) -> int:
