@@ -708,9 +708,10 @@ def document_error_responses() -> None:
 
 document_error_responses()
 
-# Every answer, whichever layer made it: errors as JSON (the router's 404 and 405 were plain text) and a
-# Server-Timing header (cellseg/answer_envelope.py). Added first: the first middleware BentoML is given
-# is the outermost, so this one also sees the upload guard's refusals.
+# Every answer of the service's own layers: errors as JSON (the router's 404 and 405 were plain text) and a
+# Server-Timing header (cellseg/answer_envelope.py). Added first: of the middlewares a service adds, the
+# first is the outermost, so this one also sees the upload guard's refusals (BentoML's own 429 and 504
+# come from middlewares outside them all).
 CellSegmentation.add_asgi_middleware(AnswerEnvelope)
 # Checks every upload while it streams in, before BentoML parses it: size limit, one file field,
 # no text-as-URL (BentoML would download it), known and valid parameters. See cellseg/upload_guard.py.

@@ -1,10 +1,12 @@
-"""What every HTTP answer of the service carries, whichever layer answered: errors as JSON
+"""What the service's HTTP answers carry, whichever of its layers answered: errors as JSON
 (`{"error": "...", "status": N}`, as the endpoints' own refusals are) and a `Server-Timing` header.
 
 The endpoints time their stages themselves (queue, decode, network...); answers made elsewhere
 (the router's 404 for an unknown path, its 405 for a GET on an endpoint, the upload guard's
 refusals, /model, /readyz) get `total;dur=` from here. Starlette's router answers 404 and 405 as
 plain text ("Not Found"), which a client parsing JSON errors cannot read: those become JSON here.
+BentoML's own middlewares sit outside every middleware a service adds: its 429 (over
+max_concurrency) and 504 (over the traffic timeout) pass by this one, as BentoML makes them.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import time
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 PLAIN_ERRORS = {404: "no such endpoint: {method} {path} (the API is listed at /docs.json, the page is at /ui)",
-                405: "{method} is not accepted by {path}: send a POST (multipart/form-data with the image)"}
+                405: "{method} is not accepted by {path}: it takes {allow}"}
+POST_HOW = " (multipart/form-data with the image, as /docs.json describes)"
 
 
 class AnswerEnvelope:
@@ -56,7 +59,10 @@ def _is_json(headers: list[tuple[bytes, bytes]]) -> bool:
 
 async def _send_json_error(send: Send, start_message: Message, scope: Scope, started: float) -> None:
     status = start_message["status"]
-    error = PLAIN_ERRORS[status].format(method=scope.get("method", ""), path=scope.get("path", ""))
+    allow = next((v.decode("latin-1") for k, v in start_message["headers"] if k.lower() == b"allow"), "other methods")
+    error = PLAIN_ERRORS[status].format(method=scope.get("method", ""), path=scope.get("path", ""), allow=allow)
+    if status == 405 and "POST" in allow.split(", "):
+        error += POST_HOW
     body = json.dumps({"error": error, "status": status}).encode()
     kept = [(k, v) for k, v in start_message["headers"] if k.lower() not in (b"content-type", b"content-length")]
     headers = [*kept, (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),

@@ -246,38 +246,52 @@ def absolute(path: Path) -> Path:
     return Path(os.path.abspath(path))
 
 
+def folder_images(folder: Path) -> list[Path]:
+    """Image files under `folder` (image suffixes only), in name order. Hidden files and folders are not
+    taken: `.git` (where DataLad and git-annex keep every image's content under its SHA256E key),
+    `.ipynb_checkpoints`, macOS's `._X.tif` resource forks."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
 def collect_inputs(inputs: Iterable[str], exclude: Path | None = None) -> tuple[list[Path], list[dict], list[Path]]:
-    """Expand files, folders (recursively, image suffixes only) and globs; report what matched nothing.
-    Files under `exclude` (the job's output folder) are skipped: outputs are never inputs. Annotation
-    masks (`is_annotation_mask`) are left out and returned third, so that the job can say so."""
-    found: list[Path] = []
-    folders: list[tuple[str, Path]] = []  # (as given, resolved): a folder that yields no image is reported
+    """Expand files, folders (recursively, image suffixes only, hidden ones left out) and globs; report
+    what matched nothing. Files under `exclude` (the job's output folder) are skipped: outputs are never
+    inputs. Annotation masks (`is_annotation_mask`) are left out and returned third, so that the job
+    can say so."""
+    found: list[tuple[Path, int | None]] = []  # (path, index in `folders` of the folder it was found in)
+    folders: list[str] = []  # as given: a folder that yields no image is reported
     named: set[Path] = set()
     missing: list[dict] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            folders.append((item, absolute(path)))
+            found += [(p, len(folders)) for p in folder_images(path)]
+            folders.append(item)
         elif path.is_file():
-            found.append(path)
+            found.append((path, None))
             named.add(absolute(path))
         else:
             matches = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
             if matches:
-                found += matches
+                found += [(p, None) for p in matches]
             else:
                 missing.append({"path": item, "error": "no such file, folder or glob match"})
-    # An input keeps the path it was found by, made absolute but with its links kept: a link's target
-    # can be a content-addressed name (DataLad's and git-annex's SHA256E-s…--….tif) that would become
-    # the output's name. Two paths to one file (a link beside its target) are one input, the first.
-    by_target: dict[Path, Path] = {}
-    for p in found:
-        by_target.setdefault(p.resolve(), absolute(p))
-    if exclude is not None:
-        exclude = exclude.resolve()
-        by_target = {target: p for target, p in by_target.items() if not target.is_relative_to(exclude)}
-    unique = list(by_target.values())
+    if exclude is not None:  # by the path and by the file it leads to (outputs a DataLad save turned into links)
+        outside, inside = absolute(exclude), exclude.resolve()
+        found = [(p, f) for p, f in found
+                 if not absolute(p).is_relative_to(outside) and not p.resolve().is_relative_to(inside)]
+    # An input keeps the path it was found by, made absolute with the file's own link kept: a link's
+    # target can be a content-addressed name (DataLad's SHA256E-s…--….tif) that would become the output's
+    # name, and two links to one content (two blank frames) are two images. Paths that differ only by a
+    # linked folder (`d` and a link to `d`) are one input, the first.
+    by_place: dict[Path, Path] = {}
+    yielded: set[int] = set()  # the folders that gave an image
+    for p, folder in found:
+        by_place.setdefault(p.parent.resolve() / p.name, absolute(p))
+        if folder is not None and not is_annotation_mask(p):
+            yielded.add(folder)
+    unique = list(by_place.values())
     images = {(p.parent, p.stem.lower()) for p in unique if not is_annotation_mask(p)}
 
     def annotates_an_input(mask: Path) -> bool:
@@ -290,9 +304,9 @@ def collect_inputs(inputs: Iterable[str], exclude: Path | None = None) -> tuple[
     masks = [p for p in unique if is_annotation_mask(p) and (p not in named or annotates_an_input(p))]
     left_out = set(masks)
     images_found = [p for p in unique if p not in left_out]
-    for given, folder in folders:  # as a glob that matches nothing: exit 3, not a silent "0 segmented"
-        if not any(p.is_relative_to(folder) for p in images_found):
-            masks_there = sum(p.is_relative_to(folder) for p in masks)
+    for index, given in enumerate(folders):  # as a glob that matches nothing: exit 3, not a silent "0 segmented"
+        if index not in yielded:
+            masks_there = sum(1 for p, folder in found if folder == index and is_annotation_mask(p))
             missing.append({"path": given, "error": f"no image files in this folder ({', '.join(sorted(IMAGE_SUFFIXES))})"
                             + (f"; {masks_there} annotation masks (X_masks.*) left out" if masks_there else "")})
     return images_found, missing, masks
@@ -791,6 +805,8 @@ def complete_from_records(out: Path, items: list[Item], formats: tuple[str, ...]
     for item in tqdm(items, desc="adding formats", unit="img", disable=not progress or not items):
         try:
             record = json.loads(record_path(out, item.name).read_text())
+            if item.page is not None:  # a stack's page: records written before they said so have no `page`
+                record["page"] = item.page
             files = files_from_record(record, missing_formats(out, item.name, formats))
         except (OSError, ValueError, KeyError, TypeError):  # segmenting again makes a record that can
             unusable.append(item)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -189,14 +190,19 @@ def print_summary(report: JobReport, out: Path) -> None:
               f"{shown}{more} (series.json)", file=sys.stderr)
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def bounded_number(kind, low: float, high: float | None = None):
+    """An argparse type: a finite `kind` (int or float) within [low, high], or a one-line error naming
+    the bounds (`cellseg segment --concurrency`, `python -m train finetune`'s numbers)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from None
+        if not math.isfinite(value) or value < low or (high is not None and value > high):
+            bounds = f"at least {low}" if high is None else f"between {low} and {high}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: give a value {bounds}")
+        return value
+    return parse
 
 
 def pixel_size_argument(text: str) -> PixelSize:
@@ -242,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="auto: int8 only where it agrees with fp32 on this CPU and is faster (checked at start, about "
                          "a second); fp32 or int8 force one (default: $CELLSEG_PRECISION, else auto; an .int8.onnx "
                          "--model asks for int8). With --server, the server decides")
-    sg.add_argument("--concurrency", type=positive_int, metavar="N",
+    sg.add_argument("--concurrency", type=bounded_number(int, 1), metavar="N",
                     help=f"requests in flight with --server (default {DEFAULT_CONCURRENCY}); a local job uses every "
                          "core by itself, and --dask local:N sets the workers")
     sg.add_argument("--dask", metavar="CLUSTER",

@@ -144,10 +144,11 @@ MAX_ANSWER_PIXELS = 64_000_000
 
 
 def one_image(array: np.ndarray) -> np.ndarray:
-    """An array as one 2-D image to upload: (H, W) gray; (H, W, C) or (C, H, W) with C = 1 or 2 (gray,
-    gray + alpha: the gray plane) or 3 or 4 (RGB, RGBA: channels last, as TIFF stores them). Anything
-    else raises ValueError naming its shape, here, instead of reaching the server as a stack of pages."""
-    if array.ndim == 3 and array.shape[-1] > 4 and array.shape[0] <= 4:
+    """An array as one 2-D image to upload: (H, W) gray; (H, W, C) with C = 1 or 2 (gray, gray + alpha:
+    the gray plane) or 3 or 4 (RGB, RGBA); channels first, (1, H, W), (3, H, W) or (4, H, W), as the
+    service reads a channels-first TIFF. Anything else raises ValueError naming its shape, here, instead
+    of reaching the server as a stack of pages; so does (2, H, W), two frames as likely as gray + alpha."""
+    if array.ndim == 3 and array.shape[-1] > 4 and array.shape[0] in (1, 3, 4):
         array = np.moveaxis(array, 0, -1)  # channels first
     if array.ndim == 3 and array.shape[-1] <= 2:
         array = array[..., 0]

@@ -583,7 +583,7 @@ def _time_lapse_info(tif: tifffile.TiffFile, max_pixels: int) -> StackInfo:
 
 def _several_series_message(tif: tifffile.TiffFile, kind: str) -> str:
     if kind == "ome":
-        return (f"OME-TIFF with {len(tif.series)} image series (positions or wells): batch jobs take one "
+        return (f"OME-TIFF with {len(tif.series)} image series (positions or wells): cellseg takes one "
                 "time-lapse per file; export each position as its own file")
     shapes = ", ".join(f"{'x'.join(map(str, s.shape[::-1]))} {s.dtype}" for s in tif.series[:4])
     return (f"multi-page TIFF of {len(tif.pages)} pages that are not all alike ({shapes}"
@@ -597,7 +597,7 @@ def _not_a_time_lapse_message(stacked: list[tuple[str, int]], kind: str, pages: 
     if kind == "imagej" and [axis for axis, _ in stacked] == ["Z"]:  # ImageJ saves a plain stack as slices
         advice = (f"if its slices are time points, make them frames in Fiji (Image > Properties: Slices 1, "
                   f"Frames {stacked[0][1]}) and save it again")
-    return f"{what} of {found}: batch jobs take time-lapse stacks (frames only); {advice}"
+    return f"{what} of {found}: cellseg takes time-lapse stacks (frames only); {advice}"
 
 
 def _frame_interval_s(tif: tifffile.TiffFile) -> float | None:

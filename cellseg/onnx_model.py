@@ -42,17 +42,19 @@ def verify_sha256(path: Path, expected: str | None) -> str:
 
 def open_session(path: Path, options: ort.SessionOptions | None = None,
                  providers: Sequence[str] = ("CPUExecutionProvider",)) -> ort.InferenceSession:
-    """An ONNX Runtime session of the model at `path`; a file ONNX Runtime cannot load (not ONNX,
-    truncated, an operator it lacks) raises ValueError naming the file, not ONNX Runtime's own
-    "[ONNXRuntimeError] : 7 : INVALID_PROTOBUF" (a user's trial picked a .txt as the model in napari)."""
+    """An ONNX Runtime session of the model at `path`. A file ONNX Runtime cannot load raises ValueError
+    naming the file and why, not ONNX Runtime's own "[ONNXRuntimeError] : 7 : INVALID_PROTOBUF" (a user's
+    trial picked a .txt as the model in napari); a file that is no ONNX model at all is called that."""
     try:
         return ort.InferenceSession(str(path), options, providers=list(providers))
     except Exception as exc:  # noqa: BLE001  (ONNX Runtime raises its own classes, one per status code)
         if not type(exc).__module__.startswith("onnxruntime"):
             raise
-        reason = str(exc).split(" : ")[-1].strip()
-        raise ValueError(f"{path} is not an ONNX model ONNX Runtime can load ({reason}): give a .onnx file "
-                         "that `python -m export` wrote, e.g. models/livecell-unet.onnx") from exc
+        reason = str(exc).split(" : ", 3)[-1].strip()  # after "[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : "
+        if type(exc).__name__ in ("InvalidProtobuf", "InvalidGraph"):
+            raise ValueError(f"{path} is not an ONNX model ONNX Runtime can load ({reason}): give a .onnx file "
+                             "that `python -m export` wrote, e.g. models/livecell-unet.onnx") from exc
+        raise ValueError(f"ONNX Runtime could not load {path}: {reason}") from exc
 
 
 def read_metadata(path: Path) -> dict:

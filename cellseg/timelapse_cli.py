@@ -75,8 +75,8 @@ def cmd_track(args: argparse.Namespace) -> int:
     elif source.is_file() and source.suffix.lower() in (".tif", ".tiff"):
         sequences = [stack_sequence(source, args.interval)]
     elif source.is_file():
-        raise ValueError(f"{source}: a single {source.suffix or 'file'} holds one frame; give a folder of per-frame "
-                         "label images, a multi-page TIFF of them or a segment job's --out")
+        raise ValueError(f"{source}: a single image holds one frame; give a folder of per-frame label images, a "
+                         "multi-page TIFF of them or a segment job's --out")
     else:
         raise FileNotFoundError(f"{source}: no such file or folder (give a folder of label images, a multi-page TIFF "
                                 "of them or a segment job's --out)")
@@ -91,7 +91,7 @@ def add_track_parser(sub) -> None:
                         description=__import__("cellseg.track_job").track_job.__doc__,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     tr.add_argument("labels", help="a folder of per-frame label images (TIFF/PNG, frames in name order), a multi-page "
-                                   "TIFF of label images (a page per frame, as Fiji saves a label stack), or the "
+                                   "TIFF of label images (a page per frame; Fiji's Z-slices refused with the fix), or the "
                                    "--out folder of a `cellseg segment` job (each stack and series tracked)")
     tr.add_argument("--out", type=Path, required=True, help="output folder")
     tr.add_argument("--interval", type=interval_argument, metavar="DURATION",

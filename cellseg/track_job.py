@@ -59,12 +59,18 @@ def folder_sequence(folder: Path, interval_s: float | None = None) -> TrackInput
 
 
 def stack_sequence(path: Path, interval_s: float | None = None) -> TrackInput:
-    """A multi-page TIFF of label images, a page per frame (as Fiji saves a label stack), its frames
+    """A multi-page TIFF of label images, a page per frame (Fiji's Z-slices are refused, with its fix), its frames
     named as a batch job names a stack's; timed by the file's own frame interval, else `interval_s`."""
     from cellseg.batch import frame_name
-    from cellseg.imageio import read_frame, stack_info
+    from cellseg.imageio import ImageError, read_frame, stack_info
 
-    info = stack_info(path)
+    try:
+        info = stack_info(path)
+    except ImageError as exc:  # Z-slices, channels: the same reason and advice a batch job gives
+        raise ValueError(f"{path}: {exc}") from exc
+    if info.frames < 2:
+        raise ValueError(f"{path}: a single image holds one frame; give a folder of per-frame label images, a "
+                         "multi-page TIFF of them or a segment job's --out")
     step = info.interval_s if info.interval_s is not None else interval_s
     names = [frame_name(path.stem, i, info.frames) for i in range(info.frames)]
     times = [None if step is None else i * step for i in range(info.frames)]

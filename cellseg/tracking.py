@@ -231,6 +231,7 @@ def read_labels(path: Path) -> np.ndarray:
 # is equal (they differ only where two cells touch); in a microscope image they differ almost
 # everywhere (LIVECell's phase contrast: equal in ~10% of pairs). Halfway is far from both.
 MIN_EQUAL_NEIGHBOURS = 0.5
+MIN_PIECE_PIXELS = 10  # a binary mask's pieces counted as objects (smaller: stray pixels of one cell)
 
 
 def as_labels(labels: np.ndarray, what: str) -> np.ndarray:
@@ -247,7 +248,9 @@ def as_labels(labels: np.ndarray, what: str) -> np.ndarray:
     if values.size == 2 and values[0] == 0:  # one value: a binary mask, unless it holds one cell
         from scipy import ndimage
 
-        pieces = ndimage.label(labels != 0)[1]
+        # pieces touching at a corner are one, and a stray pixel or two is no second cell
+        parts, count = ndimage.label(labels != 0, structure=np.ones((3, 3), bool))
+        pieces = int(np.count_nonzero(np.bincount(parts.ravel())[1:] >= MIN_PIECE_PIXELS)) if count > 1 else count
         if pieces > 1:
             raise ValueError(f"{what} is a binary mask ({pieces} separate objects, all of value {values[1]}), not a "
                              "label image with one id per cell: label its objects first (Fiji: Analyze Particles, "

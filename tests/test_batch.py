@@ -121,22 +121,26 @@ def test_unusable_out_and_unreachable_server_fail_fast_with_exit_2(inputs, tmp_p
 
 def test_a_linked_image_keeps_its_own_name_not_its_targets(tmp_path):
     """A user's trial: records named inputs by their resolved path. In a DataLad or git-annex dataset
-    every image is a link to a content-addressed file (SHA256E-s…--….png), so outputs and records were
-    named after that key. The link's own path and name are kept; a link and its target are one input."""
-    store = tmp_path / "annex"
-    store.mkdir()
+    every image is a link to a content-addressed file (.git/annex/objects/.../SHA256E-s…--….png), so
+    outputs and records were named after that key. The link's own path and name are kept, the hidden
+    .git folder is not searched, and two links to one content (two blank frames) are two images; a
+    folder and a link to it are one input."""
+    dataset = tmp_path / "dataset"
+    store = dataset / ".git" / "annex" / "objects" / "Xk" / "SHA256E-s4096--0123abcd.png"
+    store.mkdir(parents=True)
     key = store / "SHA256E-s4096--0123abcd.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 48), dtype=np.uint8)).save(key)
-    dataset = tmp_path / "dataset"
-    dataset.mkdir()
     (dataset / "well_A1.png").symlink_to(key)
+    (dataset / "well_A2.png").symlink_to(key)  # the same content, another image
+    (dataset / "._well_A1.png").write_bytes(b"\x00\x05\x16\x07")  # a macOS resource fork: not an image
     out = tmp_path / "out"
     assert run(dataset, out) == 0
-    assert [p.name for p in (out / "labels").iterdir()] == ["well_A1.png"]
+    assert sorted(p.name for p in (out / "labels").iterdir()) == ["well_A1.png", "well_A2.png"]
     record = json.loads((out / "records" / "well_A1.json").read_text())
     assert record["source"] == str(dataset / "well_A1.png")
-    assert main(["segment", str(dataset), str(key), "--out", str(tmp_path / "both"), "--quiet"]) == 0
-    assert [p.name for p in (tmp_path / "both" / "labels").iterdir()] == ["well_A1.png"]
+    (tmp_path / "linked").symlink_to(dataset)
+    assert main(["segment", str(dataset), str(tmp_path / "linked"), "--out", str(tmp_path / "both"), "--quiet"]) == 0
+    assert sorted(p.name for p in (tmp_path / "both" / "labels").iterdir()) == ["well_A1.png", "well_A2.png"]
 
 
 def test_a_file_that_is_not_an_onnx_model_is_named_not_onnx_runtimes_status(tmp_path, capsys):
@@ -161,7 +165,7 @@ def test_concurrency_without_server_is_refused_not_ignored(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run(image, tmp_path / "out", "--server", "http://127.0.0.1:1", "--concurrency", "0")
     assert exit_info.value.code == 2
-    assert "must be at least 1" in capsys.readouterr().err
+    assert "0 is out of range: give a value at least 1" in capsys.readouterr().err
 
 
 @pytest.mark.data
@@ -888,6 +892,12 @@ def test_a_stack_is_segmented_frame_by_frame_and_resumes_mid_stack(small_inputs,
     network_calls.clear()
     assert run(small_inputs, out, "--formats", "labels,csv,coco,rois") == 0  # all done: nothing to segment
     assert network_calls == []
+    # a record from before records said `page`: its ROI set, made again from it, still sits on its frame
+    record_file = out / "records" / "well_t0003.json"
+    record_file.write_text(json.dumps({k: v for k, v in json.loads(record_file.read_text()).items() if k != "page"}))
+    (out / "rois" / "well_t0003.zip").unlink()
+    assert run(small_inputs, out, "--formats", "labels,csv,coco,rois") == 0 and network_calls == []
+    assert {roi.position for roi in roifile.roiread(out / "rois" / "well_t0003.zip")} == {4}
 
 
 def test_job_json_is_the_same_with_stacks(small_inputs, tmp_path, network_calls):
@@ -908,7 +918,7 @@ def test_stacks_that_are_not_time_lapses_are_reported_once(small_inputs, tmp_pat
     assert run(small_inputs, out) == 3
     errors = json.loads((out / "errors.json").read_text())
     assert len(errors) == 1 and errors[0]["path"].endswith("zstack.tif")
-    assert "ImageJ stack of 4 Z-slices: batch jobs take time-lapse stacks" in errors[0]["error"]
+    assert "ImageJ stack of 4 Z-slices: cellseg takes time-lapse stacks" in errors[0]["error"]
     assert "zstack.tif: ImageJ stack of 4 Z-slices" in capsys.readouterr().err
     assert len(network_calls) == 8 and not (out / "plots").exists()
 

@@ -184,7 +184,7 @@ def test_arrays_are_uploaded_as_one_image_or_refused_naming_their_shape():
     for shape in [(16, 20), (16, 20, 1), (16, 20, 2), (16, 20, 3), (16, 20, 4), (3, 16, 20), (4, 16, 20), (1, 16, 20)]:
         client.segment(rng.integers(0, 255, shape).astype(np.uint8))
     assert sent == [(16, 20)] * 8
-    for shape in [(16, 20, 5), (5, 16, 20), (2, 3, 16, 20)]:
+    for shape in [(16, 20, 5), (5, 16, 20), (2, 16, 20), (2, 3, 16, 20)]:
         with pytest.raises(ValueError, match=rf"shape \({shape[0]}, .*is not one image"):
             client.segment(np.zeros(shape, np.uint8))
     assert len(sent) == 8

@@ -540,7 +540,7 @@ def test_stacks_that_are_not_time_lapses_are_refused_with_the_reason(tmp_path, d
     path = write_tiff(tmp_path / "stack.tif", data, **kwargs)
     with pytest.raises(ImageError, match=message) as refused:
         stack_info(path)
-    assert "batch jobs take time-lapse stacks (frames only)" in str(refused.value)
+    assert "cellseg takes time-lapse stacks (frames only)" in str(refused.value)
 
 
 def test_pages_of_different_sizes_are_not_a_time_lapse(tmp_path):

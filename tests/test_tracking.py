@@ -211,6 +211,15 @@ def test_microscope_images_and_binary_masks_are_refused_as_labels(tmp_path, caps
         Image.fromarray(((labels > 0) * 255).astype(np.uint8)).save(binary / f"mask{t}.png")
     assert main(["track", str(binary), "--out", str(tmp_path / "out2")]) == 2
     assert "is a binary mask (2 separate objects" in capsys.readouterr().err
+    # one founder cell whose mask touches a pixel only at a corner, and a stray pixel: labels, tracked
+    founder = tmp_path / "founder"
+    founder.mkdir()
+    for t in range(3):
+        labels = np.zeros((40, 60), np.uint8)
+        labels[10:25, 10 + t:25 + t] = 1
+        labels[25, 25 + t] = labels[35, 50] = 1
+        Image.fromarray(labels).save(founder / f"f{t}.png")
+    assert main(["track", str(founder), "--out", str(tmp_path / "out3")]) == 0
     assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
 
 
@@ -229,6 +238,13 @@ def test_a_label_stack_in_one_tiff_is_tracked_and_timed_from_its_file(tmp_path, 
     Image.fromarray(moving_labels(1)[0].astype(np.uint8)).save(single)
     assert main(["track", str(single), "--out", str(out)]) == 2
     assert "holds one frame" in capsys.readouterr().err
+    tifffile.imwrite(tmp_path / "one.tif", moving_labels(1)[0])  # a TIFF of one page: the same
+    assert main(["track", str(tmp_path / "one.tif"), "--out", str(out)]) == 2
+    assert "holds one frame" in capsys.readouterr().err
+    slices = tmp_path / "slices.tif"  # Fiji saves a plain stack as Z-slices: refused with Fiji's fix
+    tifffile.imwrite(slices, np.stack(moving_labels(4)), imagej=True, metadata={"axes": "ZYX"})
+    assert main(["track", str(slices), "--out", str(out)]) == 2
+    assert "4 Z-slices" in (err := capsys.readouterr().err) and "Image > Properties" in err
 
 
 def test_masks_that_flicker_from_frame_to_frame_get_a_warning(tmp_path, capsys):

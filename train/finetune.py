@@ -49,6 +49,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from cellseg.annotations import AnnotationError, scan_annotated  # noqa: E402
+from cellseg.cli import bounded_number  # noqa: E402
 from cellseg.data import Sample  # noqa: E402
 from cellseg.evaluate import evaluate_segmentations, format_table  # noqa: E402
 from cellseg.inference import Segmentation, predict_maps  # noqa: E402
@@ -94,20 +95,6 @@ class FinetuneError(ValueError):
 MAX_MINUTES = 7 * 24 * 60  # a week: beyond it a number is a typo, not a budget
 
 
-def _number(kind, low: float, high: float | None = None):
-    """An argparse type: a finite `kind` within [low, high], or a one-line error naming the bounds."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from None
-        if not np.isfinite(value) or value < low or (high is not None and value > high):
-            bounds = f"at least {low}" if high is None else f"between {low} and {high}"
-            raise argparse.ArgumentTypeError(f"{text} is out of range: give a value {bounds}")
-        return value
-    return parse
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m train finetune", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -118,18 +105,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out, replacing its files")
     p.add_argument("--base", type=Path, default=DEFAULT_BASE,
                    help="weights to start from (.safetensors; default: the shipped model's)")
-    p.add_argument("--minutes", type=_number(float, 0.05, MAX_MINUTES), default=10.0,
+    p.add_argument("--minutes", type=bounded_number(float, 0.05, MAX_MINUTES), default=10.0,
                    help="wall-clock budget of the whole run: measuring, training, export, int8 (default 10)")
     p.add_argument("--name", default="cellseg-finetuned", help="model name (metadata, model store, page)")
-    p.add_argument("--hold-out", type=_number(int, 0), default=None,
+    p.add_argument("--hold-out", type=bounded_number(int, 0), default=None,
                    help="images held back to measure before/after (default: one in five, at least one when "
                         "there are three or more images, none below three)")
     p.add_argument("--measure-on", nargs="+", type=Path, metavar="ANNOTATED", default=None,
                    help="annotated images kept for measuring only (e.g. another plate or day than the training "
                         "images: a fairer before/after); then every ANNOTATED image trains and --hold-out is unused")
-    p.add_argument("--crop", type=_number(int, 32, 2048), default=256, help="side of the training crops, px (default 256)")
-    p.add_argument("--batch-size", type=_number(int, 1, 512), default=8, help="crops per training step (default 8)")
-    p.add_argument("--lr", type=_number(float, 1e-7, 1.0), default=3e-4, help="peak learning rate (a third of training's)")
+    p.add_argument("--crop", type=bounded_number(int, 32, 2048), default=256, help="side of the training crops, px (default 256)")
+    p.add_argument("--batch-size", type=bounded_number(int, 1, 512), default=8, help="crops per training step (default 8)")
+    p.add_argument("--lr", type=bounded_number(float, 1e-7, 1.0), default=3e-4, help="peak learning rate (a third of training's)")
     p.add_argument("--freeze-encoder", action=argparse.BooleanOptionalAction, default=False,
                    help="train only the decoder and head: faster steps, the encoder's features kept")
     p.add_argument("--train", action=argparse.BooleanOptionalAction, default=True,
@@ -156,7 +143,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="annotated images of what the base already knows (e.g. its own training data), mixed "
                         "into the training crops only (never held back, measured or used for thresholds and "
                         "rules), so that training does not forget them (docs/METRICS.md)")
-    p.add_argument("--replay-share", type=_number(float, 0.01, 0.99), default=0.5,
+    p.add_argument("--replay-share", type=bounded_number(float, 0.01, 0.99), default=0.5,
                    help="share of the training crops drawn from --replay images (default 0.5)")
     p.add_argument("--seed", type=int, default=0, help="seeds the held-back draw, the crops and the weights' init (default 0)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -166,7 +153,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "a GPU), else fp32")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                    help="keep NCHW layout (channels_last with bf16 is about 2x faster on CPUs, docs/BENCHMARKS.md)")
-    p.add_argument("--threads", type=_number(int, 1, 1024), default=max(1, os.cpu_count() or 1),
+    p.add_argument("--threads", type=bounded_number(int, 1, 1024), default=max(1, os.cpu_count() or 1),
                    help="CPU threads for training at most (default: every core; every 2 minutes it also tries "
                         "fewer and keeps the fastest)")
     p.add_argument("--resume", action="store_true", help=f"continue from DIR/{CHECKPOINT} within its budget")
