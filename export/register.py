@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from cellseg.onnx_model import DEFAULT_MODEL, default_model_path, read_metadata, sha256_file
-from cellseg.variants import INT8_TOLERANCE, default_precision, variant_metrics
+from cellseg.variants import INT8_TOLERANCE, check_int8_pair, default_precision, variant_metrics
 
 MODEL_NAME = "livecell-unet"
 SHIPPED_MODEL = DEFAULT_MODEL  # the only file that may be registered as MODEL_NAME
@@ -192,6 +192,10 @@ def register_checked(args: argparse.Namespace):
         int8 = None
     if int8 is not None:
         check_model_file(int8, "--int8")
+        try:
+            check_int8_pair(model, int8)
+        except ValueError as exc:
+            raise RegisterError(f"{exc}; or register the fp32 file alone with --no-int8") from exc
     return register(model, name, int8)
 
 

@@ -243,3 +243,28 @@ def test_an_empty_model_tag_means_the_default():
     run = subprocess.run([sys.executable, "-c", "import service; print(service.MODEL_TAG)"], cwd=REPO, text=True,
                          env={**os.environ, "CELLSEG_MODEL_TAG": ""}, capture_output=True, timeout=120)
     assert run.returncode == 0 and run.stdout.strip() == "livecell-unet:latest", run.stderr[-1000:]
+
+
+def test_an_int8_file_of_another_model_is_not_paired_with_an_fp32_file(tmp_path, model_path, monkeypatch, capsys):
+    """A user's trial: `export int8 --model models/livecell-unet.onnx --out outputs/livecell-unet.int8.onnx`
+    (README order) put the shipped model's int8 beside the user's own fp32 file; register paired them
+    with int8 as the default (its AP50 0.483 against fp32's 0.014), and batch jobs took it as the
+    sibling. The int8 file records the fp32 file it was made from, and that is checked now."""
+    import onnx
+
+    import export.register as register
+    from cellseg.variants import choose_for_model
+
+    mine = onnx.load(str(model_path))
+    onnx.helper.set_model_props(mine, {**{p.key: p.value for p in mine.metadata_props}, "note": "another network"})
+    fp32 = tmp_path / "livecell-unet.onnx"
+    onnx.save(mine, str(fp32))  # another file (another sha256) than the one the int8 file was made from
+    shutil.copy(model_path.with_suffix(".int8.onnx"), tmp_path / "livecell-unet.int8.onnx")
+    monkeypatch.setattr(register, "register", lambda *a: pytest.fail("nothing may be registered"))
+    assert register.main(["--model", str(fp32), "--name", "mixed-pair"]) == 2
+    err = capsys.readouterr().err
+    assert "was quantized from another model" in err and "--no-int8" in err
+    choice = choose_for_model(fp32)
+    assert choice.precision == "fp32" and "another model's" in choice.reason
+    with pytest.raises(ValueError, match="quantized from another model"):
+        choose_for_model(fp32, "int8")
