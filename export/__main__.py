@@ -33,7 +33,11 @@ def main(argv: list[str] | None = None) -> int:
         return bioimageio_main(argv[1:])
     if argv and argv[0] == "onnx":
         argv = argv[1:]
-    return export_main(argv)
+    try:
+        return export_main(argv)
+    except (FileNotFoundError, ValueError) as exc:  # a wrong --checkpoint or --data: one line, not a traceback
+        print(f"python -m export: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

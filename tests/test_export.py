@@ -101,3 +101,12 @@ def test_a_file_that_fails_parity_is_not_kept(exported, tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="parity check failed.*not kept"):
         onnx_export.export_checked(model, out, 18, [np.zeros((64, 64), np.float32)])
     assert not out.exists()
+
+
+def test_a_missing_checkpoint_is_one_line_not_a_traceback(tmp_path, capsys):
+    """A user's trial: `python -m export --checkpoint nope.pt` ended in a traceback."""
+    from export.__main__ import main
+
+    assert main(["--checkpoint", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "x.onnx")]) == 2
+    assert capsys.readouterr().err.startswith("python -m export: error:")
+    assert not (tmp_path / "x.onnx").exists()

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from PIL import Image
 
 torch = pytest.importorskip("torch")
 
@@ -65,6 +66,22 @@ def test_training_checkpoints_and_resumes(data_root, tmp_path):
     assert main([*common, "--epochs", "2", "--resume", str(tmp_path / "killed.pt")]) == 0
     resumed = torch.load(tmp_path / "last.pt", weights_only=False)
     assert resumed["epoch"] == 1 and [h["epoch"] for h in resumed["history"]] == [1, 2]
+    # A user's trial: resumed without repeating --max-images, it trained and validated on all 467/36
+    # images while its checkpoint named 4 and 4 ("its config wins", the help says). Now it does.
+    import train.__main__ as train_main
+
+    seen = []
+    real_validate = train_main.validate
+    train_main.validate = lambda model, samples, *a: seen.append([s.id for s in samples]) or real_validate(model, samples, *a)
+    try:
+        assert main(["--data", str(data_root), "--out", str(tmp_path), "--workers", "0", "--device", "cpu",
+                     "--resume", str(tmp_path / "killed.pt")]) == 0
+    finally:
+        train_main.validate = real_validate
+    assert seen == [first["config"]["val_images"]]
+    # a new run into a folder holding one is refused, not mixed into its history
+    assert main([*common, "--epochs", "1"]) == 2
+    assert len(torch.load(tmp_path / "last.pt", weights_only=False)["history"]) == 2
 
 
 def test_a_reseeded_dataset_draws_the_crops_of_a_new_one():
@@ -252,3 +269,19 @@ def test_saved_weights_get_the_mode_every_other_output_gets(tmp_path):
                  {"encoder": "resnet18", "decoder_channels": [16, 16, 8, 8, 8]}, path)
     (tmp_path / "other.txt").write_text("x")
     assert os.stat(path).st_mode & 0o777 == os.stat(tmp_path / "other.txt").st_mode & 0o777
+
+
+def test_a_wrong_data_folder_is_one_line_not_a_traceback(tmp_path, capsys):
+    """A user's trial: `python -m train --data /nonexistent` and `--data my_lab` (a lab's folder) ended in
+    tracebacks; a lab's folder now also hears of `train finetune`."""
+    from train.__main__ import main
+
+    assert main(["--data", str(tmp_path / "nonexistent"), "--out", str(tmp_path / "out")]) == 2
+    assert "python -m train: error:" in capsys.readouterr().err
+    lab = tmp_path / "my_lab"
+    lab.mkdir()
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(lab / "a.png")
+    assert main(["--data", str(lab), "--out", str(tmp_path / "out")]) == 2
+    assert "python -m train finetune FOLDER --out DIR" in capsys.readouterr().err
+    assert main(["--resume", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "out")]) == 2
+    assert "no such checkpoint" in capsys.readouterr().err

@@ -126,11 +126,45 @@ def main(argv=None) -> int:
 
         return finetune_main(argv[1:])
     args = parse_args(argv)
+    try:
+        return train(args)
+    except (FileNotFoundError, ValueError) as exc:  # a wrong path or option: one line, not a traceback
+        hint = ("; for a lab's own annotated images: python -m train finetune FOLDER --out DIR (README: 'Adapt it "
+                "to your cells')" if "annotations found" in str(exc) else "")
+        print(f"python -m train: error: {exc}{hint}", file=sys.stderr)
+        return 2
+
+
+def run_samples(args: argparse.Namespace, checkpoint: dict | None) -> tuple[list, list]:
+    """The training and validation images: for a new run, from the options; for a resumed one, the very
+    images its checkpoint names (its data folder, else --data where that folder has moved), whatever
+    the options say now, so that its epochs and its best.pt are scored alike."""
+    if checkpoint is None:
+        excluded = set(args.exclude_types.split(",")) if args.exclude_types else set()
+        return ([s for s in load_split(args.data, args.train_split) if s.cell_type not in excluded][: args.max_images],
+                [s for s in load_split(args.data, args.val_split) if s.cell_type not in excluded][: args.max_images])
+    config = checkpoint["config"]
+    data = Path(config["data"]) if Path(config["data"]).exists() else args.data
+
+    def named(split: str, ids: list[str]) -> list:
+        by_id = {s.id: s for s in load_split(data, split)}
+        missing = [i for i in ids if i not in by_id]
+        if missing:
+            raise ValueError(f"{args.resume} trained on {len(ids)} {split} images of {config['data']}; {len(missing)} "
+                             f"of them are not in {data} (e.g. {missing[0]}): give --data where they are")
+        return [by_id[i] for i in ids]
+    return named(config["train_split"], config["train_images"]), named(config["val_split"], config["val_images"])
+
+
+def train(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
+    if args.resume is not None and not args.resume.is_file():
+        raise FileNotFoundError(f"--resume {args.resume}: no such checkpoint")
+    if args.resume is None and any((args.out / name).exists() for name in ("last.pt", "best.pt", "history.jsonl")):
+        raise ValueError(f"{args.out} holds a training run already (last.pt, history.jsonl): continue it with "
+                         f"--resume {args.out / 'last.pt'}, or give another --out")
     checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False) if args.resume else None
-    excluded = set(args.exclude_types.split(",")) if args.exclude_types else set()
-    train_samples = [s for s in load_split(args.data, args.train_split) if s.cell_type not in excluded][: args.max_images]
-    val_samples = [s for s in load_split(args.data, args.val_split) if s.cell_type not in excluded][: args.max_images]
+    train_samples, val_samples = run_samples(args, checkpoint)
     config = checkpoint["config"] if checkpoint else make_config(
         args, [s.id for s in train_samples], [s.id for s in val_samples])
     if checkpoint and args.minutes:
@@ -165,7 +199,8 @@ def main(argv=None) -> int:
         scheduler.load_state_dict(checkpoint["scheduler"])
         start_epoch, best = checkpoint["epoch"] + 1, checkpoint["best"]
         history, elapsed = checkpoint["history"], checkpoint["train_seconds"]
-        print(f"resumed from {args.resume} at epoch {start_epoch}", flush=True)
+        print(f"resumed from {args.resume}: {start_epoch} epoch(s) done, going on with epoch {start_epoch + 1}, on "
+              f"the {len(train_samples)} training and {len(val_samples)} validation images it names", flush=True)
 
     train_images = [s.image() for s in tqdm(train_samples, desc="loading training images", mininterval=5)]
     train_labels = [s.labels() for s in tqdm(train_samples, desc="decoding training masks", mininterval=5)]
@@ -177,43 +212,51 @@ def main(argv=None) -> int:
           f"crops, sampling: {balance}, device: {args.device}, precision: {precision}, "
           f"channels_last: {args.channels_last}", flush=True)
 
-    for epoch in range(start_epoch, max_epochs):
-        if budget and elapsed >= budget * 60:
-            break
-        if budget:
-            config["epochs"] = epoch + 1
-        step_started = time.time()
-        dataset = CropDataset(train_images, train_labels, config["crop"],
-                              config["steps_per_epoch"] * config["batch_size"], seed=config["seed"] * 10_000 + epoch,
-                              weights=weights)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=config["batch_size"], num_workers=args.workers,
-                                             shuffle=False, drop_last=True, pin_memory=args.device.startswith("cuda"),
-                                             prefetch_factor=4 if args.workers else None)
-        model.train()
-        running: dict[str, float] = {}
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{'?' if budget else max_epochs}",
-                   mininterval=1 if sys.stderr.isatty() else 30)
-        for images, targets in bar:
-            losses = train_step(model, optimizer, images, targets, args.device, precision, args.channels_last,
-                                config["boundary_pos_weight"])
-            scheduler.step()
-            for k, v in losses.items():
-                running[k] = 0.95 * running.get(k, v.item()) + 0.05 * v.item()
-            bar.set_postfix(loss=f"{running['total']:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
-        elapsed += time.time() - step_started
-        metrics = validate(model, val_samples, val_images, args.device, precision)
-        record = epoch_record(epoch, config, elapsed, running, metrics)
-        history.append(record)
-        print(json.dumps(record), flush=True)
-        with open(args.out / "history.jsonl", "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "epoch": epoch, "best": best, "history": history, "train_seconds": elapsed, "config": config,
-                 "val_metrics": metrics}
-        if metrics[config["select_metric"]] > best:
-            best = state["best"] = metrics[config["select_metric"]]
-            save_checkpoint(args.out / "best.pt", state)
-        save_checkpoint(args.out / "last.pt", state)
+    try:
+        for epoch in range(start_epoch, max_epochs):
+            if budget and elapsed >= budget * 60:
+                break
+            if budget:
+                config["epochs"] = epoch + 1
+            step_started = time.time()
+            dataset = CropDataset(train_images, train_labels, config["crop"],
+                                  config["steps_per_epoch"] * config["batch_size"], seed=config["seed"] * 10_000 + epoch,
+                                  weights=weights)
+            loader = torch.utils.data.DataLoader(dataset, batch_size=config["batch_size"], num_workers=args.workers,
+                                                 shuffle=False, drop_last=True, pin_memory=args.device.startswith("cuda"),
+                                                 prefetch_factor=4 if args.workers else None)
+            model.train()
+            running: dict[str, float] = {}
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{'?' if budget else max_epochs}",
+                       mininterval=1 if sys.stderr.isatty() else 30)
+            for images, targets in bar:
+                losses = train_step(model, optimizer, images, targets, args.device, precision, args.channels_last,
+                                    config["boundary_pos_weight"])
+                scheduler.step()
+                for k, v in losses.items():
+                    running[k] = 0.95 * running.get(k, v.item()) + 0.05 * v.item()
+                bar.set_postfix(loss=f"{running['total']:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
+            elapsed += time.time() - step_started
+            metrics = validate(model, val_samples, val_images, args.device, precision)
+            record = epoch_record(epoch, config, elapsed, running, metrics)
+            history.append(record)
+            print(json.dumps(record), flush=True)
+            with open(args.out / "history.jsonl", "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "epoch": epoch, "best": best, "history": history, "train_seconds": elapsed, "config": config,
+                     "val_metrics": metrics}
+            if metrics[config["select_metric"]] > best:
+                best = state["best"] = metrics[config["select_metric"]]
+                save_checkpoint(args.out / "best.pt", state)
+            save_checkpoint(args.out / "last.pt", state)
+    except KeyboardInterrupt:  # Ctrl-C: every finished epoch is in last.pt
+        done = (args.out / "last.pt").is_file()
+        print("\npython -m train: interrupted; "
+              + (f"the last finished epoch is in {args.out / 'last.pt'}: continue with python -m train --resume "
+                 f"{args.out / 'last.pt'} --out {args.out}" if done else "no epoch had finished, nothing was saved"),
+              file=sys.stderr)
+        return 130
     print(f"done: best {config['select_metric']} = {best:.4f}, {elapsed / 60:.1f} min of training", flush=True)
     return 0
 
