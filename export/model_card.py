@@ -29,6 +29,30 @@ def _metrics_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def _sources_text(ids: list[str]) -> str:
+    """What the images of a run's split are, counted from their ids."""
+    livecell = sum(i.startswith("livecell:") for i in ids)
+    parts = [f"{livecell} LIVECell images (COCO polygons)"] if livecell else []
+    if len(ids) - livecell:
+        parts.append(f"{len(ids) - livecell} Kaggle Sartorius images (RLE; astrocytes, cortical neurons, SH-SY5Y, "
+                     "from the same microscope)")
+    return " and ".join(parts) or "no images"
+
+
+def _livecell_text(train_ids: list[str]) -> str:
+    types = {i.split(":")[2].split("_")[0] for i in train_ids if i.startswith("livecell:")}
+    count = sum(i.startswith("livecell:") for i in train_ids)
+    return f"{count} training image{'s' * (count != 1)} of {len(types)} cell type{'s' * (len(types) != 1)}"
+
+
+def _short_run_text(training: dict) -> str:
+    """A run limited by --max-images (a check, not real training) says so where its data is described."""
+    if "--max-images" not in training.get("command", ""):
+        return ""
+    return ("\n**A short run** (`--max-images`, for checking the pipeline, not for real training): the images "
+            "and figures below are its own.")
+
+
 def _composition(ids: list[str]) -> str:
     """'11 LIVECell (BT474 3, ...), 456 Sartorius (cort 299, ...)' from split ids."""
     def kind(i: str) -> tuple[str, str]:
@@ -94,9 +118,10 @@ def _int8_text(int8: dict | None, fp32_metrics: dict | None) -> str:
         measured = f" on {q['cpu']}" if q.get("cpu") else ""
         if recipe.get("reduce_range"):
             text += ("Its 7-bit weights keep the int8 kernels' 16-bit sums of CPUs without VNNI (AVX2, AVX-512 without "
-                     "VNNI) from saturating, so it gives the same cells there as with VNNI or AMX: its validation "
-                     "figures on an emulated AVX2 CPU are the same to the last digit (docs/METRICS.md, \"int8 across "
-                     "CPUs\").\n")
+                     "VNNI) from saturating, so it gives the same cells there as with VNNI or AMX: with this recipe, "
+                     "the shipped model's validation figures on an emulated AVX2 CPU were its native ones to the last "
+                     "digit (docs/METRICS.md, \"int8 across CPUs\"); each CPU's own check, below, confirms it for "
+                     "this file.\n")
         if default_precision(fp32_metrics, q) == "int8":
             text += (f"Its AP50 and mSA are each within {INT8_TOLERANCE} of fp32's{measured}, so int8 **may** answer "
                      "by default; each machine that loads it runs int8 only where, on its own CPU, int8's cells agree "
@@ -141,9 +166,8 @@ cell foreground, inner {meta['boundary_width']}-px cell boundary, and per-cell n
 decoder channels {arch['decoder_channels']}, 1 input channel, 3 output channels.
 
 ## Training data
-Real annotated images in `../shared/data`: a 1% sample of LIVECell (COCO polygons) and the 487 Kaggle
-Sartorius images (37,963 cells, RLE; astrocytes, cortical neurons, SH-SY5Y, from the same microscope),
-in the project's fixed split (`cellseg/splits.json`, made by `scripts/make_split.py`).
+Real annotated images in `../shared/data`: {_sources_text(split['train'] + split['val'])},
+in the project's fixed split (`cellseg/splits.json`, made by `scripts/make_split.py`).{_short_run_text(training)}
 - train: {len(split['train'])} images — {_composition(split['train'])}
 - validation: {len(split['val'])} images — {_composition(split['val'])}: {', '.join(f'`{i}`' for i in split['val'])}
 
@@ -181,11 +205,11 @@ large-scale dataset for label-free live cell segmentation", Nature Methods 2021)
 CC BY-NC 4.0 by Sartorius, and on Kaggle Sartorius competition images derived from it: the weights
 inherit the non-commercial terms (CC BY-NC 4.0). Attribute LIVECell when you use them.**
 """ + (f"The encoder's starting weights ({training['encoder_weights_source']['name']}) are licensed "
-       f"{training['encoder_weights_source'].get('licence')}.\n" if training.get("encoder_weights_source") else "") + """
+       f"{training['encoder_weights_source'].get('licence')}.\n" if training.get("encoder_weights_source") else "") + f"""
 ## Limits
-LIVECell is represented by 11 training images of 6 cell types (the full LIVECell download has 5,239):
-expect lower accuracy on LIVECell cell types absent from training (BV2, SH-SY5Y) and on other
-microscopes or magnifications. Not for clinical use.
+LIVECell is represented by {_livecell_text(split['train'])} (the full LIVECell download has 5,239):
+expect lower accuracy on LIVECell cell types absent from training and on other microscopes or
+magnifications. Not for clinical use.
 """
     path.write_text(text)
 
@@ -220,10 +244,19 @@ def _model_rules_text(meta: dict) -> str:
     if not rules:
         return ""
     return (f"\nThen the cell rules (`cellseg.cell_merge`, `cellseg.cell_filter`; coefficients in the same metadata), "
-            f"fitted on {len(rules['fitted_on'])} training images (at most 8 per cell type) and confirmed on "
+            f"fitted on {len(rules['fitted_on'])} training images (at most {_per_type(rules['command'])} per cell "
+            "type) and confirmed on "
             f"{len(rules['held_back'])} other training images with `{rules['command']}`:\n"
             + _cell_rules_text(rules)
             + ("With the filter, each cell's `score` is its P(annotated)." if meta["postprocess"].get("cell_filter") else ""))
+
+
+def _per_type(command: str) -> int:
+    """The --per-type of an `export cell-rules` command (its default, 8, where it gives none)."""
+    import re
+
+    found = re.search(r"--per-type[ =](\d+)", command)
+    return int(found.group(1)) if found else 8
 
 
 def _cell_rules_text(results: dict) -> str:

@@ -59,3 +59,25 @@ def test_rules_written_into_both_files_with_their_figures_and_card(model_path, d
     assert "Cells: cell merge kept (test)." in text and "Cells: cell filter not kept (test)." in text
     assert "P(annotated)" not in text  # no filter, so scores stay mean foreground probabilities
     assert sha256_file(fp32) in text and summary["sha256"] in text and "'coef'" not in text
+
+
+def test_the_card_describes_the_run_it_is_for_not_the_shipped_one(model_path, tmp_path):
+    """A user's trial: the card of a 4-image, 3-minute run said it was trained on "the 487 Kaggle
+    Sartorius images", that "LIVECell is represented by 11 training images of 6 cell types", and that
+    rules fitted with --per-type 1 took "at most 8 per cell type": fixed text. It is counted now, and a
+    --max-images run says it is a short one."""
+    from cellseg.onnx_model import read_metadata, sha256_file
+    from export.model_card import write_model_card
+
+    meta = read_metadata(model_path)
+    train = ["livecell:train:A172_Phase_C7_1_00d00h00m_1.tif", "livecell:train:A172_Phase_C7_1_00d04h00m_2.tif",
+             "livecell:train:BT474_Phase_B3_1_00d00h00m_1.tif", "livecell:train:BT474_Phase_B3_1_00d04h00m_2.tif"]
+    meta["data_split"] = {"train": train, "val": ["livecell:val:MCF7_Phase_F4_2_00d00h00m_4.tif"]}
+    meta["training"]["command"] = "python -m train --max-images 4 --epochs 2 --out runs/short"
+    meta["cell_rules"] = {**meta["cell_rules"], "command": "python -m export cell-rules --model m.onnx --per-type 1"}
+    card = tmp_path / "MODEL_CARD.md"
+    write_model_card(card, model_path, meta, sha256_file(model_path), "python -m export ...")
+    text = card.read_text()
+    assert "5 LIVECell images (COCO polygons)," in text and "Sartorius images (RLE" not in text.split("## Training")[1]
+    assert "**A short run**" in text and "4 training images of 2 cell types" in text
+    assert "(at most 1 per cell type)" in text and "the 487 Kaggle" not in text
