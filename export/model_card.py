@@ -155,7 +155,8 @@ bioimage.io package, `python -m export bioimageio`, is traced from them and chec
 Instance segmentation of cells in label-free phase-contrast microscopy (LIVECell-style, ~0.6 µm/px,
 704x520 tiles; larger images are tiled). Input: one grayscale image, normalised per image
 ({meta['normalization']['method']} {meta['normalization']['low']}–{meta['normalization']['high']} → 0–1),
-shape (N, 1, H, W) with H, W multiples of {meta['input']['size_divisor']} (dynamic batch/height/width).
+shape (N, 1, H, W) with H, W multiples of {meta['input']['size_divisor']} (dynamic batch/height/width; other sizes run
+but give other maps near the edges: pad by reflection first, as `cellseg.preprocess.pad_to` does).
 Output: (N, 3, H, W) sigmoid probabilities, channels `{', '.join(meta['output_channels'])}`:
 cell foreground, inner {meta['boundary_width']}-px cell boundary, and per-cell normalised distance to the edge.
 `cellseg.postprocess` turns them into a label image with a seeded watershed; its defaults

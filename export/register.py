@@ -78,10 +78,13 @@ def register(path: Path, name: str = MODEL_NAME, int8: Path | None = None):
     labels = {"task": "instance-segmentation", "dataset": "livecell", "format": "onnx",
               "architecture": "unet-" + str((meta.get("architecture") or {}).get("encoder", "unknown")),
               "license": "cc-by-nc-4.0"}
+    card = path.parent / "MODEL_CARD.md"  # the card `python -m export` and finetune write beside the model
     with bentoml.models.create(name, labels=labels, metadata=metadata) as model:
         shutil.copyfile(path, model.path_of(MODEL_FILE))
         if int8:
             shutil.copyfile(int8, model.path_of(INT8_FILE))
+        if card.is_file():  # travels with the model into bentos and containers
+            shutil.copyfile(card, model.path_of("MODEL_CARD.md"))
     return bentoml.models.get(model.tag), True
 
 

@@ -72,6 +72,9 @@ def test_register_is_idempotent_and_records_what_inference_needs(tmp_path, model
     files = {"fp32": model_path, "int8": int8} if int8.is_file() else {"fp32": model_path}
     assert first["sha256"] == {precision: sha256_file(path) for precision, path in files.items()}
     assert first["default_precision"] == meta["metadata"]["default_precision"] in first["sha256"]
+    # the model card travels with the model (a user's trial found the store without it)
+    with open(os.path.join(first["path"], "MODEL_CARD.md")) as card:
+        assert card.read() == (model_path.parent / "MODEL_CARD.md").read_text()
 
 
 def test_int8_is_the_default_only_within_tolerance():
