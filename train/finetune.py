@@ -341,7 +341,8 @@ def train_for_budget(model: torch.nn.Module, images: list[np.ndarray], labels: l
 
     budget = state["budget_seconds"]
     warmup = 20
-    bar = tqdm(total=round(budget), initial=min(round(state["train_seconds"]), round(budget)), unit="s",
+    # total and updates in the same float seconds: a rounded total let the bar pass it ("101%", TqdmWarning)
+    bar = tqdm(total=budget, initial=min(state["train_seconds"], budget), unit="s",
                desc="fine-tuning", bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s {postfix}",
                mininterval=1 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s
     last_saved = time.monotonic()
