@@ -104,6 +104,7 @@ class AnnotatedImage:
     clipped_cells: int = 0  # reaching beyond the image edge: cut there
     not_cells: int = 0  # points, lines, text, crowd regions, QuPath regions around detections
     empty_shapes: int = 0  # too thin to hold a pixel centre
+    repaired_shapes: int = 0  # invalid outlines (self-intersecting: a bow-tie) made valid by shapely
 
 
 @dataclass
@@ -128,7 +129,7 @@ class AnnotationScan:
 
     def totals(self) -> dict[str, int]:
         keys = ("cells", "overlap_pixels", "overlapping_cells", "hidden_cells", "clipped_cells", "not_cells",
-                "empty_shapes")
+                "empty_shapes", "repaired_shapes")
         totals = {key: sum(getattr(image, key) for image in self.images) for key in keys}
         totals["images_with_overlaps"] = sum(image.overlap_pixels > 0 for image in self.images)
         return totals
@@ -152,7 +153,9 @@ class AnnotationScan:
                             if t["hidden_cells"] else ""))
         notes = {"clipped_cells": ("cell", "cut at the image edge"),
                  "not_cells": ("shape", "not cells (points, lines, text, crowd or QuPath region annotations)"),
-                 "empty_shapes": ("shape", "too thin to hold a pixel centre")}
+                 "empty_shapes": ("shape", "too thin to hold a pixel centre"),
+                 "repaired_shapes": ("outline", "invalid (crossing itself) and made valid (shapely.make_valid): "
+                                                "check them in QuPath")}
         lines += [f"  {_count(t[key], noun)} {text}" for key, (noun, text) in notes.items() if t[key]]
         if self.skipped:
             lines.append(f"  skipped {_count(len(self.skipped), 'file')}:")
@@ -705,7 +708,8 @@ def read_geojson(path: Path, shape: tuple[int, int], note: AnnotatedImage) -> li
     annotations_are_regions = bool(QUPATH_CELL_OBJECTS & set(types))
     cells = []
     for number, (feature, object_type) in enumerate(zip(features, types), start=1):
-        geometry = _polygonal(feature, path, number)
+        geometry, repaired = _polygonal(feature, path, number)
+        note.repaired_shapes += repaired
         is_region = object_type == "annotation" and annotations_are_regions
         if geometry is None or is_region or object_type not in QUPATH_OBJECT_TYPES:
             note.not_cells += 1
@@ -742,12 +746,13 @@ def _geojson_features(path: Path) -> list[dict]:
 
 
 def _polygonal(feature: dict, path: Path, number: int):
-    """The feature's area as a valid (Multi)Polygon, or None where it has none (point, line, null)."""
+    """(The feature's area as a valid (Multi)Polygon, or None where it has none (point, line, null);
+    whether its outline was invalid and had to be made valid)."""
     import shapely
     from shapely.geometry import shape as to_shape
 
     if not feature.get("geometry"):
-        return None
+        return None, False
     what = f"{path}: feature {_printable(feature.get('id') or number)}"
     try:
         geometry = to_shape(feature["geometry"])
@@ -756,12 +761,13 @@ def _polygonal(feature: dict, path: Path, number: int):
         raise AnnotationError(f"{what} has an unreadable geometry ({_printable(str(exc))})") from exc
     if not np.isfinite(coordinates).all() or (coordinates.size and np.abs(coordinates).max() > MAX_COORDINATE):
         raise AnnotationError(f"{what}: coordinates must be finite numbers within ±{MAX_COORDINATE:g} pixels")
-    if not geometry.is_valid:
+    repaired = not geometry.is_valid
+    if repaired:
         geometry = shapely.make_valid(geometry)
     polygons = [g for g in shapely.get_parts(geometry) if g.geom_type in ("Polygon", "MultiPolygon") and not g.is_empty]
     if not polygons:
-        return None  # a point, a line, or an empty polygon: no area, not a cell
-    return shapely.union_all(polygons)
+        return None, repaired  # a point, a line, or an empty polygon: no area, not a cell
+    return shapely.union_all(polygons), repaired
 
 
 # --- COCO JSON ------------------------------------------------------------------------------------

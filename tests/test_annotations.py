@@ -285,6 +285,18 @@ def test_geojson_polygons_with_holes_multipolygons_and_points(tmp_path):
     assert only_sample(tmp_path).labels()[:8, :8].all()
 
 
+def test_a_self_intersecting_outline_is_read_and_said_to_be_repaired(tmp_path):
+    """A user's trial: a bow-tie polygon (an outline crossing itself) was taken without a word; it is
+    made valid as before (two triangles, one cell), and the summary says so, to check in QuPath."""
+    write_image(tmp_path / "cells.png")
+    bow_tie = [[10, 10], [30, 30], [30, 10], [10, 30], [10, 10]]
+    features = [feature("Polygon", [bow_tie], "cell"), feature("Polygon", [square(60, 60, 80, 80)], "cell")]
+    (tmp_path / "cells.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    scan = scan_annotated([tmp_path])
+    assert scan.images[0].repaired_shapes == 1 and scan.images[0].cells == 2
+    assert "1 outline invalid (crossing itself) and made valid" in scan.summary()
+
+
 def test_unreadable_geojson_is_an_error_naming_it(tmp_path):
     write_image(tmp_path / "cells.png")
     (tmp_path / "cells.geojson").write_text('{"type": "FeatureCollection", "features": [')
