@@ -61,7 +61,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from cellseg.cpu import describe_cpu
     from cellseg.data import subsample_per_type
-    from cellseg.evaluate import evaluate_segmentations, format_table
+    from cellseg.evaluate import evaluate_segmentations, format_per_image, format_table
     from cellseg.onnx_model import OnnxModel
 
     model = OnnxModel(args.model)
@@ -84,6 +84,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if annotations:
         result["annotations"] = annotations.as_dict()
     print(format_table(result))
+    if args.per_image:
+        print("\n" + format_per_image(result))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))
@@ -229,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", type=Path, help="write all metrics (overall, per cell type, per image) here")
     ev.add_argument("--batch-size", type=int, default=4)
     ev.add_argument("--per-type", type=int, help="evaluate at most N images of each cell type (fixed seed)")
+    ev.add_argument("--per-image", action="store_true",
+                    help="also print one line per image (cells, predicted, foreground IoU, mSA, count error), the "
+                         "worst mSA first; --json always has them")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     add_postprocess_args(ev)
     ev.set_defaults(func=cmd_evaluate)

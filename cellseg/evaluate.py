@@ -164,3 +164,22 @@ def format_table(result: dict) -> str:
     for name, metrics in result["per_cell_type"].items():
         lines.append(row(name, metrics))
     return "\n".join(lines)
+
+
+PER_IMAGE_COLUMNS = (("n_true", "cells"), ("n_pred", "predicted"), ("foreground_iou", "fg IoU"), ("msa", "mSA"),
+                     ("count_error", "count err"))
+
+
+def format_per_image(result: dict) -> str:
+    """One line per image (`cellseg evaluate --per-image`): which images the model does worst on, a lab's
+    first question; the worst mSA first. AP50 is a figure over many cells: it stays per group."""
+    rows = sorted(result["per_image"], key=lambda r: r["msa"])
+    width = max([len("image"), *(len(str(r["id"])) for r in rows)])
+    header = f"{'image':<{width}}  {'type':<10}" + "".join(f"{label:>11}" for _, label in PER_IMAGE_COLUMNS)
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        values = "".join(f"{r[key]:>11d}" if isinstance(r[key], int) else f"{r[key]:>11.3f}"
+                         for key, _ in PER_IMAGE_COLUMNS)
+        lines.append(f"{str(r['id']):<{width}}  {str(r['cell_type']):<10}{values}")
+    return "\n".join(lines)
+

@@ -451,6 +451,13 @@ def test_evaluate_on_a_folder_of_lab_annotations(model_path, synthetic_gray, tmp
     assert "annotations: 1 image (1 label-mask), 3 cells" in capsys.readouterr().out
     assert main(["evaluate", "--model", str(model_path), "--data", str(tmp_path / "lab"), "--split", "val"]) == 2
     assert "--split" in capsys.readouterr().err
+    # a user's trial: no per-image figures outside --json; --per-image prints a line per image
+    assert main(["evaluate", "--model", str(model_path), "--data", str(tmp_path / "lab"), "--per-image", "--quiet"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(printed) if line.startswith("image "))
+    row = printed[header + 2].split()
+    assert row[:3] == [result["per_image"][0]["id"], "discs", "3"] and "mSA" in printed[header]
+    assert float(row[5]) == pytest.approx(result["per_image"][0]["msa"], abs=1e-3)
 
 
 @pytest.mark.data
