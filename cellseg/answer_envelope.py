@@ -59,7 +59,9 @@ def _is_json(headers: list[tuple[bytes, bytes]]) -> bool:
 
 async def _send_json_error(send: Send, start_message: Message, scope: Scope, started: float) -> None:
     status = start_message["status"]
-    allow = next((v.decode("latin-1") for k, v in start_message["headers"] if k.lower() == b"allow"), "other methods")
+    allowed = next((v.decode("latin-1") for k, v in start_message["headers"] if k.lower() == b"allow"), "")
+    # the router lists a route's methods from a set: sorted here, so that the message is always the same
+    allow = ", ".join(sorted(m.strip() for m in allowed.split(",") if m.strip())) or "other methods"
     error = PLAIN_ERRORS[status].format(method=scope.get("method", ""), path=scope.get("path", ""), allow=allow)
     if status == 405 and "POST" in allow.split(", "):
         error += POST_HOW

@@ -500,7 +500,7 @@ def test_every_answer_is_json_when_an_error_and_carries_server_timing(server, ti
             assert r.json()["status"] == status and r.json()["error"], r.text
     assert "POST" in answers[405].json()["error"] and "POST" in answers[405].headers["allow"]
     wrong = httpx.post(f"{server}/readyz", timeout=10)  # a GET-only route: its own methods, not "send a POST"
-    assert wrong.status_code == 405 and "it takes GET" in wrong.json()["error"] and "multipart" not in wrong.text
+    assert wrong.status_code == 405 and "it takes GET, HEAD" in wrong.json()["error"] and "multipart" not in wrong.text
     assert "/docs.json" in answers[404].json()["error"]
     for spelling in ("nan", "NaN"):
         r = post(server, "segment", files={"image": (tif.name, tif.read_bytes())}, data={"fg_threshold": spelling})
