@@ -42,7 +42,7 @@ class AnswerEnvelope:
                     held["start"] = message | {"headers": headers}  # sent with the JSON body instead
                     return
                 if not any(name.lower() == b"server-timing" for name, _ in headers):
-                    headers.append((b"server-timing", f"total;dur={(time.perf_counter() - start) * 1000:.1f}".encode()))
+                    headers.append(_total_timing(start))
                 await send(message | {"headers": headers})
             elif "start" in held:
                 if not message.get("more_body", False):  # the router's short text, dropped: ours replaces it
@@ -51,6 +51,10 @@ class AnswerEnvelope:
                 await send(message)
 
         await self.app(scope, receive, send_enveloped)
+
+
+def _total_timing(started: float) -> tuple[bytes, bytes]:
+    return b"server-timing", f"total;dur={(time.perf_counter() - started) * 1000:.1f}".encode()
 
 
 def _is_json(headers: list[tuple[bytes, bytes]]) -> bool:
@@ -68,6 +72,6 @@ async def _send_json_error(send: Send, start_message: Message, scope: Scope, sta
     body = json.dumps({"error": error, "status": status}).encode()
     kept = [(k, v) for k, v in start_message["headers"] if k.lower() not in (b"content-type", b"content-length")]
     headers = [*kept, (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               (b"server-timing", f"total;dur={(time.perf_counter() - started) * 1000:.1f}".encode())]
+               _total_timing(started)]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -63,7 +63,7 @@ def _tracked_line(summary: dict) -> str:
 
 def cmd_track(args: argparse.Namespace) -> int:
     from cellseg.batch import atomic_write
-    from cellseg.track_job import folder_sequence, job_sequences, stack_sequence, track_all
+    from cellseg.track_job import ONE_FRAME, folder_sequence, job_sequences, stack_sequence, track_all
 
     source = Path(args.labels)
     if (source / "records").is_dir():
@@ -75,8 +75,7 @@ def cmd_track(args: argparse.Namespace) -> int:
     elif source.is_file() and source.suffix.lower() in (".tif", ".tiff"):
         sequences = [stack_sequence(source, args.interval)]
     elif source.is_file():
-        raise ValueError(f"{source}: a single image holds one frame; give a folder of per-frame label images, a "
-                         "multi-page TIFF of them or a segment job's --out")
+        raise ValueError(f"{source}: {ONE_FRAME}")
     else:
         raise FileNotFoundError(f"{source}: no such file or folder (give a folder of label images, a multi-page TIFF "
                                 "of them or a segment job's --out)")

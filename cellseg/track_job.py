@@ -58,6 +58,11 @@ def folder_sequence(folder: Path, interval_s: float | None = None) -> TrackInput
                      lambda i: tracking.read_labels(paths[i]))
 
 
+# What `cellseg track` says of a file that is one image (a PNG, a one-page TIFF).
+ONE_FRAME = ("a single image holds one frame; give a folder of per-frame label images, a multi-page TIFF of them "
+             "or a segment job's --out")
+
+
 def stack_sequence(path: Path, interval_s: float | None = None) -> TrackInput:
     """A multi-page TIFF of label images, a page per frame (Fiji's Z-slices are refused, with its fix), its frames
     named as a batch job names a stack's; timed by the file's own frame interval, else `interval_s`."""
@@ -69,8 +74,7 @@ def stack_sequence(path: Path, interval_s: float | None = None) -> TrackInput:
     except ImageError as exc:  # Z-slices, channels: the same reason and advice a batch job gives
         raise ValueError(f"{path}: {exc}") from exc
     if info.frames < 2:
-        raise ValueError(f"{path}: a single image holds one frame; give a folder of per-frame label images, a "
-                         "multi-page TIFF of them or a segment job's --out")
+        raise ValueError(f"{path}: {ONE_FRAME}")
     step = info.interval_s if info.interval_s is not None else interval_s
     names = [frame_name(path.stem, i, info.frames) for i in range(info.frames)]
     times = [None if step is None else i * step for i in range(info.frames)]
@@ -134,13 +138,14 @@ def track_sequence(seq: TrackInput, out: Path, write: Write) -> dict:
         write(out / "labels" / f"{name}.png", png16(labels))
     for name, data in tracking.ctc_files(result).items():
         write(out / "ctc" / name, data)
-    flicker = one_frame_tracks(result.spans(), len(frames))
-    summary = {"sequence": seq.name, "frames": len(frames), "tracks": len(result.spans()),
+    spans = result.spans()
+    flicker = one_frame_tracks(spans, len(frames))
+    summary = {"sequence": seq.name, "frames": len(frames), "tracks": len(spans),
                "divisions": result.divisions(), "one_frame_tracks": flicker,
                "seconds": round(seconds, 2), "cpu_seconds": round(cpu_seconds, 2),
                "tracker": tracking.settings(), "frame_names": seq.frame_names}
-    if len(frames) >= 3 and flicker > MAX_ONE_FRAME_SHARE * len(result.spans()):
-        summary["warning"] = (f"{flicker} of {len(result.spans())} tracks last one frame (not the first or last): the "
+    if len(frames) >= 3 and flicker > MAX_ONE_FRAME_SHARE * len(spans):
+        summary["warning"] = (f"{flicker} of {len(spans)} tracks last one frame (not the first or last): the "
                               "masks change from frame to frame (cells cut or missed in some frames), so tracks "
                               "break and divisions are overcounted. Look at labels/ against the images; fine-tuning "
                               "on a few corrected frames (README: 'Adapt it to your cells') is the remedy")

@@ -244,15 +244,15 @@ def as_labels(labels: np.ndarray, what: str) -> np.ndarray:
         if not np.all(np.mod(labels, 1) == 0):
             raise ValueError(f"{what} holds fractional values: not a label image")
         labels = labels.astype(np.int64)
-    values = np.unique(labels)
-    if values.size == 2 and values[0] == 0:  # one value: a binary mask, unless it holds one cell
+    cells = labels[labels != 0]  # min and max, not np.unique: every frame of a job is checked
+    if cells.size and cells.min() == cells.max():  # one value: a binary mask, unless it holds one cell
         from scipy import ndimage
 
         # pieces touching at a corner are one, and a stray pixel or two is no second cell
         parts, count = ndimage.label(labels != 0, structure=np.ones((3, 3), bool))
         pieces = int(np.count_nonzero(np.bincount(parts.ravel())[1:] >= MIN_PIECE_PIXELS)) if count > 1 else count
         if pieces > 1:
-            raise ValueError(f"{what} is a binary mask ({pieces} separate objects, all of value {values[1]}), not a "
+            raise ValueError(f"{what} is a binary mask ({pieces} separate objects, all of value {cells[0]}), not a "
                              "label image with one id per cell: label its objects first (Fiji: Analyze Particles, "
                              "Show: Count Masks; or skimage.measure.label)")
     share = equal_neighbour_share(labels)
